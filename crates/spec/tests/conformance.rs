@@ -1,0 +1,162 @@
+//! Conformance: our validator agrees with the upstream JSON schema (run by an independent
+//! JSON-schema validator) on every upstream vector in `../shared/spec/vectors` and on our own
+//! cases in `tests/data`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use modelpack_spec::{Model, ModelManifest, validate_config, validate_manifest};
+use serde_json::Value;
+
+fn shared_spec() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/spec")
+}
+
+fn json_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<_> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn schema_validator() -> jsonschema::Validator {
+    let schema_path = shared_spec().join("config-schema.json");
+    let schema: Value = serde_json::from_slice(&fs::read(&schema_path).expect("read schema"))
+        .expect("schema is JSON");
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .expect("schema compiles")
+}
+
+/// Checks one config file against both validators; `expect_schema` and `expect_ours` say
+/// whether each should accept it.
+fn check_config(
+    path: &Path,
+    expect_schema: bool,
+    expect_ours: bool,
+    schema: &jsonschema::Validator,
+) {
+    let bytes = fs::read(path).expect("read vector");
+    let doc: Value = serde_json::from_slice(&bytes).expect("vector is JSON");
+    assert_eq!(
+        schema.is_valid(&doc),
+        expect_schema,
+        "upstream schema on {}",
+        path.display()
+    );
+    let report = validate_config(&bytes);
+    assert_eq!(
+        report.is_valid(),
+        expect_ours,
+        "our validator on {}: {:?}",
+        path.display(),
+        report.problems
+    );
+    if expect_ours {
+        Model::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("typed parse of {}: {e}", path.display()));
+    } else {
+        assert!(
+            report.errors().all(|p| p.path.starts_with('$')),
+            "every problem names a JSON path"
+        );
+        assert!(
+            Model::from_slice(&bytes).is_err(),
+            "typed parse accepted {}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn upstream_vectors_all_28() {
+    let schema = schema_validator();
+    let vectors = shared_spec().join("vectors");
+    let valid = json_files(&vectors.join("valid"));
+    let invalid = json_files(&vectors.join("invalid"));
+    assert_eq!(valid.len(), 4, "upstream valid vectors");
+    assert_eq!(invalid.len(), 24, "upstream invalid vectors");
+    for path in &valid {
+        check_config(path, true, true, &schema);
+    }
+    for path in &invalid {
+        check_config(path, false, false, &schema);
+    }
+}
+
+#[test]
+fn our_config_cases() {
+    let schema = schema_validator();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/config");
+    for path in json_files(&data.join("valid")) {
+        check_config(&path, true, true, &schema);
+    }
+    for path in json_files(&data.join("invalid")) {
+        check_config(&path, false, false, &schema);
+    }
+    // The schema types diffIds as plain strings; we require OCI digests.
+    for path in json_files(&data.join("schema-only-valid")) {
+        check_config(&path, true, false, &schema);
+    }
+}
+
+#[test]
+fn upstream_example_manifest_is_a_model_manifest() {
+    let path = shared_spec().join("vectors/manifest/01-spec-md-example-manifest.json");
+    let bytes = fs::read(&path).expect("read example manifest");
+    let report = validate_manifest(&bytes);
+    // The example has no filepath annotations: valid, with warnings that files have no names.
+    assert!(report.is_valid(), "{:?}", report.problems);
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.message.contains("has no name"))
+    );
+}
+
+#[test]
+fn our_manifest_cases() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/manifest");
+    for path in json_files(&data.join("valid")) {
+        let bytes = fs::read(&path).expect("read");
+        let report = validate_manifest(&bytes);
+        assert!(
+            report.is_valid(),
+            "{}: {:?}",
+            path.display(),
+            report.problems
+        );
+        ModelManifest::from_slice(&bytes)
+            .unwrap_or_else(|r| panic!("{}: {:?}", path.display(), r.problems));
+    }
+    for path in json_files(&data.join("invalid")) {
+        let bytes = fs::read(&path).expect("read");
+        let report = validate_manifest(&bytes);
+        assert!(!report.is_valid(), "{} accepted", path.display());
+        assert!(ModelManifest::from_slice(&bytes).is_err());
+    }
+}
+
+#[test]
+fn oversize_and_non_utf8_documents() {
+    let big = vec![b' '; modelpack_spec::MAX_DOCUMENT_SIZE + 1];
+    let report = validate_config(&big);
+    assert!(
+        report.problems[0].message.contains("over the"),
+        "{:?}",
+        report.problems
+    );
+    let report = validate_manifest(b"{\"schemaVersion\":\xff}");
+    assert!(
+        report.problems[0].message.contains("UTF-8"),
+        "{:?}",
+        report.problems
+    );
+    let deep = "[".repeat(10_000);
+    assert!(!validate_config(deep.as_bytes()).is_valid());
+}
