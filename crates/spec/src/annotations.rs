@@ -23,8 +23,6 @@ pub const ANNOTATION_TITLE: &str = "org.opencontainers.image.title";
 pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 /// OCI image-layout tag name of an index entry.
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
-/// Manifest annotation holding the Modelfile text the artifact was built from.
-pub const ANNOTATION_MODELFILE: &str = "org.cncf.model.modelfile";
 
 /// tar type flag of a regular file, as modctl writes it (the number 0, not ASCII `'0'`).
 pub const TYPEFLAG_REGULAR: u8 = 0;

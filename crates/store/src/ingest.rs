@@ -39,7 +39,9 @@ impl Ingest {
 
     /// The open temporary file, to write (or clone) the blob's bytes into.
     pub fn file(&mut self) -> &mut File {
-        self.file.as_mut().unwrap_or_else(|| unreachable!("file is present until commit"))
+        self.file
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("file is present until commit"))
     }
 
     /// Where the temporary file is.
@@ -72,7 +74,8 @@ impl Ingest {
     pub fn commit_verified(mut self, expected: &Digest) -> Result<PathBuf> {
         let file = self.file();
         file.flush().at(&self.path)?;
-        let (actual, _) = sha256_reader(&mut File::open(&self.path).at(&self.path)?).at(&self.path)?;
+        let (actual, _) =
+            sha256_reader(&mut File::open(&self.path).at(&self.path)?).at(&self.path)?;
         if &actual != expected {
             return Err(Error::DigestMismatch {
                 path: self.path.clone(),

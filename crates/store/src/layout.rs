@@ -172,7 +172,10 @@ impl Store {
             });
         }
         let mut bytes = Vec::with_capacity(size as usize);
-        Read::by_ref(&mut file).take(limit).read_to_end(&mut bytes).at(&path)?;
+        Read::by_ref(&mut file)
+            .take(limit)
+            .read_to_end(&mut bytes)
+            .at(&path)?;
         let actual = Digest::sha256_of(&bytes);
         if &actual != digest {
             return Err(Error::DigestMismatch {
@@ -211,7 +214,11 @@ impl Store {
         fs::remove_file(&path).at(&path)?;
         match reflink_copy::reflink(src, &path) {
             Ok(()) => {
-                let file = OpenOptions::new().read(true).write(true).open(&path).at(&path)?;
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .at(&path)?;
                 file.lock().at(&path)?;
                 *ingest.file() = file;
                 Ok(Some(ingest))
@@ -296,10 +303,9 @@ impl Store {
 
     /// The name under which `reference` is kept in `index.json` (its familiar form).
     pub fn name_of(reference: &Reference) -> String {
-        reference.with_tag(reference.tag().unwrap_or(modelpack_spec::DEFAULT_TAG)).map_or_else(
-            |_| reference.familiar(),
-            |r| r.familiar(),
-        )
+        reference
+            .with_tag(reference.tag().unwrap_or(modelpack_spec::DEFAULT_TAG))
+            .map_or_else(|_| reference.familiar(), |r| r.familiar())
     }
 
     /// The manifest descriptor `reference` names: by digest if it has one, else by name.
@@ -352,8 +358,11 @@ impl Store {
         let _lock = self.index_lock()?;
         let mut index = self.read_index()?;
         let name = Self::name_of(reference);
-        let (removed, kept): (Vec<Descriptor>, Vec<Descriptor>) =
-            index.manifests().iter().cloned().partition(|d| match reference.digest() {
+        let (removed, kept): (Vec<Descriptor>, Vec<Descriptor>) = index
+            .manifests()
+            .iter()
+            .cloned()
+            .partition(|d| match reference.digest() {
                 Some(digest) => d.digest().to_string() == digest.as_str(),
                 None => ref_name(d) == Some(name.as_str()),
             });
@@ -404,10 +413,7 @@ impl Store {
                 let name = blob.file_name().to_string_lossy().into_owned();
                 match format!("{alg}:{name}").parse::<Digest>() {
                     Ok(d) => out.push((d, blob.path())),
-                    Err(_) => out.push((
-                        Digest::sha256_of(name.as_bytes()),
-                        blob.path(),
-                    )),
+                    Err(_) => out.push((Digest::sha256_of(name.as_bytes()), blob.path())),
                 }
             }
         }
@@ -434,7 +440,9 @@ impl Store {
         }
         for entry in fs::read_dir(&self.ingest).at(&self.ingest)? {
             let path = entry.at(&self.ingest)?.path();
-            let Ok(file) = File::open(&path) else { continue };
+            let Ok(file) = File::open(&path) else {
+                continue;
+            };
             if file.try_lock().is_ok() {
                 if !dry_run {
                     fs::remove_file(&path).at(&path)?;
@@ -458,7 +466,9 @@ impl Store {
                     .and_then(Path::file_name)
                     .map(|s| s.to_string_lossy())
                     .unwrap_or_default(),
-                path.file_name().map(|s| s.to_string_lossy()).unwrap_or_default()
+                path.file_name()
+                    .map(|s| s.to_string_lossy())
+                    .unwrap_or_default()
             );
             if expected != digest.as_str() {
                 report
@@ -531,7 +541,11 @@ fn open_lock_file(path: &Path) -> Result<File> {
 /// manifests, subject) onto `out`.
 fn collect_digests(doc: &Value, out: &mut Vec<Digest>) {
     let mut push = |d: &Value| {
-        if let Some(digest) = d.get("digest").and_then(Value::as_str).and_then(|s| s.parse().ok()) {
+        if let Some(digest) = d
+            .get("digest")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+        {
             out.push(digest);
         }
     };
@@ -575,11 +589,20 @@ mod tests {
         .expect("descriptor");
         let name: Reference = "m:v1".parse().expect("ref");
         store.tag(&name, &desc).expect("tag");
-        assert_eq!(store.resolve(&name).expect("resolve").digest(), desc.digest());
-        assert_eq!(store.entries().expect("entries")[0].name.as_deref(), Some("m:v1"));
+        assert_eq!(
+            store.resolve(&name).expect("resolve").digest(),
+            desc.digest()
+        );
+        assert_eq!(
+            store.entries().expect("entries")[0].name.as_deref(),
+            Some("m:v1")
+        );
 
         let report = store.prune(false).expect("prune");
-        assert_eq!(report.blobs.iter().map(|b| &b.0).collect::<Vec<_>>(), [&orphan]);
+        assert_eq!(
+            report.blobs.iter().map(|b| &b.0).collect::<Vec<_>>(),
+            [&orphan]
+        );
         assert!(store.has_blob(&layer));
         assert!(store.check().expect("check").problems.is_empty());
 
@@ -598,7 +621,12 @@ mod tests {
         fs::write(store.blob_path(&digest), b"tampered").expect("write");
         let report = store.check().expect("check");
         assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
-        assert!(store.read_blob(&digest, 100).expect_err("mismatch").is_digest_mismatch());
+        assert!(
+            store
+                .read_blob(&digest, 100)
+                .expect_err("mismatch")
+                .is_digest_mismatch()
+        );
     }
 
     #[test]
