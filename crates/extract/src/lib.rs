@@ -1,1 +1,84 @@
-//! placeholder
+//! Restoring a model's file tree from its layers: raw and tar layers of every encoding, paths,
+//! modes and modification times, refusing any path that would leave the target before writing
+//! anything.
+//!
+//! [`extract`] works in three steps: plan (read every tar layer's headers, check every path,
+//! link and type), stage (stream each layer into a hidden folder inside the target, verifying
+//! each layer's digest as it streams), and commit (rename each staged file into place). A failure
+//! before the commit leaves the target as it was.
+//!
+//! **Invariant:** nothing is written outside `target`, and no byte reaches `target` from a layer
+//! whose digest did not verify.
+//!
+//! ```no_run
+//! use modelpack_extract::{ExtractOptions, StoreSource, extract};
+//! # fn manifest() -> modelpack_spec::ModelManifest { unimplemented!() }
+//! let store = modelpack_store::Store::open("/tmp/store".as_ref()).unwrap();
+//! let report = extract(&manifest(), &StoreSource(&store), "./out".as_ref(), &ExtractOptions::default()).unwrap();
+//! println!("{} files written, {} already identical", report.written, report.skipped);
+//! ```
+#![deny(missing_docs, missing_debug_implementations)]
+
+mod error;
+mod plan;
+mod stage;
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use modelpack_spec::ModelLayer;
+use modelpack_store::Store;
+
+pub use error::{Error, Result};
+pub use plan::{EntryPlan, ExtractPlan, PlannedEntry, plan};
+pub use stage::extract_planned;
+
+/// Where layer bytes come from (the local store, or a registry stream).
+pub trait LayerSource: Sync {
+    /// Opens the layer's blob from its first byte. The reader yields the blob as stored
+    /// (compressed for compressed layers); the extractor verifies its digest.
+    fn open_layer(&self, layer: &ModelLayer) -> Result<Box<dyn Read + Send + '_>>;
+}
+
+/// Layers read from the local store.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreSource<'a>(pub &'a Store);
+
+impl LayerSource for StoreSource<'_> {
+    fn open_layer(&self, layer: &ModelLayer) -> Result<Box<dyn Read + Send + '_>> {
+        Ok(Box::new(self.0.open_blob(&layer.digest)?))
+    }
+}
+
+/// What to extract.
+#[derive(Debug, Default)]
+pub struct ExtractOptions<'a> {
+    /// Only paths matching one of these globs (`*` stays within a folder, `**` crosses them);
+    /// empty means everything.
+    pub patterns: &'a [String],
+    /// Set to stop early (Ctrl-C); the target is left as it was.
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+/// What [`extract`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtractReport {
+    /// Files (and links) written.
+    pub written: usize,
+    /// Files left alone because they were already identical.
+    pub skipped: usize,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// Plans, stages and commits the model's tree into `target` (created if missing).
+pub fn extract(
+    manifest: &modelpack_spec::ModelManifest,
+    source: &dyn LayerSource,
+    target: &Path,
+    opts: &ExtractOptions<'_>,
+) -> Result<ExtractReport> {
+    let plan = plan(manifest, source, opts.patterns)?;
+    extract_planned(manifest, source, &plan, target, opts.cancel)
+}
