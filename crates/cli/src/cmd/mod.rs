@@ -1,0 +1,74 @@
+//! One module per subcommand; each turns parsed arguments into one library call and renders it.
+
+pub mod build;
+pub mod extract;
+pub mod inspect;
+pub mod ls;
+pub mod modelfile;
+pub mod prune;
+pub mod rm;
+pub mod store;
+pub mod tag;
+pub mod validate;
+
+use anyhow::Context as _;
+use modelpack_spec::oci_spec::image::Descriptor;
+use modelpack_spec::{Digest, Model, ModelManifest, Reference};
+use modelpack_store::Store;
+
+use crate::args::GlobalArgs;
+
+/// Opens the store the flags (or the environment) name.
+pub fn open_store(global: &GlobalArgs) -> anyhow::Result<Store> {
+    let root = global
+        .store
+        .clone()
+        .unwrap_or_else(modelpack_store::default_root);
+    Store::open(&root).with_context(|| format!("cannot open the store at {}", root.display()))
+}
+
+/// Parses a reference as the user typed it.
+pub fn parse_reference(text: &str) -> anyhow::Result<Reference> {
+    text.parse::<Reference>().map_err(anyhow::Error::from)
+}
+
+/// A stored artifact, loaded and validated.
+pub struct Loaded {
+    pub reference: Reference,
+    pub descriptor: Descriptor,
+    pub manifest_bytes: Vec<u8>,
+    pub manifest: ModelManifest,
+    pub config_bytes: Vec<u8>,
+    pub config: Model,
+}
+
+/// Resolves `text` in the store and loads its manifest and config.
+pub fn load(store: &Store, text: &str) -> anyhow::Result<Loaded> {
+    let reference = parse_reference(text)?;
+    let descriptor = store.resolve(&reference)?;
+    let digest: Digest = descriptor.digest().to_string().parse()?;
+    let manifest_bytes = store.read_blob(&digest, modelpack_spec::MAX_DOCUMENT_SIZE as u64)?;
+    let manifest = ModelManifest::from_slice(&manifest_bytes).map_err(|report| {
+        anyhow::anyhow!(
+            "{} is not a valid ModelPack manifest: {}",
+            reference.familiar(),
+            report
+                .errors()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
+    let config_bytes =
+        store.read_blob(manifest.config_digest(), modelpack_spec::MAX_DOCUMENT_SIZE as u64)?;
+    let config = Model::from_slice(&config_bytes)
+        .with_context(|| format!("config of {}", reference.familiar()))?;
+    Ok(Loaded {
+        reference,
+        descriptor,
+        manifest_bytes,
+        manifest,
+        config_bytes,
+        config,
+    })
+}
