@@ -1,1 +1,6 @@
-fn main() {}
+//! The end-to-end suite: one binary, a module per area, driving the built `modelpack`.
+
+mod build_extract;
+mod hostile;
+mod store;
+mod util;

@@ -1,1 +1,74 @@
-fn main() {}
+//! `cargo xtask`: project automation in Rust instead of shell scripts.
+//!
+//! - `setup`: install the Debian packages the project needs (idempotent);
+//! - `test`: setup, formatting, clippy, every test (unit, conformance, end-to-end);
+//! - `bench`: our commands and their comparisons side by side, written to docs/benchmarks.md;
+//! - `demo`: the main job end to end on a generated sample model.
+
+mod bench;
+mod demo;
+mod measure;
+mod setup;
+mod test;
+#[cfg(test)]
+mod tidy;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+
+const USAGE: &str = "usage: cargo xtask <setup|test|bench|demo> [options]
+
+  setup            install the Debian packages the project needs (as root; idempotent)
+  test             setup, fmt check, clippy, and every test
+  bench [--size-mib N] [--runs N]
+                   run the benchmarks and write docs/benchmarks.md
+  demo             build, inspect, extract and verify a sample model";
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(task) = args.first() else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    let rest = &args[1..];
+    match task.as_str() {
+        "setup" => setup::run(),
+        "test" => test::run(rest),
+        "bench" => bench::run(rest),
+        "demo" => demo::run(),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => bail!("unknown task {other:?}\n{USAGE}"),
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_owned)
+}
+
+/// The cargo target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+/// Reads `--name value` from `args`.
+pub fn flag_value<T: std::str::FromStr>(args: &[String], name: &str) -> anyhow::Result<Option<T>> {
+    match args.iter().position(|a| a == name) {
+        None => Ok(None),
+        Some(i) => {
+            let Some(v) = args.get(i + 1) else {
+                bail!("{name} needs a value");
+            };
+            match v.parse() {
+                Ok(v) => Ok(Some(v)),
+                Err(_) => bail!("{name}: cannot parse {v:?}"),
+            }
+        }
+    }
+}

@@ -388,7 +388,6 @@ fn place_linked(
     progress: &(dyn Fn(u64) + Sync),
 ) -> std::result::Result<(Digest, u64, Placement), String> {
     if let Ok(Some(mut ingest)) = store.reflink_ingest(&file.abs) {
-        let path = ingest.path().to_owned();
         let hashed = modelpack_store::sha256_reader(&mut Counting {
             inner: &mut *ingest.file(),
             progress,
@@ -398,7 +397,6 @@ fn place_linked(
         {
             return Ok((digest, size, Placement::Reflinked));
         }
-        let _ = path;
     }
     let (digest, size) = File::open(&file.abs)
         .and_then(|mut f| {

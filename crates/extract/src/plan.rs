@@ -92,7 +92,10 @@ pub(crate) fn pattern_set(patterns: &[String]) -> Result<Option<GlobSet>> {
 }
 
 /// The decompressed tar stream of a tar layer.
-pub(crate) fn tar_stream<'a>(encoding: Encoding, raw: Box<dyn Read + 'a>) -> io::Result<Box<dyn Read + 'a>> {
+pub(crate) fn tar_stream<'a>(
+    encoding: Encoding,
+    raw: Box<dyn Read + 'a>,
+) -> io::Result<Box<dyn Read + 'a>> {
     Ok(match encoding {
         Encoding::Raw | Encoding::Tar => raw,
         Encoding::TarGzip => Box::new(flate2::read::MultiGzDecoder::new(raw)),
@@ -110,7 +113,11 @@ fn refused(layer: &ModelLayer, path: &str, reason: impl Into<String>) -> Error {
 
 /// True when `target`, read from a link at `link`, stays inside the tree.
 fn link_stays_inside(link: &LayerPath, target: &str) -> bool {
-    if target.is_empty() || target.starts_with('/') || target.contains('\0') || target.contains('\\') {
+    if target.is_empty()
+        || target.starts_with('/')
+        || target.contains('\0')
+        || target.contains('\\')
+    {
         return false;
     }
     let mut dirs: Vec<&str> = link.components().collect();
@@ -164,7 +171,8 @@ fn plan_tar(idx: usize, layer: &ModelLayer, source: &dyn LayerSource) -> Result<
         message: format!("reading tar: {e}"),
     };
     let raw = source.open_layer(layer)?;
-    let mut archive = tar::Archive::new(tar_stream(layer.media_type.encoding, raw).map_err(io_err)?);
+    let mut archive =
+        tar::Archive::new(tar_stream(layer.media_type.encoding, raw).map_err(io_err)?);
     let mut out = Vec::new();
     let mut files_in_layer = HashSet::new();
     for (seq, entry) in archive.entries().map_err(io_err)?.enumerate() {
@@ -172,7 +180,11 @@ fn plan_tar(idx: usize, layer: &ModelLayer, source: &dyn LayerSource) -> Result<
         let header = entry.header();
         let raw_path = entry.path_bytes();
         let Ok(name) = std::str::from_utf8(&raw_path) else {
-            return Err(refused(layer, &String::from_utf8_lossy(&raw_path), "name is not UTF-8"));
+            return Err(refused(
+                layer,
+                &String::from_utf8_lossy(&raw_path),
+                "name is not UTF-8",
+            ));
         };
         let name = name.to_owned();
         let entry_type = header.entry_type();
@@ -200,7 +212,11 @@ fn plan_tar(idx: usize, layer: &ModelLayer, source: &dyn LayerSource) -> Result<
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_default();
             if !link_stays_inside(&path, &target) {
-                return Err(refused(layer, &name, format!("symlink to {target:?} leaves the model tree")));
+                return Err(refused(
+                    layer,
+                    &name,
+                    format!("symlink to {target:?} leaves the model tree"),
+                ));
             }
             EntryPlan::Symlink { target }
         } else if entry_type.is_hard_link() {
@@ -211,11 +227,21 @@ fn plan_tar(idx: usize, layer: &ModelLayer, source: &dyn LayerSource) -> Result<
             let target = LayerPath::new(&target)
                 .map_err(|e| refused(layer, &name, format!("hard link target: {e}")))?;
             if !files_in_layer.contains(&target) {
-                return Err(refused(layer, &name, format!("hard link to {target} which is not an earlier file of this layer")));
+                return Err(refused(
+                    layer,
+                    &name,
+                    format!("hard link to {target} which is not an earlier file of this layer"),
+                ));
             }
             EntryPlan::HardLink { target }
         } else {
-            return Err(refused(layer, &name, format!("unsupported entry type {entry_type:?} (devices, FIFOs and sparse files are not model files)")));
+            return Err(refused(
+                layer,
+                &name,
+                format!(
+                    "unsupported entry type {entry_type:?} (devices, FIFOs and sparse files are not model files)"
+                ),
+            ));
         };
         out.push(PlannedEntry {
             layer: idx,
@@ -232,7 +258,11 @@ fn plan_tar(idx: usize, layer: &ModelLayer, source: &dyn LayerSource) -> Result<
 
 /// Reads every layer's entries and checks them: safe paths, links that stay inside, no entry
 /// under a symlink, no path twice, no file where a folder must be.
-pub fn plan(manifest: &ModelManifest, source: &dyn LayerSource, patterns: &[String]) -> Result<ExtractPlan> {
+pub fn plan(
+    manifest: &ModelManifest,
+    source: &dyn LayerSource,
+    patterns: &[String],
+) -> Result<ExtractPlan> {
     let matcher = pattern_set(patterns)?;
     let mut entries = Vec::new();
     for (idx, layer) in manifest.layers().iter().enumerate() {
@@ -265,8 +295,14 @@ pub fn plan(manifest: &ModelManifest, source: &dyn LayerSource, patterns: &[Stri
     let mut kinds: HashMap<&str, &EntryPlan> = HashMap::new();
     for e in entries.iter().filter(|e| e.selected) {
         let previous = kinds.insert(e.path.as_str(), &e.kind);
-        if previous.is_some() && !(matches!(previous, Some(EntryPlan::Dir)) && e.kind == EntryPlan::Dir) {
-            return Err(refused(&layers[e.layer], e.path.as_str(), "path appears more than once in the model"));
+        if previous.is_some()
+            && !(matches!(previous, Some(EntryPlan::Dir)) && e.kind == EntryPlan::Dir)
+        {
+            return Err(refused(
+                &layers[e.layer],
+                e.path.as_str(),
+                "path appears more than once in the model",
+            ));
         }
     }
     for e in entries.iter().filter(|e| e.selected) {
@@ -276,10 +312,18 @@ pub fn plan(manifest: &ModelManifest, source: &dyn LayerSource, patterns: &[Stri
             match kinds.get(ancestor.as_str()) {
                 None | Some(EntryPlan::Dir) => {}
                 Some(EntryPlan::Symlink { .. }) => {
-                    return Err(refused(&layers[e.layer], e.path.as_str(), format!("{ancestor} is a symlink; writing under it could leave the tree")));
+                    return Err(refused(
+                        &layers[e.layer],
+                        e.path.as_str(),
+                        format!("{ancestor} is a symlink; writing under it could leave the tree"),
+                    ));
                 }
                 Some(_) => {
-                    return Err(refused(&layers[e.layer], e.path.as_str(), format!("{ancestor} is a file, not a folder")));
+                    return Err(refused(
+                        &layers[e.layer],
+                        e.path.as_str(),
+                        format!("{ancestor} is a file, not a folder"),
+                    ));
                 }
             }
         }

@@ -80,7 +80,9 @@ impl Read for Shared<'_> {
 }
 
 fn layer_io(layer: &ModelLayer, e: io::Error) -> Error {
-    if e.get_ref().is_some_and(|inner| inner.is::<CancelledMarker>()) {
+    if e.get_ref()
+        .is_some_and(|inner| inner.is::<CancelledMarker>())
+    {
         return Error::Cancelled;
     }
     Error::Layer {
@@ -125,7 +127,11 @@ fn identical_raw(existing: &Path, size: u64, digest: &Digest) -> bool {
 }
 
 /// Copies `src` to `dst`, and tells whether the bytes equal those of `compare` (if given).
-fn copy_comparing(src: &mut impl Read, dst: &mut File, mut compare: Option<File>) -> io::Result<(u64, bool)> {
+fn copy_comparing(
+    src: &mut impl Read,
+    dst: &mut File,
+    mut compare: Option<File>,
+) -> io::Result<(u64, bool)> {
     let mut buf = vec![0u8; 1 << 20];
     let mut other = vec![0u8; 1 << 20];
     let mut same = compare.is_some();
@@ -137,11 +143,12 @@ fn copy_comparing(src: &mut impl Read, dst: &mut File, mut compare: Option<File>
         }
         dst.write_all(&buf[..n])?;
         total += n as u64;
-        if same && let Some(c) = compare.as_mut() {
-            if c.read_exact(&mut other[..n]).is_err() || other[..n] != buf[..n] {
-                same = false;
-                compare = None;
-            }
+        if same
+            && let Some(c) = compare.as_mut()
+            && (c.read_exact(&mut other[..n]).is_err() || other[..n] != buf[..n])
+        {
+            same = false;
+            compare = None;
         }
     }
     if same && let Some(mut c) = compare {
@@ -178,9 +185,7 @@ fn check_target(target: &Path, plan: &ExtractPlan, layers: &[ModelLayer]) -> Res
             }
         }
         let final_path = target.join(e.path.as_str());
-        if e.kind != EntryPlan::Dir
-            && fs::symlink_metadata(&final_path).is_ok_and(|m| m.is_dir())
-        {
+        if e.kind != EntryPlan::Dir && fs::symlink_metadata(&final_path).is_ok_and(|m| m.is_dir()) {
             return Err(Error::Refused {
                 layer: layers[e.layer].digest.clone(),
                 path: e.path.to_string(),
@@ -216,7 +221,9 @@ pub fn extract_planned(
         }
         let mut counter = 0usize;
         for (idx, layer) in layers.iter().enumerate() {
-            let Some(entries) = by_layer.get(&idx) else { continue };
+            let Some(entries) = by_layer.get(&idx) else {
+                continue;
+            };
             let verifying = Verifying {
                 inner: source.open_layer(layer)?,
                 hasher: Sha256::new(),
@@ -246,12 +253,17 @@ pub fn extract_planned(
             }
             let shared = Rc::new(RefCell::new(verifying));
             {
-                let stream = tar_stream(layer.media_type.encoding, Box::new(Shared(shared.clone())))
-                    .map_err(|err| layer_io(layer, err))?;
+                let stream =
+                    tar_stream(layer.media_type.encoding, Box::new(Shared(shared.clone())))
+                        .map_err(|err| layer_io(layer, err))?;
                 let mut archive = tar::Archive::new(stream);
                 let wanted: HashMap<usize, &PlannedEntry> =
                     entries.iter().map(|e| (e.seq, *e)).collect();
-                for (seq, entry) in archive.entries().map_err(|err| layer_io(layer, err))?.enumerate() {
+                for (seq, entry) in archive
+                    .entries()
+                    .map_err(|err| layer_io(layer, err))?
+                    .enumerate()
+                {
                     let mut entry = entry.map_err(|err| layer_io(layer, err))?;
                     let Some(e) = wanted.get(&seq) else { continue };
                     match &e.kind {
@@ -260,12 +272,19 @@ pub fn extract_planned(
                             let staged_path = staging.path().join(counter.to_string());
                             counter += 1;
                             let mut file = create_staged(&staged_path)?;
-                            let (n, same) = copy_comparing(&mut entry, &mut file, existing_regular(&final_path, *size))
-                                .map_err(|err| layer_io(layer, err))?;
+                            let (n, same) = copy_comparing(
+                                &mut entry,
+                                &mut file,
+                                existing_regular(&final_path, *size),
+                            )
+                            .map_err(|err| layer_io(layer, err))?;
                             if n != *size {
                                 return Err(Error::Layer {
                                     digest: layer.digest.clone(),
-                                    message: format!("{}: tar entry is shorter than its header says", e.path),
+                                    message: format!(
+                                        "{}: tar entry is shorter than its header says",
+                                        e.path
+                                    ),
                                 });
                             }
                             if same {
@@ -275,18 +294,35 @@ pub fn extract_planned(
                             }
                             finish_file(&staged_path, e.mode, e.mtime)?;
                             report.bytes += n;
-                            staged.push(Staged::File { staged: staged_path, path: e.path.clone() });
+                            staged.push(Staged::File {
+                                staged: staged_path,
+                                path: e.path.clone(),
+                            });
                         }
                         EntryPlan::Symlink { target: link } => {
+                            let final_path = target.join(e.path.as_str());
+                            if fs::read_link(&final_path)
+                                .is_ok_and(|t| t.as_os_str() == link.as_str())
+                            {
+                                report.skipped += 1;
+                                continue;
+                            }
                             let staged_path = staging.path().join(counter.to_string());
                             counter += 1;
                             std::os::unix::fs::symlink(link, &staged_path).at(&staged_path)?;
                             if let Some(t) = e.mtime {
-                                filetime::set_symlink_file_times(&staged_path, t, t).at(&staged_path)?;
+                                filetime::set_symlink_file_times(&staged_path, t, t)
+                                    .at(&staged_path)?;
                             }
-                            staged.push(Staged::File { staged: staged_path, path: e.path.clone() });
+                            staged.push(Staged::File {
+                                staged: staged_path,
+                                path: e.path.clone(),
+                            });
                         }
-                        EntryPlan::Dir => staged.push(Staged::Dir { path: e.path.clone(), mode: e.mode }),
+                        EntryPlan::Dir => staged.push(Staged::Dir {
+                            path: e.path.clone(),
+                            mode: e.mode,
+                        }),
                         EntryPlan::HardLink { target: linked } => staged.push(Staged::HardLink {
                             path: e.path.clone(),
                             target: linked.clone(),
@@ -296,7 +332,10 @@ pub fn extract_planned(
                 }
             }
             let verifying = Rc::try_unwrap(shared)
-                .map_err(|_| Error::Layer { digest: layer.digest.clone(), message: "stream still in use".into() })?
+                .map_err(|_| Error::Layer {
+                    digest: layer.digest.clone(),
+                    message: "stream still in use".into(),
+                })?
                 .into_inner();
             verifying.check(layer)?;
         }
@@ -316,7 +355,10 @@ pub fn extract_planned(
                     fs::rename(&staged, &final_path).at(&final_path)?;
                     report.written += 1;
                 }
-                Staged::HardLink { path, target: linked } => {
+                Staged::HardLink {
+                    path,
+                    target: linked,
+                } => {
                     let final_path = target.join(path.as_str());
                     if let Some(parent) = final_path.parent() {
                         fs::create_dir_all(parent).at(parent)?;

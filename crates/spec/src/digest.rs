@@ -88,7 +88,7 @@ impl FromStr for Digest {
             if is_sep && prev_sep {
                 return Err(invalid(s, "malformed algorithm"));
             }
-            if !is_sep && !(c.is_ascii_lowercase() || c.is_ascii_digit()) {
+            if !(is_sep || c.is_ascii_lowercase() || c.is_ascii_digit()) {
                 return Err(invalid(s, "malformed algorithm"));
             }
             prev_sep = is_sep;

@@ -329,7 +329,7 @@ impl Store {
     /// Names `descriptor` (a manifest already in the store) as `reference`, replacing what the
     /// name pointed at before.
     pub fn tag(&self, reference: &Reference, descriptor: &Descriptor) -> Result<()> {
-        let digest = Digest::from_str(&descriptor.digest().to_string())?;
+        let digest = Digest::from_str(descriptor.digest().as_ref())?;
         if !self.has_blob(&digest) {
             return Err(Error::BlobNotFound(digest));
         }
@@ -574,8 +574,8 @@ mod tests {
         let orphan = store.put_bytes(b"orphan").expect("put");
         let manifest = serde_json::json!({
             "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": store.put_bytes(b"{}").expect("put").to_string(), "size": 2},
+            "mediaType": modelpack_spec::media_type::MEDIA_TYPE_OCI_MANIFEST,
+            "config": {"mediaType": modelpack_spec::media_type::MEDIA_TYPE_OCI_EMPTY, "digest": store.put_bytes(b"{}").expect("put").to_string(), "size": 2},
             "layers": [{"mediaType": "application/octet-stream", "digest": layer.to_string(), "size": 5}],
         });
         let bytes = serde_json::to_vec(&manifest).expect("json");

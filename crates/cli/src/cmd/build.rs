@@ -33,7 +33,9 @@ pub fn run(global: &GlobalArgs, args: BuildArgs) -> anyhow::Result<ExitCode> {
     let reference = super::parse_reference(&args.tag)?;
     let encoding = match (args.layer_format, args.compress) {
         (LayerFormat::Raw, Compression::None) => Encoding::Raw,
-        (LayerFormat::Raw, _) => bail!("--compress needs --layer-format tar (raw layers are never compressed)"),
+        (LayerFormat::Raw, _) => {
+            bail!("--compress needs --layer-format tar (raw layers are never compressed)")
+        }
         (LayerFormat::Tar, Compression::None) => Encoding::Tar,
         (LayerFormat::Tar, Compression::Gzip) => Encoding::TarGzip,
         (LayerFormat::Tar, Compression::Zstd) => Encoding::TarZstd,
@@ -63,9 +65,9 @@ pub fn run(global: &GlobalArgs, args: BuildArgs) -> anyhow::Result<ExitCode> {
     };
     let store = super::open_store(global)?;
     let _gc = store.gc_guard()?;
-    let concurrency = args.concurrency.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
-    });
+    let concurrency = args
+        .concurrency
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZero::get));
     let excludes = args.exclude.clone();
     let opts = BuildOptions {
         context: &args.context,

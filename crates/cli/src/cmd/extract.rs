@@ -18,8 +18,15 @@ pub fn run(global: &GlobalArgs, args: ExtractArgs) -> anyhow::Result<ExitCode> {
         patterns: &args.pattern,
         cancel: Some(display::cancel_flag()),
     };
-    let report = modelpack_extract::extract(&loaded.manifest, &StoreSource(&store), &args.dir, &opts)
-        .with_context(|| format!("cannot extract {} into {}", loaded.reference.familiar(), args.dir.display()))?;
+    let report =
+        modelpack_extract::extract(&loaded.manifest, &StoreSource(&store), &args.dir, &opts)
+            .with_context(|| {
+                format!(
+                    "cannot extract {} into {}",
+                    loaded.reference.familiar(),
+                    args.dir.display()
+                )
+            })?;
     match args.output {
         OutputFormat::Json => display::print_json(&json!({
             "reference": modelpack_store::Store::name_of(&loaded.reference),

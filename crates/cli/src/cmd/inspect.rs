@@ -51,7 +51,11 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> anyhow::Result<ExitCode> {
                     println!("{label:<14}{v}");
                 }
             };
-            println!("{:<14}{}", "Reference:", modelpack_store::Store::name_of(&loaded.reference));
+            println!(
+                "{:<14}{}",
+                "Reference:",
+                modelpack_store::Store::name_of(&loaded.reference)
+            );
             println!("{:<14}{}", "Digest:", loaded.descriptor.digest());
             println!(
                 "{:<14}{}",
@@ -70,9 +74,18 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> anyhow::Result<ExitCode> {
             field("Precision:", c.config.precision.as_ref());
             field("Quantization:", c.config.quantization.as_ref());
             if let Some(t) = &c.descriptor.created_at {
-                println!("{:<14}{}", "Created:", modelpack_spec::time::format_rfc3339(t));
+                println!(
+                    "{:<14}{}",
+                    "Created:",
+                    modelpack_spec::time::format_rfc3339(t)
+                );
             }
-            println!("{:<14}{} in {} layers", "Size:", display::bytes(total), manifest.layers().len());
+            println!(
+                "{:<14}{} in {} layers",
+                "Size:",
+                display::bytes(total),
+                manifest.layers().len()
+            );
             println!();
             let rows: Vec<Vec<String>> = manifest
                 .layers()

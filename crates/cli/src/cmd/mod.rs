@@ -59,8 +59,10 @@ pub fn load(store: &Store, text: &str) -> anyhow::Result<Loaded> {
                 .join("; ")
         )
     })?;
-    let config_bytes =
-        store.read_blob(manifest.config_digest(), modelpack_spec::MAX_DOCUMENT_SIZE as u64)?;
+    let config_bytes = store.read_blob(
+        manifest.config_digest(),
+        modelpack_spec::MAX_DOCUMENT_SIZE as u64,
+    )?;
     let config = Model::from_slice(&config_bytes)
         .with_context(|| format!("config of {}", reference.familiar()))?;
     Ok(Loaded {

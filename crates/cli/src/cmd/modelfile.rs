@@ -29,7 +29,10 @@ fn generate(args: ModelfileGenerateArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if output.exists() && !args.overwrite {
-        bail!("{} exists; pass --overwrite to replace it", output.display());
+        bail!(
+            "{} exists; pass --overwrite to replace it",
+            output.display()
+        );
     }
     std::fs::write(&output, text).with_context(|| format!("cannot write {}", output.display()))?;
     println!("{}", output.display());

@@ -18,7 +18,11 @@ pub fn run(global: &GlobalArgs, args: PruneArgs) -> anyhow::Result<ExitCode> {
             "bytes": report.bytes(),
         }))?,
         OutputFormat::Text => {
-            let verb = if args.dry_run { "Would remove" } else { "Removed" };
+            let verb = if args.dry_run {
+                "Would remove"
+            } else {
+                "Removed"
+            };
             if !global.quiet {
                 for (digest, size) in &report.blobs {
                     println!("{verb} {digest} ({})", display::bytes(*size));

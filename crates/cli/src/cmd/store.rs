@@ -36,7 +36,11 @@ pub fn run(global: &GlobalArgs, command: StoreCommand) -> anyhow::Result<ExitCod
                     }
                 }
             }
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

@@ -15,7 +15,9 @@ fn validate_file(path: &Path) -> anyhow::Result<(String, Report)> {
     let report = match modelpack_spec::parse_document(&bytes) {
         Err(report) => return Ok(("document".into(), report)),
         Ok(doc) => match modelpack_spec::detect_kind(&doc) {
-            Some(DocumentKind::Manifest) => ("manifest", modelpack_spec::validate_manifest_value(&doc)),
+            Some(DocumentKind::Manifest) => {
+                ("manifest", modelpack_spec::validate_manifest_value(&doc))
+            }
             Some(DocumentKind::Config) => ("config", modelpack_spec::validate_config_value(&doc)),
             None => {
                 // Neither shape: validate as a config, whose rules name what is missing.
@@ -32,9 +34,8 @@ pub fn run(global: &GlobalArgs, args: ValidateArgs) -> anyhow::Result<ExitCode> 
         validate_file(path)?
     } else {
         let store = super::open_store(global)?;
-        let reference = super::parse_reference(&args.target).with_context(|| {
-            format!("{} is neither a file nor a reference", args.target)
-        })?;
+        let reference = super::parse_reference(&args.target)
+            .with_context(|| format!("{} is neither a file nor a reference", args.target))?;
         let descriptor = store.resolve(&reference)?;
         let limit = modelpack_spec::MAX_DOCUMENT_SIZE as u64;
         let manifest = store.read_blob(&descriptor.digest().to_string().parse()?, limit)?;
@@ -54,7 +55,10 @@ pub fn run(global: &GlobalArgs, args: ValidateArgs) -> anyhow::Result<ExitCode> 
             .flatten()
             .enumerate()
         {
-            if let Some(d) = layer.get("digest").and_then(|d| d.as_str()).and_then(|d| d.parse().ok())
+            if let Some(d) = layer
+                .get("digest")
+                .and_then(|d| d.as_str())
+                .and_then(|d| d.parse().ok())
                 && !store.has_blob(&d)
             {
                 report.problems.push(modelpack_spec::Problem {
@@ -90,5 +94,9 @@ pub fn run(global: &GlobalArgs, args: ValidateArgs) -> anyhow::Result<ExitCode> 
             }
         }
     }
-    Ok(if valid { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -1,0 +1,171 @@
+//! Hostile artifacts: paths and links that try to leave the target, and corrupt blobs. Each must
+//! fail with one clear error and write nothing.
+
+use std::fs;
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::util::{self, Scratch};
+
+fn raw_layer(store: &Path, bytes: &[u8], path: &str) -> (Value, String) {
+    let digest = util::put_blob(store, bytes);
+    (
+        json!({
+            "mediaType": "application/vnd.cncf.model.weight.v1.raw",
+            "digest": digest,
+            "size": bytes.len(),
+            "annotations": {"org.cncf.model.filepath": path},
+        }),
+        digest,
+    )
+}
+
+/// A tar holding `entries` (name, type, link target, data) with names written as given, even
+/// names a well-behaved tar writer would refuse.
+fn crafted_tar(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, kind, link, data) in entries {
+        let mut header = tar::Header::new_old();
+        header.set_entry_type(*kind);
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        let old = header.as_old_mut();
+        old.name[..name.len()].copy_from_slice(name.as_bytes());
+        old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        header.set_cksum();
+        builder.append(&header, *data).expect("append");
+    }
+    builder.into_inner().expect("finish")
+}
+
+fn tar_layer(store: &Path, bytes: &[u8]) -> (Value, String) {
+    let digest = util::put_blob(store, bytes);
+    (
+        json!({
+            "mediaType": "application/vnd.cncf.model.code.v1.tar",
+            "digest": digest,
+            "size": bytes.len(),
+            "annotations": {"org.cncf.model.filepath": "code"},
+        }),
+        digest,
+    )
+}
+
+/// Tags a crafted artifact, runs extract into a fresh target inside a sandbox folder, and checks
+/// it failed with `needle` and left the sandbox exactly as it was.
+fn extract_refused(s: &Scratch, layers: &[(Value, String)], needle: &str) {
+    let store = s.store();
+    s.ok(&["ls"]); // creates the layout
+    let descs: Vec<Value> = layers.iter().map(|l| l.0.clone()).collect();
+    let diff_ids: Vec<String> = layers.iter().map(|l| l.1.clone()).collect();
+    let manifest = util::model_manifest(&store, &descs, &diff_ids);
+    util::tag_manifest(&store, "evil:v1", &manifest);
+    let sandbox = s.path("sandbox");
+    fs::create_dir_all(sandbox.join("target")).expect("mkdir");
+    fs::write(sandbox.join("target/keep.txt"), b"user data").expect("write");
+    let before = util::listing(&sandbox);
+    let target = sandbox.join("target/out");
+    let err = s.fails(&["extract", "evil:v1", target.to_str().expect("utf8")]);
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    assert_eq!(util::listing(&sandbox), before, "extract wrote something");
+    assert_eq!(
+        fs::read(sandbox.join("target/keep.txt")).expect("read"),
+        b"user data"
+    );
+    // Extracting into the existing folder fails the same way and leaves it as it was.
+    let err = s.fails(&[
+        "extract",
+        "evil:v1",
+        sandbox.join("target").to_str().expect("utf8"),
+    ]);
+    assert!(err.contains(needle), "{err}");
+    assert_eq!(util::listing(&sandbox), before, "extract wrote something");
+    assert!(!s.path("escape.txt").exists());
+}
+
+#[test]
+fn dotdot_filepath_annotation_is_refused() {
+    let s = Scratch::new();
+    let layer = raw_layer(&s.store(), b"x", "../../escape.txt");
+    extract_refused(&s, &[layer], "'..' component");
+}
+
+#[test]
+fn absolute_filepath_annotation_is_refused() {
+    let s = Scratch::new();
+    let abs = s.path("escape.txt");
+    let layer = raw_layer(&s.store(), b"x", abs.to_str().expect("utf8"));
+    extract_refused(&s, &[layer], "absolute path");
+}
+
+#[test]
+fn tar_entry_with_dotdot_is_refused() {
+    let s = Scratch::new();
+    let tar = crafted_tar(&[
+        ("ok.py", tar::EntryType::Regular, "", b"fine"),
+        ("../../escape.txt", tar::EntryType::Regular, "", b"evil"),
+    ]);
+    let layer = tar_layer(&s.store(), &tar);
+    extract_refused(&s, &[layer], "'..' component");
+}
+
+#[test]
+fn tar_symlink_escape_then_write_through_is_refused() {
+    let s = Scratch::new();
+    let tar = crafted_tar(&[
+        ("link", tar::EntryType::Symlink, "../../..", b""),
+        ("link/escape.txt", tar::EntryType::Regular, "", b"evil"),
+    ]);
+    let layer = tar_layer(&s.store(), &tar);
+    extract_refused(&s, &[layer], "leaves the model tree");
+
+    let s = Scratch::new();
+    let tar = crafted_tar(&[
+        ("dir/link", tar::EntryType::Symlink, "../inside", b""),
+        (
+            "dir/link/file",
+            tar::EntryType::Regular,
+            "",
+            b"through a link",
+        ),
+    ]);
+    let layer = tar_layer(&s.store(), &tar);
+    extract_refused(&s, &[layer], "is a symlink");
+}
+
+#[test]
+fn tar_absolute_name_and_device_nodes_are_refused() {
+    let s = Scratch::new();
+    let tar = crafted_tar(&[("/etc/evil", tar::EntryType::Regular, "", b"x")]);
+    let layer = tar_layer(&s.store(), &tar);
+    extract_refused(&s, &[layer], "absolute path");
+
+    let s = Scratch::new();
+    let tar = crafted_tar(&[("dev", tar::EntryType::Char, "", b"")]);
+    let layer = tar_layer(&s.store(), &tar);
+    extract_refused(&s, &[layer], "unsupported entry type");
+
+    let s = Scratch::new();
+    let tar = crafted_tar(&[("hard", tar::EntryType::Link, "/etc/passwd", b"")]);
+    let layer = tar_layer(&s.store(), &tar);
+    extract_refused(&s, &[layer], "hard link target");
+}
+
+#[test]
+fn corrupt_blob_is_never_written() {
+    let s = Scratch::new();
+    let (good, _) = raw_layer(&s.store(), b"good bytes", "good.bin");
+    let (bad, digest) = raw_layer(&s.store(), b"original", "model.bin");
+    // Replace the blob's bytes behind its digest, same length.
+    let hex = digest.trim_start_matches("sha256:");
+    fs::write(s.store().join("blobs/sha256").join(hex), b"tampered").expect("write");
+    let good_digest = good["digest"].as_str().expect("digest").to_owned();
+    extract_refused(&s, &[(good, good_digest), (bad, digest.clone())], &digest);
+    let check = s.run(&["store", "check"]);
+    assert_eq!(
+        check.status.code(),
+        Some(1),
+        "store check must report the corrupt blob"
+    );
+}

@@ -1,0 +1,265 @@
+//! Helpers for the end-to-end tests: find and run the built binary, hash trees, craft stores.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest as _, Sha256};
+
+/// The `modelpack` binary under test: `$MODELPACK_BIN`, else the workspace's debug build.
+pub fn bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MODELPACK_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        PathBuf::from,
+    );
+    let path = target.join("debug/modelpack");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p modelpack-cli` or `cargo xtask test`",
+        path.display()
+    );
+    path
+}
+
+/// True when `cargo xtask test` runs us, so tools it installs must be present.
+pub fn strict() -> bool {
+    std::env::var_os("MODELPACK_E2E").is_some()
+}
+
+/// True when `tool` is on PATH. Under `cargo xtask test` a missing tool fails the test.
+pub fn have_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found || !strict(),
+        "{tool} is required under cargo xtask test (xtask setup installs it)"
+    );
+    if !found {
+        eprintln!("note: {tool} not installed; this check is skipped outside cargo xtask test");
+    }
+    found
+}
+
+/// A scratch folder with a store in it.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+
+    /// Runs `modelpack --store STORE args...`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.run_env(args, &[])
+    }
+
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(bin());
+        cmd.arg("--store").arg(self.store()).args(args);
+        cmd.env_remove("SOURCE_DATE_EPOCH");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run modelpack")
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_success(&out, args);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs and asserts failure with exit code 1 and one `error:` line; returns that line.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?} should exit 1; stderr: {stderr}"
+        );
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(
+            errors.len(),
+            1,
+            "{args:?}: expected one error line, got: {stderr}"
+        );
+        errors[0].to_owned()
+    }
+}
+
+pub fn assert_success(out: &Output, args: &[&str]) {
+    assert!(
+        out.status.success(),
+        "modelpack {args:?} failed ({:?})\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let mut file = fs::File::open(path).expect("open");
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).expect("hash");
+    hex::encode(hasher.finalize())
+}
+
+/// What a tree holds: for each path, its content hash (or link target) and permission bits.
+pub fn tree(dir: &Path) -> BTreeMap<String, (String, u32)> {
+    let mut out = BTreeMap::new();
+    for entry in walkdir::WalkDir::new(dir).min_depth(1).sort_by_file_name() {
+        let entry = entry.expect("walk");
+        let rel = entry
+            .path()
+            .strip_prefix(dir)
+            .expect("prefix")
+            .to_string_lossy()
+            .into_owned();
+        let meta = entry.path().symlink_metadata().expect("lstat");
+        let content = if meta.file_type().is_symlink() {
+            format!(
+                "-> {}",
+                fs::read_link(entry.path()).expect("readlink").display()
+            )
+        } else if meta.is_dir() {
+            continue;
+        } else {
+            sha256_file(entry.path())
+        };
+        out.insert(rel, (content, meta.permissions().mode() & 0o777));
+    }
+    out
+}
+
+/// Modification times (seconds) of the regular files in a tree.
+pub fn mtimes(dir: &Path) -> BTreeMap<String, i64> {
+    walkdir::WalkDir::new(dir)
+        .min_depth(1)
+        .into_iter()
+        .map(|e| e.expect("walk"))
+        .filter(|e| e.file_type().is_file())
+        .map(|e| {
+            let rel = e
+                .path()
+                .strip_prefix(dir)
+                .expect("prefix")
+                .to_string_lossy()
+                .into_owned();
+            (rel, e.metadata().expect("stat").mtime())
+        })
+        .collect()
+}
+
+/// Everything in a folder, names only (to show nothing was written).
+pub fn listing(dir: &Path) -> Vec<String> {
+    if !dir.exists() {
+        return Vec::new();
+    }
+    walkdir::WalkDir::new(dir)
+        .min_depth(1)
+        .sort_by_file_name()
+        .into_iter()
+        .map(|e| e.expect("walk").path().display().to_string())
+        .collect()
+}
+
+/// Writes a blob straight into an OCI layout store and returns its digest.
+pub fn put_blob(store: &Path, bytes: &[u8]) -> String {
+    let hex = sha256_hex(bytes);
+    let dir = store.join("blobs/sha256");
+    fs::create_dir_all(&dir).expect("mkdir");
+    fs::write(dir.join(&hex), bytes).expect("write blob");
+    format!("sha256:{hex}")
+}
+
+/// Names a manifest in an OCI layout store by editing index.json as any OCI tool would.
+pub fn tag_manifest(store: &Path, name: &str, manifest: &[u8]) {
+    let digest = put_blob(store, manifest);
+    let index_path = store.join("index.json");
+    let mut index: serde_json::Value = fs::read(&index_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| serde_json::json!({"schemaVersion": 2, "manifests": []}));
+    index["manifests"]
+        .as_array_mut()
+        .expect("manifests")
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest,
+            "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": name},
+        }));
+    if !store.join("oci-layout").exists() {
+        fs::write(
+            store.join("oci-layout"),
+            br#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .expect("layout");
+    }
+    fs::write(index_path, serde_json::to_vec(&index).expect("json")).expect("write index");
+}
+
+/// A model manifest over the given layers (descriptor JSON values) with a matching config.
+pub fn model_manifest(store: &Path, layers: &[serde_json::Value], diff_ids: &[String]) -> Vec<u8> {
+    let config = serde_json::json!({
+        "descriptor": {"name": "crafted"},
+        "config": {},
+        "modelfs": {"type": "layers", "diffIds": diff_ids},
+    });
+    let config_bytes = serde_json::to_vec(&config).expect("json");
+    let config_digest = put_blob(store, &config_bytes);
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.cncf.model.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.cncf.model.config.v1+json",
+            "digest": config_digest,
+            "size": config_bytes.len(),
+        },
+        "layers": layers,
+    }))
+    .expect("json")
+}
+
+/// Peak resident memory (KiB) of a command run to completion, and its output status.
+#[allow(unsafe_code)]
+pub fn peak_rss_kib(cmd: &mut Command) -> (bool, u64) {
+    let child = cmd.spawn().expect("spawn");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: zeroed rusage is valid; pid is our un-waited child; pointers are valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(rc, pid, "wait4");
+    std::mem::forget(child);
+    (
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        usage.ru_maxrss as u64,
+    )
+}

@@ -1,0 +1,67 @@
+//! `cargo xtask setup`: install the Debian packages the project needs, only when missing.
+
+use anyhow::{Context as _, bail};
+use xshell::{Shell, cmd};
+
+/// Every Debian package the tests, the demo and the benchmarks use.
+pub const PACKAGES: &[&str] = &[
+    "protobuf-compiler",
+    "fuse3",
+    "containerd",
+    "runc",
+    "docker-registry",
+    "skopeo",
+    "apache2-utils",
+    "busybox-static",
+    "python3-venv",
+    "iproute2",
+    "curl",
+];
+
+fn installed(sh: &Shell, package: &str) -> bool {
+    let format = "-f=${Status}";
+    cmd!(sh, "dpkg-query -W {format} {package}")
+        .quiet()
+        .ignore_stderr()
+        .read()
+        .is_ok_and(|s| s.contains("install ok installed"))
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let sh = Shell::new()?;
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(&sh, p))
+        .collect();
+    if missing.is_empty() {
+        println!("setup: every package is installed");
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "setup: missing packages {} and not root; run as root or install them",
+            missing.join(" ")
+        );
+    }
+    println!("setup: installing {}", missing.join(" "));
+    cmd!(sh, "apt-get update -q")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .run()
+        .context("apt-get update failed")?;
+    cmd!(
+        sh,
+        "apt-get install -y -q --no-install-recommends {missing...}"
+    )
+    .env("DEBIAN_FRONTEND", "noninteractive")
+    .run()
+    .context("apt-get install failed")?;
+    Ok(())
+}
+
+/// True when running as root.
+#[allow(unsafe_code)]
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}

@@ -1,0 +1,24 @@
+//! `cargo xtask test`: everything CI checks, in the order that fails fastest.
+
+use xshell::{Shell, cmd};
+
+pub fn run(_args: &[String]) -> anyhow::Result<()> {
+    crate::setup::run()?;
+    let sh = Shell::new()?;
+    sh.change_dir(crate::root());
+    cmd!(sh, "cargo fmt --all -- --check").run()?;
+    cmd!(
+        sh,
+        "cargo clippy --workspace --all-targets --locked -- -D warnings"
+    )
+    .run()?;
+    // The end-to-end tests drive the built binaries.
+    cmd!(sh, "cargo build --workspace --bins --locked").run()?;
+    let bin = crate::target_dir().join("debug/modelpack");
+    cmd!(sh, "cargo test --workspace --locked")
+        .env("MODELPACK_BIN", &bin)
+        .env("MODELPACK_E2E", "1")
+        .run()?;
+    println!("xtask test: all checks passed");
+    Ok(())
+}
