@@ -153,3 +153,56 @@ fn concurrent_builds_into_one_store() {
         0
     );
 }
+
+#[test]
+fn link_places_raw_files_without_a_second_copy() {
+    use std::os::unix::fs::MetadataExt;
+    let s = Scratch::new();
+    let model = small_model(&s);
+    let info: Value = {
+        s.ok(&["build", &model, "-t", "linked:v1", "--link"]);
+        serde_json::from_str(&s.ok(&["inspect", "linked:v1", "--format", "json"])).expect("json")
+    };
+    let weights = info["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .find(|l| l["path"] == "weights.bin")
+        .expect("weights layer");
+    let digest = weights["digest"].as_str().expect("digest");
+    let blob = s
+        .store()
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    let source = fs::metadata(format!("{model}/weights.bin")).expect("stat source");
+    let stored = fs::metadata(&blob).expect("stat blob");
+    // Where the file system can clone, the blob is a reflink (its own inode, shared extents);
+    // elsewhere (ext4) it is a hard link to the source.
+    let can_reflink = Command::new("cp")
+        .arg("--reflink=always")
+        .arg(format!("{model}/weights.bin"))
+        .arg(s.path("reflink-probe"))
+        .status()
+        .is_ok_and(|st| st.success());
+    if can_reflink {
+        assert_ne!(source.ino(), stored.ino(), "expected a reflinked copy");
+    } else {
+        assert_eq!(source.ino(), stored.ino(), "expected a hard link");
+        assert_eq!(stored.nlink(), 2);
+    }
+    assert_eq!(
+        util::sha256_file(&blob),
+        digest.trim_start_matches("sha256:")
+    );
+    assert!(s.ok(&["store", "check"]).contains("consistent"));
+    let err = s.fails(&[
+        "build",
+        &model,
+        "-t",
+        "x:v1",
+        "--link",
+        "--layer-format",
+        "tar",
+    ]);
+    assert!(err.contains("--link works with raw layers only"), "{err}");
+}
