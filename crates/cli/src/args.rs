@@ -62,6 +62,34 @@ pub enum Command {
     /// Inspect the store itself
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Log in to a registry (credentials go to the Docker config)
+    Login(crate::cmd::login::LoginArgs),
+    /// Remove a registry's credentials
+    Logout(crate::cmd::login::LogoutArgs),
+    /// Push a stored artifact (or plain files) to a registry
+    Push(crate::cmd::push::PushArgs),
+    /// Pull an artifact into the store, or with -o straight into a folder
+    Pull(crate::cmd::pull::PullArgs),
+    /// Download only the files matching a pattern, straight into a folder
+    Fetch(crate::cmd::pull::FetchArgs),
+    /// Copy an artifact between registries, OCI layout folders and the store
+    #[command(alias = "cp")]
+    Copy(crate::cmd::copy::CopyArgs),
+    /// Print the digest a reference points at
+    Resolve(crate::cmd::remote_ops::ResolveArgs),
+    /// Repository operations
+    #[command(subcommand)]
+    Repo(crate::cmd::remote_ops::RepoCommand),
+    /// Manifest operations on a registry
+    #[command(subcommand)]
+    Manifest(crate::cmd::remote_ops::ManifestCommand),
+    /// Blob operations on a registry
+    #[command(subcommand)]
+    Blob(crate::cmd::remote_ops::BlobCommand),
+    /// Attach files to an artifact as a referrer
+    Attach(crate::cmd::attach::AttachArgs),
+    /// List the artifacts that refer to a manifest
+    Discover(crate::cmd::attach::DiscoverArgs),
 }
 
 /// Model metadata flags; they win over the Modelfile and over guesses.
@@ -186,8 +214,13 @@ pub struct LsArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// NAME[:TAG] or NAME@DIGEST in the store
+    /// NAME[:TAG] or NAME@DIGEST in the store (or in a registry with --remote)
     pub reference: String,
+    /// Read the artifact from its registry instead of the store
+    #[arg(long)]
+    pub remote: bool,
+    #[command(flatten)]
+    pub registry: crate::remote::RegistryArgs,
     /// Output format
     #[arg(long = "format", value_enum, default_value_t)]
     pub output: OutputFormat,
@@ -197,8 +230,14 @@ pub struct InspectArgs {
 pub struct TagArgs {
     /// Existing name
     pub source: String,
-    /// New name
-    pub target: String,
+    /// New names (with --remote: new tags in the same repository)
+    #[arg(required = true)]
+    pub targets: Vec<String>,
+    /// Tag in the registry instead of the store (as `oras tag`)
+    #[arg(long)]
+    pub remote: bool,
+    #[command(flatten)]
+    pub registry: crate::remote::RegistryArgs,
 }
 
 #[derive(Debug, Args)]

@@ -4,6 +4,7 @@
 mod args;
 mod cmd;
 mod display;
+mod remote;
 
 use std::process::ExitCode;
 
@@ -11,7 +12,18 @@ use clap::Parser;
 
 use crate::args::{Cli, Command};
 
+/// Restores the default SIGPIPE action, so `modelpack ls | head` ends quietly like other Unix
+/// tools instead of failing on a closed pipe.
+#[allow(unsafe_code)]
+fn reset_sigpipe() {
+    // SAFETY: setting a signal's disposition to SIG_DFL at start-up, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    reset_sigpipe();
     let cli = Cli::parse();
     let default_level = if cli.global.quiet { "error" } else { "warn" };
     tracing_subscriber::fmt()
@@ -35,6 +47,18 @@ fn main() -> ExitCode {
         Command::Validate(a) => cmd::validate::run(&cli.global, a),
         Command::Extract(a) => cmd::extract::run(&cli.global, a),
         Command::Store(a) => cmd::store::run(&cli.global, a),
+        Command::Login(a) => cmd::login::login(&cli.global, a),
+        Command::Logout(a) => cmd::login::logout(&cli.global, a),
+        Command::Push(a) => cmd::push::run(&cli.global, a),
+        Command::Pull(a) => cmd::pull::run(&cli.global, a),
+        Command::Fetch(a) => cmd::pull::fetch(&cli.global, a),
+        Command::Copy(a) => cmd::copy::run(&cli.global, a),
+        Command::Resolve(a) => cmd::remote_ops::resolve(&cli.global, a),
+        Command::Repo(a) => cmd::remote_ops::repo(&cli.global, a),
+        Command::Manifest(a) => cmd::remote_ops::manifest(&cli.global, a),
+        Command::Blob(a) => cmd::remote_ops::blob(&cli.global, a),
+        Command::Attach(a) => cmd::attach::attach(&cli.global, a),
+        Command::Discover(a) => cmd::attach::discover(&cli.global, a),
     };
     match result {
         Ok(code) => code,

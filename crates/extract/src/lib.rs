@@ -27,18 +27,29 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use modelpack_spec::ModelLayer;
+use modelpack_spec::{Digest, Encoding};
 use modelpack_store::Store;
 
 pub use error::{Error, Result};
-pub use plan::{EntryPlan, ExtractPlan, PlannedEntry, plan};
+pub use plan::{EntryPlan, ExtractPlan, PlannedEntry, plan, plan_files};
 pub use stage::extract_planned;
+
+/// A layer blob to read: what the extractor needs to know about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerBlob {
+    /// Its digest, verified while it streams.
+    pub digest: Digest,
+    /// Its size in bytes.
+    pub size: u64,
+    /// How it is encoded.
+    pub encoding: Encoding,
+}
 
 /// Where layer bytes come from (the local store, or a registry stream).
 pub trait LayerSource: Sync {
     /// Opens the layer's blob from its first byte. The reader yields the blob as stored
     /// (compressed for compressed layers); the extractor verifies its digest.
-    fn open_layer(&self, layer: &ModelLayer) -> Result<Box<dyn Read + Send + '_>>;
+    fn open_layer(&self, layer: &LayerBlob) -> Result<Box<dyn Read + Send + '_>>;
 }
 
 /// Layers read from the local store.
@@ -46,7 +57,7 @@ pub trait LayerSource: Sync {
 pub struct StoreSource<'a>(pub &'a Store);
 
 impl LayerSource for StoreSource<'_> {
-    fn open_layer(&self, layer: &ModelLayer) -> Result<Box<dyn Read + Send + '_>> {
+    fn open_layer(&self, layer: &LayerBlob) -> Result<Box<dyn Read + Send + '_>> {
         Ok(Box::new(self.0.open_blob(&layer.digest)?))
     }
 }
@@ -80,5 +91,5 @@ pub fn extract(
     opts: &ExtractOptions<'_>,
 ) -> Result<ExtractReport> {
     let plan = plan(manifest, source, opts.patterns)?;
-    extract_planned(manifest, source, &plan, target, opts.cancel)
+    extract_planned(source, &plan, target, opts.cancel)
 }

@@ -7,7 +7,7 @@ use filetime::FileTime;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use modelpack_spec::{Encoding, LayerPath, ModelLayer, ModelManifest};
 
-use crate::LayerSource;
+use crate::{LayerBlob, LayerSource};
 use crate::error::{Error, Result};
 
 /// What one entry becomes.
@@ -59,6 +59,8 @@ pub struct PlannedEntry {
 /// Every entry of a model, in layer order.
 #[derive(Debug, Clone, Default)]
 pub struct ExtractPlan {
+    /// The layers, in manifest order.
+    pub layers: Vec<LayerBlob>,
     /// Entries, selected or not.
     pub entries: Vec<PlannedEntry>,
 }
@@ -103,7 +105,15 @@ pub(crate) fn tar_stream<'a>(
     })
 }
 
-fn refused(layer: &ModelLayer, path: &str, reason: impl Into<String>) -> Error {
+fn blob_of(layer: &ModelLayer) -> LayerBlob {
+    LayerBlob {
+        digest: layer.digest.clone(),
+        size: layer.size(),
+        encoding: layer.media_type.encoding,
+    }
+}
+
+fn refused(layer: &LayerBlob, path: &str, reason: impl Into<String>) -> Error {
     Error::Refused {
         layer: layer.digest.clone(),
         path: path.to_owned(),
@@ -165,14 +175,14 @@ fn plan_raw(idx: usize, layer: &ModelLayer) -> Result<PlannedEntry> {
     })
 }
 
-fn plan_tar(idx: usize, layer: &ModelLayer, source: &dyn LayerSource) -> Result<Vec<PlannedEntry>> {
+fn plan_tar(idx: usize, layer: &LayerBlob, source: &dyn LayerSource) -> Result<Vec<PlannedEntry>> {
     let io_err = |e: io::Error| Error::Layer {
         digest: layer.digest.clone(),
         message: format!("reading tar: {e}"),
     };
     let raw = source.open_layer(layer)?;
     let mut archive =
-        tar::Archive::new(tar_stream(layer.media_type.encoding, raw).map_err(io_err)?);
+        tar::Archive::new(tar_stream(layer.encoding, raw).map_err(io_err)?);
     let mut out = Vec::new();
     let mut files_in_layer = HashSet::new();
     for (seq, entry) in archive.entries().map_err(io_err)?.enumerate() {
@@ -263,16 +273,47 @@ pub fn plan(
     source: &dyn LayerSource,
     patterns: &[String],
 ) -> Result<ExtractPlan> {
-    let matcher = pattern_set(patterns)?;
+    let layers: Vec<LayerBlob> = manifest.layers().iter().map(blob_of).collect();
     let mut entries = Vec::new();
     for (idx, layer) in manifest.layers().iter().enumerate() {
         if layer.media_type.encoding == Encoding::Raw {
             entries.push(plan_raw(idx, layer)?);
         } else {
-            entries.extend(plan_tar(idx, layer, source)?);
+            entries.extend(plan_tar(idx, &layers[idx], source)?);
         }
     }
-    if let Some(set) = &matcher {
+    finish_plan(layers, entries, patterns)
+}
+
+/// Plans plain files, one raw blob each (artifacts pushed by `oras push`, named by their OCI
+/// title).
+pub fn plan_files(files: Vec<(LayerPath, LayerBlob)>, patterns: &[String]) -> Result<ExtractPlan> {
+    let mut layers = Vec::new();
+    let mut entries = Vec::new();
+    for (idx, (path, blob)) in files.into_iter().enumerate() {
+        entries.push(PlannedEntry {
+            layer: idx,
+            seq: 0,
+            path,
+            kind: EntryPlan::RawFile { size: blob.size },
+            mode: 0o644,
+            mtime: None,
+            selected: true,
+        });
+        layers.push(LayerBlob {
+            encoding: Encoding::Raw,
+            ..blob
+        });
+    }
+    finish_plan(layers, entries, patterns)
+}
+
+fn finish_plan(
+    layers: Vec<LayerBlob>,
+    mut entries: Vec<PlannedEntry>,
+    patterns: &[String],
+) -> Result<ExtractPlan> {
+    if let Some(set) = &pattern_set(patterns)? {
         for e in &mut entries {
             e.selected = !matches!(e.kind, EntryPlan::Dir) && set.is_match(e.path.as_str());
         }
@@ -291,7 +332,6 @@ pub fn plan(
             }
         }
     }
-    let layers = manifest.layers();
     let mut kinds: HashMap<&str, &EntryPlan> = HashMap::new();
     for e in entries.iter().filter(|e| e.selected) {
         let previous = kinds.insert(e.path.as_str(), &e.kind);
@@ -328,7 +368,7 @@ pub fn plan(
             }
         }
     }
-    Ok(ExtractPlan { entries })
+    Ok(ExtractPlan { layers, entries })
 }
 
 #[cfg(test)]

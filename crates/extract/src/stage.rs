@@ -11,12 +11,12 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use filetime::FileTime;
-use modelpack_spec::{Digest, Encoding, LayerPath, ModelLayer, ModelManifest};
+use modelpack_spec::{Digest, Encoding, LayerPath};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, IoContext, Result};
 use crate::plan::{EntryPlan, ExtractPlan, PlannedEntry, tar_stream};
-use crate::{ExtractReport, LayerSource};
+use crate::{ExtractReport, LayerBlob, LayerSource};
 
 /// The I/O error a cancelled read returns (not `Interrupted`, which readers retry).
 #[derive(Debug)]
@@ -51,12 +51,12 @@ impl Read for Verifying<'_> {
 }
 
 impl Verifying<'_> {
-    fn check(mut self, layer: &ModelLayer) -> Result<()> {
+    fn check(mut self, layer: &LayerBlob) -> Result<()> {
         io::copy(&mut self, &mut io::sink()).map_err(|e| layer_io(layer, e))?;
-        if self.count != layer.size() {
+        if self.count != layer.size {
             return Err(Error::Layer {
                 digest: layer.digest.clone(),
-                message: format!("expected {} bytes, read {}", layer.size(), self.count),
+                message: format!("expected {} bytes, read {}", layer.size, self.count),
             });
         }
         let actual = Digest::from_sha256(self.hasher.finalize().into());
@@ -79,7 +79,7 @@ impl Read for Shared<'_> {
     }
 }
 
-fn layer_io(layer: &ModelLayer, e: io::Error) -> Error {
+fn layer_io(layer: &LayerBlob, e: io::Error) -> Error {
     if e.get_ref()
         .is_some_and(|inner| inner.is::<CancelledMarker>())
     {
@@ -166,7 +166,7 @@ fn existing_regular(path: &Path, size: u64) -> Option<File> {
 
 /// Checks what already exists in the target: no ancestor of a planned path may be a symlink or a
 /// file, and no planned file may land on a folder.
-fn check_target(target: &Path, plan: &ExtractPlan, layers: &[ModelLayer]) -> Result<()> {
+fn check_target(target: &Path, plan: &ExtractPlan, layers: &[LayerBlob]) -> Result<()> {
     for e in plan.selected() {
         let comps: Vec<&str> = e.path.components().collect();
         let mut dir = target.to_owned();
@@ -198,13 +198,12 @@ fn check_target(target: &Path, plan: &ExtractPlan, layers: &[ModelLayer]) -> Res
 
 /// Stages, verifies and commits a checked plan into `target`.
 pub fn extract_planned(
-    manifest: &ModelManifest,
     source: &dyn LayerSource,
     plan: &ExtractPlan,
     target: &Path,
     cancel: Option<&AtomicBool>,
 ) -> Result<ExtractReport> {
-    let layers = manifest.layers();
+    let layers = &plan.layers;
     let created_target = !target.exists();
     fs::create_dir_all(target).at(target)?;
     let result = (|| {
@@ -230,10 +229,10 @@ pub fn extract_planned(
                 count: 0,
                 cancel,
             };
-            if layer.media_type.encoding == Encoding::Raw {
+            if layer.encoding == Encoding::Raw {
                 let e = entries[0];
                 let final_path = target.join(e.path.as_str());
-                if identical_raw(&final_path, layer.size(), &layer.digest) {
+                if identical_raw(&final_path, layer.size, &layer.digest) {
                     report.skipped += 1;
                     continue;
                 }
@@ -244,7 +243,7 @@ pub fn extract_planned(
                 io::copy(&mut verifying, &mut file).map_err(|err| layer_io(layer, err))?;
                 verifying.check(layer)?;
                 finish_file(&staged_path, e.mode, e.mtime)?;
-                report.bytes += layer.size();
+                report.bytes += layer.size;
                 staged.push(Staged::File {
                     staged: staged_path,
                     path: e.path.clone(),
@@ -254,7 +253,7 @@ pub fn extract_planned(
             let shared = Rc::new(RefCell::new(verifying));
             {
                 let stream =
-                    tar_stream(layer.media_type.encoding, Box::new(Shared(shared.clone())))
+                    tar_stream(layer.encoding, Box::new(Shared(shared.clone())))
                         .map_err(|err| layer_io(layer, err))?;
                 let mut archive = tar::Archive::new(stream);
                 let wanted: HashMap<usize, &PlannedEntry> =

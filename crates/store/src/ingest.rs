@@ -134,3 +134,88 @@ pub(crate) fn create_new_private(path: &Path) -> Result<File> {
         .open(path)
         .at(path)
 }
+
+/// A partial download kept under a name derived from its digest, so an interrupted transfer
+/// continues where it stopped. Locked while open: two processes fetching the same blob take
+/// turns, and the second finds the blob done.
+#[derive(Debug)]
+pub struct Resumable {
+    file: Option<File>,
+    path: PathBuf,
+    state_path: PathBuf,
+    blobs_dir: PathBuf,
+}
+
+impl Resumable {
+    pub(crate) fn open(ingest_dir: &Path, blobs_dir: &Path, digest: &Digest) -> Result<Resumable> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let stem = format!("{}-{}", digest.algorithm(), digest.encoded());
+        let path = ingest_dir.join(format!("{stem}.partial"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .at(&path)?;
+        file.lock().at(&path)?;
+        Ok(Resumable {
+            file: Some(file),
+            state_path: ingest_dir.join(format!("{stem}.state")),
+            path,
+            blobs_dir: blobs_dir.to_owned(),
+        })
+    }
+
+    /// The partial file (read and write).
+    pub fn file(&self) -> &File {
+        self.file.as_ref().unwrap_or_else(|| unreachable!("file is present until commit"))
+    }
+
+    /// Where the partial data is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The saved progress record of a segmented download, if any.
+    pub fn load_state(&self) -> Option<Vec<u8>> {
+        fs::read(&self.state_path).ok()
+    }
+
+    /// Saves the progress record atomically.
+    pub fn save_state(&self, bytes: &[u8]) -> Result<()> {
+        let tmp = self.state_path.with_extension("state.tmp");
+        fs::write(&tmp, bytes).at(&tmp)?;
+        fs::rename(&tmp, &self.state_path).at(&self.state_path)
+    }
+
+    /// Forgets the partial data (after a digest mismatch).
+    pub fn discard(mut self) -> Result<()> {
+        drop(self.file.take());
+        let _ = fs::remove_file(&self.state_path);
+        fs::remove_file(&self.path).at(&self.path)?;
+        self.path = PathBuf::new();
+        Ok(())
+    }
+
+    /// Moves the data into `blobs/` under `digest`, which the caller verified over all of it.
+    pub fn commit(mut self, digest: &Digest) -> Result<PathBuf> {
+        let target = blob_path_in(&self.blobs_dir, digest);
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent).at(parent)?;
+        }
+        fs::rename(&self.path, &target).at(&target)?;
+        let _ = fs::remove_file(&self.state_path);
+        drop(self.file.take());
+        self.path = PathBuf::new();
+        Ok(target)
+    }
+}
+
+impl Drop for Resumable {
+    fn drop(&mut self) {
+        // Partial data stays for the next attempt; only the lock goes with the file handle.
+        drop(self.file.take());
+    }
+}

@@ -15,7 +15,7 @@ use modelpack_spec::{Digest, Reference};
 use serde_json::Value;
 
 use crate::error::{Error, IoContext, Result};
-use crate::ingest::{Ingest, blob_path_in, create_new_private, sha256_file};
+use crate::ingest::{Ingest, Resumable, blob_path_in, create_new_private, sha256_file};
 
 /// Environment variable that names the store folder.
 pub const STORE_ENV: &str = "MODELPACK_STORE";
@@ -203,6 +203,12 @@ impl Store {
     /// Starts writing a new blob.
     pub fn ingest(&self) -> Result<Ingest> {
         Ingest::create(&self.ingest, &self.blobs)
+    }
+
+    /// Opens (or continues) the partial download of `digest`, waiting for any other process
+    /// fetching the same blob.
+    pub fn resumable(&self, digest: &Digest) -> Result<Resumable> {
+        Resumable::open(&self.ingest, &self.blobs, digest)
     }
 
     /// Starts a blob as a copy-on-write clone of `src` (reflink), if the file system can; the

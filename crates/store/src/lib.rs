@@ -21,7 +21,7 @@ mod ingest;
 mod layout;
 
 pub use error::{Error, Result};
-pub use ingest::{Ingest, sha256_file, sha256_reader};
+pub use ingest::{Ingest, Resumable, sha256_file, sha256_reader};
 pub use layout::{
     CheckReport, GcGuard, LinkOutcome, PruneReport, STORE_ENV, Store, StoreEntry, default_root,
 };

@@ -8,8 +8,12 @@ use crate::args::{GlobalArgs, InspectArgs, OutputFormat};
 use crate::display;
 
 pub fn run(global: &GlobalArgs, args: InspectArgs) -> anyhow::Result<ExitCode> {
-    let store = super::open_store(global)?;
-    let loaded = super::load(&store, &args.reference)?;
+    let loaded = if args.remote {
+        super::load_remote(&args.registry, &args.reference)?
+    } else {
+        let store = super::open_store(global)?;
+        super::load(&store, &args.reference)?
+    };
     let manifest = &loaded.manifest;
     let diff_ids = &loaded.config.modelfs.diff_ids;
     let layers: Vec<_> = manifest

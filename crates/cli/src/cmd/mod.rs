@@ -1,11 +1,17 @@
 //! One module per subcommand; each turns parsed arguments into one library call and renders it.
 
+pub mod attach;
 pub mod build;
+pub mod copy;
 pub mod extract;
 pub mod inspect;
+pub mod login;
 pub mod ls;
 pub mod modelfile;
 pub mod prune;
+pub mod pull;
+pub mod push;
+pub mod remote_ops;
 pub mod rm;
 pub mod store;
 pub mod tag;
@@ -40,6 +46,41 @@ pub struct Loaded {
     pub manifest: ModelManifest,
     pub config_bytes: Vec<u8>,
     pub config: Model,
+}
+
+/// Fetches `text`'s manifest and config from its registry.
+pub fn load_remote(registry: &crate::remote::RegistryArgs, text: &str) -> anyhow::Result<Loaded> {
+    let reference = parse_reference(text)?;
+    let client = registry.client()?;
+    let repo = crate::remote::repository(&client, &reference);
+    let rt = crate::remote::runtime()?;
+    let fetched = rt.block_on(repo.get_manifest(&reference.tag_or_digest()))?;
+    let manifest = ModelManifest::from_slice(&fetched.bytes).map_err(|report| {
+        anyhow::anyhow!(
+            "{} is not a valid ModelPack manifest: {}",
+            reference.familiar(),
+            report.errors().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        )
+    })?;
+    let config_bytes = rt.block_on(async {
+        let stream = repo.get_blob(manifest.config_digest(), None).await?;
+        let bytes = modelpack_registry::read_capped(stream.response, modelpack_spec::MAX_DOCUMENT_SIZE).await?;
+        anyhow::Ok(bytes)
+    })?;
+    if &Digest::sha256_of(&config_bytes) != manifest.config_digest() {
+        anyhow::bail!("config {} does not match its digest", manifest.config_digest());
+    }
+    let config = Model::from_slice(&config_bytes)
+        .with_context(|| format!("config of {}", reference.familiar()))?;
+    let descriptor = modelpack_transfer::manifest_descriptor(&fetched.bytes)?;
+    Ok(Loaded {
+        reference,
+        descriptor,
+        manifest_bytes: fetched.bytes.to_vec(),
+        manifest,
+        config_bytes: config_bytes.to_vec(),
+        config,
+    })
 }
 
 /// Resolves `text` in the store and loads its manifest and config.

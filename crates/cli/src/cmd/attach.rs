@@ -1,0 +1,160 @@
+//! `modelpack attach` (push files as an artifact that refers to another manifest) and
+//! `modelpack discover` (list what refers to a manifest).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::Args;
+use modelpack_spec::annotations::ANNOTATION_TITLE;
+use modelpack_spec::media_type::{MEDIA_TYPE_OCI_EMPTY, MEDIA_TYPE_OCI_MANIFEST};
+use serde_json::json;
+
+use crate::args::{GlobalArgs, OutputFormat};
+use crate::display;
+use crate::remote::RegistryArgs;
+
+/// Media type of an attached file without one.
+const DEFAULT_ATTACH_MEDIA_TYPE: &str = "application/octet-stream";
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// The manifest the files refer to (its subject)
+    #[arg(long)]
+    pub subject: String,
+    /// artifactType of the new artifact
+    #[arg(long)]
+    pub artifact_type: String,
+    /// Files, each PATH[:MEDIATYPE]
+    #[arg(required = true)]
+    pub files: Vec<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Output format
+    #[arg(long = "format", value_enum, default_value_t)]
+    pub format: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct DiscoverArgs {
+    /// The manifest whose referrers to list
+    pub reference: String,
+    /// Only referrers of this artifactType
+    #[arg(long)]
+    pub artifact_type: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Output format
+    #[arg(long = "format", value_enum, default_value_t)]
+    pub format: OutputFormat,
+}
+
+pub fn attach(global: &GlobalArgs, args: AttachArgs) -> anyhow::Result<ExitCode> {
+    let subject_ref = super::parse_reference(&args.subject)?;
+    let client = args.registry.client()?;
+    let repo = crate::remote::repository(&client, &subject_ref);
+    let rt = crate::remote::runtime()?;
+    let subject = rt.block_on(repo.get_manifest(&subject_ref.tag_or_digest()))?;
+    let subject_descriptor = modelpack_transfer::manifest_descriptor(&subject.bytes)?;
+    let mut layers = Vec::new();
+    for spec in &args.files {
+        let (path, media_type) = match spec.rsplit_once(':') {
+            Some((p, m)) if m.contains('/') => (p, m),
+            _ => (spec.as_str(), DEFAULT_ATTACH_MEDIA_TYPE),
+        };
+        let path = PathBuf::from(path);
+        let title = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("{}: not a file name", path.display()))?
+            .to_owned();
+        let (digest, size) = modelpack_store::sha256_file(&path)?;
+        rt.block_on(async {
+            if repo.blob_exists(&digest).await?.is_none() {
+                repo.push_blob_file(&digest, &path, size).await?;
+            }
+            anyhow::Ok(())
+        })?;
+        layers.push(modelpack_spec::descriptor(
+            media_type,
+            &digest,
+            size,
+            Some(HashMap::from([(ANNOTATION_TITLE.to_owned(), title)])),
+        )?);
+    }
+    let empty = Bytes::from_static(b"{}");
+    let empty_digest = modelpack_spec::Digest::sha256_of(&empty);
+    rt.block_on(async {
+        if repo.blob_exists(&empty_digest).await?.is_none() {
+            repo.push_blob_bytes(&empty_digest, empty.clone()).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+        "artifactType": args.artifact_type,
+        "config": modelpack_spec::descriptor(MEDIA_TYPE_OCI_EMPTY, &empty_digest, 2, None)?,
+        "layers": layers,
+        "subject": subject_descriptor,
+    });
+    let bytes = Bytes::from(modelpack_spec::to_canonical_json(&manifest));
+    let descriptor = modelpack_transfer::manifest_descriptor(&bytes)?;
+    let digest = modelpack_spec::Digest::sha256_of(&bytes);
+    rt.block_on(async {
+        repo.put_manifest(digest.as_str(), MEDIA_TYPE_OCI_MANIFEST, bytes.clone()).await?;
+        // Registries without the referrers API learn about it through the tag schema.
+        if !repo.supports_referrers(&subject.digest).await? {
+            repo.add_referrer_to_fallback(&subject.digest, descriptor).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    match args.format {
+        OutputFormat::Json => display::print_json(&json!({
+            "digest": digest.to_string(), "subject": subject.digest.to_string(),
+            "artifactType": args.artifact_type,
+        }))?,
+        OutputFormat::Text if global.quiet => println!("{digest}"),
+        OutputFormat::Text => println!("Attached {digest} to {}", subject_ref.familiar()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn discover(_global: &GlobalArgs, args: DiscoverArgs) -> anyhow::Result<ExitCode> {
+    let reference = super::parse_reference(&args.reference)?;
+    let client = args.registry.client()?;
+    let repo = crate::remote::repository(&client, &reference);
+    let rt = crate::remote::runtime()?;
+    let referrers = rt.block_on(async {
+        let (digest, _) = repo
+            .head_manifest(&reference.tag_or_digest())
+            .await?
+            .with_context(|| format!("{} not found", reference.familiar()))?;
+        anyhow::Ok(repo.referrers(&digest, args.artifact_type.as_deref()).await?)
+    })?;
+    match args.format {
+        OutputFormat::Json => display::print_json(&json!({
+            "referrers": referrers.iter().map(|d| json!({
+                "digest": d.digest().to_string(),
+                "artifactType": d.artifact_type().as_ref().map(ToString::to_string),
+                "size": d.size(),
+            })).collect::<Vec<_>>(),
+        }))?,
+        OutputFormat::Text => {
+            let rows: Vec<Vec<String>> = referrers
+                .iter()
+                .map(|d| {
+                    vec![
+                        d.digest().to_string(),
+                        d.artifact_type().as_ref().map_or("-".into(), ToString::to_string),
+                        display::bytes(d.size()),
+                    ]
+                })
+                .collect();
+            display::print_table(&["DIGEST", "ARTIFACT TYPE", "SIZE"], &rows);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,167 @@
+//! What remote commands share: registry flags to a client, a runtime, targets (registry
+//! reference, `oci:DIR:TAG` layout, `store:NAME`), and progress rendering of transfer events.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::Args;
+use modelpack_registry::{Client, ClientOptions, Credential, Repository};
+use modelpack_spec::Reference;
+use modelpack_store::Store;
+use modelpack_transfer::{Event, TransferOptions};
+
+use crate::display;
+
+/// Flags for talking to registries (oras names).
+#[derive(Debug, Args, Clone, Default)]
+pub struct RegistryArgs {
+    /// Use HTTP instead of HTTPS
+    #[arg(long)]
+    pub plain_http: bool,
+    /// Do not verify the registry's TLS certificate
+    #[arg(long)]
+    pub insecure: bool,
+    /// Trust this CA certificate (PEM) as well
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// User name (else the Docker config's credentials)
+    #[arg(short = 'u', long)]
+    pub username: Option<String>,
+    /// Password or token (prefer `login --password-stdin`)
+    #[arg(short = 'p', long, requires = "username")]
+    pub password: Option<String>,
+    /// Blobs and connections in flight at once
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Upload in chunks of this many MiB (default: one streamed PUT per blob)
+    #[arg(long, value_name = "MIB")]
+    pub chunk_size: Option<u64>,
+}
+
+impl RegistryArgs {
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let credential = match (&self.username, &self.password) {
+            (Some(u), Some(p)) => Some(Credential {
+                username: u.clone(),
+                secret: p.clone(),
+                identity_token: false,
+            }),
+            _ => None,
+        };
+        Ok(Client::new(ClientOptions {
+            plain_http: self.plain_http,
+            insecure: self.insecure,
+            ca_file: self.ca_file.clone(),
+            credential,
+            ..ClientOptions::new()
+        })?)
+    }
+
+    pub fn transfer_options(&self, progress: modelpack_transfer::Progress) -> TransferOptions {
+        let mut opts = TransferOptions::new(self.concurrency);
+        opts.chunk_size = self.chunk_size.map(|m| m.max(1) << 20);
+        opts.progress = progress;
+        opts
+    }
+}
+
+/// A multi-threaded runtime for one command.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Where content lives.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A registry repository and tag or digest.
+    Registry(Reference),
+    /// An OCI layout folder (`oci:DIR[:TAG]`).
+    Layout(PathBuf, Reference),
+    /// The local store (`store:NAME[:TAG]`).
+    Store(Reference),
+}
+
+impl Target {
+    pub fn parse(text: &str) -> anyhow::Result<Target> {
+        if let Some(rest) = text.strip_prefix("oci:") {
+            let (dir, tag) = match rest.split_once(':') {
+                Some((d, t)) => (d, t),
+                None => (rest, "latest"),
+            };
+            let name: Reference = tag
+                .parse()
+                .with_context(|| format!("{text}: the part after the folder is a tag or name"))?;
+            return Ok(Target::Layout(PathBuf::from(dir), name));
+        }
+        if let Some(rest) = text.strip_prefix("store:") {
+            return Ok(Target::Store(rest.parse()?));
+        }
+        Ok(Target::Registry(text.parse()?))
+    }
+}
+
+/// Renders transfer events as one byte bar, and counts what moved.
+pub struct Renderer {
+    pub bar: indicatif::ProgressBar,
+    pub moved: Arc<AtomicU64>,
+    pub resumed: Arc<AtomicU64>,
+    pub started: Instant,
+}
+
+impl Renderer {
+    pub fn new(quiet: bool, message: &str) -> Renderer {
+        Renderer {
+            bar: display::byte_bar(0, quiet, message),
+            moved: Arc::new(AtomicU64::new(0)),
+            resumed: Arc::new(AtomicU64::new(0)),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn progress(&self) -> modelpack_transfer::Progress {
+        let bar = self.bar.clone();
+        let moved = self.moved.clone();
+        let resumed = self.resumed.clone();
+        Arc::new(move |event| match event {
+            Event::Total { bytes } => bar.set_length(bytes),
+            Event::Bytes { bytes, .. } => {
+                moved.fetch_add(bytes, Ordering::Relaxed);
+                bar.inc(bytes);
+            }
+            Event::Resumed { bytes, .. } => {
+                resumed.fetch_add(bytes, Ordering::Relaxed);
+                bar.inc(bytes);
+            }
+            Event::BlobSkipped { size, .. } => bar.inc(size),
+            Event::BlobStarted { .. } | Event::BlobDone { .. } => {}
+        })
+    }
+
+    /// `N moved in T (rate)[, M resumed]`.
+    pub fn finish(&self) -> String {
+        self.bar.finish_and_clear();
+        let moved = self.moved.load(Ordering::Relaxed);
+        let resumed = self.resumed.load(Ordering::Relaxed);
+        let mut line = display::summary(moved, self.started.elapsed());
+        if resumed > 0 {
+            line.push_str(&format!(", {} resumed from an earlier attempt", display::bytes(resumed)));
+        }
+        line
+    }
+}
+
+/// Opens a layout folder as a store.
+pub fn open_layout(dir: &std::path::Path) -> anyhow::Result<Store> {
+    Store::open(dir).with_context(|| format!("cannot open the OCI layout {}", dir.display()))
+}
+
+/// A repository for `reference`.
+pub fn repository(client: &Client, reference: &Reference) -> Repository {
+    Repository::new(client, reference)
+}

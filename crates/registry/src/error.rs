@@ -1,0 +1,117 @@
+//! The registry client's one error type.
+
+use std::time::Duration;
+
+/// What went wrong talking to a registry. Messages never contain credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The server answered with an error status; `code` is the distribution error code if any.
+    #[error("{method} {url}: {status}{}", code.as_ref().map(|c| format!(" ({c}: {message})")).unwrap_or_default())]
+    Status {
+        /// HTTP method.
+        method: String,
+        /// URL without credentials or query secrets.
+        url: String,
+        /// HTTP status.
+        status: u16,
+        /// Distribution error code (`BLOB_UNKNOWN`, `DENIED`, ...).
+        code: Option<String>,
+        /// Its message.
+        message: String,
+    },
+    /// Authentication was refused.
+    #[error("authentication to {registry} failed: {reason}")]
+    Unauthorized {
+        /// The registry host.
+        registry: String,
+        /// Why (never the secret).
+        reason: String,
+    },
+    /// A connection or protocol error.
+    #[error("{method} {url}: {source}")]
+    Http {
+        /// HTTP method.
+        method: String,
+        /// URL.
+        url: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// Retries ran out or the deadline passed.
+    #[error("{what}: gave up after {attempts} attempts in {elapsed:?}: {last}")]
+    GaveUp {
+        /// What was being done.
+        what: String,
+        /// Attempts made.
+        attempts: u32,
+        /// Time spent.
+        elapsed: Duration,
+        /// The last error.
+        last: Box<Error>,
+    },
+    /// A response that breaks the protocol (missing Location, bad JSON, wrong size).
+    #[error("{0}")]
+    Protocol(String),
+    /// Bytes that did not match their digest.
+    #[error("digest mismatch for {expected}: got {actual}")]
+    DigestMismatch {
+        /// The expected digest.
+        expected: String,
+        /// What the bytes hashed to.
+        actual: String,
+    },
+    /// Reading credentials or local files.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being read or written.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A spec-level problem (bad digest or reference).
+    #[error(transparent)]
+    Spec(#[from] modelpack_spec::Error),
+}
+
+impl Error {
+    /// True for 404s and unknown-blob/manifest errors.
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            Error::Status { status, .. } => *status == 404,
+            Error::GaveUp { last, .. } => last.is_not_found(),
+            _ => false,
+        }
+    }
+
+    /// True when retrying may help: connection errors, 5xx, 429, timeouts.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            Error::Http { source, .. } => {
+                source.is_connect() || source.is_timeout() || source.is_request() || source.is_body()
+                    || source.is_decode()
+            }
+            _ => false,
+        }
+    }
+
+    /// True when the registry refused our credentials.
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, Error::Unauthorized { .. })
+            || matches!(self, Error::Status { status: 401 | 403, .. })
+    }
+
+    /// The HTTP status, if the server answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::Status { status, .. } => Some(*status),
+            Error::GaveUp { last, .. } => last.status(),
+            _ => None,
+        }
+    }
+}
+
+/// Result with the registry's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

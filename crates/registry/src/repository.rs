@@ -1,0 +1,585 @@
+//! One repository on one registry: blobs (exists, ranged reads, monolithic and chunked uploads
+//! with resume, cross-repository mount, delete), manifests, tags and referrers.
+//!
+//! Endpoints follow the OCI distribution spec v1.1:
+//! <https://github.com/opencontainers/distribution-spec/blob/v1.1.0/spec.md>
+
+use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
+use std::path::Path;
+
+use bytes::Bytes;
+use modelpack_spec::media_type::{
+    MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST,
+};
+use modelpack_spec::oci_spec::image::{Descriptor, ImageIndex};
+use modelpack_spec::{Digest, Reference};
+use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE};
+use reqwest::{Body, Method, Response};
+
+use crate::client::{Client, Scope, display_url};
+use crate::error::{Error, Result};
+
+/// The most bytes of a manifest we read.
+pub const MAX_MANIFEST_SIZE: usize = modelpack_spec::MAX_DOCUMENT_SIZE;
+
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// A manifest as fetched: its bytes, media type and verified digest.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    /// The exact bytes.
+    pub bytes: Bytes,
+    /// `Content-Type` (or the document's own `mediaType`).
+    pub media_type: String,
+    /// sha256 of the bytes (checked against a digest reference).
+    pub digest: Digest,
+}
+
+/// A blob response, possibly partial.
+#[derive(Debug)]
+pub struct BlobStream {
+    /// The response to read the body of.
+    pub response: Response,
+    /// Offset of the first body byte in the blob (0 when the server ignored `Range`).
+    pub offset: u64,
+}
+
+/// A repository (`registry/name`) reached through a [`Client`].
+#[derive(Debug, Clone)]
+pub struct Repository {
+    client: Client,
+    registry: String,
+    name: String,
+}
+
+fn location(resp: &Response, base: &str) -> Result<String> {
+    let loc = resp
+        .headers()
+        .get(LOCATION)
+        .and_then(|h| h.to_str().ok())
+        .ok_or_else(|| Error::Protocol("upload response has no Location header".into()))?;
+    Ok(if loc.starts_with("http://") || loc.starts_with("https://") {
+        loc.to_owned()
+    } else {
+        format!("{base}{loc}")
+    })
+}
+
+fn with_query(url: &str, key: &str, value: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{key}={}", urlencode(value))
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A body that streams `len` bytes of `path` from `offset`, opened afresh for each attempt.
+fn file_body(path: &Path, offset: u64, len: u64) -> Result<Body> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::Io {
+        context: format!("opening {}", path.display()),
+        source: e,
+    })?;
+    file.seek(SeekFrom::Start(offset)).map_err(|e| Error::Io {
+        context: format!("seeking {}", path.display()),
+        source: e,
+    })?;
+    let reader = tokio::fs::File::from_std(file);
+    let limited = tokio::io::AsyncReadExt::take(reader, len);
+    Ok(Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+        limited,
+        1 << 20,
+    )))
+}
+
+impl Repository {
+    /// The repository `reference` names.
+    pub fn new(client: &Client, reference: &Reference) -> Repository {
+        Repository {
+            client: client.clone(),
+            registry: reference.registry().to_owned(),
+            name: reference.repository().to_owned(),
+        }
+    }
+
+    /// Registry host.
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+
+    /// Repository name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn url(&self, tail: &str) -> String {
+        format!("{}/v2/{}/{tail}", self.client.base_url(&self.registry), self.name)
+    }
+
+    /// Size of the blob if the repository has it.
+    pub async fn blob_exists(&self, digest: &Digest) -> Result<Option<u64>> {
+        let url = self.url(&format!("blobs/{digest}"));
+        let resp = self
+            .client
+            .send(&self.registry, &Scope::pull(&self.name), Method::HEAD, &url, &[404], &Ok)
+            .await?;
+        if resp.status().as_u16() == 404 {
+            return Ok(None);
+        }
+        Ok(resp
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|s| s.parse().ok()))
+    }
+
+    /// GETs a blob, or `range` of it. A server that ignores `Range` answers 200 with the whole
+    /// blob: `offset` is then 0 and the caller skips what it does not need.
+    pub async fn get_blob(&self, digest: &Digest, range: Option<Range<u64>>) -> Result<BlobStream> {
+        let url = self.url(&format!("blobs/{digest}"));
+        let header = range
+            .as_ref()
+            .filter(|r| r.end > r.start)
+            .map(|r| format!("bytes={}-{}", r.start, r.end - 1));
+        let resp = self
+            .client
+            .send(&self.registry, &Scope::pull(&self.name), Method::GET, &url, &[], &|rb| {
+                Ok(match &header {
+                    Some(h) => rb.header(RANGE, h),
+                    None => rb,
+                })
+            })
+            .await?;
+        let offset = match (resp.status().as_u16(), &range) {
+            (206, Some(r)) => {
+                let start = resp
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|v| v.strip_prefix("bytes "))
+                    .and_then(|v| v.split('-').next())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(r.start);
+                if start != r.start {
+                    return Err(Error::Protocol(format!(
+                        "asked for bytes from {} of {digest}, got from {start}",
+                        r.start
+                    )));
+                }
+                start
+            }
+            _ => 0,
+        };
+        Ok(BlobStream {
+            response: resp,
+            offset,
+        })
+    }
+
+    /// Tries to mount `digest` from repository `from` of the same registry. Returns `Ok(true)`
+    /// when mounted; `Ok(false)` when the registry started an upload instead (it is cancelled).
+    pub async fn mount_blob(&self, digest: &Digest, from: &str) -> Result<bool> {
+        let url = format!(
+            "{}?mount={}&from={}",
+            self.url("blobs/uploads/"),
+            urlencode(digest.as_str()),
+            urlencode(from)
+        );
+        let scope = Scope(format!(
+            "repository:{}:pull,push repository:{from}:pull",
+            self.name
+        ));
+        let resp = self
+            .client
+            .send(&self.registry, &scope, Method::POST, &url, &[], &Ok)
+            .await?;
+        if resp.status().as_u16() == 201 {
+            return Ok(true);
+        }
+        // 202: an upload session was opened instead; close it.
+        if let Ok(loc) = location(&resp, &self.client.base_url(&self.registry)) {
+            let _ = self
+                .client
+                .send(&self.registry, &Scope::push(&self.name), Method::DELETE, &loc, &[404], &Ok)
+                .await;
+        }
+        Ok(false)
+    }
+
+    async fn start_upload(&self) -> Result<String> {
+        let url = self.url("blobs/uploads/");
+        let resp = self
+            .client
+            .send(&self.registry, &Scope::push(&self.name), Method::POST, &url, &[], &|rb| {
+                Ok(rb.header(CONTENT_LENGTH, 0))
+            })
+            .await?;
+        location(&resp, &self.client.base_url(&self.registry))
+    }
+
+    /// Uploads small bytes in one request.
+    pub async fn push_blob_bytes(&self, digest: &Digest, bytes: Bytes) -> Result<()> {
+        let loc = self.start_upload().await?;
+        let url = with_query(&loc, "digest", digest.as_str());
+        self.client
+            .send(&self.registry, &Scope::push(&self.name), Method::PUT, &url, &[], &|rb| {
+                Ok(rb
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .header(CONTENT_LENGTH, bytes.len())
+                    .body(bytes.clone()))
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Uploads a file in one streamed PUT (POST then PUT `?digest=`), re-streamed from disk on
+    /// each retry; nothing is buffered.
+    pub async fn push_blob_file(&self, digest: &Digest, path: &Path, size: u64) -> Result<()> {
+        let loc = self.start_upload().await?;
+        let url = with_query(&loc, "digest", digest.as_str());
+        self.client
+            .send(&self.registry, &Scope::push(&self.name), Method::PUT, &url, &[], &|rb| {
+                Ok(rb
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .header(CONTENT_LENGTH, size)
+                    .body(file_body(path, 0, size)?))
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Uploads a file in PATCH chunks of `chunk_size`; after a failure it asks the registry how
+    /// much it has and continues from there. Falls back to one PUT when the registry refuses
+    /// chunks.
+    pub async fn push_blob_chunked(
+        &self,
+        digest: &Digest,
+        path: &Path,
+        size: u64,
+        chunk_size: u64,
+        on_progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<()> {
+        let mut loc = self.start_upload().await?;
+        let mut offset = 0u64;
+        let mut failures = 0u32;
+        while offset < size {
+            let len = chunk_size.min(size - offset);
+            let range = format!("{}-{}", offset, offset + len - 1);
+            let result = self
+                .client
+                .send(&self.registry, &Scope::push(&self.name), Method::PATCH, &loc, &[], &|rb| {
+                    Ok(rb
+                        .header(CONTENT_TYPE, "application/octet-stream")
+                        .header(CONTENT_RANGE, &range)
+                        .header(CONTENT_LENGTH, len)
+                        .body(file_body(path, offset, len)?))
+                })
+                .await;
+            match result {
+                Ok(resp) => {
+                    loc = location(&resp, &self.client.base_url(&self.registry)).unwrap_or(loc);
+                    offset += len;
+                    on_progress(len);
+                }
+                Err(e) if matches!(e.status(), Some(400 | 405 | 415 | 416 | 501)) && offset == 0 => {
+                    tracing::debug!(error = %e, "registry refuses chunked uploads; uploading in one PUT");
+                    return self.push_blob_file(digest, path, size).await;
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures > self.client.options().retry.attempts {
+                        return Err(e);
+                    }
+                    // Ask where the upload stands and resume from there.
+                    let status = self
+                        .client
+                        .send(&self.registry, &Scope::push(&self.name), Method::GET, &loc, &[], &Ok)
+                        .await?;
+                    let have = status
+                        .headers()
+                        .get(RANGE)
+                        .and_then(|h| h.to_str().ok())
+                        .and_then(|v| v.rsplit('-').next())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .map_or(0, |end| end + 1);
+                    tracing::debug!(have, "resuming chunked upload");
+                    loc = location(&status, &self.client.base_url(&self.registry)).unwrap_or(loc);
+                    offset = have;
+                }
+            }
+        }
+        let url = with_query(&loc, "digest", digest.as_str());
+        self.client
+            .send(&self.registry, &Scope::push(&self.name), Method::PUT, &url, &[], &|rb| {
+                Ok(rb.header(CONTENT_LENGTH, 0))
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a blob.
+    pub async fn delete_blob(&self, digest: &Digest) -> Result<()> {
+        let url = self.url(&format!("blobs/{digest}"));
+        self.client
+            .send(&self.registry, &Scope::delete(&self.name), Method::DELETE, &url, &[], &Ok)
+            .await
+            .map(drop)
+    }
+
+    /// GETs a manifest by tag or digest, verifying a digest reference and capping the size.
+    pub async fn get_manifest(&self, reference: &str) -> Result<FetchedManifest> {
+        let url = self.url(&format!("manifests/{reference}"));
+        let resp = self
+            .client
+            .send(&self.registry, &Scope::pull(&self.name), Method::GET, &url, &[], &|rb| {
+                Ok(rb.header(ACCEPT, MANIFEST_ACCEPT))
+            })
+            .await?;
+        if resp.content_length().is_some_and(|n| n > MAX_MANIFEST_SIZE as u64) {
+            return Err(Error::Protocol(format!(
+                "manifest {reference} is over {MAX_MANIFEST_SIZE} bytes"
+            )));
+        }
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|h| h.to_str().ok())
+            .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned());
+        let bytes = read_capped(resp, MAX_MANIFEST_SIZE).await?;
+        let digest = Digest::sha256_of(&bytes);
+        if let Ok(expected) = reference.parse::<Digest>()
+            && expected != digest
+        {
+            return Err(Error::DigestMismatch {
+                expected: expected.to_string(),
+                actual: digest.to_string(),
+            });
+        }
+        let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["mediaType"].as_str().map(str::to_owned))
+            .or(content_type)
+            .unwrap_or_else(|| MEDIA_TYPE_OCI_MANIFEST.to_owned());
+        Ok(FetchedManifest {
+            bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    /// HEADs a manifest: its digest and size, or `None`.
+    pub async fn head_manifest(&self, reference: &str) -> Result<Option<(Digest, u64)>> {
+        let url = self.url(&format!("manifests/{reference}"));
+        let resp = self
+            .client
+            .send(&self.registry, &Scope::pull(&self.name), Method::HEAD, &url, &[404], &|rb| {
+                Ok(rb.header(ACCEPT, MANIFEST_ACCEPT))
+            })
+            .await?;
+        if resp.status().as_u16() == 404 {
+            return Ok(None);
+        }
+        let digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|h| h.to_str().ok())
+            .and_then(|s| s.parse().ok());
+        let size = resp.content_length().unwrap_or(0);
+        match digest {
+            Some(d) => Ok(Some((d, size))),
+            // Without the header we must read the manifest to know its digest.
+            None => Ok(Some(self.get_manifest(reference).await.map(|m| {
+                let n = m.bytes.len() as u64;
+                (m.digest, n)
+            })?)),
+        }
+    }
+
+    /// PUTs a manifest under a tag or its digest.
+    pub async fn put_manifest(&self, reference: &str, media_type: &str, bytes: Bytes) -> Result<Digest> {
+        let digest = Digest::sha256_of(&bytes);
+        let url = self.url(&format!("manifests/{reference}"));
+        self.client
+            .send(&self.registry, &Scope::push(&self.name), Method::PUT, &url, &[], &|rb| {
+                Ok(rb.header(CONTENT_TYPE, media_type).body(bytes.clone()))
+            })
+            .await?;
+        Ok(digest)
+    }
+
+    /// Deletes a manifest by digest.
+    pub async fn delete_manifest(&self, digest: &Digest) -> Result<()> {
+        let url = self.url(&format!("manifests/{digest}"));
+        self.client
+            .send(&self.registry, &Scope::delete(&self.name), Method::DELETE, &url, &[], &Ok)
+            .await
+            .map(drop)
+    }
+
+    /// Every tag, following `Link` pagination.
+    pub async fn tags(&self) -> Result<Vec<String>> {
+        let base = self.client.base_url(&self.registry);
+        let mut url = self.url("tags/list?n=1000");
+        let mut tags = Vec::new();
+        loop {
+            let resp = self
+                .client
+                .send(&self.registry, &Scope::pull(&self.name), Method::GET, &url, &[404], &Ok)
+                .await?;
+            if resp.status().as_u16() == 404 {
+                break;
+            }
+            let next = resp
+                .headers()
+                .get("link")
+                .and_then(|h| h.to_str().ok())
+                .and_then(|l| l.split(';').next())
+                .map(|l| l.trim().trim_start_matches('<').trim_end_matches('>').to_owned());
+            let body = read_capped(resp, MAX_MANIFEST_SIZE).await?;
+            let v: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| Error::Protocol(format!("tag list: {e}")))?;
+            for t in v["tags"].as_array().into_iter().flatten() {
+                if let Some(t) = t.as_str() {
+                    tags.push(t.to_owned());
+                }
+            }
+            match next {
+                Some(n) if n.starts_with('/') => url = format!("{base}{n}"),
+                Some(n) if n.starts_with("http") => url = n,
+                _ => break,
+            }
+        }
+        Ok(tags)
+    }
+
+    /// Manifests whose `subject` is `digest`: the referrers API, or the `sha256-<hex>` tag
+    /// schema when the registry lacks it.
+    pub async fn referrers(&self, digest: &Digest, artifact_type: Option<&str>) -> Result<Vec<Descriptor>> {
+        let mut url = self.url(&format!("referrers/{digest}"));
+        if let Some(t) = artifact_type {
+            url = with_query(&url, "artifactType", t);
+        }
+        let resp = self
+            .client
+            .send(&self.registry, &Scope::pull(&self.name), Method::GET, &url, &[404], &Ok)
+            .await?;
+        let is_index = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|c| c.starts_with(MEDIA_TYPE_OCI_INDEX));
+        let index: ImageIndex = if resp.status().is_success() && is_index {
+            let body = read_capped(resp, MAX_MANIFEST_SIZE).await?;
+            serde_json::from_slice(&body).map_err(|e| Error::Protocol(format!("referrers: {e}")))?
+        } else {
+            match self.get_manifest(&fallback_tag(digest)).await {
+                Ok(m) => serde_json::from_slice(&m.bytes)
+                    .map_err(|e| Error::Protocol(format!("referrers tag: {e}")))?,
+                Err(e) if e.is_not_found() => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            }
+        };
+        Ok(index
+            .manifests()
+            .iter()
+            .filter(|d| {
+                artifact_type.is_none_or(|t| d.artifact_type().as_ref().is_some_and(|a| a.to_string() == t))
+            })
+            .cloned()
+            .collect())
+    }
+
+    /// Records `referrer` in the `sha256-<hex>` tag index of `subject` (for registries without
+    /// the referrers API).
+    pub async fn add_referrer_to_fallback(&self, subject: &Digest, referrer: Descriptor) -> Result<()> {
+        let tag = fallback_tag(subject);
+        let mut manifests = match self.get_manifest(&tag).await {
+            Ok(m) => serde_json::from_slice::<ImageIndex>(&m.bytes)
+                .map(|i| i.manifests().clone())
+                .unwrap_or_default(),
+            Err(e) if e.is_not_found() => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        if manifests.iter().any(|d| d.digest() == referrer.digest()) {
+            return Ok(());
+        }
+        manifests.push(referrer);
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": MEDIA_TYPE_OCI_INDEX,
+            "manifests": manifests,
+        });
+        let bytes = Bytes::from(modelpack_spec::to_canonical_json(&index));
+        self.put_manifest(&tag, MEDIA_TYPE_OCI_INDEX, bytes).await.map(drop)
+    }
+
+    /// True when the registry serves the referrers API.
+    pub async fn supports_referrers(&self, digest: &Digest) -> Result<bool> {
+        let url = self.url(&format!("referrers/{digest}"));
+        let resp = self
+            .client
+            .send(&self.registry, &Scope::pull(&self.name), Method::GET, &url, &[404, 400, 405], &Ok)
+            .await?;
+        Ok(resp.status().is_success())
+    }
+}
+
+/// The tag that holds referrers for `digest` when the registry lacks the API.
+pub fn fallback_tag(digest: &Digest) -> String {
+    format!("{}-{}", digest.algorithm(), digest.encoded())
+}
+
+/// Reads a whole (small) body, refusing more than `cap` bytes.
+pub async fn read_capped(mut resp: Response, cap: usize) -> Result<Bytes> {
+    let url = display_url(resp.url().as_str());
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|source| Error::Http {
+        method: "GET".into(),
+        url: url.clone(),
+        source,
+    })? {
+        if out.len() + chunk.len() > cap {
+            return Err(Error::Protocol(format!("{url}: response over {cap} bytes")));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Media types we accept as manifests.
+pub fn is_manifest_media_type(media_type: &str) -> bool {
+    media_type == MEDIA_TYPE_OCI_MANIFEST || media_type == MEDIA_TYPE_DOCKER_MANIFEST
+}
+
+/// Reads a local file fully if it is at most `cap` bytes (for `manifest push FILE`).
+pub fn read_small_file(path: &Path, cap: usize) -> Result<Vec<u8>> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::Io {
+        context: format!("opening {}", path.display()),
+        source: e,
+    })?;
+    let mut out = Vec::new();
+    file.by_ref()
+        .take(cap as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| Error::Io {
+            context: format!("reading {}", path.display()),
+            source: e,
+        })?;
+    if out.len() > cap {
+        return Err(Error::Protocol(format!("{} is over {cap} bytes", path.display())));
+    }
+    Ok(out)
+}
