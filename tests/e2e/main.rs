@@ -1,6 +1,9 @@
 //! The end-to-end suite: one binary, a module per area, driving the built `modelpack`.
 
+mod auth;
 mod build_extract;
 mod hostile;
+mod interop;
+mod push_pull;
 mod store;
 mod util;

@@ -263,3 +263,203 @@ pub fn peak_rss_kib(cmd: &mut Command) -> (bool, u64) {
         usage.ru_maxrss as u64,
     )
 }
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Waits until something accepts connections on `port`.
+pub fn wait_for_port(port: u16) {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    panic!("nothing listens on port {port}");
+}
+
+/// A child process stopped (by PID) when dropped, also when a test fails.
+pub struct Guard {
+    pub child: std::process::Child,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        #[allow(unsafe_code)]
+        // SAFETY: signalling our own child by its PID.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real CNCF distribution registry (Debian's `docker-registry`) on loopback.
+pub struct Registry {
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    _guard: Guard,
+}
+
+impl Registry {
+    /// Starts one; `htpasswd` is the content of an htpasswd file to require basic auth.
+    pub fn start(htpasswd: Option<&str>) -> Option<Registry> {
+        if !have_tool("docker-registry") {
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let auth = match htpasswd {
+            Some(content) => {
+                let path = dir.path().join("htpasswd");
+                fs::write(&path, content).expect("htpasswd");
+                format!(
+                    "auth:\n  htpasswd:\n    realm: modelpack-test\n    path: {}\n",
+                    path.display()
+                )
+            }
+            None => String::new(),
+        };
+        let config = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+            dir.path().join("data").display()
+        );
+        let config_path = dir.path().join("config.yml");
+        fs::write(&config_path, config).expect("config");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start docker-registry");
+        let guard = Guard { child };
+        wait_for_port(port);
+        Some(Registry {
+            port,
+            _dir: dir,
+            _guard: guard,
+        })
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// A TCP proxy in front of a server on loopback that counts the bytes the server sends and can
+/// slow every connection down (to make a transfer last long enough to kill).
+pub struct Proxy {
+    pub port: u16,
+    pub served: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    /// Starts a proxy to `upstream_port`; `bytes_per_sec` caps each connection when given.
+    pub fn start(upstream_port: u16, bytes_per_sec: Option<u64>) -> Proxy {
+        use std::io::{Read as _, Write as _};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let served = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (served2, stop2) = (served.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = conn else { continue };
+                let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", upstream_port))
+                else {
+                    continue;
+                };
+                let (mut c_read, mut u_write) = (
+                    client.try_clone().expect("clone"),
+                    upstream.try_clone().expect("clone"),
+                );
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_read, &mut u_write);
+                    let _ = u_write.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut u_read, mut c_write) = (upstream, client);
+                let served = served2.clone();
+                let stop = stop2.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let started = std::time::Instant::now();
+                    let mut sent = 0u64;
+                    loop {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let n = match u_read.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if c_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        served.fetch_add(n as u64, Ordering::SeqCst);
+                        sent += n as u64;
+                        if let Some(rate) = bytes_per_sec {
+                            let due = std::time::Duration::from_secs_f64(sent as f64 / rate as f64);
+                            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                                std::thread::sleep(wait);
+                            }
+                        }
+                    }
+                    let _ = c_write.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Proxy { port, served, stop }
+    }
+
+    pub fn served(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// The Python with oras-py installed (`cargo xtask setup` makes `target/oras-venv`).
+pub fn oras_python() -> Option<PathBuf> {
+    let path = std::env::var_os("MODELPACK_ORAS_PYTHON").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/oras-venv/bin/python"),
+        PathBuf::from,
+    );
+    let ok = Command::new(&path)
+        .args(["-c", "import oras.client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok || !strict(),
+        "oras-py is required under cargo xtask test ({})",
+        path.display()
+    );
+    ok.then_some(path)
+}

@@ -27,12 +27,45 @@ fn installed(sh: &Shell, package: &str) -> bool {
         .is_ok_and(|s| s.contains("install ok installed"))
 }
 
+/// Where oras-py lives: a venv under the target directory.
+pub fn oras_venv() -> std::path::PathBuf {
+    crate::target_dir().join("oras-venv")
+}
+
+/// Creates the oras-py venv (PyPI package `oras`) for the interop tests and benchmarks.
+fn oras_py(sh: &Shell) -> anyhow::Result<()> {
+    let venv = oras_venv();
+    let python = venv.join("bin/python");
+    if cmd!(sh, "{python} -c 'import oras.client'")
+        .quiet()
+        .ignore_stderr()
+        .run()
+        .is_ok()
+    {
+        return Ok(());
+    }
+    println!("setup: installing oras-py into {}", venv.display());
+    cmd!(sh, "python3 -m venv {venv}")
+        .run()
+        .context("python3 -m venv failed")?;
+    let pip = venv.join("bin/pip");
+    cmd!(sh, "{pip} install -q oras")
+        .run()
+        .context("pip install oras failed")?;
+    Ok(())
+}
+
 pub fn run() -> anyhow::Result<()> {
     let sh = Shell::new()?;
+    install_packages(&sh)?;
+    oras_py(&sh)
+}
+
+fn install_packages(sh: &Shell) -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
         .copied()
-        .filter(|p| !installed(&sh, p))
+        .filter(|p| !installed(sh, p))
         .collect();
     if missing.is_empty() {
         println!("setup: every package is installed");

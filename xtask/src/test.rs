@@ -18,6 +18,10 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     cmd!(sh, "cargo test --workspace --locked")
         .env("MODELPACK_BIN", &bin)
         .env("MODELPACK_E2E", "1")
+        .env(
+            "MODELPACK_ORAS_PYTHON",
+            crate::setup::oras_venv().join("bin/python"),
+        )
         .run()?;
     println!("xtask test: all checks passed");
     Ok(())

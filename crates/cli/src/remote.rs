@@ -81,8 +81,8 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub enum Target {
     /// A registry repository and tag or digest.
     Registry(Reference),
-    /// An OCI layout folder (`oci:DIR[:TAG]`).
-    Layout(PathBuf, Reference),
+    /// An OCI layout folder and the name inside it (`oci:DIR[:TAG]`).
+    Layout(PathBuf, String),
     /// The local store (`store:NAME[:TAG]`).
     Store(Reference),
 }
@@ -94,10 +94,10 @@ impl Target {
                 Some((d, t)) => (d, t),
                 None => (rest, "latest"),
             };
-            let name: Reference = tag
-                .parse()
-                .with_context(|| format!("{text}: the part after the folder is a tag or name"))?;
-            return Ok(Target::Layout(PathBuf::from(dir), name));
+            if tag.is_empty() || tag.contains(char::is_whitespace) {
+                anyhow::bail!("{text}: the part after the folder must be a tag");
+            }
+            return Ok(Target::Layout(PathBuf::from(dir), tag.to_owned()));
         }
         if let Some(rest) = text.strip_prefix("store:") {
             return Ok(Target::Store(rest.parse()?));
@@ -150,7 +150,10 @@ impl Renderer {
         let resumed = self.resumed.load(Ordering::Relaxed);
         let mut line = display::summary(moved, self.started.elapsed());
         if resumed > 0 {
-            line.push_str(&format!(", {} resumed from an earlier attempt", display::bytes(resumed)));
+            line.push_str(&format!(
+                ", {} resumed from an earlier attempt",
+                display::bytes(resumed)
+            ));
         }
         line
     }

@@ -7,8 +7,8 @@ use filetime::FileTime;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use modelpack_spec::{Encoding, LayerPath, ModelLayer, ModelManifest};
 
-use crate::{LayerBlob, LayerSource};
 use crate::error::{Error, Result};
+use crate::{LayerBlob, LayerSource};
 
 /// What one entry becomes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,8 +181,7 @@ fn plan_tar(idx: usize, layer: &LayerBlob, source: &dyn LayerSource) -> Result<V
         message: format!("reading tar: {e}"),
     };
     let raw = source.open_layer(layer)?;
-    let mut archive =
-        tar::Archive::new(tar_stream(layer.encoding, raw).map_err(io_err)?);
+    let mut archive = tar::Archive::new(tar_stream(layer.encoding, raw).map_err(io_err)?);
     let mut out = Vec::new();
     let mut files_in_layer = HashSet::new();
     for (seq, entry) in archive.entries().map_err(io_err)?.enumerate() {

@@ -252,9 +252,8 @@ pub fn extract_planned(
             }
             let shared = Rc::new(RefCell::new(verifying));
             {
-                let stream =
-                    tar_stream(layer.encoding, Box::new(Shared(shared.clone())))
-                        .map_err(|err| layer_io(layer, err))?;
+                let stream = tar_stream(layer.encoding, Box::new(Shared(shared.clone())))
+                    .map_err(|err| layer_io(layer, err))?;
                 let mut archive = tar::Archive::new(stream);
                 let wanted: HashMap<usize, &PlannedEntry> =
                     entries.iter().map(|e| (e.seq, *e)).collect();

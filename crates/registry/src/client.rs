@@ -83,7 +83,10 @@ impl Default for ClientOptions {
 #[derive(Debug, Clone)]
 enum Challenge {
     Basic,
-    Bearer { realm: String, service: Option<String> },
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -140,7 +143,9 @@ fn parse_challenge(header: &str) -> Option<Challenge> {
     // key="value", key="value" (values may contain commas inside quotes)
     let mut rest = params;
     while !rest.is_empty() {
-        let Some((key, after)) = rest.split_once('=') else { break };
+        let Some((key, after)) = rest.split_once('=') else {
+            break;
+        };
         let key = key.trim().trim_start_matches(',').trim();
         let (value, next) = if let Some(stripped) = after.strip_prefix('"') {
             match stripped.find('"') {
@@ -228,10 +233,8 @@ impl Client {
                 context: format!("reading CA file {}", ca.display()),
                 source: e,
             })?;
-            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| Error::Protocol(format!(
-                "CA file {}: {e}",
-                ca.display()
-            )))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| Error::Protocol(format!("CA file {}: {e}", ca.display())))?;
             builder = builder.add_root_certificate(cert);
         }
         let http = builder
@@ -261,13 +264,20 @@ impl Client {
         } else {
             registry
         };
-        let scheme = if self.opts.plain_http { "http" } else { "https" };
+        let scheme = if self.opts.plain_http {
+            "http"
+        } else {
+            "https"
+        };
         format!("{scheme}://{host}")
     }
 
     fn credential(&self, registry: &str) -> Result<Option<Credential>> {
         {
-            let cache = self.auth.lock().map_err(|_| Error::Protocol("auth cache poisoned".into()))?;
+            let cache = self
+                .auth
+                .lock()
+                .map_err(|_| Error::Protocol("auth cache poisoned".into()))?;
             if let Some(c) = cache.credentials.get("*") {
                 return Ok(c.clone());
             }
@@ -283,13 +293,19 @@ impl Client {
     }
 
     fn cached_authorization(&self, registry: &str, scope: &Scope) -> Result<Option<String>> {
-        let cache = self.auth.lock().map_err(|_| Error::Protocol("auth cache poisoned".into()))?;
+        let cache = self
+            .auth
+            .lock()
+            .map_err(|_| Error::Protocol("auth cache poisoned".into()))?;
         match cache.challenges.get(registry) {
             None => Ok(None),
             Some(Challenge::Basic) => {
                 drop(cache);
                 Ok(self.credential(registry)?.map(|c| {
-                    format!("Basic {}", STANDARD.encode(format!("{}:{}", c.username, c.secret)))
+                    format!(
+                        "Basic {}",
+                        STANDARD.encode(format!("{}:{}", c.username, c.secret))
+                    )
                 }))
             }
             Some(Challenge::Bearer { .. }) => Ok(cache
@@ -300,13 +316,22 @@ impl Client {
     }
 
     /// Answers a 401: remembers the challenge and, for bearer, fetches a token for `scope`.
-    async fn authenticate(&self, registry: &str, scope: &Scope, header: Option<&str>) -> Result<()> {
-        let challenge = header.and_then(parse_challenge).ok_or_else(|| Error::Unauthorized {
-            registry: registry.to_owned(),
-            reason: "the registry sent no usable WWW-Authenticate challenge".into(),
-        })?;
+    async fn authenticate(
+        &self,
+        registry: &str,
+        scope: &Scope,
+        header: Option<&str>,
+    ) -> Result<()> {
+        let challenge = header
+            .and_then(parse_challenge)
+            .ok_or_else(|| Error::Unauthorized {
+                registry: registry.to_owned(),
+                reason: "the registry sent no usable WWW-Authenticate challenge".into(),
+            })?;
         if let Ok(mut cache) = self.auth.lock() {
-            cache.challenges.insert(registry.to_owned(), challenge.clone());
+            cache
+                .challenges
+                .insert(registry.to_owned(), challenge.clone());
         }
         let Challenge::Bearer { realm, service } = challenge else {
             if self.credential(registry)?.is_none() {
@@ -348,15 +373,19 @@ impl Client {
         if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
             return Err(Error::Unauthorized {
                 registry: registry.to_owned(),
-                reason: format!("the token service refused the credentials ({})", resp.status()),
+                reason: format!(
+                    "the token service refused the credentials ({})",
+                    resp.status()
+                ),
             });
         }
         if !resp.status().is_success() {
             return Err(status_error(&Method::GET, &realm, resp).await);
         }
         let bytes = crate::repository::read_capped(resp, 1 << 20).await?;
-        let body: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Protocol(format!("token response from {}: {e}", display_url(&realm))))?;
+        let body: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::Protocol(format!("token response from {}: {e}", display_url(&realm)))
+        })?;
         let token = body["token"]
             .as_str()
             .or(body["access_token"].as_str())
@@ -400,7 +429,8 @@ impl Client {
                         .get(WWW_AUTHENTICATE)
                         .and_then(|h| h.to_str().ok())
                         .map(str::to_owned);
-                    self.authenticate(registry, scope, header.as_deref()).await?;
+                    self.authenticate(registry, scope, header.as_deref())
+                        .await?;
                     continue;
                 }
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
@@ -409,7 +439,9 @@ impl Client {
                         reason: "the registry refused the credentials (401)".into(),
                     });
                 }
-                Ok(resp) if resp.status().is_success() || accept.contains(&resp.status().as_u16()) => {
+                Ok(resp)
+                    if resp.status().is_success() || accept.contains(&resp.status().as_u16()) =>
+                {
                     return Ok(resp);
                 }
                 Ok(resp) => {
@@ -431,7 +463,12 @@ impl Client {
                 return Err(err);
             }
             let backoff = retry_after.unwrap_or_else(|| {
-                jitter(policy.base.saturating_mul(1u32 << (attempt - 1).min(16)).min(policy.cap))
+                jitter(
+                    policy
+                        .base
+                        .saturating_mul(1u32 << (attempt - 1).min(16))
+                        .min(policy.cap),
+                )
             });
             if attempt >= policy.attempts || started.elapsed() + backoff > policy.deadline {
                 return Err(Error::GaveUp {
@@ -461,14 +498,19 @@ mod tests {
 
     #[test]
     fn parses_challenges() {
-        match parse_challenge(r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#) {
+        match parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
+        ) {
             Some(Challenge::Bearer { realm, service }) => {
                 assert_eq!(realm, "https://auth.example/token");
                 assert_eq!(service.as_deref(), Some("registry.example"));
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(parse_challenge(r#"Basic realm="Registry Realm""#), Some(Challenge::Basic)));
+        assert!(matches!(
+            parse_challenge(r#"Basic realm="Registry Realm""#),
+            Some(Challenge::Basic)
+        ));
         assert!(parse_challenge("Digest foo").is_none());
     }
 }

@@ -108,9 +108,8 @@ fn from_helper(name: &str, registry: &str) -> Result<Option<Credential>> {
         Ok(out) => out,
         Err(_) => return Ok(None),
     };
-    let v: Value = serde_json::from_str(&out).map_err(|e| Error::Protocol(format!(
-        "docker-credential-{name} get: not JSON ({e})"
-    )))?;
+    let v: Value = serde_json::from_str(&out)
+        .map_err(|e| Error::Protocol(format!("docker-credential-{name} get: not JSON ({e})")))?;
     let username = v["Username"].as_str().unwrap_or_default().to_owned();
     let secret = v["Secret"].as_str().unwrap_or_default().to_owned();
     if secret.is_empty() {
@@ -146,10 +145,12 @@ pub fn lookup(registry: &str) -> Result<Option<Credential>> {
                 .decode(auth)
                 .ok()
                 .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| Error::Protocol(format!("auth entry for {key} is not base64 user:password")))?;
-            let (user, pass) = decoded
-                .split_once(':')
-                .ok_or_else(|| Error::Protocol(format!("auth entry for {key} is not user:password")))?;
+                .ok_or_else(|| {
+                    Error::Protocol(format!("auth entry for {key} is not base64 user:password"))
+                })?;
+            let (user, pass) = decoded.split_once(':').ok_or_else(|| {
+                Error::Protocol(format!("auth entry for {key} is not user:password"))
+            })?;
             return Ok(Some(Credential {
                 username: user.to_owned(),
                 secret: pass.to_owned(),

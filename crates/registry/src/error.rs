@@ -90,7 +90,10 @@ impl Error {
         match self {
             Error::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
             Error::Http { source, .. } => {
-                source.is_connect() || source.is_timeout() || source.is_request() || source.is_body()
+                source.is_connect()
+                    || source.is_timeout()
+                    || source.is_request()
+                    || source.is_body()
                     || source.is_decode()
             }
             _ => false,
@@ -100,7 +103,13 @@ impl Error {
     /// True when the registry refused our credentials.
     pub fn is_unauthorized(&self) -> bool {
         matches!(self, Error::Unauthorized { .. })
-            || matches!(self, Error::Status { status: 401 | 403, .. })
+            || matches!(
+                self,
+                Error::Status {
+                    status: 401 | 403,
+                    ..
+                }
+            )
     }
 
     /// The HTTP status, if the server answered.

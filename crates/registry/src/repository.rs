@@ -59,11 +59,13 @@ fn location(resp: &Response, base: &str) -> Result<String> {
         .get(LOCATION)
         .and_then(|h| h.to_str().ok())
         .ok_or_else(|| Error::Protocol("upload response has no Location header".into()))?;
-    Ok(if loc.starts_with("http://") || loc.starts_with("https://") {
-        loc.to_owned()
-    } else {
-        format!("{base}{loc}")
-    })
+    Ok(
+        if loc.starts_with("http://") || loc.starts_with("https://") {
+            loc.to_owned()
+        } else {
+            format!("{base}{loc}")
+        },
+    )
 }
 
 fn with_query(url: &str, key: &str, value: &str) -> String {
@@ -94,10 +96,9 @@ fn file_body(path: &Path, offset: u64, len: u64) -> Result<Body> {
     })?;
     let reader = tokio::fs::File::from_std(file);
     let limited = tokio::io::AsyncReadExt::take(reader, len);
-    Ok(Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
-        limited,
-        1 << 20,
-    )))
+    Ok(Body::wrap_stream(
+        tokio_util::io::ReaderStream::with_capacity(limited, 1 << 20),
+    ))
 }
 
 impl Repository {
@@ -126,7 +127,11 @@ impl Repository {
     }
 
     fn url(&self, tail: &str) -> String {
-        format!("{}/v2/{}/{tail}", self.client.base_url(&self.registry), self.name)
+        format!(
+            "{}/v2/{}/{tail}",
+            self.client.base_url(&self.registry),
+            self.name
+        )
     }
 
     /// Size of the blob if the repository has it.
@@ -134,7 +139,14 @@ impl Repository {
         let url = self.url(&format!("blobs/{digest}"));
         let resp = self
             .client
-            .send(&self.registry, &Scope::pull(&self.name), Method::HEAD, &url, &[404], &Ok)
+            .send(
+                &self.registry,
+                &Scope::pull(&self.name),
+                Method::HEAD,
+                &url,
+                &[404],
+                &Ok,
+            )
             .await?;
         if resp.status().as_u16() == 404 {
             return Ok(None);
@@ -156,12 +168,19 @@ impl Repository {
             .map(|r| format!("bytes={}-{}", r.start, r.end - 1));
         let resp = self
             .client
-            .send(&self.registry, &Scope::pull(&self.name), Method::GET, &url, &[], &|rb| {
-                Ok(match &header {
-                    Some(h) => rb.header(RANGE, h),
-                    None => rb,
-                })
-            })
+            .send(
+                &self.registry,
+                &Scope::pull(&self.name),
+                Method::GET,
+                &url,
+                &[],
+                &|rb| {
+                    Ok(match &header {
+                        Some(h) => rb.header(RANGE, h),
+                        None => rb,
+                    })
+                },
+            )
             .await?;
         let offset = match (resp.status().as_u16(), &range) {
             (206, Some(r)) => {
@@ -213,7 +232,14 @@ impl Repository {
         if let Ok(loc) = location(&resp, &self.client.base_url(&self.registry)) {
             let _ = self
                 .client
-                .send(&self.registry, &Scope::push(&self.name), Method::DELETE, &loc, &[404], &Ok)
+                .send(
+                    &self.registry,
+                    &Scope::push(&self.name),
+                    Method::DELETE,
+                    &loc,
+                    &[404],
+                    &Ok,
+                )
                 .await;
         }
         Ok(false)
@@ -223,9 +249,14 @@ impl Repository {
         let url = self.url("blobs/uploads/");
         let resp = self
             .client
-            .send(&self.registry, &Scope::push(&self.name), Method::POST, &url, &[], &|rb| {
-                Ok(rb.header(CONTENT_LENGTH, 0))
-            })
+            .send(
+                &self.registry,
+                &Scope::push(&self.name),
+                Method::POST,
+                &url,
+                &[],
+                &|rb| Ok(rb.header(CONTENT_LENGTH, 0)),
+            )
             .await?;
         location(&resp, &self.client.base_url(&self.registry))
     }
@@ -235,12 +266,19 @@ impl Repository {
         let loc = self.start_upload().await?;
         let url = with_query(&loc, "digest", digest.as_str());
         self.client
-            .send(&self.registry, &Scope::push(&self.name), Method::PUT, &url, &[], &|rb| {
-                Ok(rb
-                    .header(CONTENT_TYPE, "application/octet-stream")
-                    .header(CONTENT_LENGTH, bytes.len())
-                    .body(bytes.clone()))
-            })
+            .send(
+                &self.registry,
+                &Scope::push(&self.name),
+                Method::PUT,
+                &url,
+                &[],
+                &|rb| {
+                    Ok(rb
+                        .header(CONTENT_TYPE, "application/octet-stream")
+                        .header(CONTENT_LENGTH, bytes.len())
+                        .body(bytes.clone()))
+                },
+            )
             .await?;
         Ok(())
     }
@@ -251,12 +289,19 @@ impl Repository {
         let loc = self.start_upload().await?;
         let url = with_query(&loc, "digest", digest.as_str());
         self.client
-            .send(&self.registry, &Scope::push(&self.name), Method::PUT, &url, &[], &|rb| {
-                Ok(rb
-                    .header(CONTENT_TYPE, "application/octet-stream")
-                    .header(CONTENT_LENGTH, size)
-                    .body(file_body(path, 0, size)?))
-            })
+            .send(
+                &self.registry,
+                &Scope::push(&self.name),
+                Method::PUT,
+                &url,
+                &[],
+                &|rb| {
+                    Ok(rb
+                        .header(CONTENT_TYPE, "application/octet-stream")
+                        .header(CONTENT_LENGTH, size)
+                        .body(file_body(path, 0, size)?))
+                },
+            )
             .await?;
         Ok(())
     }
@@ -280,13 +325,20 @@ impl Repository {
             let range = format!("{}-{}", offset, offset + len - 1);
             let result = self
                 .client
-                .send(&self.registry, &Scope::push(&self.name), Method::PATCH, &loc, &[], &|rb| {
-                    Ok(rb
-                        .header(CONTENT_TYPE, "application/octet-stream")
-                        .header(CONTENT_RANGE, &range)
-                        .header(CONTENT_LENGTH, len)
-                        .body(file_body(path, offset, len)?))
-                })
+                .send(
+                    &self.registry,
+                    &Scope::push(&self.name),
+                    Method::PATCH,
+                    &loc,
+                    &[],
+                    &|rb| {
+                        Ok(rb
+                            .header(CONTENT_TYPE, "application/octet-stream")
+                            .header(CONTENT_RANGE, &range)
+                            .header(CONTENT_LENGTH, len)
+                            .body(file_body(path, offset, len)?))
+                    },
+                )
                 .await;
             match result {
                 Ok(resp) => {
@@ -294,7 +346,9 @@ impl Repository {
                     offset += len;
                     on_progress(len);
                 }
-                Err(e) if matches!(e.status(), Some(400 | 405 | 415 | 416 | 501)) && offset == 0 => {
+                Err(e)
+                    if matches!(e.status(), Some(400 | 405 | 415 | 416 | 501)) && offset == 0 =>
+                {
                     tracing::debug!(error = %e, "registry refuses chunked uploads; uploading in one PUT");
                     return self.push_blob_file(digest, path, size).await;
                 }
@@ -306,7 +360,14 @@ impl Repository {
                     // Ask where the upload stands and resume from there.
                     let status = self
                         .client
-                        .send(&self.registry, &Scope::push(&self.name), Method::GET, &loc, &[], &Ok)
+                        .send(
+                            &self.registry,
+                            &Scope::push(&self.name),
+                            Method::GET,
+                            &loc,
+                            &[],
+                            &Ok,
+                        )
                         .await?;
                     let have = status
                         .headers()
@@ -323,9 +384,14 @@ impl Repository {
         }
         let url = with_query(&loc, "digest", digest.as_str());
         self.client
-            .send(&self.registry, &Scope::push(&self.name), Method::PUT, &url, &[], &|rb| {
-                Ok(rb.header(CONTENT_LENGTH, 0))
-            })
+            .send(
+                &self.registry,
+                &Scope::push(&self.name),
+                Method::PUT,
+                &url,
+                &[],
+                &|rb| Ok(rb.header(CONTENT_LENGTH, 0)),
+            )
             .await?;
         Ok(())
     }
@@ -334,7 +400,14 @@ impl Repository {
     pub async fn delete_blob(&self, digest: &Digest) -> Result<()> {
         let url = self.url(&format!("blobs/{digest}"));
         self.client
-            .send(&self.registry, &Scope::delete(&self.name), Method::DELETE, &url, &[], &Ok)
+            .send(
+                &self.registry,
+                &Scope::delete(&self.name),
+                Method::DELETE,
+                &url,
+                &[],
+                &Ok,
+            )
             .await
             .map(drop)
     }
@@ -344,11 +417,19 @@ impl Repository {
         let url = self.url(&format!("manifests/{reference}"));
         let resp = self
             .client
-            .send(&self.registry, &Scope::pull(&self.name), Method::GET, &url, &[], &|rb| {
-                Ok(rb.header(ACCEPT, MANIFEST_ACCEPT))
-            })
+            .send(
+                &self.registry,
+                &Scope::pull(&self.name),
+                Method::GET,
+                &url,
+                &[],
+                &|rb| Ok(rb.header(ACCEPT, MANIFEST_ACCEPT)),
+            )
             .await?;
-        if resp.content_length().is_some_and(|n| n > MAX_MANIFEST_SIZE as u64) {
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_MANIFEST_SIZE as u64)
+        {
             return Err(Error::Protocol(format!(
                 "manifest {reference} is over {MAX_MANIFEST_SIZE} bytes"
             )));
@@ -385,9 +466,14 @@ impl Repository {
         let url = self.url(&format!("manifests/{reference}"));
         let resp = self
             .client
-            .send(&self.registry, &Scope::pull(&self.name), Method::HEAD, &url, &[404], &|rb| {
-                Ok(rb.header(ACCEPT, MANIFEST_ACCEPT))
-            })
+            .send(
+                &self.registry,
+                &Scope::pull(&self.name),
+                Method::HEAD,
+                &url,
+                &[404],
+                &|rb| Ok(rb.header(ACCEPT, MANIFEST_ACCEPT)),
+            )
             .await?;
         if resp.status().as_u16() == 404 {
             return Ok(None);
@@ -409,13 +495,23 @@ impl Repository {
     }
 
     /// PUTs a manifest under a tag or its digest.
-    pub async fn put_manifest(&self, reference: &str, media_type: &str, bytes: Bytes) -> Result<Digest> {
+    pub async fn put_manifest(
+        &self,
+        reference: &str,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<Digest> {
         let digest = Digest::sha256_of(&bytes);
         let url = self.url(&format!("manifests/{reference}"));
         self.client
-            .send(&self.registry, &Scope::push(&self.name), Method::PUT, &url, &[], &|rb| {
-                Ok(rb.header(CONTENT_TYPE, media_type).body(bytes.clone()))
-            })
+            .send(
+                &self.registry,
+                &Scope::push(&self.name),
+                Method::PUT,
+                &url,
+                &[],
+                &|rb| Ok(rb.header(CONTENT_TYPE, media_type).body(bytes.clone())),
+            )
             .await?;
         Ok(digest)
     }
@@ -424,7 +520,14 @@ impl Repository {
     pub async fn delete_manifest(&self, digest: &Digest) -> Result<()> {
         let url = self.url(&format!("manifests/{digest}"));
         self.client
-            .send(&self.registry, &Scope::delete(&self.name), Method::DELETE, &url, &[], &Ok)
+            .send(
+                &self.registry,
+                &Scope::delete(&self.name),
+                Method::DELETE,
+                &url,
+                &[],
+                &Ok,
+            )
             .await
             .map(drop)
     }
@@ -437,7 +540,14 @@ impl Repository {
         loop {
             let resp = self
                 .client
-                .send(&self.registry, &Scope::pull(&self.name), Method::GET, &url, &[404], &Ok)
+                .send(
+                    &self.registry,
+                    &Scope::pull(&self.name),
+                    Method::GET,
+                    &url,
+                    &[404],
+                    &Ok,
+                )
                 .await?;
             if resp.status().as_u16() == 404 {
                 break;
@@ -447,7 +557,12 @@ impl Repository {
                 .get("link")
                 .and_then(|h| h.to_str().ok())
                 .and_then(|l| l.split(';').next())
-                .map(|l| l.trim().trim_start_matches('<').trim_end_matches('>').to_owned());
+                .map(|l| {
+                    l.trim()
+                        .trim_start_matches('<')
+                        .trim_end_matches('>')
+                        .to_owned()
+                });
             let body = read_capped(resp, MAX_MANIFEST_SIZE).await?;
             let v: serde_json::Value = serde_json::from_slice(&body)
                 .map_err(|e| Error::Protocol(format!("tag list: {e}")))?;
@@ -467,14 +582,25 @@ impl Repository {
 
     /// Manifests whose `subject` is `digest`: the referrers API, or the `sha256-<hex>` tag
     /// schema when the registry lacks it.
-    pub async fn referrers(&self, digest: &Digest, artifact_type: Option<&str>) -> Result<Vec<Descriptor>> {
+    pub async fn referrers(
+        &self,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Descriptor>> {
         let mut url = self.url(&format!("referrers/{digest}"));
         if let Some(t) = artifact_type {
             url = with_query(&url, "artifactType", t);
         }
         let resp = self
             .client
-            .send(&self.registry, &Scope::pull(&self.name), Method::GET, &url, &[404], &Ok)
+            .send(
+                &self.registry,
+                &Scope::pull(&self.name),
+                Method::GET,
+                &url,
+                &[404],
+                &Ok,
+            )
             .await?;
         let is_index = resp
             .headers()
@@ -496,7 +622,11 @@ impl Repository {
             .manifests()
             .iter()
             .filter(|d| {
-                artifact_type.is_none_or(|t| d.artifact_type().as_ref().is_some_and(|a| a.to_string() == t))
+                artifact_type.is_none_or(|t| {
+                    d.artifact_type()
+                        .as_ref()
+                        .is_some_and(|a| a.to_string() == t)
+                })
             })
             .cloned()
             .collect())
@@ -504,7 +634,11 @@ impl Repository {
 
     /// Records `referrer` in the `sha256-<hex>` tag index of `subject` (for registries without
     /// the referrers API).
-    pub async fn add_referrer_to_fallback(&self, subject: &Digest, referrer: Descriptor) -> Result<()> {
+    pub async fn add_referrer_to_fallback(
+        &self,
+        subject: &Digest,
+        referrer: Descriptor,
+    ) -> Result<()> {
         let tag = fallback_tag(subject);
         let mut manifests = match self.get_manifest(&tag).await {
             Ok(m) => serde_json::from_slice::<ImageIndex>(&m.bytes)
@@ -523,7 +657,9 @@ impl Repository {
             "manifests": manifests,
         });
         let bytes = Bytes::from(modelpack_spec::to_canonical_json(&index));
-        self.put_manifest(&tag, MEDIA_TYPE_OCI_INDEX, bytes).await.map(drop)
+        self.put_manifest(&tag, MEDIA_TYPE_OCI_INDEX, bytes)
+            .await
+            .map(drop)
     }
 
     /// True when the registry serves the referrers API.
@@ -531,7 +667,14 @@ impl Repository {
         let url = self.url(&format!("referrers/{digest}"));
         let resp = self
             .client
-            .send(&self.registry, &Scope::pull(&self.name), Method::GET, &url, &[404, 400, 405], &Ok)
+            .send(
+                &self.registry,
+                &Scope::pull(&self.name),
+                Method::GET,
+                &url,
+                &[404, 400, 405],
+                &Ok,
+            )
             .await?;
         Ok(resp.status().is_success())
     }
@@ -579,7 +722,10 @@ pub fn read_small_file(path: &Path, cap: usize) -> Result<Vec<u8>> {
             source: e,
         })?;
     if out.len() > cap {
-        return Err(Error::Protocol(format!("{} is over {cap} bytes", path.display())));
+        return Err(Error::Protocol(format!(
+            "{} is over {cap} bytes",
+            path.display()
+        )));
     }
     Ok(out)
 }

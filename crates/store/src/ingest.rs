@@ -170,7 +170,9 @@ impl Resumable {
 
     /// The partial file (read and write).
     pub fn file(&self) -> &File {
-        self.file.as_ref().unwrap_or_else(|| unreachable!("file is present until commit"))
+        self.file
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("file is present until commit"))
     }
 
     /// Where the partial data is.

@@ -316,41 +316,50 @@ impl Store {
 
     /// The manifest descriptor `reference` names: by digest if it has one, else by name.
     pub fn resolve(&self, reference: &Reference) -> Result<Descriptor> {
-        let entries = self.entries()?;
         if let Some(digest) = reference.digest() {
-            return entries
+            return self
+                .entries()?
                 .into_iter()
                 .find(|e| e.descriptor.digest().to_string() == digest.as_str())
                 .map(|e| e.descriptor)
                 .ok_or_else(|| Error::RefNotFound(reference.familiar()));
         }
-        let name = Self::name_of(reference);
-        entries
+        self.resolve_name(&Self::name_of(reference))
+    }
+
+    /// The manifest descriptor named exactly `name` in `index.json` (for OCI layouts whose
+    /// names are bare tags).
+    pub fn resolve_name(&self, name: &str) -> Result<Descriptor> {
+        self.entries()?
             .into_iter()
-            .find(|e| e.name.as_deref() == Some(name.as_str()))
+            .find(|e| e.name.as_deref() == Some(name))
             .map(|e| e.descriptor)
-            .ok_or(Error::RefNotFound(name))
+            .ok_or_else(|| Error::RefNotFound(name.to_owned()))
     }
 
     /// Names `descriptor` (a manifest already in the store) as `reference`, replacing what the
     /// name pointed at before.
     pub fn tag(&self, reference: &Reference, descriptor: &Descriptor) -> Result<()> {
+        self.tag_name(&Self::name_of(reference), descriptor)
+    }
+
+    /// Names `descriptor` exactly `name` (`org.opencontainers.image.ref.name`).
+    pub fn tag_name(&self, name: &str, descriptor: &Descriptor) -> Result<()> {
         let digest = Digest::from_str(descriptor.digest().as_ref())?;
         if !self.has_blob(&digest) {
             return Err(Error::BlobNotFound(digest));
         }
-        let name = Self::name_of(reference);
         let _lock = self.index_lock()?;
         let mut index = self.read_index()?;
         let mut manifests: Vec<Descriptor> = index
             .manifests()
             .iter()
-            .filter(|d| ref_name(d) != Some(name.as_str()))
+            .filter(|d| ref_name(d) != Some(name))
             .cloned()
             .collect();
         let mut entry = descriptor.clone();
         let mut annotations = entry.annotations().clone().unwrap_or_default();
-        annotations.insert(ANNOTATION_REF_NAME.to_owned(), name);
+        annotations.insert(ANNOTATION_REF_NAME.to_owned(), name.to_owned());
         entry.set_annotations(Some(annotations));
         manifests.push(entry);
         index.set_manifests(manifests);

@@ -3,7 +3,7 @@
 //! order.
 
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use futures_util::StreamExt;
@@ -58,7 +58,10 @@ pub async fn fetch_blob(
     opts: &TransferOptions,
 ) -> Result<Fetched> {
     if store.has_blob(&blob.digest) {
-        (opts.progress)(Event::BlobSkipped { digest: blob.digest.clone(), size: blob.size });
+        (opts.progress)(Event::BlobSkipped {
+            digest: blob.digest.clone(),
+            size: blob.size,
+        });
         return Ok(Fetched::Present);
     }
     let partial = {
@@ -69,22 +72,35 @@ pub async fn fetch_blob(
     if store.has_blob(&blob.digest) {
         // Another process finished it while we waited for the lock.
         drop(partial);
-        (opts.progress)(Event::BlobSkipped { digest: blob.digest.clone(), size: blob.size });
+        (opts.progress)(Event::BlobSkipped {
+            digest: blob.digest.clone(),
+            size: blob.size,
+        });
         return Ok(Fetched::Present);
     }
-    (opts.progress)(Event::BlobStarted { digest: blob.digest.clone(), size: blob.size });
+    (opts.progress)(Event::BlobStarted {
+        digest: blob.digest.clone(),
+        size: blob.size,
+    });
     if blob.size >= opts.segment_threshold && opts.concurrency > 1 {
         fetch_segmented(repo, blob, opts, partial).await?;
     } else {
         fetch_single(repo, blob, opts, partial).await?;
     }
-    (opts.progress)(Event::BlobDone { digest: blob.digest.clone() });
+    (opts.progress)(Event::BlobDone {
+        digest: blob.digest.clone(),
+    });
     Ok(Fetched::Downloaded)
 }
 
 /// One stream, continuing from the partial prefix; mid-body failures resume from where they
 /// stopped.
-async fn fetch_single(repo: &Repository, blob: &BlobRef, opts: &TransferOptions, partial: Resumable) -> Result<()> {
+async fn fetch_single(
+    repo: &Repository,
+    blob: &BlobRef,
+    opts: &TransferOptions,
+    partial: Resumable,
+) -> Result<()> {
     let file = partial.file().try_clone().map_err(io("partial file"))?;
     let mut have = file.metadata().map_err(io("partial file"))?.len();
     if partial.load_state().is_some() || have > blob.size {
@@ -101,7 +117,10 @@ async fn fetch_single(repo: &Repository, blob: &BlobRef, opts: &TransferOptions,
             Ok(hasher)
         })
         .await?;
-        (opts.progress)(Event::Resumed { digest: blob.digest.clone(), bytes: have });
+        (opts.progress)(Event::Resumed {
+            digest: blob.digest.clone(),
+            bytes: have,
+        });
     }
     let mut failures = 0u32;
     while have < blob.size {
@@ -135,10 +154,14 @@ async fn fetch_single(repo: &Repository, blob: &BlobRef, opts: &TransferOptions,
                     actual: have + chunk.len() as u64,
                 });
             }
-            file.write_all_at(&chunk, have).map_err(io("writing partial data"))?;
+            file.write_all_at(&chunk, have)
+                .map_err(io("writing partial data"))?;
             hasher.update(&chunk);
             have += chunk.len() as u64;
-            (opts.progress)(Event::Bytes { digest: blob.digest.clone(), bytes: chunk.len() as u64 });
+            (opts.progress)(Event::Bytes {
+                digest: blob.digest.clone(),
+                bytes: chunk.len() as u64,
+            });
         }
         match failed {
             None if have < blob.size => {
@@ -171,50 +194,83 @@ async fn fetch_single(repo: &Repository, blob: &BlobRef, opts: &TransferOptions,
     Ok(())
 }
 
-/// The saved progress of a segmented download: segment size and which segments are complete.
-fn encode_state(segment: u64, size: u64, done: &[AtomicBool]) -> Vec<u8> {
-    let flags: Vec<u8> = done.iter().map(|d| u8::from(d.load(Ordering::SeqCst))).collect();
-    serde_json::to_vec(&serde_json::json!({"segment": segment, "size": size, "done": flags}))
+/// The saved progress of a segmented download: segment size and how many bytes from the start
+/// of each segment are written.
+fn encode_state(segment: u64, size: u64, filled: &[AtomicU64]) -> Vec<u8> {
+    let filled: Vec<u64> = filled.iter().map(|f| f.load(Ordering::SeqCst)).collect();
+    serde_json::to_vec(&serde_json::json!({"segment": segment, "size": size, "filled": filled}))
         .unwrap_or_default()
 }
 
-fn decode_state(bytes: &[u8], segment: u64, size: u64, n: usize) -> Option<Vec<bool>> {
+fn decode_state(bytes: &[u8], segment: u64, size: u64, n: usize) -> Option<Vec<u64>> {
     let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
     if v["segment"].as_u64()? != segment || v["size"].as_u64()? != size {
         return None;
     }
-    let done: Vec<bool> = v["done"].as_array()?.iter().map(|x| x.as_u64() == Some(1)).collect();
-    (done.len() == n).then_some(done)
+    let filled: Vec<u64> = v["filled"]
+        .as_array()?
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x.as_u64().unwrap_or(0).min(segment_len(i, segment, size)))
+        .collect();
+    (filled.len() == n).then_some(filled)
 }
 
+fn segment_len(i: usize, segment: u64, size: u64) -> u64 {
+    segment.min(size - i as u64 * segment)
+}
+
+/// Saves progress at most every this many bytes per segment.
+const SAVE_EVERY: u64 = 4 << 20;
+
 /// Parallel Range GETs of fixed segments into a preallocated file; a blocking thread hashes
-/// segments in order as they complete; progress is saved after each segment.
-async fn fetch_segmented(repo: &Repository, blob: &BlobRef, opts: &TransferOptions, partial: Resumable) -> Result<()> {
+/// segments in order as they complete; progress within each segment is saved as it goes, so a
+/// killed download continues from the bytes it has.
+async fn fetch_segmented(
+    repo: &Repository,
+    blob: &BlobRef,
+    opts: &TransferOptions,
+    partial: Resumable,
+) -> Result<()> {
     let segment = opts.segment_size.max(1 << 20);
     let n = blob.size.div_ceil(segment) as usize;
     let file = partial.file().try_clone().map_err(io("partial file"))?;
     let previous = partial
         .load_state()
         .and_then(|b| decode_state(&b, segment, blob.size, n));
-    let done: Arc<Vec<AtomicBool>> = Arc::new(match &previous {
-        Some(flags) => flags.iter().map(|&f| AtomicBool::new(f)).collect(),
+    let filled: Arc<Vec<AtomicU64>> = Arc::new(match &previous {
+        Some(f) => f.iter().map(|&x| AtomicU64::new(x)).collect(),
         None => {
             file.set_len(0).map_err(io("partial file"))?;
             file.set_len(blob.size).map_err(io("preallocating"))?;
-            (0..n).map(|_| AtomicBool::new(false)).collect()
+            (0..n).map(|_| AtomicU64::new(0)).collect()
         }
     });
-    let resumed: u64 = (0..n)
-        .filter(|&i| done[i].load(Ordering::SeqCst))
-        .map(|i| segment.min(blob.size - i as u64 * segment))
-        .sum();
+    let resumed: u64 = filled.iter().map(|f| f.load(Ordering::SeqCst)).sum();
     if resumed > 0 {
-        (opts.progress)(Event::Resumed { digest: blob.digest.clone(), bytes: resumed });
+        (opts.progress)(Event::Resumed {
+            digest: blob.digest.clone(),
+            bytes: resumed,
+        });
     }
     let partial = Arc::new(Mutex::new(Some(partial)));
+    let save = {
+        let partial = partial.clone();
+        let filled = filled.clone();
+        let size = blob.size;
+        move || {
+            if let Ok(guard) = partial.lock()
+                && let Some(p) = guard.as_ref()
+            {
+                let _ = p.save_state(&encode_state(segment, size, &filled));
+            }
+        }
+    };
+    let complete =
+        |i: usize| filled[i].load(Ordering::SeqCst) == segment_len(i, segment, blob.size);
     let (tx, rx) = mpsc::channel::<usize>();
     for i in 0..n {
-        if done[i].load(Ordering::SeqCst) {
+        if complete(i) {
             let _ = tx.send(i);
         }
     }
@@ -248,22 +304,27 @@ async fn fetch_segmented(repo: &Repository, blob: &BlobRef, opts: &TransferOptio
             Some(Digest::from_sha256(hasher.finalize().into()))
         })
     };
-    let pending: Vec<usize> = (0..n).filter(|&i| !done[i].load(Ordering::SeqCst)).collect();
+    let pending: Vec<usize> = (0..n).filter(|&i| !complete(i)).collect();
     let results = futures_util::stream::iter(pending.into_iter().map(|i| {
         let file = &file;
-        let done = &done;
+        let filled = &filled;
         let tx = tx.clone();
-        let partial = &partial;
+        let save = &save;
         async move {
             let start = i as u64 * segment;
-            let end = (start + segment).min(blob.size);
-            fetch_range(repo, blob, opts, file, start, end).await?;
-            done[i].store(true, Ordering::SeqCst);
-            if let Ok(guard) = partial.lock()
-                && let Some(p) = guard.as_ref()
-            {
-                let _ = p.save_state(&encode_state(segment, blob.size, done));
-            }
+            let end = start + segment_len(i, segment, blob.size);
+            let mut last_saved = filled[i].load(Ordering::SeqCst);
+            let on_written = |pos: u64| {
+                let done = pos - start;
+                filled[i].store(done, Ordering::SeqCst);
+                if done - last_saved >= SAVE_EVERY {
+                    last_saved = done;
+                    save();
+                }
+            };
+            let from = start + filled[i].load(Ordering::SeqCst);
+            fetch_range(repo, blob, opts, file, from, end, on_written).await?;
+            save();
             let _ = tx.send(i);
             Ok::<(), Error>(())
         }
@@ -294,7 +355,7 @@ async fn fetch_segmented(repo: &Repository, blob: &BlobRef, opts: &TransferOptio
 }
 
 /// Fetches bytes `start..end` of the blob into `file` at their offsets, retrying from where a
-/// broken stream stopped.
+/// broken stream stopped; `on_written` hears each new end position.
 async fn fetch_range(
     repo: &Repository,
     blob: &BlobRef,
@@ -302,6 +363,7 @@ async fn fetch_range(
     file: &std::fs::File,
     start: u64,
     end: u64,
+    mut on_written: impl FnMut(u64),
 ) -> Result<()> {
     let mut pos = start;
     let mut failures = 0u32;
@@ -336,9 +398,14 @@ async fn fetch_range(
                 continue;
             }
             // Page-cache writes: short enough to do on the runtime thread.
-            file.write_all_at(&chunk, pos).map_err(io("writing partial data"))?;
+            file.write_all_at(&chunk, pos)
+                .map_err(io("writing partial data"))?;
             pos += chunk.len() as u64;
-            (opts.progress)(Event::Bytes { digest: blob.digest.clone(), bytes: chunk.len() as u64 });
+            on_written(pos);
+            (opts.progress)(Event::Bytes {
+                digest: blob.digest.clone(),
+                bytes: chunk.len() as u64,
+            });
             if pos >= end {
                 break;
             }

@@ -50,7 +50,10 @@ pub enum Error {
 impl Error {
     /// True when bytes failed verification.
     pub fn is_digest_mismatch(&self) -> bool {
-        matches!(self, Error::DigestMismatch { .. } | Error::SizeMismatch { .. })
+        matches!(
+            self,
+            Error::DigestMismatch { .. } | Error::SizeMismatch { .. }
+        )
     }
 }
 

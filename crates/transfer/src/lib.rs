@@ -138,7 +138,8 @@ pub fn manifest_blobs(manifest: &[u8]) -> Result<Vec<BlobRef>> {
         .map_err(|e| Error::Unsupported(format!("manifest is not JSON: {e}")))?;
     if doc.get("manifests").is_some() {
         return Err(Error::Unsupported(
-            "image indexes (multi-platform images) are not supported; name one manifest by digest".into(),
+            "image indexes (multi-platform images) are not supported; name one manifest by digest"
+                .into(),
         ));
     }
     let mut out = Vec::new();
@@ -150,11 +151,13 @@ pub fn manifest_blobs(manifest: &[u8]) -> Result<Vec<BlobRef>> {
             .ok_or_else(|| Error::Unsupported("descriptor without digest".into()))?
             .parse()?;
         if !digest.is_sha256() {
-            return Err(Error::Unsupported(format!("{digest}: only sha256 digests are supported")));
+            return Err(Error::Unsupported(format!(
+                "{digest}: only sha256 digests are supported"
+            )));
         }
-        let size = d["size"]
-            .as_u64()
-            .ok_or_else(|| Error::Unsupported(format!("{digest}: descriptor without a valid size")))?;
+        let size = d["size"].as_u64().ok_or_else(|| {
+            Error::Unsupported(format!("{digest}: descriptor without a valid size"))
+        })?;
         out.push(BlobRef {
             digest,
             size,
@@ -178,7 +181,12 @@ fn manifest_media_type(bytes: &[u8]) -> String {
 /// The descriptor of a manifest as an index entry or a subject.
 pub fn manifest_descriptor(bytes: &[u8]) -> Result<Descriptor> {
     let digest = Digest::sha256_of(bytes);
-    let mut d = modelpack_spec::descriptor(&manifest_media_type(bytes), &digest, bytes.len() as u64, None)?;
+    let mut d = modelpack_spec::descriptor(
+        &manifest_media_type(bytes),
+        &digest,
+        bytes.len() as u64,
+        None,
+    )?;
     if let Some(t) = serde_json::from_slice::<serde_json::Value>(bytes)
         .ok()
         .and_then(|v| v["artifactType"].as_str().map(str::to_owned))
@@ -201,7 +209,12 @@ pub struct PullOutcome {
 
 /// Resolves `reference` in `repo` and brings the artifact into `store` (not named yet: the
 /// caller tags it, holding a GC guard).
-pub async fn pull(repo: &Repository, reference: &Reference, store: &Store, opts: &TransferOptions) -> Result<PullOutcome> {
+pub async fn pull(
+    repo: &Repository,
+    reference: &Reference,
+    store: &Store,
+    opts: &TransferOptions,
+) -> Result<PullOutcome> {
     let manifest = repo.get_manifest(&reference.tag_or_digest()).await?;
     let blobs = manifest_blobs(&manifest.bytes)?;
     let total_bytes: u64 = blobs.iter().map(|b| b.size).sum();
@@ -221,47 +234,78 @@ pub async fn pull(repo: &Repository, reference: &Reference, store: &Store, opts:
 
 /// Pushes the manifest `digest` from `store` (with every blob it references) to `repo`, under
 /// `tag` (or by digest).
-pub async fn push(store: &Store, digest: &Digest, repo: &Repository, tag: Option<&str>, opts: &TransferOptions) -> Result<Digest> {
+pub async fn push(
+    store: &Store,
+    digest: &Digest,
+    repo: &Repository,
+    tag: Option<&str>,
+    opts: &TransferOptions,
+) -> Result<Digest> {
     let manifest = store.read_blob(digest, modelpack_spec::MAX_DOCUMENT_SIZE as u64)?;
     let blobs = manifest_blobs(&manifest)?;
-    (opts.progress)(Event::Total { bytes: blobs.iter().map(|b| b.size).sum() });
+    (opts.progress)(Event::Total {
+        bytes: blobs.iter().map(|b| b.size).sum(),
+    });
     futures_util::stream::iter(blobs.iter().map(|b| push_blob(store, repo, b, opts)))
         .buffer_unordered(opts.concurrency)
         .try_collect::<Vec<_>>()
         .await?;
     let reference = tag.map_or_else(|| digest.to_string(), str::to_owned);
     let pushed = repo
-        .put_manifest(&reference, &manifest_media_type(&manifest), Bytes::from(manifest))
+        .put_manifest(
+            &reference,
+            &manifest_media_type(&manifest),
+            Bytes::from(manifest),
+        )
         .await?;
     Ok(pushed)
 }
 
-async fn push_blob(store: &Store, repo: &Repository, blob: &BlobRef, opts: &TransferOptions) -> Result<()> {
+async fn push_blob(
+    store: &Store,
+    repo: &Repository,
+    blob: &BlobRef,
+    opts: &TransferOptions,
+) -> Result<()> {
     let _permit = opts.connections.acquire().await;
     if repo.blob_exists(&blob.digest).await?.is_some() {
-        (opts.progress)(Event::BlobSkipped { digest: blob.digest.clone(), size: blob.size });
+        (opts.progress)(Event::BlobSkipped {
+            digest: blob.digest.clone(),
+            size: blob.size,
+        });
         return Ok(());
     }
     if !store.has_blob(&blob.digest) {
         return Err(modelpack_store::Error::BlobNotFound(blob.digest.clone()).into());
     }
-    (opts.progress)(Event::BlobStarted { digest: blob.digest.clone(), size: blob.size });
+    (opts.progress)(Event::BlobStarted {
+        digest: blob.digest.clone(),
+        size: blob.size,
+    });
     let path = store.blob_path(&blob.digest);
     let progress = opts.progress.clone();
     let digest = blob.digest.clone();
     match opts.chunk_size {
         Some(chunk) if blob.size > chunk => {
             repo.push_blob_chunked(&blob.digest, &path, blob.size, chunk, &move |n| {
-                progress(Event::Bytes { digest: digest.clone(), bytes: n });
+                progress(Event::Bytes {
+                    digest: digest.clone(),
+                    bytes: n,
+                });
             })
             .await?;
         }
         _ => {
             repo.push_blob_file(&blob.digest, &path, blob.size).await?;
-            (opts.progress)(Event::Bytes { digest: blob.digest.clone(), bytes: blob.size });
+            (opts.progress)(Event::Bytes {
+                digest: blob.digest.clone(),
+                bytes: blob.size,
+            });
         }
     }
-    (opts.progress)(Event::BlobDone { digest: blob.digest.clone() });
+    (opts.progress)(Event::BlobDone {
+        digest: blob.digest.clone(),
+    });
     Ok(())
 }
 
@@ -278,15 +322,23 @@ pub async fn copy_remote(
 ) -> Result<Digest> {
     let manifest = src.get_manifest(&reference.tag_or_digest()).await?;
     let blobs = manifest_blobs(&manifest.bytes)?;
-    (opts.progress)(Event::Total { bytes: blobs.iter().map(|b| b.size).sum() });
+    (opts.progress)(Event::Total {
+        bytes: blobs.iter().map(|b| b.size).sum(),
+    });
     let same_registry = src.registry() == dst.registry();
     futures_util::stream::iter(blobs.iter().map(|b| async move {
         if dst.blob_exists(&b.digest).await?.is_some() {
-            (opts.progress)(Event::BlobSkipped { digest: b.digest.clone(), size: b.size });
+            (opts.progress)(Event::BlobSkipped {
+                digest: b.digest.clone(),
+                size: b.size,
+            });
             return Ok(());
         }
         if same_registry && dst.mount_blob(&b.digest, src.name()).await? {
-            (opts.progress)(Event::BlobSkipped { digest: b.digest.clone(), size: b.size });
+            (opts.progress)(Event::BlobSkipped {
+                digest: b.digest.clone(),
+                size: b.size,
+            });
             return Ok(());
         }
         fetch_blob(src, scratch, b, opts).await?;
@@ -297,7 +349,11 @@ pub async fn copy_remote(
     .await?;
     let tag = dst_tag.map_or_else(|| manifest.digest.to_string(), str::to_owned);
     let digest = dst
-        .put_manifest(&tag, &manifest_media_type(&manifest.bytes), manifest.bytes.clone())
+        .put_manifest(
+            &tag,
+            &manifest_media_type(&manifest.bytes),
+            manifest.bytes.clone(),
+        )
         .await?;
     Ok(digest)
 }
@@ -313,9 +369,11 @@ pub fn copy_local(src: &Store, digest: &Digest, dst: &Store) -> Result<Descripto
         let from = src.blob_path(&blob.digest);
         if dst.link_blob(&from, &blob.digest).is_err() {
             let mut ingest = dst.ingest()?;
-            let mut reader = std::fs::File::open(&from).map_err(error::io(format!("opening {}", from.display())))?;
+            let mut reader = std::fs::File::open(&from)
+                .map_err(error::io(format!("opening {}", from.display())))?;
             let path = ingest.path().to_owned();
-            std::io::copy(&mut reader, ingest.file()).map_err(error::io(format!("writing {}", path.display())))?;
+            std::io::copy(&mut reader, ingest.file())
+                .map_err(error::io(format!("writing {}", path.display())))?;
             ingest.commit_verified(&blob.digest)?;
         }
     }

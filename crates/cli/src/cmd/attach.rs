@@ -104,10 +104,12 @@ pub fn attach(global: &GlobalArgs, args: AttachArgs) -> anyhow::Result<ExitCode>
     let descriptor = modelpack_transfer::manifest_descriptor(&bytes)?;
     let digest = modelpack_spec::Digest::sha256_of(&bytes);
     rt.block_on(async {
-        repo.put_manifest(digest.as_str(), MEDIA_TYPE_OCI_MANIFEST, bytes.clone()).await?;
+        repo.put_manifest(digest.as_str(), MEDIA_TYPE_OCI_MANIFEST, bytes.clone())
+            .await?;
         // Registries without the referrers API learn about it through the tag schema.
         if !repo.supports_referrers(&subject.digest).await? {
-            repo.add_referrer_to_fallback(&subject.digest, descriptor).await?;
+            repo.add_referrer_to_fallback(&subject.digest, descriptor)
+                .await?;
         }
         anyhow::Ok(())
     })?;
@@ -132,7 +134,10 @@ pub fn discover(_global: &GlobalArgs, args: DiscoverArgs) -> anyhow::Result<Exit
             .head_manifest(&reference.tag_or_digest())
             .await?
             .with_context(|| format!("{} not found", reference.familiar()))?;
-        anyhow::Ok(repo.referrers(&digest, args.artifact_type.as_deref()).await?)
+        anyhow::Ok(
+            repo.referrers(&digest, args.artifact_type.as_deref())
+                .await?,
+        )
     })?;
     match args.format {
         OutputFormat::Json => display::print_json(&json!({
@@ -148,7 +153,9 @@ pub fn discover(_global: &GlobalArgs, args: DiscoverArgs) -> anyhow::Result<Exit
                 .map(|d| {
                     vec![
                         d.digest().to_string(),
-                        d.artifact_type().as_ref().map_or("-".into(), ToString::to_string),
+                        d.artifact_type()
+                            .as_ref()
+                            .map_or("-".into(), ToString::to_string),
                         display::bytes(d.size()),
                     ]
                 })

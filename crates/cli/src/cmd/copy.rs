@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Args;
-use modelpack_spec::{Digest, Reference};
+use modelpack_spec::Digest;
 use modelpack_store::Store;
 use serde_json::json;
 
@@ -26,11 +26,12 @@ pub struct CopyArgs {
     pub format: OutputFormat,
 }
 
-fn local(global: &GlobalArgs, target: &Target) -> anyhow::Result<Option<(Store, Reference)>> {
+/// A local side: the store or layout, and the exact name inside it.
+fn local(global: &GlobalArgs, target: &Target) -> anyhow::Result<Option<(Store, String)>> {
     Ok(match target {
         Target::Registry(_) => None,
         Target::Layout(dir, name) => Some((crate::remote::open_layout(dir)?, name.clone())),
-        Target::Store(name) => Some((super::open_store(global)?, name.clone())),
+        Target::Store(reference) => Some((super::open_store(global)?, Store::name_of(reference))),
     })
 }
 
@@ -48,29 +49,47 @@ pub fn run(global: &GlobalArgs, args: CopyArgs) -> anyhow::Result<ExitCode> {
             let scratch = Store::open(scratch_dir.path())?;
             let src_repo = crate::remote::repository(&client, src);
             let dst_repo = crate::remote::repository(&client, dst);
-            rt.block_on(modelpack_transfer::copy_remote(&src_repo, src, &dst_repo, dst.tag(), &scratch, &opts))?
+            rt.block_on(modelpack_transfer::copy_remote(
+                &src_repo,
+                src,
+                &dst_repo,
+                dst.tag(),
+                &scratch,
+                &opts,
+            ))?
         }
         (Target::Registry(src), _) => {
             let (store, name) = local(global, &destination)?.context("local destination")?;
             let _gc = store.gc_guard()?;
             let repo = crate::remote::repository(&client, src);
             let outcome = rt.block_on(modelpack_transfer::pull(&repo, src, &store, &opts))?;
-            store.tag(&name, &outcome.descriptor)?;
+            store.tag_name(&name, &outcome.descriptor)?;
             outcome.descriptor.digest().as_ref().parse()?
         }
         (_, Target::Registry(dst)) => {
             let (store, name) = local(global, &source)?.context("local source")?;
-            let digest: Digest = store.resolve(&name)?.digest().as_ref().parse()?;
+            let digest: Digest = store.resolve_name(&name)?.digest().as_ref().parse()?;
             let repo = crate::remote::repository(&client, dst);
-            rt.block_on(modelpack_transfer::push(&store, &digest, &repo, dst.tag(), &opts))?
+            rt.block_on(modelpack_transfer::push(
+                &store,
+                &digest,
+                &repo,
+                dst.tag(),
+                &opts,
+            ))?
         }
         _ => {
             let (src_store, src_name) = local(global, &source)?.context("local source")?;
-            let (dst_store, dst_name) = local(global, &destination)?.context("local destination")?;
+            let (dst_store, dst_name) =
+                local(global, &destination)?.context("local destination")?;
             let _gc = dst_store.gc_guard()?;
-            let digest: Digest = src_store.resolve(&src_name)?.digest().as_ref().parse()?;
+            let digest: Digest = src_store
+                .resolve_name(&src_name)?
+                .digest()
+                .as_ref()
+                .parse()?;
             let descriptor = modelpack_transfer::copy_local(&src_store, &digest, &dst_store)?;
-            dst_store.tag(&dst_name, &descriptor)?;
+            dst_store.tag_name(&dst_name, &descriptor)?;
             digest
         }
     };
@@ -80,15 +99,22 @@ pub fn run(global: &GlobalArgs, args: CopyArgs) -> anyhow::Result<ExitCode> {
             "source": args.source, "destination": args.destination, "digest": digest.to_string(),
         }))?,
         OutputFormat::Text if global.quiet => println!("{digest}"),
-        OutputFormat::Text => println!("Copied {} to {} {digest} ({summary})", args.source, args.destination),
+        OutputFormat::Text => println!(
+            "Copied {} to {} {digest} ({summary})",
+            args.source, args.destination
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn tempfile_dir(root: &std::path::Path) -> anyhow::Result<TempDir> {
-    let path = root.join(format!("copy-{}-{}", std::process::id(), std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())));
+    let path = root.join(format!(
+        "copy-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
     std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
     Ok(TempDir(path))
 }

@@ -59,16 +59,25 @@ pub fn load_remote(registry: &crate::remote::RegistryArgs, text: &str) -> anyhow
         anyhow::anyhow!(
             "{} is not a valid ModelPack manifest: {}",
             reference.familiar(),
-            report.errors().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+            report
+                .errors()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
         )
     })?;
     let config_bytes = rt.block_on(async {
         let stream = repo.get_blob(manifest.config_digest(), None).await?;
-        let bytes = modelpack_registry::read_capped(stream.response, modelpack_spec::MAX_DOCUMENT_SIZE).await?;
+        let bytes =
+            modelpack_registry::read_capped(stream.response, modelpack_spec::MAX_DOCUMENT_SIZE)
+                .await?;
         anyhow::Ok(bytes)
     })?;
     if &Digest::sha256_of(&config_bytes) != manifest.config_digest() {
-        anyhow::bail!("config {} does not match its digest", manifest.config_digest());
+        anyhow::bail!(
+            "config {} does not match its digest",
+            manifest.config_digest()
+        );
     }
     let config = Model::from_slice(&config_bytes)
         .with_context(|| format!("config of {}", reference.familiar()))?;

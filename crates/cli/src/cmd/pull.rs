@@ -72,7 +72,10 @@ impl<R: Read> Read for Counting<R> {
 }
 
 impl LayerSource for RemoteSource<'_> {
-    fn open_layer(&self, layer: &LayerBlob) -> modelpack_extract::Result<Box<dyn Read + Send + '_>> {
+    fn open_layer(
+        &self,
+        layer: &LayerBlob,
+    ) -> modelpack_extract::Result<Box<dyn Read + Send + '_>> {
         let stream = self
             .handle
             .block_on(self.repo.get_blob(&layer.digest, None))
@@ -80,7 +83,10 @@ impl LayerSource for RemoteSource<'_> {
                 digest: layer.digest.clone(),
                 message: e.to_string(),
             })?;
-        let body = stream.response.bytes_stream().map_err(std::io::Error::other);
+        let body = stream
+            .response
+            .bytes_stream()
+            .map_err(std::io::Error::other);
         let reader = tokio_util::io::StreamReader::new(body);
         Ok(Box::new(Counting {
             inner: tokio_util::io::SyncIoBridge::new_with_handle(reader, self.handle.clone()),
@@ -123,7 +129,11 @@ fn extract_remote(
                 bail!(
                     "{} is a ModelPack artifact that fails validation: {}",
                     reference.familiar(),
-                    report.errors().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+                    report
+                        .errors()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 );
             }
             let mut files = Vec::new();
@@ -141,7 +151,10 @@ fn extract_remote(
                 ));
             }
             if files.is_empty() {
-                bail!("{} has no layers with file names (org.opencontainers.image.title)", reference.familiar());
+                bail!(
+                    "{} has no layers with file names (org.opencontainers.image.title)",
+                    reference.familiar()
+                );
             }
             let plan = modelpack_extract::plan_files(files, patterns)?;
             modelpack_extract::extract_planned(&source, &plan, dir, Some(cancel))?
@@ -158,7 +171,13 @@ pub fn run(global: &GlobalArgs, args: PullArgs) -> anyhow::Result<ExitCode> {
     let renderer = Renderer::new(global.quiet, "pulling");
     if let Some(dir) = &args.output {
         let (report, digest) = extract_remote(&rt, &repo, &reference, dir, &[], &renderer)
-            .with_context(|| format!("cannot pull {} into {}", reference.familiar(), dir.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot pull {} into {}",
+                    reference.familiar(),
+                    dir.display()
+                )
+            })?;
         let summary = renderer.finish();
         match args.format {
             OutputFormat::Json => display::print_json(&json!({
@@ -168,7 +187,10 @@ pub fn run(global: &GlobalArgs, args: PullArgs) -> anyhow::Result<ExitCode> {
             OutputFormat::Text if global.quiet => println!("{digest}"),
             OutputFormat::Text => println!(
                 "Pulled {} {digest} into {}: {} files written, {} already identical ({summary})",
-                reference.familiar(), dir.display(), report.written, report.skipped
+                reference.familiar(),
+                dir.display(),
+                report.written,
+                report.skipped
             ),
         }
         return Ok(ExitCode::SUCCESS);
@@ -200,8 +222,15 @@ pub fn fetch(global: &GlobalArgs, args: FetchArgs) -> anyhow::Result<ExitCode> {
     let repo = crate::remote::repository(&client, &reference);
     let rt = crate::remote::runtime()?;
     let renderer = Renderer::new(global.quiet, "fetching");
-    let (report, digest) = extract_remote(&rt, &repo, &reference, &args.output, &args.pattern, &renderer)
-        .with_context(|| format!("cannot fetch from {}", reference.familiar()))?;
+    let (report, digest) = extract_remote(
+        &rt,
+        &repo,
+        &reference,
+        &args.output,
+        &args.pattern,
+        &renderer,
+    )
+    .with_context(|| format!("cannot fetch from {}", reference.familiar()))?;
     let summary = renderer.finish();
     match args.format {
         OutputFormat::Json => display::print_json(&json!({
@@ -212,7 +241,10 @@ pub fn fetch(global: &GlobalArgs, args: FetchArgs) -> anyhow::Result<ExitCode> {
             if !global.quiet {
                 println!(
                     "Fetched {} files ({} already identical) from {} into {} ({summary})",
-                    report.written, report.skipped, reference.familiar(), args.output.display()
+                    report.written,
+                    report.skipped,
+                    reference.familiar(),
+                    args.output.display()
                 );
             }
         }

@@ -40,7 +40,11 @@ pub struct PushArgs {
 
 /// Writes plain files into the store as an artifact (empty config, one titled layer each) and
 /// returns the manifest digest.
-fn store_plain_files(store: &Store, files: &[String], artifact_type: Option<&str>) -> anyhow::Result<Digest> {
+fn store_plain_files(
+    store: &Store,
+    files: &[String],
+    artifact_type: Option<&str>,
+) -> anyhow::Result<Digest> {
     let mut layers = Vec::new();
     for spec in files {
         let (path, media_type) = match spec.rsplit_once(':') {
@@ -53,13 +57,19 @@ fn store_plain_files(store: &Store, files: &[String], artifact_type: Option<&str
             .and_then(|n| n.to_str())
             .context(format!("{path}: not a file name"))?;
         LayerPath::new(title)?;
-        let mut src = std::fs::File::open(&path_buf).with_context(|| format!("cannot open {path}"))?;
+        let mut src =
+            std::fs::File::open(&path_buf).with_context(|| format!("cannot open {path}"))?;
         let mut ingest = store.ingest()?;
         let (digest, size) = modelpack_build::copy_and_hash(&mut src, ingest.file(), &|_| {})
             .with_context(|| format!("cannot read {path}"))?;
         ingest.commit(&digest)?;
         let annotations = HashMap::from([(ANNOTATION_TITLE.to_owned(), title.to_owned())]);
-        layers.push(modelpack_spec::descriptor(media_type, &digest, size, Some(annotations))?);
+        layers.push(modelpack_spec::descriptor(
+            media_type,
+            &digest,
+            size,
+            Some(annotations),
+        )?);
     }
     let empty = store.put_bytes(b"{}")?;
     let mut manifest = json!({
@@ -93,7 +103,13 @@ pub fn run(global: &GlobalArgs, args: PushArgs) -> anyhow::Result<ExitCode> {
     let opts = args.registry.transfer_options(renderer.progress());
     let rt = crate::remote::runtime()?;
     let pushed = rt
-        .block_on(modelpack_transfer::push(&store, &digest, &repo, reference.tag(), &opts))
+        .block_on(modelpack_transfer::push(
+            &store,
+            &digest,
+            &repo,
+            reference.tag(),
+            &opts,
+        ))
         .with_context(|| format!("cannot push {}", reference.familiar()))?;
     let summary = renderer.finish();
     match args.output {

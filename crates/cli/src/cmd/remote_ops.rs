@@ -163,7 +163,8 @@ pub fn manifest(global: &GlobalArgs, command: ManifestCommand) -> anyhow::Result
                     "mediaType": m.media_type, "digest": m.digest.to_string(), "size": m.bytes.len(),
                 }))?;
             } else if let Some(path) = args.output {
-                std::fs::write(&path, &m.bytes).with_context(|| format!("cannot write {}", path.display()))?;
+                std::fs::write(&path, &m.bytes)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
             } else {
                 std::io::stdout().write_all(&m.bytes)?;
                 println!();
@@ -180,7 +181,11 @@ pub fn manifest(global: &GlobalArgs, command: ManifestCommand) -> anyhow::Result
                 .unwrap_or_else(|| modelpack_spec::media_type::MEDIA_TYPE_OCI_MANIFEST.to_owned());
             let client = args.registry.client()?;
             let repo = crate::remote::repository(&client, &reference);
-            let digest = rt.block_on(repo.put_manifest(&reference.tag_or_digest(), &media_type, Bytes::from(bytes)))?;
+            let digest = rt.block_on(repo.put_manifest(
+                &reference.tag_or_digest(),
+                &media_type,
+                Bytes::from(bytes),
+            ))?;
             if !global.quiet {
                 println!("Pushed {} {digest}", reference.familiar());
             } else {
@@ -193,10 +198,11 @@ pub fn manifest(global: &GlobalArgs, command: ManifestCommand) -> anyhow::Result
             let repo = crate::remote::repository(&client, &reference);
             let digest = match reference.digest() {
                 Some(d) => d.clone(),
-                None => rt
-                    .block_on(repo.head_manifest(&reference.tag_or_digest()))?
-                    .with_context(|| format!("{} not found", reference.familiar()))?
-                    .0,
+                None => {
+                    rt.block_on(repo.head_manifest(&reference.tag_or_digest()))?
+                        .with_context(|| format!("{} not found", reference.familiar()))?
+                        .0
+                }
             };
             rt.block_on(repo.delete_manifest(&digest))?;
             if !global.quiet {
@@ -220,7 +226,11 @@ pub fn blob(global: &GlobalArgs, command: BlobCommand) -> anyhow::Result<ExitCod
             let tmp = if to_stdout {
                 None
             } else {
-                let dir = args.output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+                let dir = args
+                    .output
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."));
                 Some(tempfile_in(dir)?)
             };
             let mut hasher = Sha256::new();
@@ -280,12 +290,18 @@ pub fn blob(global: &GlobalArgs, command: BlobCommand) -> anyhow::Result<ExitCod
 
 fn tempfile_in(dir: &std::path::Path) -> anyhow::Result<(std::fs::File, PathBuf)> {
     let path = dir.join(format!(".modelpack-blob-{}.partial", std::process::id()));
-    let file = std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    let file = std::fs::File::create(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
     Ok((file, path))
 }
 
 /// Tags a remote manifest with more tags (as `oras tag`).
-pub fn tag_remote(global: &GlobalArgs, source: &str, tags: &[String], registry: &RegistryArgs) -> anyhow::Result<ExitCode> {
+pub fn tag_remote(
+    global: &GlobalArgs,
+    source: &str,
+    tags: &[String],
+    registry: &RegistryArgs,
+) -> anyhow::Result<ExitCode> {
     let reference = super::parse_reference(source)?;
     let client = registry.client()?;
     let repo = crate::remote::repository(&client, &reference);

@@ -24,7 +24,11 @@ pub fn run(global: &GlobalArgs, args: TagArgs) -> anyhow::Result<ExitCode> {
     for target in targets {
         store.tag(&target, &descriptor)?;
         if !global.quiet {
-            println!("Tagged {} as {}", Store::name_of(&source), Store::name_of(&target));
+            println!(
+                "Tagged {} as {}",
+                Store::name_of(&source),
+                Store::name_of(&target)
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

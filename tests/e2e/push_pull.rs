@@ -1,0 +1,345 @@
+//! Transfers against a real `docker-registry`: push, pull (into the store and straight into a
+//! folder), fetch, copy with cross-repository mount, resume after kill, referrers, and the
+//! small oras-style commands.
+
+use std::fs;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::util::{self, Proxy, Registry, Scratch};
+
+/// Writes a model with one weight of `weight_size` bytes plus small files.
+fn model(s: &Scratch, weight_size: usize) -> String {
+    let dir = s.path("model");
+    fs::create_dir_all(dir.join("docs")).expect("mkdir");
+    let mut state = 0x1234_5678_9abc_def1u64;
+    let mut data = Vec::with_capacity(weight_size);
+    while data.len() < weight_size {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        data.extend_from_slice(&state.to_le_bytes());
+    }
+    data.truncate(weight_size);
+    fs::write(dir.join("model.safetensors"), data).expect("write");
+    fs::write(dir.join("config.json"), br#"{"model_type":"t"}"#).expect("write");
+    fs::write(dir.join("docs/README.md"), b"# model\n").expect("write");
+    fs::write(dir.join("empty.bin"), b"").expect("write");
+    dir.to_str().expect("utf8").to_owned()
+}
+
+#[test]
+fn push_then_pull_into_store_folder_and_fetch() {
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = model(&s, 3 << 20);
+    let reference = format!("{}/team/model:v1", registry.host());
+    s.ok(&["build", &dir, "-t", &reference]);
+    let pushed = s.ok(&["-q", "push", &reference, "--plain-http"]);
+    let local: Value =
+        serde_json::from_str(&s.ok(&["inspect", &reference, "--format", "json"])).expect("json");
+    assert_eq!(
+        pushed.trim(),
+        local["digest"],
+        "pushed digest equals the stored one"
+    );
+    assert_eq!(
+        s.ok(&["resolve", &reference, "--plain-http"]).trim(),
+        pushed.trim()
+    );
+
+    // Into another store.
+    let other = Scratch::new();
+    let pulled = other.ok(&["-q", "pull", &reference, "--plain-http"]);
+    assert_eq!(pulled.trim(), pushed.trim());
+    assert!(other.ok(&["store", "check"]).contains("consistent"));
+    let out = other.path("from-store");
+    other.ok(&["extract", &reference, out.to_str().expect("utf8")]);
+    assert_eq!(util::tree(&out), util::tree(std::path::Path::new(&dir)));
+
+    // Straight into a folder: nothing lands in the store.
+    let direct = other.path("direct");
+    let third = Scratch::new();
+    third.ok(&[
+        "pull",
+        &reference,
+        "--plain-http",
+        "-o",
+        direct.to_str().expect("utf8"),
+    ]);
+    assert_eq!(util::tree(&direct), util::tree(std::path::Path::new(&dir)));
+    assert_eq!(third.ok(&["ls", "--format", "json"]).trim(), "[]");
+
+    // Only matching files.
+    let some = other.path("some");
+    other.ok(&[
+        "fetch",
+        &reference,
+        "--plain-http",
+        "--pattern",
+        "**/*.md",
+        "-o",
+        some.to_str().expect("utf8"),
+    ]);
+    assert_eq!(
+        util::tree(&some).into_keys().collect::<Vec<_>>(),
+        ["docs/README.md"]
+    );
+
+    // The remote inspect agrees with the local one.
+    let remote: Value = serde_json::from_str(&s.ok(&[
+        "inspect",
+        "--remote",
+        &reference,
+        "--plain-http",
+        "--format",
+        "json",
+    ]))
+    .expect("json");
+    assert_eq!(remote["layers"], local["layers"]);
+}
+
+#[test]
+fn copy_within_a_registry_mounts_blobs() {
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let proxy = Proxy::start(registry.port, None);
+    let s = Scratch::new();
+    let dir = model(&s, 4 << 20);
+    let src = format!("{}/a/model:v1", proxy.host());
+    let dst = format!("{}/b/model:v2", proxy.host());
+    s.ok(&["build", &dir, "-t", &src]);
+    let pushed = s.ok(&["-q", "push", &src, "--plain-http"]);
+    let before = proxy.served();
+    let copied = s.ok(&["-q", "copy", &src, &dst, "--plain-http"]);
+    let moved = proxy.served() - before;
+    assert_eq!(copied.trim(), pushed.trim(), "manifest digest kept");
+    assert!(
+        moved < 64 * 1024,
+        "copy moved {moved} bytes; blobs should be mounted"
+    );
+    assert_eq!(
+        s.ok(&["resolve", &dst, "--plain-http"]).trim(),
+        pushed.trim()
+    );
+    // Layout folder on either side.
+    let layout = s.path("layout");
+    let oci = format!("oci:{}:v1", layout.display());
+    s.ok(&["copy", &dst, &oci, "--plain-http"]);
+    if util::have_tool("skopeo") {
+        let out = Command::new("skopeo")
+            .args(["inspect", "--raw", &format!("oci:{}:v1", layout.display())])
+            .output()
+            .expect("skopeo");
+        assert!(
+            out.status.success(),
+            "skopeo: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            format!("sha256:{}", util::sha256_hex(&out.stdout)),
+            pushed.trim()
+        );
+    }
+    let back = format!("{}/c/model:v3", registry.host());
+    s.ok(&["copy", &oci, &back, "--plain-http"]);
+    assert_eq!(
+        s.ok(&["resolve", &back, "--plain-http"]).trim(),
+        pushed.trim()
+    );
+}
+
+#[test]
+fn killed_pull_resumes_and_fetches_less() {
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let size = 160 << 20;
+    let dir = model(&s, size);
+    let direct = format!("{}/big/model:v1", registry.host());
+    s.ok(&["build", &dir, "-t", &direct]);
+    s.ok(&["push", &direct, "--plain-http"]);
+
+    // Slow the pull down (8 connections x 4 MiB/s) so it can be killed half way.
+    let proxy = Proxy::start(registry.port, Some(4 << 20));
+    let via_proxy = format!("{}/big/model:v1", proxy.host());
+    let puller = Scratch::new();
+    let mut child = Command::new(util::bin())
+        .arg("--store")
+        .arg(puller.store())
+        .args(["pull", &via_proxy, "--plain-http"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while proxy.served() < (size as u64) / 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    let first = proxy.served();
+    assert!(
+        first < size as u64,
+        "the pull finished before it could be killed"
+    );
+    assert_eq!(
+        puller.ok(&["ls", "--format", "json"]).trim(),
+        "[]",
+        "a killed pull names nothing"
+    );
+
+    let fast = Proxy::start(registry.port, None);
+    let again = format!("{}/big/model:v1", fast.host());
+    let out = puller.ok(&["pull", &again, "--plain-http"]);
+    assert!(out.contains("resumed"), "{out}");
+    let second = fast.served();
+    assert!(
+        second < size as u64 * 9 / 10,
+        "second pull fetched {second} of {size} bytes"
+    );
+    assert!(puller.ok(&["store", "check"]).contains("consistent"));
+    let tree = puller.path("tree");
+    puller.ok(&["extract", &again, tree.to_str().expect("utf8")]);
+    assert_eq!(util::tree(&tree), util::tree(std::path::Path::new(&dir)));
+}
+
+#[test]
+fn attach_discover_and_small_commands() {
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = model(&s, 1 << 20);
+    let reference = format!("{}/team/model:v1", registry.host());
+    s.ok(&["build", &dir, "-t", &reference]);
+    let digest = s
+        .ok(&["-q", "push", &reference, "--plain-http"])
+        .trim()
+        .to_owned();
+
+    let sig = s.path("signature.json");
+    fs::write(&sig, br#"{"signed":true}"#).expect("write");
+    let attached = s.ok(&[
+        "-q",
+        "attach",
+        "--plain-http",
+        "--subject",
+        &reference,
+        "--artifact-type",
+        "application/vnd.example.signature",
+        sig.to_str().expect("utf8"),
+    ]);
+    let found: Value =
+        serde_json::from_str(&s.ok(&["discover", &reference, "--plain-http", "--format", "json"]))
+            .expect("json");
+    let referrers = found["referrers"].as_array().expect("referrers");
+    assert_eq!(referrers.len(), 1, "{found}");
+    assert_eq!(referrers[0]["digest"], attached.trim());
+    assert_eq!(
+        referrers[0]["artifactType"],
+        "application/vnd.example.signature"
+    );
+
+    // Tags, remote tag, manifest and blob commands.
+    s.ok(&[
+        "tag",
+        "--remote",
+        &reference,
+        "v2",
+        "stable",
+        "--plain-http",
+    ]);
+    let tags = s.ok(&[
+        "repo",
+        "tags",
+        &format!("{}/team/model", registry.host()),
+        "--plain-http",
+    ]);
+    for t in ["v1", "v2", "stable"] {
+        assert!(tags.lines().any(|l| l == t), "{t} missing from {tags}");
+    }
+    let manifest_file = s.path("manifest.json");
+    s.ok(&[
+        "manifest",
+        "fetch",
+        &reference,
+        "--plain-http",
+        "-o",
+        manifest_file.to_str().expect("utf8"),
+    ]);
+    assert_eq!(
+        format!("sha256:{}", util::sha256_file(&manifest_file)),
+        digest
+    );
+    let copy_ref = format!("{}/team/model:copy", registry.host());
+    s.ok(&[
+        "manifest",
+        "push",
+        &copy_ref,
+        manifest_file.to_str().expect("utf8"),
+        "--plain-http",
+    ]);
+    assert_eq!(s.ok(&["resolve", &copy_ref, "--plain-http"]).trim(), digest);
+
+    let blob_file = s.path("blob.bin");
+    fs::write(&blob_file, b"some blob").expect("write");
+    let blob_digest = s.ok(&[
+        "blob",
+        "push",
+        &format!("{}/team/model", registry.host()),
+        blob_file.to_str().expect("utf8"),
+        "--plain-http",
+    ]);
+    let fetched = s.path("fetched.bin");
+    s.ok(&[
+        "blob",
+        "fetch",
+        &format!("{}/team/model@{}", registry.host(), blob_digest.trim()),
+        "-o",
+        fetched.to_str().expect("utf8"),
+        "--plain-http",
+    ]);
+    assert_eq!(fs::read(&fetched).expect("read"), b"some blob");
+    s.ok(&[
+        "blob",
+        "delete",
+        &format!("{}/team/model@{}", registry.host(), blob_digest.trim()),
+        "--plain-http",
+    ]);
+    let err = s.fails(&[
+        "blob",
+        "fetch",
+        &format!("{}/team/model@{}", registry.host(), blob_digest.trim()),
+        "-o",
+        fetched.to_str().expect("utf8"),
+        "--plain-http",
+    ]);
+    assert!(err.contains("404"), "{err}");
+    s.ok(&["manifest", "delete", &copy_ref, "--plain-http"]);
+    let err = s.fails(&[
+        "resolve",
+        &format!("{}/team/model@{digest}", registry.host()),
+        "--plain-http",
+    ]);
+    assert!(err.contains("not found"), "{err}");
+}
+
+#[test]
+fn unreachable_registry_fails_with_one_line() {
+    let s = Scratch::new();
+    let port = util::free_port();
+    let started = std::time::Instant::now();
+    let err = s.fails(&["pull", &format!("127.0.0.1:{port}/x/y:z"), "--plain-http"]);
+    assert!(err.contains("127.0.0.1"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(150),
+        "gave up too late"
+    );
+}
