@@ -247,21 +247,28 @@ pub fn model_manifest(store: &Path, layers: &[serde_json::Value], diff_ids: &[St
     .expect("json")
 }
 
-/// Peak resident memory (KiB) of a command run to completion, and its output status.
-#[allow(unsafe_code)]
+/// Peak resident memory (KiB) of a command run to completion, and whether it succeeded.
+///
+/// Sampled from `/proc/PID/status` (`VmHWM`, monotonic) every 5 ms: `wait4`'s `ru_maxrss` would
+/// include this test process's memory, which a vforked child inherits at exec.
 pub fn peak_rss_kib(cmd: &mut Command) -> (bool, u64) {
-    let child = cmd.spawn().expect("spawn");
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: zeroed rusage is valid; pid is our un-waited child; pointers are valid.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(rc, pid, "wait4");
-    std::mem::forget(child);
-    (
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        usage.ru_maxrss as u64,
-    )
+    let mut child = cmd.spawn().expect("spawn");
+    let pid = child.id();
+    let mut peak = 0;
+    loop {
+        if let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status"))
+            && let Some(kib) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak = peak.max(kib);
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            return (status.success(), peak);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// A free TCP port on loopback.

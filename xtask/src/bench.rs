@@ -111,9 +111,353 @@ fn bench_build(bin: &Path, work: &Path, size_mib: u64, runs: usize) -> anyhow::R
     ])
 }
 
+fn digest_of_layer0(bin: &Path, store: &Path, name: &str) -> anyhow::Result<String> {
+    let out = Command::new(bin)
+        .arg("--store")
+        .arg(store)
+        .args(["inspect", name, "--format", "json"])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("inspect JSON")?;
+    v["layers"][0]["digest"]
+        .as_str()
+        .map(str::to_owned)
+        .context("no layer digest")
+}
+
+fn make_multi_model(dir: &Path, shard_mib: u64) -> anyhow::Result<()> {
+    fs::create_dir_all(dir.join("tokenizer"))?;
+    for i in 0..8u64 {
+        measure::write_random(
+            &dir.join(format!("model-{:05}-of-00008.safetensors", i + 1)),
+            shard_mib << 20,
+            100 + i,
+        )?;
+    }
+    for i in 0..20u64 {
+        let size = 1024 * (i + 1) * 3;
+        measure::write_random(
+            &dir.join(format!("tokenizer/part-{i:02}.json")),
+            size,
+            500 + i,
+        )?;
+    }
+    fs::write(dir.join("config.json"), br#"{"model_type":"bench"}"#)?;
+    Ok(())
+}
+
+const ORAS_PULL: &str = "import sys, oras.client\nc = oras.client.OrasClient(hostname=sys.argv[1], insecure=True)\nc.pull(target=sys.argv[2], outdir=sys.argv[3])\n";
+
+/// Times a command `runs` times, cleaning `outputs` and syncing before each run.
+fn timed(
+    runs: usize,
+    outputs: &[&Path],
+    mut make: impl FnMut(usize) -> Command,
+) -> anyhow::Result<Sample> {
+    let mut samples = Vec::new();
+    for run in 0..runs {
+        for o in outputs {
+            let _ = fs::remove_dir_all(o);
+            let _ = fs::remove_file(o);
+        }
+        measure::sync();
+        let mut cmd = make(run);
+        cmd.stdout(std::process::Stdio::null());
+        samples.push(measure::run(&mut cmd)?);
+    }
+    Ok(measure::median(&samples))
+}
+
+fn row(
+    what: String,
+    ours: &Sample,
+    theirs: &Sample,
+    theirs_label: &str,
+    target: f64,
+    ours_over_theirs: bool,
+) -> Row {
+    let ratio = ours.wall.as_secs_f64() / theirs.wall.as_secs_f64();
+    let (target_text, pass) = if ours_over_theirs {
+        (format!("<= {target}"), ratio <= target)
+    } else {
+        (
+            format!("<= {:.2} (>= {:.0}x faster)", 1.0 / target, target),
+            ratio <= 1.0 / target,
+        )
+    };
+    Row {
+        what,
+        ours: format!(
+            "{} ({:.0} MiB RSS)",
+            secs(ours),
+            ours.max_rss_kib as f64 / 1024.0
+        ),
+        theirs: format!("{} ({theirs_label})", secs(theirs)),
+        ratio,
+        target: target_text,
+        pass,
+    }
+}
+
+fn info_row(what: String, ours: &Sample, theirs: &Sample, theirs_label: &str) -> Row {
+    Row {
+        what,
+        ours: secs(ours),
+        theirs: format!("{} ({theirs_label})", secs(theirs)),
+        ratio: ours.wall.as_secs_f64() / theirs.wall.as_secs_f64(),
+        target: "-".into(),
+        pass: true,
+    }
+}
+
+fn bench_transfer(
+    bin: &Path,
+    work: &Path,
+    size_mib: u64,
+    runs: usize,
+    big_mib: u64,
+) -> anyhow::Result<Vec<Row>> {
+    let registry = crate::services::Registry::start(&work.join("registry"))?;
+    let host = registry.host();
+    let python = crate::setup::oras_venv().join("bin/python");
+    let store = work.join("store");
+    let single = work.join("single");
+    fs::create_dir_all(&single)?;
+    measure::write_random(&single.join("model.safetensors"), size_mib << 20, 11)?;
+    let multi = work.join("multi");
+    make_multi_model(&multi, (size_mib / 8).max(1))?;
+    let mp = |args: &[&str]| -> anyhow::Result<()> {
+        let st = Command::new(bin)
+            .arg("--store")
+            .arg(&store)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(st.success(), "modelpack {args:?} failed");
+        Ok(())
+    };
+    let single_ref = format!("{host}/bench/single:v1");
+    let multi_ref = format!("{host}/bench/multi:v1");
+    mp(&[
+        "build",
+        single.to_str().unwrap_or_default(),
+        "-t",
+        &single_ref,
+    ])?;
+    mp(&[
+        "build",
+        multi.to_str().unwrap_or_default(),
+        "-t",
+        &multi_ref,
+    ])?;
+    mp(&["push", &single_ref, "--plain-http"])?;
+    mp(&["push", &multi_ref, "--plain-http"])?;
+    let blob = digest_of_layer0(bin, &store, &single_ref)?;
+    let blob_file = store
+        .join("blobs/sha256")
+        .join(blob.trim_start_matches("sha256:"));
+    let mut rows = Vec::new();
+
+    println!("bench: push {size_mib} MiB");
+    let push_ours = timed(runs, &[], |run| {
+        let mut c = Command::new(bin);
+        c.arg("--store").arg(&store).args([
+            "push",
+            "--plain-http",
+            "--from",
+            &single_ref,
+            &format!("{host}/push-ours-{run}/m:v1"),
+        ]);
+        c
+    })?;
+    let push_curl = {
+        let mut samples = Vec::new();
+        for run in 0..runs {
+            measure::sync();
+            let started = std::time::Instant::now();
+            let out = Command::new("curl")
+                .args(["-s", "-X", "POST", "-D", "-", "-o", "/dev/null"])
+                .arg(format!("http://{host}/v2/push-curl-{run}/m/blobs/uploads/"))
+                .output()?;
+            let headers = String::from_utf8_lossy(&out.stdout);
+            let location = headers
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("Location: ")
+                        .or_else(|| l.strip_prefix("location: "))
+                })
+                .context("no Location from the registry")?
+                .trim()
+                .to_owned();
+            let url = if location.starts_with("http") {
+                location
+            } else {
+                format!("http://{host}{location}")
+            };
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let put = measure::run(
+                Command::new("curl")
+                    .args(["-s", "-f", "-T"])
+                    .arg(&blob_file)
+                    .arg(format!("{url}{sep}digest={blob}"))
+                    .stdout(std::process::Stdio::null()),
+            )?;
+            samples.push(Sample {
+                wall: started.elapsed(),
+                max_rss_kib: put.max_rss_kib,
+            });
+        }
+        measure::median(&samples)
+    };
+    rows.push(row(
+        format!("push {size_mib} MiB single-blob model"),
+        &push_ours,
+        &push_curl,
+        "monolithic `curl -T`",
+        1.15,
+        true,
+    ));
+
+    println!("bench: pull {size_mib} MiB");
+    let pull_store = work.join("pull-store");
+    let pulled_file = work.join("curl-blob");
+    let oras_out = work.join("oras-out");
+    let pull_ours = timed(runs, &[&pull_store], |_| {
+        let mut c = Command::new(bin);
+        c.arg("--store")
+            .arg(&pull_store)
+            .args(["pull", "--plain-http", &single_ref]);
+        c
+    })?;
+    let pull_curl = timed(runs, &[&pulled_file], |_| {
+        let mut c = Command::new("curl");
+        c.args(["-s", "-f", "-o"])
+            .arg(&pulled_file)
+            .arg(format!("http://{host}/v2/bench/single/blobs/{blob}"));
+        c
+    })?;
+    rows.push(row(
+        format!("pull {size_mib} MiB single-blob model (verified, into the store)"),
+        &pull_ours,
+        &pull_curl,
+        "`curl -o file`",
+        1.1,
+        true,
+    ));
+    let pull_oras = timed(runs, &[&oras_out], |_| {
+        let mut c = Command::new(&python);
+        c.args(["-c", ORAS_PULL, &host, &single_ref]).arg(&oras_out);
+        c
+    })?;
+    rows.push(info_row(
+        format!("pull {size_mib} MiB single-blob model"),
+        &pull_ours,
+        &pull_oras,
+        "oras-py",
+    ));
+
+    println!("bench: pull multi-file");
+    let multi_ours = timed(runs, &[&pull_store], |_| {
+        let mut c = Command::new(bin);
+        c.arg("--store")
+            .arg(&pull_store)
+            .args(["pull", "--plain-http", &multi_ref]);
+        c
+    })?;
+    let multi_oras = timed(runs, &[&oras_out], |_| {
+        let mut c = Command::new(&python);
+        c.args(["-c", ORAS_PULL, &host, &multi_ref]).arg(&oras_out);
+        c
+    })?;
+    rows.push(row(
+        format!(
+            "pull multi-file model (8 x {} MiB + 21 small files)",
+            size_mib / 8
+        ),
+        &multi_ours,
+        &multi_oras,
+        "oras-py",
+        0.5,
+        true,
+    ));
+
+    println!("bench: slow link (10 ms each way, 50 MB/s per connection)");
+    let slow = crate::services::SlowLink::start(
+        registry.port,
+        std::time::Duration::from_millis(10),
+        50e6,
+    )?;
+    let slow_runs = runs.min(3);
+    for (label, reference) in [("single-blob", &single_ref), ("multi-file", &multi_ref)] {
+        let via = reference.replacen(&host, &slow.host(), 1);
+        let ours = timed(slow_runs, &[&pull_store], |_| {
+            let mut c = Command::new(bin);
+            c.arg("--store")
+                .arg(&pull_store)
+                .args(["pull", "--plain-http", &via]);
+            c
+        })?;
+        let theirs = timed(slow_runs, &[&oras_out], |_| {
+            let mut c = Command::new(&python);
+            c.args(["-c", ORAS_PULL, &slow.host(), &via]).arg(&oras_out);
+            c
+        })?;
+        rows.push(row(
+            format!("slow-link pull, {label} {size_mib} MiB model"),
+            &ours,
+            &theirs,
+            "oras-py",
+            3.0,
+            false,
+        ));
+    }
+    drop(slow);
+
+    println!("bench: memory, {big_mib} MiB model");
+    let big = work.join("big");
+    fs::create_dir_all(&big)?;
+    measure::write_random(&big.join("model.safetensors"), big_mib << 20, 21)?;
+    let big_ref = format!("{host}/bench/big:v1");
+    mp(&["build", big.to_str().unwrap_or_default(), "-t", &big_ref])?;
+    let _ = fs::remove_file(big.join("model.safetensors"));
+    let push_big = timed(1, &[], |_| {
+        let mut c = Command::new(bin);
+        c.arg("--store")
+            .arg(&store)
+            .args(["push", "--plain-http", &big_ref]);
+        c
+    })?;
+    let pull_big = timed(1, &[&pull_store], |_| {
+        let mut c = Command::new(bin);
+        c.arg("--store")
+            .arg(&pull_store)
+            .args(["pull", "--plain-http", &big_ref]);
+        c
+    })?;
+    let _ = fs::remove_dir_all(&pull_store);
+    let mem_row = |what: String, small: &Sample, large: &Sample| {
+        let (a, b) = (
+            small.max_rss_kib as f64 / 1024.0,
+            large.max_rss_kib as f64 / 1024.0,
+        );
+        Row {
+            what,
+            ours: format!("{a:.0} MiB ({size_mib} MiB) / {b:.0} MiB ({big_mib} MiB)"),
+            theirs: "-".into(),
+            ratio: b / 128.0,
+            target: "<= 128 MiB, flat".into(),
+            pass: b <= 128.0 && a <= 128.0 && b <= a * 1.5 + 8.0,
+        }
+    };
+    rows.push(mem_row("push peak memory".into(), &push_ours, &push_big));
+    rows.push(mem_row("pull peak memory".into(), &pull_ours, &pull_big));
+    Ok(rows)
+}
+
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let size_mib: u64 = crate::flag_value(args, "--size-mib")?.unwrap_or(1024);
     let runs: usize = crate::flag_value(args, "--runs")?.unwrap_or(5);
+    let big_mib: u64 = crate::flag_value(args, "--big-mib")?.unwrap_or(4096);
+    crate::setup::run()?;
     let sh = Shell::new()?;
     sh.change_dir(crate::root());
     cmd!(sh, "cargo build --release --locked -p modelpack-cli").run()?;
@@ -123,7 +467,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     fs::create_dir_all(&work)?;
 
     println!("bench: build ({size_mib} MiB, {runs} runs)");
-    let rows = bench_build(&bin, &work, size_mib, runs)?;
+    let mut rows = bench_build(&bin, &work.join("build"), size_mib, runs)?;
+    let _ = fs::remove_dir_all(work.join("build"));
+    rows.extend(bench_transfer(
+        &bin,
+        &work.join("transfer"),
+        size_mib,
+        runs,
+        big_mib,
+    )?);
 
     let mut table = String::new();
     let _ = writeln!(

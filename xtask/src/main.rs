@@ -8,6 +8,7 @@
 mod bench;
 mod demo;
 mod measure;
+mod services;
 mod setup;
 mod test;
 #[cfg(test)]
@@ -21,7 +22,7 @@ const USAGE: &str = "usage: cargo xtask <setup|test|bench|demo> [options]
 
   setup            install the Debian packages the project needs (as root; idempotent)
   test             setup, fmt check, clippy, and every test
-  bench [--size-mib N] [--runs N]
+  bench [--size-mib N] [--runs N] [--big-mib N]
                    run the benchmarks and write docs/benchmarks.md
   demo             build, inspect, extract and verify a sample model";
 

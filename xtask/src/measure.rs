@@ -15,31 +15,41 @@ pub struct Sample {
     pub max_rss_kib: u64,
 }
 
-/// Runs `command` to completion, returning wall time and the child's peak resident memory.
-#[allow(unsafe_code)]
+/// The child's peak resident set so far (`VmHWM`), in KiB.
+///
+/// Read from /proc rather than `wait4`'s `ru_maxrss`: a child started with vfork inherits the
+/// parent's high-water mark at exec, so `ru_maxrss` would report the parent's memory.
+pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Runs `command` to completion, returning wall time and the child's peak resident memory
+/// (sampled every 5 ms; the mark is monotonic, so only the last milliseconds can escape).
 pub fn run(command: &mut Command) -> anyhow::Result<Sample> {
     let started = Instant::now();
-    let child = command
+    let mut child = command
         .spawn()
         .with_context(|| format!("cannot start {command:?}"))?;
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: zeroed rusage is a valid value for wait4 to fill.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: pid is our own un-waited child; status and usage are valid pointers.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let pid = child.id();
+    let mut max_rss_kib = 0;
+    let status = loop {
+        if let Some(kib) = vm_hwm_kib(pid) {
+            max_rss_kib = max_rss_kib.max(kib);
+        }
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
     let wall = started.elapsed();
-    if rc != pid {
-        bail!("wait4 failed for {command:?}");
+    if !status.success() {
+        bail!("{command:?} failed ({status})");
     }
-    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-        bail!("{command:?} failed (status {status})");
-    }
-    std::mem::forget(child);
-    Ok(Sample {
-        wall,
-        max_rss_kib: usage.ru_maxrss as u64,
-    })
+    Ok(Sample { wall, max_rss_kib })
 }
 
 /// Median of durations.

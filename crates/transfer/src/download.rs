@@ -3,8 +3,8 @@
 //! order.
 
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
 use modelpack_registry::Repository;
@@ -82,8 +82,8 @@ pub async fn fetch_blob(
         digest: blob.digest.clone(),
         size: blob.size,
     });
-    if blob.size >= opts.segment_threshold && opts.concurrency > 1 {
-        fetch_segmented(repo, blob, opts, partial).await?;
+    if blob.size >= opts.segment_threshold {
+        fetch_adaptive(repo, blob, opts, partial).await?;
     } else {
         fetch_single(repo, blob, opts, partial).await?;
     }
@@ -194,59 +194,130 @@ async fn fetch_single(
     Ok(())
 }
 
-/// The saved progress of a segmented download: segment size and how many bytes from the start
-/// of each segment are written.
-fn encode_state(segment: u64, size: u64, filled: &[AtomicU64]) -> Vec<u8> {
-    let filled: Vec<u64> = filled.iter().map(|f| f.load(Ordering::SeqCst)).collect();
-    serde_json::to_vec(&serde_json::json!({"segment": segment, "size": size, "filled": filled}))
-        .unwrap_or_default()
+/// One worker's byte range: `[start, end)`, written up to `pos`. A split shrinks `end` and
+/// gives the rest to a new span, so the spans always cover the blob exactly.
+#[derive(Debug)]
+struct Span {
+    start: u64,
+    pos: AtomicU64,
+    end: AtomicU64,
 }
 
-fn decode_state(bytes: &[u8], segment: u64, size: u64, n: usize) -> Option<Vec<u64>> {
+impl Span {
+    fn new(start: u64, pos: u64, end: u64) -> Arc<Span> {
+        Arc::new(Span {
+            start,
+            pos: AtomicU64::new(pos),
+            end: AtomicU64::new(end),
+        })
+    }
+
+    fn remaining(&self) -> u64 {
+        self.end
+            .load(Ordering::SeqCst)
+            .saturating_sub(self.pos.load(Ordering::SeqCst))
+    }
+}
+
+/// Smallest piece a span is split into.
+const MIN_SPLIT: u64 = 8 << 20;
+/// Split a span only when it would take longer than this at the current per-connection rate.
+const SPLIT_WHEN_LONGER_THAN: f64 = 1.0;
+/// Saves progress at most every this many bytes.
+const SAVE_EVERY: u64 = 8 << 20;
+
+fn encode_state(size: u64, spans: &[Arc<Span>]) -> Vec<u8> {
+    let spans: Vec<[u64; 3]> = spans
+        .iter()
+        .map(|s| {
+            [
+                s.start,
+                s.pos.load(Ordering::SeqCst),
+                s.end.load(Ordering::SeqCst),
+            ]
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"size": size, "spans": spans})).unwrap_or_default()
+}
+
+/// Spans from a saved state, if it is for this blob and covers it exactly.
+fn decode_state(bytes: &[u8], size: u64) -> Option<Vec<Arc<Span>>> {
     let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    if v["segment"].as_u64()? != segment || v["size"].as_u64()? != size {
+    if v["size"].as_u64()? != size {
         return None;
     }
-    let filled: Vec<u64> = v["filled"]
+    let mut spans: Vec<(u64, u64, u64)> = v["spans"]
         .as_array()?
         .iter()
-        .enumerate()
-        .map(|(i, x)| x.as_u64().unwrap_or(0).min(segment_len(i, segment, size)))
-        .collect();
-    (filled.len() == n).then_some(filled)
+        .map(|s| Some((s[0].as_u64()?, s[1].as_u64()?, s[2].as_u64()?)))
+        .collect::<Option<_>>()?;
+    spans.sort_unstable();
+    let mut expect = 0;
+    for &(start, pos, end) in &spans {
+        if start != expect || end < start || end > size {
+            return None;
+        }
+        expect = end;
+        let _ = pos;
+    }
+    (expect == size).then(|| {
+        spans
+            .into_iter()
+            .map(|(start, pos, end)| Span::new(start, pos.clamp(start, end), end))
+            .collect()
+    })
 }
 
-fn segment_len(i: usize, segment: u64, size: u64) -> u64 {
-    segment.min(size - i as u64 * segment)
+/// How far from 0 the blob is written without a gap.
+fn frontier(spans: &[Arc<Span>]) -> u64 {
+    let mut sorted: Vec<&Arc<Span>> = spans.iter().collect();
+    sorted.sort_by_key(|s| s.start);
+    let mut f = 0;
+    for s in sorted {
+        if s.start != f {
+            break;
+        }
+        let end = s.end.load(Ordering::SeqCst);
+        let pos = s.pos.load(Ordering::SeqCst).min(end);
+        f = pos;
+        if pos < end {
+            break;
+        }
+    }
+    f
 }
 
-/// Saves progress at most every this many bytes per segment.
-const SAVE_EVERY: u64 = 4 << 20;
-
-/// Parallel Range GETs of fixed segments into a preallocated file; a blocking thread hashes
-/// segments in order as they complete; progress within each segment is saved as it goes, so a
-/// killed download continues from the bytes it has.
-async fn fetch_segmented(
+/// Large blobs: one stream first; while it runs, a span that would take more than a second is
+/// split and the second half fetched on another connection (up to the concurrency), so slow or
+/// far links fill with parallel Range GETs while a fast local link keeps one cheap stream. A
+/// thread hashes the written prefix as it grows, reading it back from the page cache; progress is
+/// saved so a killed download resumes from what it has.
+async fn fetch_adaptive(
     repo: &Repository,
     blob: &BlobRef,
     opts: &TransferOptions,
     partial: Resumable,
 ) -> Result<()> {
-    let segment = opts.segment_size.max(1 << 20);
-    let n = blob.size.div_ceil(segment) as usize;
     let file = partial.file().try_clone().map_err(io("partial file"))?;
-    let previous = partial
-        .load_state()
-        .and_then(|b| decode_state(&b, segment, blob.size, n));
-    let filled: Arc<Vec<AtomicU64>> = Arc::new(match &previous {
-        Some(f) => f.iter().map(|&x| AtomicU64::new(x)).collect(),
-        None => {
-            file.set_len(0).map_err(io("partial file"))?;
-            file.set_len(blob.size).map_err(io("preallocating"))?;
-            (0..n).map(|_| AtomicU64::new(0)).collect()
-        }
-    });
-    let resumed: u64 = filled.iter().map(|f| f.load(Ordering::SeqCst)).sum();
+    let spans: Arc<Mutex<Vec<Arc<Span>>>> = Arc::new(Mutex::new(
+        match partial
+            .load_state()
+            .and_then(|b| decode_state(&b, blob.size))
+        {
+            Some(spans) => spans,
+            None => {
+                file.set_len(0).map_err(io("partial file"))?;
+                file.set_len(blob.size).map_err(io("preallocating"))?;
+                vec![Span::new(0, 0, blob.size)]
+            }
+        },
+    ));
+    let snapshot =
+        |spans: &Arc<Mutex<Vec<Arc<Span>>>>| spans.lock().map(|g| g.clone()).unwrap_or_default();
+    let resumed: u64 = snapshot(&spans)
+        .iter()
+        .map(|s| s.pos.load(Ordering::SeqCst) - s.start)
+        .sum();
     if resumed > 0 {
         (opts.progress)(Event::Resumed {
             digest: blob.digest.clone(),
@@ -254,86 +325,120 @@ async fn fetch_segmented(
         });
     }
     let partial = Arc::new(Mutex::new(Some(partial)));
+    let unsaved = Arc::new(AtomicU64::new(0));
     let save = {
         let partial = partial.clone();
-        let filled = filled.clone();
+        let spans = spans.clone();
         let size = blob.size;
         move || {
+            let current = spans.lock().map(|g| g.clone()).unwrap_or_default();
             if let Ok(guard) = partial.lock()
                 && let Some(p) = guard.as_ref()
             {
-                let _ = p.save_state(&encode_state(segment, size, &filled));
+                let _ = p.save_state(&encode_state(size, &current));
             }
         }
     };
-    let complete =
-        |i: usize| filled[i].load(Ordering::SeqCst) == segment_len(i, segment, blob.size);
-    let (tx, rx) = mpsc::channel::<usize>();
-    for i in 0..n {
-        if complete(i) {
-            let _ = tx.send(i);
-        }
-    }
-    // The hasher: waits for segment 0, 1, 2, ... in order, reading each back from the file.
+
+    // The hasher follows the written prefix.
+    let failed = Arc::new(AtomicBool::new(false));
     let hasher = {
         let file = file.try_clone().map_err(io("partial file"))?;
+        let spans = spans.clone();
+        let failed = failed.clone();
         let size = blob.size;
         tokio::task::spawn_blocking(move || -> Option<Digest> {
             let mut hasher = Sha256::new();
-            let mut ready = vec![false; n];
+            let mut hashed = 0u64;
             let mut buf = vec![0u8; 1 << 20];
-            for next in 0..n {
-                while !ready[next] {
-                    match rx.recv() {
-                        Ok(i) => ready[i] = true,
-                        Err(_) => return None,
+            while hashed < size {
+                let f = frontier(&spans.lock().map(|g| g.clone()).unwrap_or_default());
+                if f <= hashed {
+                    if failed.load(Ordering::SeqCst) {
+                        return None;
                     }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    continue;
                 }
-                let start = next as u64 * segment;
-                let end = (start + segment).min(size);
-                let mut pos = start;
-                while pos < end {
-                    let len = (end - pos).min(buf.len() as u64) as usize;
-                    if file.read_exact_at(&mut buf[..len], pos).is_err() {
+                while hashed < f {
+                    let len = (f - hashed).min(buf.len() as u64) as usize;
+                    if file.read_exact_at(&mut buf[..len], hashed).is_err() {
                         return None;
                     }
                     hasher.update(&buf[..len]);
-                    pos += len as u64;
+                    hashed += len as u64;
                 }
             }
             Some(Digest::from_sha256(hasher.finalize().into()))
         })
     };
-    let pending: Vec<usize> = (0..n).filter(|&i| !complete(i)).collect();
-    let results = futures_util::stream::iter(pending.into_iter().map(|i| {
+
+    let worker = |span: Arc<Span>| {
         let file = &file;
-        let filled = &filled;
-        let tx = tx.clone();
+        let unsaved = unsaved.clone();
         let save = &save;
         async move {
-            let start = i as u64 * segment;
-            let end = start + segment_len(i, segment, blob.size);
-            let mut last_saved = filled[i].load(Ordering::SeqCst);
-            let on_written = |pos: u64| {
-                let done = pos - start;
-                filled[i].store(done, Ordering::SeqCst);
-                if done - last_saved >= SAVE_EVERY {
-                    last_saved = done;
+            fetch_span(repo, blob, opts, file, &span, &|n| {
+                if unsaved.fetch_add(n, Ordering::SeqCst) + n >= SAVE_EVERY {
+                    unsaved.store(0, Ordering::SeqCst);
                     save();
                 }
-            };
-            let from = start + filled[i].load(Ordering::SeqCst);
-            fetch_range(repo, blob, opts, file, from, end, on_written).await?;
-            save();
-            let _ = tx.send(i);
-            Ok::<(), Error>(())
+            })
+            .await
         }
-    }))
-    .buffer_unordered(opts.concurrency.max(1))
-    .collect::<Vec<_>>()
-    .await;
-    drop(tx);
-    let first_error = results.into_iter().find_map(Result::err);
+    };
+    let mut running = futures_util::stream::FuturesUnordered::new();
+    for span in snapshot(&spans) {
+        if span.remaining() > 0 {
+            running.push(worker(span));
+        }
+    }
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    let mut first_error = None;
+    while !running.is_empty() {
+        tokio::select! {
+            done = running.next() => {
+                if let Some(Err(e)) = done {
+                    failed.store(true, Ordering::SeqCst);
+                    first_error.get_or_insert(e);
+                    break;
+                }
+            }
+            _ = tick.tick() => {
+                let elapsed = started.elapsed().as_secs_f64();
+                let current = snapshot(&spans);
+                let written: u64 = current.iter().map(|s| s.pos.load(Ordering::SeqCst) - s.start).sum::<u64>() - resumed;
+                let active = running.len().max(1);
+                let per_connection = written as f64 / elapsed.max(0.001) / active as f64;
+                if elapsed < 0.2 || running.len() >= opts.concurrency || opts.connections.available_permits() == 0 {
+                    continue;
+                }
+                let Some(widest) = current.iter().max_by_key(|s| s.remaining()) else { continue };
+                let remaining = widest.remaining();
+                if remaining < 2 * MIN_SPLIT || (remaining as f64) < per_connection * SPLIT_WHEN_LONGER_THAN {
+                    continue;
+                }
+                let pos = widest.pos.load(Ordering::SeqCst);
+                let old_end = widest.end.load(Ordering::SeqCst);
+                let mid = (pos + (old_end - pos) / 2) & !((1 << 20) - 1);
+                if mid <= pos || mid >= old_end {
+                    continue;
+                }
+                // The old worker may write a little past `mid` before it sees the new end: the
+                // bytes are the blob's own, so the overlap is harmless.
+                widest.end.store(mid, Ordering::SeqCst);
+                let fresh = Span::new(mid, mid, old_end);
+                if let Ok(mut g) = spans.lock() {
+                    g.push(fresh.clone());
+                }
+                tracing::debug!(digest = %blob.digest, mid, "split a slow range onto another connection");
+                running.push(worker(fresh));
+            }
+        }
+    }
+    drop(running);
+    save();
     let digest = hasher
         .await
         .map_err(|e| Error::Unsupported(format!("hasher thread failed: {e}")))?;
@@ -354,20 +459,23 @@ async fn fetch_segmented(
     Ok(())
 }
 
-/// Fetches bytes `start..end` of the blob into `file` at their offsets, retrying from where a
-/// broken stream stopped; `on_written` hears each new end position.
-async fn fetch_range(
+/// Fetches a span into `file` at its offsets, following its (possibly shrinking) end and
+/// retrying from where a broken stream stopped.
+async fn fetch_span(
     repo: &Repository,
     blob: &BlobRef,
     opts: &TransferOptions,
     file: &std::fs::File,
-    start: u64,
-    end: u64,
-    mut on_written: impl FnMut(u64),
+    span: &Span,
+    on_written: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
-    let mut pos = start;
     let mut failures = 0u32;
-    while pos < end {
+    loop {
+        let mut pos = span.pos.load(Ordering::SeqCst);
+        let end = span.end.load(Ordering::SeqCst);
+        if pos >= end {
+            return Ok(());
+        }
         let _permit = opts.connections.acquire().await;
         let stream = repo.get_blob(&blob.digest, Some(pos..end)).await?;
         // A server that ignores Range sends the whole blob from 0: skip to our position.
@@ -387,41 +495,39 @@ async fn fetch_range(
                 let _ = chunk.split_to(k);
                 skip -= k as u64;
             }
-            let room = (end - pos) as usize;
+            let end = span.end.load(Ordering::SeqCst);
+            let room = end.saturating_sub(pos) as usize;
             if chunk.len() > room {
                 chunk.truncate(room);
             }
-            if chunk.is_empty() {
-                if pos >= end {
-                    break;
-                }
-                continue;
+            if !chunk.is_empty() {
+                // Page-cache writes: short enough to do on the runtime thread.
+                file.write_all_at(&chunk, pos)
+                    .map_err(io("writing partial data"))?;
+                pos += chunk.len() as u64;
+                span.pos.store(pos, Ordering::SeqCst);
+                on_written(chunk.len() as u64);
+                (opts.progress)(Event::Bytes {
+                    digest: blob.digest.clone(),
+                    bytes: chunk.len() as u64,
+                });
             }
-            // Page-cache writes: short enough to do on the runtime thread.
-            file.write_all_at(&chunk, pos)
-                .map_err(io("writing partial data"))?;
-            pos += chunk.len() as u64;
-            on_written(pos);
-            (opts.progress)(Event::Bytes {
-                digest: blob.digest.clone(),
-                bytes: chunk.len() as u64,
-            });
             if pos >= end {
-                break;
+                return Ok(());
             }
         }
-        if pos < end {
-            failures += 1;
-            let reason = broke.map_or_else(|| "stream ended early".to_owned(), |e| e.to_string());
-            if failures >= repo.client().options().retry.attempts {
-                return Err(modelpack_registry::Error::Protocol(format!(
-                    "blob {}: bytes {pos}..{end} failed: {reason}",
-                    blob.digest
-                ))
-                .into());
-            }
-            tracing::debug!(pos, end, %reason, "range broke; resuming");
+        if pos >= span.end.load(Ordering::SeqCst) {
+            return Ok(());
         }
+        failures += 1;
+        let reason = broke.map_or_else(|| "stream ended early".to_owned(), |e| e.to_string());
+        if failures >= repo.client().options().retry.attempts {
+            return Err(modelpack_registry::Error::Protocol(format!(
+                "blob {}: bytes from {pos} failed: {reason}",
+                blob.digest
+            ))
+            .into());
+        }
+        tracing::debug!(pos, %reason, "range broke; resuming");
     }
-    Ok(())
 }

@@ -85,10 +85,9 @@ pub struct TransferOptions {
     pub concurrency: usize,
     /// Connections in flight at once, across blobs.
     pub connections: Arc<Semaphore>,
-    /// Blobs at least this large are fetched as parallel segments.
+    /// Blobs at least this large are fetched by the adaptive engine (one stream, split onto
+    /// more connections when it is slow, hashed as the prefix grows, resumable mid-blob).
     pub segment_threshold: u64,
-    /// Size of each parallel segment.
-    pub segment_size: u64,
     /// Upload in PATCH chunks of this size instead of one PUT.
     pub chunk_size: Option<u64>,
     /// Progress callback.
@@ -100,21 +99,20 @@ impl std::fmt::Debug for TransferOptions {
         f.debug_struct("TransferOptions")
             .field("concurrency", &self.concurrency)
             .field("segment_threshold", &self.segment_threshold)
-            .field("segment_size", &self.segment_size)
             .field("chunk_size", &self.chunk_size)
             .finish()
     }
 }
 
 impl TransferOptions {
-    /// `concurrency` blobs and connections, 64 MiB segments for blobs over 128 MiB, no progress.
+    /// `concurrency` blobs and connections, the adaptive engine for blobs of 16 MiB and more, no
+    /// progress.
     pub fn new(concurrency: usize) -> TransferOptions {
         let concurrency = concurrency.clamp(1, 64);
         TransferOptions {
             concurrency,
             connections: Arc::new(Semaphore::new(concurrency)),
-            segment_threshold: 128 << 20,
-            segment_size: 64 << 20,
+            segment_threshold: 16 << 20,
             chunk_size: None,
             progress: Arc::new(|_| {}),
         }
