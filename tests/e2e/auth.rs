@@ -142,3 +142,45 @@ fn login_push_pull_and_wrong_password() {
     let out = run(&s, &["pull", &reference, "--plain-http"], "");
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
 }
+
+#[test]
+fn credential_helper_supplies_the_password() {
+    let Some(htpasswd) = htpasswd() else { return };
+    let Some(registry) = Registry::start(Some(&htpasswd)) else {
+        return;
+    };
+    let s = Scratch::new();
+    // A docker-credential helper, as credsStore names it.
+    let bin = s.path("bin");
+    fs::create_dir_all(&bin).expect("mkdir");
+    let helper = bin.join("docker-credential-fake");
+    fs::write(
+        &helper,
+        format!("#!/bin/sh\nread host\n[ \"$1\" = get ] && printf '{{\"Username\":\"{USER}\",\"Secret\":\"{PASSWORD}\"}}'\n"),
+    )
+    .expect("write helper");
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&helper, fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::create_dir_all(s.path("docker")).expect("mkdir");
+    fs::write(s.path("docker/config.json"), br#"{"credsStore":"fake"}"#).expect("config");
+    let dir = s.path("model");
+    fs::create_dir_all(&dir).expect("mkdir");
+    fs::write(dir.join("a.bin"), b"abc").expect("write");
+    let reference = format!("{}/helper/model:v1", registry.host());
+    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(util::bin())
+        .arg("--store")
+        .arg(s.store())
+        .args(["push", &reference, "--plain-http"])
+        .env("DOCKER_CONFIG", s.path("docker"))
+        .env("PATH", path)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains(PASSWORD));
+}

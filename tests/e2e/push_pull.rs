@@ -343,3 +343,114 @@ fn unreachable_registry_fails_with_one_line() {
         "gave up too late"
     );
 }
+
+#[test]
+fn build_push_keeps_no_local_copy_and_chunked_uploads_work() {
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = model(&s, 5 << 20);
+    let reference = format!("{}/direct/model:v1", registry.host());
+    let pushed = s.ok(&[
+        "-q",
+        "build",
+        &dir,
+        "-t",
+        &reference,
+        "--push",
+        "--plain-http",
+    ]);
+    assert_eq!(
+        s.ok(&["resolve", &reference, "--plain-http"]).trim(),
+        pushed.trim()
+    );
+    assert_eq!(
+        s.ok(&["ls", "--format", "json"]).trim(),
+        "[]",
+        "no local name"
+    );
+    // The weight never entered the store.
+    let stored: u64 = fs::read_dir(s.store().join("blobs/sha256"))
+        .expect("blobs")
+        .map(|e| e.expect("entry").metadata().expect("stat").len())
+        .sum();
+    assert!(
+        stored < 64 * 1024,
+        "{stored} bytes stored; the weight was copied"
+    );
+    let out = s.path("out");
+    s.ok(&[
+        "pull",
+        &reference,
+        "--plain-http",
+        "-o",
+        out.to_str().expect("utf8"),
+    ]);
+    assert_eq!(util::tree(&out), util::tree(std::path::Path::new(&dir)));
+
+    // Chunked uploads (1 MiB PATCHes) give the same manifest.
+    let local = format!("{}/chunked/model:v1", registry.host());
+    s.ok(&["build", &dir, "-t", &local, "--no-creation-time"]);
+    let chunked = s.ok(&["-q", "push", &local, "--plain-http", "--chunk-size", "1"]);
+    let other = Scratch::new();
+    let pulled = other.ok(&["-q", "pull", &local, "--plain-http"]);
+    assert_eq!(pulled.trim(), chunked.trim());
+    assert!(other.ok(&["store", "check"]).contains("consistent"));
+}
+
+#[test]
+fn interrupted_pull_into_a_folder_leaves_it_as_it_was() {
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = model(&s, 64 << 20);
+    let reference = format!("{}/ctrlc/model:v1", registry.host());
+    s.ok(&["build", &dir, "-t", &reference]);
+    s.ok(&["push", &reference, "--plain-http"]);
+    let proxy = Proxy::start(registry.port, Some(4 << 20));
+    let slow = format!("{}/ctrlc/model:v1", proxy.host());
+    let target = s.path("target");
+    fs::create_dir_all(&target).expect("mkdir");
+    fs::write(target.join("mine.txt"), b"user file").expect("write");
+    let child = Command::new(util::bin())
+        .arg("--store")
+        .arg(s.store())
+        .args(["pull", &slow, "--plain-http", "-o"])
+        .arg(&target)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while proxy.served() < 8 << 20 && std::time::Instant::now() < deadline {
+        // Never a partial file under its final name.
+        for (path, (hash, _)) in util::tree(&target) {
+            if path == "mine.txt" || path.starts_with(".modelpack-extract-") {
+                continue;
+            }
+            let want = util::sha256_file(&std::path::Path::new(&dir).join(&path));
+            assert_eq!(hash, want, "{path} visible before it was complete");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: signalling our own child by its PID.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left: Vec<String> = util::listing(&target);
+    assert_eq!(
+        left,
+        [target.join("mine.txt").display().to_string()],
+        "Ctrl-C left files behind"
+    );
+}

@@ -9,7 +9,7 @@
 //! into the store; same inputs and `SOURCE_DATE_EPOCH` give the same manifest digest.
 //!
 //! ```no_run
-//! use modelpack_build::{BuildOptions, Metadata, build};
+//! use modelpack_build::{BuildOptions, LayerPlacement, Metadata, build};
 //! use modelpack_spec::Encoding;
 //!
 //! let store = modelpack_store::Store::open("/tmp/store".as_ref()).unwrap();
@@ -21,7 +21,7 @@
 //!     created: None,
 //!     source_date_epoch: None,
 //!     metadata: Metadata::default(),
-//!     link: false,
+//!     placement: LayerPlacement::Copy,
 //!     concurrency: 2,
 //! };
 //! let out = build(&store, &opts, &|_| {}).unwrap();
@@ -51,7 +51,9 @@ use modelpack_store::Store;
 
 pub use error::{Error, Result};
 pub use modelfile::{Metadata, Modelfile, Selector};
-pub use pack::{AttrPolicy, PackedLayer, Placement, ZSTD_FRAME_SIZE, copy_and_hash, pack_file};
+pub use pack::{
+    AttrPolicy, LayerPlacement, PackedLayer, Placement, ZSTD_FRAME_SIZE, copy_and_hash, pack_file,
+};
 pub use plan::{
     PlannedFile, Source, UNKNOWN_WEIGHT_THRESHOLD, classify, classify_name, exclude_set,
     infer_metadata, modelfile_for, plan_auto, plan_from_modelfile,
@@ -74,8 +76,8 @@ pub struct BuildOptions<'a> {
     pub source_date_epoch: Option<DateTime<FixedOffset>>,
     /// Metadata from the command line; wins over the Modelfile and over guesses.
     pub metadata: Metadata,
-    /// Reflink or hard-link raw files into the store instead of copying them.
-    pub link: bool,
+    /// Where raw files' bytes go: copied, linked, or left in place.
+    pub placement: LayerPlacement,
     /// Files packed at once.
     pub concurrency: usize,
 }
@@ -172,8 +174,14 @@ pub fn build(
                         break;
                     };
                     let file = &files[idx];
-                    let result =
-                        pack_file(store, file, opts.encoding, &policy, opts.link, &progress);
+                    let result = pack_file(
+                        store,
+                        file,
+                        opts.encoding,
+                        &policy,
+                        opts.placement,
+                        &progress,
+                    );
                     match &result {
                         Ok(layer) => on_event(BuildEvent::Packed(file, layer)),
                         Err(_) => failed.store(true, Ordering::Relaxed),

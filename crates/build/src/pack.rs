@@ -37,6 +37,17 @@ pub struct AttrPolicy {
     pub zero_owner: bool,
 }
 
+/// Where raw files' bytes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerPlacement {
+    /// Copied into the store while hashed.
+    Copy,
+    /// Reflinked or hard-linked into the store where the file system allows.
+    Link,
+    /// Hashed and left where they are (the caller pushes them from there).
+    InPlace,
+}
+
 /// How bytes got into the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
@@ -48,6 +59,8 @@ pub enum Placement {
     HardLinked,
     /// The blob was already in the store.
     AlreadyPresent,
+    /// Hashed where it is and left there (for a build pushed straight to a registry).
+    InPlace,
 }
 
 /// One layer written to the store.
@@ -61,6 +74,8 @@ pub struct PackedLayer {
     pub placement: Placement,
     /// Why `--link` fell back to a copy, if it did.
     pub link_fallback: Option<String>,
+    /// Where the blob's bytes are when they were left in place instead of stored.
+    pub source: Option<std::path::PathBuf>,
 }
 
 struct Attrs {
@@ -303,9 +318,10 @@ pub fn pack_file(
     file: &PlannedFile,
     encoding: Encoding,
     policy: &AttrPolicy,
-    link: bool,
+    placement: LayerPlacement,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<PackedLayer> {
+    let link = placement == LayerPlacement::Link;
     let attrs = attrs_of(&file.abs, policy)?;
     let encoding = match (&file.source, encoding) {
         (Source::Symlink(_), Encoding::Raw) => Encoding::Tar,
@@ -320,7 +336,19 @@ pub fn pack_file(
         ),
     };
     let mut link_fallback = None;
-    let (digest, size, diff_id, placement, file_size) = if encoding == Encoding::Raw {
+    let mut source = None;
+    let (digest, size, diff_id, placement, file_size) = if encoding == Encoding::Raw
+        && placement == LayerPlacement::InPlace
+    {
+        let mut src = File::open(&file.abs).at(&file.abs)?;
+        let (digest, size) = modelpack_store::sha256_reader(&mut Counting {
+            inner: &mut src,
+            progress,
+        })
+        .at(&file.abs)?;
+        source = Some(file.abs.clone());
+        (digest.clone(), size, digest, Placement::InPlace, size)
+    } else if encoding == Encoding::Raw {
         let mut placed = None;
         if link {
             match place_linked(store, file, progress) {
@@ -378,6 +406,7 @@ pub fn pack_file(
         diff_id,
         placement,
         link_fallback,
+        source,
     })
 }
 

@@ -178,8 +178,14 @@ pub struct BuildArgs {
     /// Files packed at once [default: number of CPUs]
     #[arg(short = 'c', long)]
     pub concurrency: Option<usize>,
+    /// Push to the registry the tag names instead of keeping a local copy: raw files are hashed
+    /// where they are and uploaded from there
+    #[arg(long, conflicts_with = "link")]
+    pub push: bool,
     #[command(flatten)]
     pub metadata: MetadataArgs,
+    #[command(flatten)]
+    pub connection: crate::remote::ConnectionArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -293,4 +299,14 @@ pub struct StoreCheckArgs {
     /// Output format
     #[arg(long = "format", value_enum, default_value_t)]
     pub output: OutputFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn clap_definitions_are_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

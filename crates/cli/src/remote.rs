@@ -15,9 +15,9 @@ use modelpack_transfer::{Event, TransferOptions};
 
 use crate::display;
 
-/// Flags for talking to registries (oras names).
+/// How to reach a registry (oras's flag names).
 #[derive(Debug, Args, Clone, Default)]
-pub struct RegistryArgs {
+pub struct ConnectionArgs {
     /// Use HTTP instead of HTTPS
     #[arg(long)]
     pub plain_http: bool,
@@ -33,15 +33,12 @@ pub struct RegistryArgs {
     /// Password or token (prefer `login --password-stdin`)
     #[arg(short = 'p', long, requires = "username")]
     pub password: Option<String>,
-    /// Blobs and connections in flight at once
-    #[arg(long, default_value_t = 8)]
-    pub concurrency: usize,
     /// Upload in chunks of this many MiB (default: one streamed PUT per blob)
     #[arg(long, value_name = "MIB")]
     pub chunk_size: Option<u64>,
 }
 
-impl RegistryArgs {
+impl ConnectionArgs {
     pub fn client(&self) -> anyhow::Result<Client> {
         let credential = match (&self.username, &self.password) {
             (Some(u), Some(p)) => Some(Credential {
@@ -60,11 +57,35 @@ impl RegistryArgs {
         })?)
     }
 
-    pub fn transfer_options(&self, progress: modelpack_transfer::Progress) -> TransferOptions {
-        let mut opts = TransferOptions::new(self.concurrency);
+    pub fn transfer_options(
+        &self,
+        concurrency: usize,
+        progress: modelpack_transfer::Progress,
+    ) -> TransferOptions {
+        let mut opts = TransferOptions::new(concurrency);
         opts.chunk_size = self.chunk_size.map(|m| m.max(1) << 20);
         opts.progress = progress;
         opts
+    }
+}
+
+/// Registry flags plus how many transfers run at once.
+#[derive(Debug, Args, Clone, Default)]
+pub struct RegistryArgs {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    /// Blobs and connections in flight at once
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+}
+
+impl RegistryArgs {
+    pub fn client(&self) -> anyhow::Result<Client> {
+        self.connection.client()
+    }
+
+    pub fn transfer_options(&self, progress: modelpack_transfer::Progress) -> TransferOptions {
+        self.connection.transfer_options(self.concurrency, progress)
     }
 }
 

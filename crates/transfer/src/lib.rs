@@ -18,6 +18,8 @@
 mod download;
 mod error;
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -239,15 +241,33 @@ pub async fn push(
     tag: Option<&str>,
     opts: &TransferOptions,
 ) -> Result<Digest> {
+    push_with_sources(store, digest, &HashMap::new(), repo, tag, opts).await
+}
+
+/// Like [`push`], with some blobs read from files outside the store (a build pushed straight to
+/// the registry leaves raw files in place). The registry checks each blob's digest on upload,
+/// so a file changed since it was hashed is refused, not published.
+pub async fn push_with_sources(
+    store: &Store,
+    digest: &Digest,
+    sources: &HashMap<Digest, PathBuf>,
+    repo: &Repository,
+    tag: Option<&str>,
+    opts: &TransferOptions,
+) -> Result<Digest> {
     let manifest = store.read_blob(digest, modelpack_spec::MAX_DOCUMENT_SIZE as u64)?;
     let blobs = manifest_blobs(&manifest)?;
     (opts.progress)(Event::Total {
         bytes: blobs.iter().map(|b| b.size).sum(),
     });
-    futures_util::stream::iter(blobs.iter().map(|b| push_blob(store, repo, b, opts)))
-        .buffer_unordered(opts.concurrency)
-        .try_collect::<Vec<_>>()
-        .await?;
+    futures_util::stream::iter(
+        blobs
+            .iter()
+            .map(|b| push_blob(store, sources.get(&b.digest), repo, b, opts)),
+    )
+    .buffer_unordered(opts.concurrency)
+    .try_collect::<Vec<_>>()
+    .await?;
     let reference = tag.map_or_else(|| digest.to_string(), str::to_owned);
     let pushed = repo
         .put_manifest(
@@ -261,6 +281,7 @@ pub async fn push(
 
 async fn push_blob(
     store: &Store,
+    source: Option<&PathBuf>,
     repo: &Repository,
     blob: &BlobRef,
     opts: &TransferOptions,
@@ -273,14 +294,15 @@ async fn push_blob(
         });
         return Ok(());
     }
-    if !store.has_blob(&blob.digest) {
-        return Err(modelpack_store::Error::BlobNotFound(blob.digest.clone()).into());
-    }
+    let path = match source {
+        Some(path) => path.clone(),
+        None if store.has_blob(&blob.digest) => store.blob_path(&blob.digest),
+        None => return Err(modelpack_store::Error::BlobNotFound(blob.digest.clone()).into()),
+    };
     (opts.progress)(Event::BlobStarted {
         digest: blob.digest.clone(),
         size: blob.size,
     });
-    let path = store.blob_path(&blob.digest);
     let progress = opts.progress.clone();
     let digest = blob.digest.clone();
     match opts.chunk_size {
@@ -340,7 +362,7 @@ pub async fn copy_remote(
             return Ok(());
         }
         fetch_blob(src, scratch, b, opts).await?;
-        push_blob(scratch, dst, b, opts).await
+        push_blob(scratch, None, dst, b, opts).await
     }))
     .buffer_unordered(opts.concurrency)
     .try_collect::<Vec<()>>()

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use chrono::{DateTime, FixedOffset, TimeZone, Utc};
-use modelpack_build::{BuildEvent, BuildOptions, Modelfile, Placement};
+use modelpack_build::{BuildEvent, BuildOptions, LayerPlacement, Modelfile, Placement};
 use modelpack_spec::Encoding;
 use modelpack_store::Store;
 
@@ -77,7 +77,13 @@ pub fn run(global: &GlobalArgs, args: BuildArgs) -> anyhow::Result<ExitCode> {
         created,
         source_date_epoch: sde,
         metadata: args.metadata.into_metadata(),
-        link: args.link,
+        placement: if args.push {
+            LayerPlacement::InPlace
+        } else if args.link {
+            LayerPlacement::Link
+        } else {
+            LayerPlacement::Copy
+        },
         concurrency,
     };
     let started = Instant::now();
@@ -94,8 +100,19 @@ pub fn run(global: &GlobalArgs, args: BuildArgs) -> anyhow::Result<ExitCode> {
     let output = modelpack_build::build(&store, &opts, &on_event)
         .with_context(|| format!("cannot build {}", args.context.display()))?;
     bar.finish_and_clear();
-    store.tag(&reference, &output.manifest)?;
     let total: u64 = output.layers.iter().map(|l| l.descriptor.size()).sum();
+    if args.push {
+        return push_built(
+            global,
+            &args.connection,
+            concurrency,
+            &reference,
+            &store,
+            &output,
+            started,
+        );
+    }
+    store.tag(&reference, &output.manifest)?;
     if global.quiet {
         println!("{}", output.manifest.digest());
     } else {
@@ -114,6 +131,57 @@ pub fn run(global: &GlobalArgs, args: BuildArgs) -> anyhow::Result<ExitCode> {
         if linked > 0 {
             println!("{linked} layers linked into the store without copying");
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Uploads a build made with raw files left in place: those from their paths, the rest (config,
+/// manifest, tar layers) from the store, where they stay unnamed for `prune` to collect.
+fn push_built(
+    global: &GlobalArgs,
+    registry: &crate::remote::ConnectionArgs,
+    concurrency: usize,
+    reference: &modelpack_spec::Reference,
+    store: &Store,
+    output: &modelpack_build::BuildOutput,
+    started: Instant,
+) -> anyhow::Result<ExitCode> {
+    let sources: std::collections::HashMap<modelpack_spec::Digest, std::path::PathBuf> = output
+        .layers
+        .iter()
+        .filter_map(|l| {
+            Some((
+                l.descriptor.digest().as_ref().parse().ok()?,
+                l.source.clone()?,
+            ))
+        })
+        .collect();
+    let digest: modelpack_spec::Digest = output.manifest.digest().as_ref().parse()?;
+    let client = registry.client()?;
+    let repo = crate::remote::repository(&client, reference);
+    let renderer = crate::remote::Renderer::new(global.quiet, "pushing");
+    let opts = registry.transfer_options(concurrency.max(4), renderer.progress());
+    let rt = crate::remote::runtime()?;
+    let pushed = rt
+        .block_on(modelpack_transfer::push_with_sources(
+            store,
+            &digest,
+            &sources,
+            &repo,
+            reference.tag(),
+            &opts,
+        ))
+        .with_context(|| format!("cannot push {}", reference.familiar()))?;
+    let summary = renderer.finish();
+    if global.quiet {
+        println!("{pushed}");
+    } else {
+        println!(
+            "Built and pushed {} {pushed} ({} layers; {summary}; {:.2}s in all)",
+            reference.familiar(),
+            output.layers.len(),
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
