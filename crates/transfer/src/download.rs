@@ -223,6 +223,11 @@ impl Span {
 const MIN_SPLIT: u64 = 8 << 20;
 /// Split a span only when it would take longer than this at the current per-connection rate.
 const SPLIT_WHEN_LONGER_THAN: f64 = 1.0;
+/// A connection faster than this (bytes/s) is not split: it is already using the local disk and
+/// CPU, and more streams only compete for them (measured on loopback).
+const FAST_CONNECTION: f64 = 256.0 * 1024.0 * 1024.0;
+/// Writes are gathered to this size before they reach the file.
+const WRITE_BATCH: usize = 1 << 20;
 /// Saves progress at most every this many bytes.
 const SAVE_EVERY: u64 = 8 << 20;
 
@@ -340,8 +345,11 @@ async fn fetch_adaptive(
         }
     };
 
-    // The hasher follows the written prefix.
+    // The hasher follows the written prefix: bytes written exactly at the prefix's end arrive
+    // through the channel and are hashed from memory; anything else is read back from the file
+    // once the prefix reaches it.
     let failed = Arc::new(AtomicBool::new(false));
+    let (written_tx, mut written_rx) = tokio::sync::mpsc::channel::<(u64, bytes::Bytes)>(64);
     let hasher = {
         let file = file.try_clone().map_err(io("partial file"))?;
         let spans = spans.clone();
@@ -351,13 +359,39 @@ async fn fetch_adaptive(
             let mut hasher = Sha256::new();
             let mut hashed = 0u64;
             let mut buf = vec![0u8; 1 << 20];
+            let mut open = true;
             while hashed < size {
+                if open {
+                    match written_rx.try_recv() {
+                        Ok((offset, bytes)) => {
+                            if offset == hashed {
+                                hasher.update(&bytes);
+                                hashed += bytes.len() as u64;
+                            }
+                            continue;
+                        }
+                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => open = false,
+                        Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {}
+                    }
+                }
                 let f = frontier(&spans.lock().map(|g| g.clone()).unwrap_or_default());
                 if f <= hashed {
                     if failed.load(Ordering::SeqCst) {
                         return None;
                     }
-                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    if open {
+                        match written_rx.blocking_recv() {
+                            Some((offset, bytes)) => {
+                                if offset == hashed {
+                                    hasher.update(&bytes);
+                                    hashed += bytes.len() as u64;
+                                }
+                            }
+                            None => open = false,
+                        }
+                    } else {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
                     continue;
                 }
                 while hashed < f {
@@ -377,8 +411,9 @@ async fn fetch_adaptive(
         let file = &file;
         let unsaved = unsaved.clone();
         let save = &save;
+        let written_tx = written_tx.clone();
         async move {
-            fetch_span(repo, blob, opts, file, &span, &|n| {
+            fetch_span(repo, blob, opts, file, &span, &written_tx, &|n| {
                 if unsaved.fetch_add(n, Ordering::SeqCst) + n >= SAVE_EVERY {
                     unsaved.store(0, Ordering::SeqCst);
                     save();
@@ -416,7 +451,10 @@ async fn fetch_adaptive(
                 }
                 let Some(widest) = current.iter().max_by_key(|s| s.remaining()) else { continue };
                 let remaining = widest.remaining();
-                if remaining < 2 * MIN_SPLIT || (remaining as f64) < per_connection * SPLIT_WHEN_LONGER_THAN {
+                if remaining < 2 * MIN_SPLIT
+                    || (remaining as f64) < per_connection * SPLIT_WHEN_LONGER_THAN
+                    || per_connection > FAST_CONNECTION
+                {
                     continue;
                 }
                 let pos = widest.pos.load(Ordering::SeqCst);
@@ -438,6 +476,7 @@ async fn fetch_adaptive(
         }
     }
     drop(running);
+    drop(written_tx);
     save();
     let digest = hasher
         .await
@@ -460,16 +499,19 @@ async fn fetch_adaptive(
 }
 
 /// Fetches a span into `file` at its offsets, following its (possibly shrinking) end and
-/// retrying from where a broken stream stopped.
+/// retrying from where a broken stream stopped. Writes are gathered into 1 MiB batches; each
+/// batch goes to the hasher after it is written.
 async fn fetch_span(
     repo: &Repository,
     blob: &BlobRef,
     opts: &TransferOptions,
     file: &std::fs::File,
     span: &Span,
+    hasher: &tokio::sync::mpsc::Sender<(u64, bytes::Bytes)>,
     on_written: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
     let mut failures = 0u32;
+    let mut batch = bytes::BytesMut::with_capacity(WRITE_BATCH);
     loop {
         let mut pos = span.pos.load(Ordering::SeqCst);
         let end = span.end.load(Ordering::SeqCst);
@@ -482,38 +524,52 @@ async fn fetch_span(
         let mut skip = pos - stream.offset.min(pos);
         let mut body = stream.response.bytes_stream();
         let mut broke = None;
-        while let Some(chunk) = body.next().await {
-            let mut chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
+        let mut received = pos;
+        loop {
+            let next = body.next().await;
+            let mut chunk = match next {
+                Some(Ok(c)) => c,
+                Some(Err(e)) => {
                     broke = Some(e);
-                    break;
+                    bytes::Bytes::new()
                 }
+                None => bytes::Bytes::new(),
             };
+            let finished = chunk.is_empty();
             if skip > 0 {
                 let k = skip.min(chunk.len() as u64) as usize;
                 let _ = chunk.split_to(k);
                 skip -= k as u64;
             }
             let end = span.end.load(Ordering::SeqCst);
-            let room = end.saturating_sub(pos) as usize;
+            let room = end.saturating_sub(received) as usize;
             if chunk.len() > room {
                 chunk.truncate(room);
             }
-            if !chunk.is_empty() {
-                // Page-cache writes: short enough to do on the runtime thread.
-                file.write_all_at(&chunk, pos)
+            received += chunk.len() as u64;
+            batch.extend_from_slice(&chunk);
+            let at_end = received >= end;
+            if !batch.is_empty() && (batch.len() >= WRITE_BATCH || at_end || finished) {
+                let data = batch.split().freeze();
+                // Page-cache writes of 1 MiB: short enough to do on the runtime thread.
+                file.write_all_at(&data, pos)
                     .map_err(io("writing partial data"))?;
-                pos += chunk.len() as u64;
+                let n = data.len() as u64;
+                let offset = pos;
+                pos += n;
                 span.pos.store(pos, Ordering::SeqCst);
-                on_written(chunk.len() as u64);
+                on_written(n);
                 (opts.progress)(Event::Bytes {
                     digest: blob.digest.clone(),
-                    bytes: chunk.len() as u64,
+                    bytes: n,
                 });
+                let _ = hasher.send((offset, data)).await;
             }
-            if pos >= end {
+            if at_end {
                 return Ok(());
+            }
+            if finished {
+                break;
             }
         }
         if pos >= span.end.load(Ordering::SeqCst) {
