@@ -76,8 +76,8 @@ fn tag_rm_prune_and_check() {
         serde_json::from_str(&s.ok(&["prune", "--dry-run", "--format", "json"])).expect("json");
     assert_eq!(
         dry["blobs"].as_array().expect("blobs").len(),
-        4,
-        "manifest, config, 2 layers"
+        5,
+        "manifest, config, 2 layers, chunk index"
     );
     let pruned: Value = serde_json::from_str(&s.ok(&["prune", "--format", "json"])).expect("json");
     assert_eq!(pruned["blobs"], dry["blobs"]);

@@ -39,7 +39,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use chrono::{DateTime, FixedOffset};
-use modelpack_spec::annotations::ANNOTATION_CREATED;
+use modelpack_spec::annotations::{
+    ANNOTATION_CHUNK_INDEX_DIGEST, ANNOTATION_CHUNK_INDEX_SIZE, ANNOTATION_CREATED,
+    CHUNK_INDEX_CHUNK_SIZE,
+};
 use modelpack_spec::media_type::{
     ARTIFACT_TYPE_MODEL_MANIFEST, MEDIA_TYPE_MODEL_CONFIG, MEDIA_TYPE_OCI_MANIFEST,
 };
@@ -229,6 +232,23 @@ pub fn build(
     };
     let config_bytes = config.to_vec();
     let config_digest = store.put_bytes(&config_bytes)?;
+    let mut index = modelpack_spec::ChunkIndex::new(CHUNK_INDEX_CHUNK_SIZE);
+    for layer in layers.iter().filter(|l| !l.chunks.is_empty()) {
+        index.layers.insert(layer.diff_id.clone(), layer.chunks.clone());
+    }
+    let mut annotations = serde_json::Map::new();
+    if !index.layers.is_empty() {
+        let bytes = index.to_vec();
+        let digest = store.put_bytes(&bytes)?;
+        annotations.insert(ANNOTATION_CHUNK_INDEX_DIGEST.into(), digest.to_string().into());
+        annotations.insert(ANNOTATION_CHUNK_INDEX_SIZE.into(), bytes.len().to_string().into());
+    }
+    if let Some(created) = opts.created {
+        annotations.insert(
+            ANNOTATION_CREATED.into(),
+            modelpack_spec::time::format_rfc3339(&created).into(),
+        );
+    }
     let mut manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": MEDIA_TYPE_OCI_MANIFEST,
@@ -241,10 +261,8 @@ pub fn build(
         )?,
         "layers": layers.iter().map(|l| &l.descriptor).collect::<Vec<_>>(),
     });
-    if let Some(created) = opts.created {
-        manifest["annotations"] = serde_json::json!({
-            ANNOTATION_CREATED: modelpack_spec::time::format_rfc3339(&created),
-        });
+    if !annotations.is_empty() {
+        manifest["annotations"] = serde_json::Value::Object(annotations);
     }
     let manifest_bytes = modelpack_spec::to_canonical_json(&manifest);
     let model_manifest = ModelManifest::from_slice(&manifest_bytes).map_err(|report| {

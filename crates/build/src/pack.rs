@@ -25,7 +25,8 @@ use crate::plan::{PlannedFile, Source};
 /// Uncompressed bytes per independent zstd frame in our seekable zstd layers.
 pub const ZSTD_FRAME_SIZE: usize = 2 * 1024 * 1024;
 const ZSTD_LEVEL: i32 = 3;
-const COPY_BUFFER: usize = 4 * 1024 * 1024;
+/// One copy buffer is one chunk of the chunk-digest index.
+const COPY_BUFFER: usize = modelpack_spec::annotations::CHUNK_INDEX_CHUNK_SIZE as usize;
 const COPY_BUFFERS: usize = 3;
 
 /// How file attributes are recorded.
@@ -76,6 +77,8 @@ pub struct PackedLayer {
     pub link_fallback: Option<String>,
     /// Where the blob's bytes are when they were left in place instead of stored.
     pub source: Option<std::path::PathBuf>,
+    /// sha256 of each 4 MiB chunk of a raw layer (empty for tar layers).
+    pub chunks: Vec<Digest>,
 }
 
 struct Attrs {
@@ -213,21 +216,34 @@ pub fn copy_and_hash(
     dst: &mut (impl Write + Send),
     progress: &(dyn Fn(u64) + Sync),
 ) -> io::Result<(Digest, u64)> {
+    copy_and_hash_chunked(src, dst, progress).map(|(d, n, _)| (d, n))
+}
+
+/// [`copy_and_hash`], also returning the sha256 of each 4 MiB chunk (computed on the writer
+/// thread, in parallel with the whole-file hash) for the chunk-digest index.
+pub fn copy_and_hash_chunked(
+    src: &mut impl Read,
+    dst: &mut (impl Write + Send),
+    progress: &(dyn Fn(u64) + Sync),
+) -> io::Result<(Digest, u64, Vec<Digest>)> {
     let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(COPY_BUFFERS);
     let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(COPY_BUFFERS);
     for _ in 0..COPY_BUFFERS {
         let _ = empty_tx.send(vec![0u8; COPY_BUFFER]);
     }
     std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> io::Result<()> {
+        let writer = scope.spawn(move || -> io::Result<Vec<Digest>> {
+            let mut chunks = Vec::new();
             for (buf, n) in full_rx {
+                chunks.push(Digest::sha256_of(&buf[..n]));
                 dst.write_all(&buf[..n])?;
                 progress(n as u64);
                 if empty_tx.send(buf).is_err() {
                     break;
                 }
             }
-            dst.flush()
+            dst.flush()?;
+            Ok(chunks)
         });
         let mut hasher = Sha256::new();
         let mut total = 0u64;
@@ -259,9 +275,14 @@ pub fn copy_and_hash(
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("writer thread panicked")));
         read_result?;
-        write_result?;
-        Ok((Digest::from_sha256(hasher.finalize().into()), total))
+        let chunks = write_result?;
+        Ok((Digest::from_sha256(hasher.finalize().into()), total, chunks))
     })
+}
+
+/// Hashes `src` whole and in 4 MiB chunks without writing it anywhere.
+fn hash_chunked(src: &mut impl Read, progress: &(dyn Fn(u64) + Sync)) -> io::Result<(Digest, u64, Vec<Digest>)> {
+    copy_and_hash_chunked(src, &mut io::sink(), progress)
 }
 
 /// A reader that reports progress.
@@ -337,16 +358,14 @@ pub fn pack_file(
     };
     let mut link_fallback = None;
     let mut source = None;
+    let mut chunks = Vec::new();
     let (digest, size, diff_id, placement, file_size) = if encoding == Encoding::Raw
         && placement == LayerPlacement::InPlace
     {
         let mut src = File::open(&file.abs).at(&file.abs)?;
-        let (digest, size) = modelpack_store::sha256_reader(&mut Counting {
-            inner: &mut src,
-            progress,
-        })
-        .at(&file.abs)?;
+        let (digest, size, digests) = hash_chunked(&mut src, progress).at(&file.abs)?;
         source = Some(file.abs.clone());
+        chunks = digests;
         (digest.clone(), size, digest, Placement::InPlace, size)
     } else if encoding == Encoding::Raw {
         let mut placed = None;
@@ -357,13 +376,17 @@ pub fn pack_file(
             }
         }
         let (digest, size, placement) = match placed {
-            Some(done) => done,
+            Some((digest, size, placement, digests)) => {
+                chunks = digests;
+                (digest, size, placement)
+            }
             None => {
                 let mut src = File::open(&file.abs).at(&file.abs)?;
                 let mut ingest = store.ingest()?;
                 let ingest_path = ingest.path().to_owned();
-                let (digest, size) =
-                    copy_and_hash(&mut src, ingest.file(), progress).at(&ingest_path)?;
+                let (digest, size, digests) =
+                    copy_and_hash_chunked(&mut src, ingest.file(), progress).at(&ingest_path)?;
+                chunks = digests;
                 let placement = commit(ingest, &digest)?;
                 (digest, size, placement)
             }
@@ -407,6 +430,7 @@ pub fn pack_file(
         placement,
         link_fallback,
         source,
+        chunks,
     })
 }
 
@@ -415,29 +439,21 @@ fn place_linked(
     store: &Store,
     file: &PlannedFile,
     progress: &(dyn Fn(u64) + Sync),
-) -> std::result::Result<(Digest, u64, Placement), String> {
+) -> std::result::Result<(Digest, u64, Placement, Vec<Digest>), String> {
     if let Ok(Some(mut ingest)) = store.reflink_ingest(&file.abs) {
-        let hashed = modelpack_store::sha256_reader(&mut Counting {
-            inner: &mut *ingest.file(),
-            progress,
-        });
-        if let Ok((digest, size)) = hashed
+        let hashed = hash_chunked(&mut *ingest.file(), progress);
+        if let Ok((digest, size, chunks)) = hashed
             && ingest.commit(&digest).is_ok()
         {
-            return Ok((digest, size, Placement::Reflinked));
+            return Ok((digest, size, Placement::Reflinked, chunks));
         }
     }
-    let (digest, size) = File::open(&file.abs)
-        .and_then(|mut f| {
-            modelpack_store::sha256_reader(&mut Counting {
-                inner: &mut f,
-                progress,
-            })
-        })
+    let (digest, size, chunks) = File::open(&file.abs)
+        .and_then(|mut f| hash_chunked(&mut f, progress))
         .map_err(|e| e.to_string())?;
     match store.link_blob(&file.abs, &digest) {
-        Ok(LinkOutcome::AlreadyPresent) => Ok((digest, size, Placement::AlreadyPresent)),
-        Ok(LinkOutcome::HardLinked) => Ok((digest, size, Placement::HardLinked)),
+        Ok(LinkOutcome::AlreadyPresent) => Ok((digest, size, Placement::AlreadyPresent, chunks)),
+        Ok(LinkOutcome::HardLinked) => Ok((digest, size, Placement::HardLinked, chunks)),
         Err(e) => Err(format!("cannot reflink or hard-link into the store ({e})")),
     }
 }

@@ -24,6 +24,14 @@ pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 /// OCI image-layout tag name of an index entry.
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 
+/// Manifest annotation: digest of the chunk-digest index blob (sha256 of each fixed-size chunk of
+/// each raw layer), which lets lazy readers verify every chunk they serve.
+pub const ANNOTATION_CHUNK_INDEX_DIGEST: &str = "dev.modelpack.chunk-index.digest";
+/// Manifest annotation: size of the chunk-digest index blob.
+pub const ANNOTATION_CHUNK_INDEX_SIZE: &str = "dev.modelpack.chunk-index.size";
+/// Chunk size of the chunk-digest indexes we write.
+pub const CHUNK_INDEX_CHUNK_SIZE: u64 = 4 * 1024 * 1024;
+
 /// tar type flag of a regular file, as modctl writes it (the number 0, not ASCII `'0'`).
 pub const TYPEFLAG_REGULAR: u8 = 0;
 /// tar type flag of a symbolic link.

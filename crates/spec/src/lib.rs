@@ -19,6 +19,7 @@
 #![deny(missing_docs, missing_debug_implementations)]
 
 pub mod annotations;
+mod chunk_index;
 mod config;
 mod digest;
 mod error;
@@ -31,6 +32,7 @@ mod validate;
 pub mod zstd_seek;
 
 pub use annotations::FileMetadata;
+pub use chunk_index::ChunkIndex;
 pub use config::{
     Modality, Model, ModelCapabilities, ModelConfig, ModelDescriptor, ModelFs, ModelFsType,
 };

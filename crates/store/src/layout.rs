@@ -570,11 +570,15 @@ fn collect_digests(doc: &Value, out: &mut Vec<Digest>) {
     if let Some(subject) = doc.get("subject") {
         push(subject);
     }
+    let pinned = doc["annotations"][modelpack_spec::annotations::ANNOTATION_CHUNK_INDEX_DIGEST]
+        .as_str()
+        .and_then(|s| s.parse().ok());
     for key in ["layers", "manifests", "blobs"] {
         for d in doc.get(key).and_then(Value::as_array).into_iter().flatten() {
             push(d);
         }
     }
+    out.extend(pinned);
 }
 
 #[cfg(test)]
