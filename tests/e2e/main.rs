@@ -4,6 +4,7 @@ mod auth;
 mod build_extract;
 mod hostile;
 mod interop;
+mod mount;
 mod push_pull;
 mod store;
 mod util;

@@ -371,6 +371,12 @@ impl Registry {
 pub struct Proxy {
     pub port: u16,
     pub served: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// When set, one byte in the middle of every large server-to-client read is flipped (past any
+    /// response header, inside blob bodies).
+    pub corrupt: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// When set, new connections are dropped at once and open ones are cut (the registry looks
+    /// down).
+    pub down: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -384,13 +390,20 @@ impl Proxy {
         let port = listener.local_addr().expect("addr").port();
         let served = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (served2, stop2) = (served.clone(), stop.clone());
+        let corrupt = Arc::new(AtomicBool::new(false));
+        let down = Arc::new(AtomicBool::new(false));
+        let (served2, stop2, corrupt2, down2) =
+            (served.clone(), stop.clone(), corrupt.clone(), down.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if stop2.load(Ordering::SeqCst) {
                     break;
                 }
                 let Ok(client) = conn else { continue };
+                if down2.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", upstream_port))
                 else {
                     continue;
@@ -406,18 +419,26 @@ impl Proxy {
                 let (mut u_read, mut c_write) = (upstream, client);
                 let served = served2.clone();
                 let stop = stop2.clone();
+                let corrupt = corrupt2.clone();
+                let down = down2.clone();
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 64 * 1024];
                     let started = std::time::Instant::now();
                     let mut sent = 0u64;
                     loop {
-                        if stop.load(Ordering::SeqCst) {
+                        if stop.load(Ordering::SeqCst) || down.load(Ordering::SeqCst) {
                             break;
                         }
                         let n = match u_read.read(&mut buf) {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
+                        if down.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        if corrupt.load(Ordering::SeqCst) && n >= 32 * 1024 {
+                            buf[n / 2] ^= 0xff;
+                        }
                         if c_write.write_all(&buf[..n]).is_err() {
                             break;
                         }
@@ -434,7 +455,13 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, served, stop }
+        Proxy {
+            port,
+            served,
+            corrupt,
+            down,
+            stop,
+        }
     }
 
     pub fn served(&self) -> u64 {
@@ -469,4 +496,86 @@ pub fn oras_python() -> Option<PathBuf> {
         path.display()
     );
     ok.then_some(path)
+}
+
+/// A `modelpack mount` running in the background, unmounted and stopped (by PID) on drop.
+pub struct Mount {
+    pub dir: PathBuf,
+    guard: Option<Guard>,
+}
+
+impl Mount {
+    /// Starts `modelpack mount REF DIR --plain-http` with the scratch store, and waits until it
+    /// serves.
+    pub fn start(s: &Scratch, reference: &str, dir: &Path, extra: &[&str]) -> Mount {
+        fs::create_dir_all(dir).expect("mkdir");
+        let child = Command::new(bin())
+            .arg("--store")
+            .arg(s.store())
+            .args(["mount", reference])
+            .arg(dir)
+            .args(["--plain-http"])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start mount");
+        let mount = Mount {
+            dir: dir.to_owned(),
+            guard: Some(Guard { child }),
+        };
+        for _ in 0..400 {
+            if mount.is_mounted() {
+                return mount;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!("{} did not mount", dir.display());
+    }
+
+    pub fn is_mounted(&self) -> bool {
+        let target = self.dir.canonicalize().unwrap_or_else(|_| self.dir.clone());
+        fs::read_to_string("/proc/mounts").is_ok_and(|m| {
+            m.lines()
+                .any(|l| l.split(' ').nth(1) == Some(target.to_str().unwrap_or_default()))
+        })
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_slice(&fs::read(self.dir.join(".modelpack-status")).expect("status"))
+            .expect("status JSON")
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        // SIGTERM: the mount unmounts itself; then make sure nothing is left mounted.
+        drop(self.guard.take());
+        if self.is_mounted() {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.dir)
+                .status();
+        }
+        if self.is_mounted() {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
+
+/// True when this machine can mount FUSE file systems (root and /dev/fuse). Under
+/// `cargo xtask test` (CI runs as root) it must.
+pub fn can_fuse() -> bool {
+    #[allow(unsafe_code)]
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let ok = root && Path::new("/dev/fuse").exists() && have_tool("fusermount3");
+    assert!(
+        ok || !strict(),
+        "FUSE tests need root and /dev/fuse under cargo xtask test"
+    );
+    if !ok {
+        eprintln!("note: no FUSE here; mount tests are skipped outside cargo xtask test");
+    }
+    ok
 }

@@ -234,14 +234,22 @@ pub fn build(
     let config_digest = store.put_bytes(&config_bytes)?;
     let mut index = modelpack_spec::ChunkIndex::new(CHUNK_INDEX_CHUNK_SIZE);
     for layer in layers.iter().filter(|l| !l.chunks.is_empty()) {
-        index.layers.insert(layer.diff_id.clone(), layer.chunks.clone());
+        index
+            .layers
+            .insert(layer.diff_id.clone(), layer.chunks.clone());
     }
     let mut annotations = serde_json::Map::new();
     if !index.layers.is_empty() {
         let bytes = index.to_vec();
         let digest = store.put_bytes(&bytes)?;
-        annotations.insert(ANNOTATION_CHUNK_INDEX_DIGEST.into(), digest.to_string().into());
-        annotations.insert(ANNOTATION_CHUNK_INDEX_SIZE.into(), bytes.len().to_string().into());
+        annotations.insert(
+            ANNOTATION_CHUNK_INDEX_DIGEST.into(),
+            digest.to_string().into(),
+        );
+        annotations.insert(
+            ANNOTATION_CHUNK_INDEX_SIZE.into(),
+            bytes.len().to_string().into(),
+        );
     }
     if let Some(created) = opts.created {
         annotations.insert(

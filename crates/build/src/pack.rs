@@ -281,7 +281,10 @@ pub fn copy_and_hash_chunked(
 }
 
 /// Hashes `src` whole and in 4 MiB chunks without writing it anywhere.
-fn hash_chunked(src: &mut impl Read, progress: &(dyn Fn(u64) + Sync)) -> io::Result<(Digest, u64, Vec<Digest>)> {
+fn hash_chunked(
+    src: &mut impl Read,
+    progress: &(dyn Fn(u64) + Sync),
+) -> io::Result<(Digest, u64, Vec<Digest>)> {
     copy_and_hash_chunked(src, &mut io::sink(), progress)
 }
 

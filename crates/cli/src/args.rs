@@ -90,6 +90,10 @@ pub enum Command {
     Attach(crate::cmd::attach::AttachArgs),
     /// List the artifacts that refer to a manifest
     Discover(crate::cmd::attach::DiscoverArgs),
+    /// Serve a model from its registry as a lazy, read-only folder (FUSE)
+    Mount(crate::cmd::mount::MountArgs),
+    /// Unmount a folder `mount` serves
+    Umount(crate::cmd::mount::UmountArgs),
 }
 
 /// Model metadata flags; they win over the Modelfile and over guesses.

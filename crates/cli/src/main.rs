@@ -59,6 +59,8 @@ fn main() -> ExitCode {
         Command::Blob(a) => cmd::remote_ops::blob(&cli.global, a),
         Command::Attach(a) => cmd::attach::attach(&cli.global, a),
         Command::Discover(a) => cmd::attach::discover(&cli.global, a),
+        Command::Mount(a) => cmd::mount::mount(&cli.global, a),
+        Command::Umount(a) => cmd::mount::umount(&cli.global, a),
     };
     match result {
         Ok(code) => code,

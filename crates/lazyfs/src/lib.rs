@@ -1,1 +1,84 @@
-//! placeholder
+//! A read-only FUSE file system presenting a ModelPack artifact as its file tree, served from the
+//! registry on demand.
+//!
+//! - [`mount`] builds the tree from the manifest (raw layers fetch zero blob bytes; tar layers
+//!   are fetched, verified and unpacked into the cache) and serves it until unmounted;
+//! - reads map to aligned 4 MiB chunks, fetched by Range, verified against the chunk-digest index
+//!   our builds pin in the manifest, cached on disk and shared by concurrent readers; sequential
+//!   readers trigger readahead; a blob already in the store is served from it;
+//! - without an index the policy is explicit: [`Verify::Full`] (default) fetches and verifies the
+//!   whole blob before serving any byte of it, [`Verify::None`] serves unverified chunks;
+//! - [`Status`] counts bytes fetched and served, cache hits and fetch latency, per file.
+//!
+//! **Invariant:** with `Verify::Full`, no byte reaches a reader before the chunk (or blob) holding
+//! it matched its digest; a mismatch is logged and the read fails with EIO.
+#![deny(missing_docs, missing_debug_implementations)]
+
+mod blob;
+mod fs;
+mod tree;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use modelpack_registry::Repository;
+use modelpack_store::Store;
+
+pub use fs::{MountError, MountedModel, mount};
+
+/// What to do when an artifact has no chunk-digest index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verify {
+    /// Fetch and verify a whole layer before serving any byte of it (safe; the default).
+    Full,
+    /// Serve chunks as fetched, unverified (explicit opt-out).
+    None,
+}
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// The repository the artifact lives in.
+    pub repository: Repository,
+    /// Tag or digest of the manifest.
+    pub reference: String,
+    /// The local store: complete blobs are served from it, whole-blob fetches land in it.
+    pub store: Store,
+    /// The chunk cache folder.
+    pub cache_dir: PathBuf,
+    /// Policy without a chunk index.
+    pub verify: Verify,
+    /// Let other users read the mount.
+    pub allow_other: bool,
+    /// Fetch small files first, then everything, in the background.
+    pub prefetch: bool,
+}
+
+/// Live counters of a mount.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Blob bytes fetched from the registry.
+    pub fetched_bytes: AtomicU64,
+    /// Bytes handed to readers.
+    pub served_bytes: AtomicU64,
+    /// Reads served without fetching.
+    pub cache_hits: AtomicU64,
+    /// Chunk fetches.
+    pub fetches: AtomicU64,
+    /// Total fetch latency, microseconds.
+    pub fetch_micros: AtomicU64,
+    /// Chunks that failed verification.
+    pub verify_failures: AtomicU64,
+}
+
+impl Counters {
+    fn record_fetch(&self, took: Duration) {
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        self.fetch_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Name of the hidden file in the mount's root that reads as the status JSON.
+pub const STATUS_FILE: &str = ".modelpack-status";

@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod login;
 pub mod ls;
 pub mod modelfile;
+pub mod mount;
 pub mod prune;
 pub mod pull;
 pub mod push;

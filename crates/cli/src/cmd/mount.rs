@@ -1,0 +1,128 @@
+//! `modelpack mount` (serve a model from its registry as a lazy, read-only folder) and
+//! `modelpack umount`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, ValueEnum};
+use modelpack_lazyfs::{MountOptions, STATUS_FILE, Verify};
+
+use crate::args::GlobalArgs;
+use crate::remote::ConnectionArgs;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VerifyArg {
+    /// Verify every byte (per chunk with a chunk index, else the whole layer first)
+    Full,
+    /// Serve bytes unverified when there is no chunk index
+    None,
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// The model, e.g. localhost:5000/models/llama:8b
+    #[arg(required_unless_present = "status")]
+    pub reference: Option<String>,
+    /// Where to mount it (an existing folder)
+    pub dir: Option<PathBuf>,
+    /// Print the status of the mount at DIR as JSON and exit
+    #[arg(long, value_name = "DIR", conflicts_with = "reference")]
+    pub status: Option<PathBuf>,
+    /// Chunk cache folder [default: STORE/cache]
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Verification without a chunk index
+    #[arg(long, value_enum, default_value_t = VerifyArg::Full)]
+    pub verify: VerifyArg,
+    /// Fetch every layer in the background after mounting
+    #[arg(long)]
+    pub prefetch: bool,
+    /// Let other users read the mount
+    #[arg(long)]
+    pub allow_other: bool,
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct UmountArgs {
+    /// The mount point
+    pub dir: PathBuf,
+}
+
+pub fn mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<ExitCode> {
+    if let Some(dir) = &args.status {
+        let text = std::fs::read_to_string(dir.join(STATUS_FILE))
+            .with_context(|| format!("{} is not a modelpack mount", dir.display()))?;
+        print!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (Some(reference), Some(dir)) = (&args.reference, &args.dir) else {
+        bail!("give REF and DIR");
+    };
+    if !dir.is_dir() {
+        bail!("{} is not a folder", dir.display());
+    }
+    let reference = super::parse_reference(reference)?;
+    let store = super::open_store(global)?;
+    let client = args.connection.client()?;
+    let opts = MountOptions {
+        repository: crate::remote::repository(&client, &reference),
+        reference: reference.tag_or_digest(),
+        cache_dir: args
+            .cache
+            .clone()
+            .unwrap_or_else(|| store.root().join("cache")),
+        store,
+        verify: match args.verify {
+            VerifyArg::Full => Verify::Full,
+            VerifyArg::None => Verify::None,
+        },
+        allow_other: args.allow_other,
+        prefetch: args.prefetch,
+    };
+    let rt = crate::remote::runtime()?;
+    rt.block_on(async {
+        let mounted = modelpack_lazyfs::mount(opts, dir).await.with_context(|| {
+            format!("cannot mount {} at {}", reference.familiar(), dir.display())
+        })?;
+        if !global.quiet {
+            eprintln!(
+                "Mounted {} at {} (Ctrl-C or `modelpack umount` to stop)",
+                reference.familiar(),
+                dir.display()
+            );
+        }
+        // Ctrl-C goes through the process's interrupt handler, which sets the cancel flag.
+        let cancel = crate::display::cancel_flag();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        mounted
+            .serve_until(async move {
+                let interrupted = async {
+                    while !cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    () = interrupted => {}
+                }
+            })
+            .await?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn umount(_global: &GlobalArgs, args: UmountArgs) -> anyhow::Result<ExitCode> {
+    let status = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(&args.dir)
+        .status()
+        .context("cannot run fusermount3 (Debian package fuse3)")?;
+    if !status.success() {
+        bail!("{} is not mounted, or is busy", args.dir.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

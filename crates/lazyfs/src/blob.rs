@@ -1,0 +1,308 @@
+//! One layer blob read lazily: aligned 4 MiB chunks fetched by Range, verified against the
+//! chunk-digest index, cached on disk, shared by concurrent readers; or, without an index, the
+//! whole blob fetched and verified once before any byte is served.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use modelpack_registry::Repository;
+use modelpack_spec::Digest;
+use modelpack_store::Store;
+use modelpack_transfer::{BlobRef, TransferOptions};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::OnceCell;
+
+use crate::{Counters, Verify};
+
+/// Why a read failed; becomes EIO.
+#[derive(Debug)]
+pub(crate) struct ReadError(pub String);
+
+/// A blob served lazily.
+pub(crate) struct LazyBlob {
+    pub digest: Digest,
+    pub size: u64,
+    repo: Repository,
+    store: Store,
+    cache_path: PathBuf,
+    map_path: PathBuf,
+    chunk_size: u64,
+    chunks: Option<Vec<Digest>>,
+    verify: Verify,
+    present: Mutex<Vec<bool>>,
+    inflight: Mutex<HashMap<u64, Arc<OnceCell<()>>>>,
+    whole: OnceCell<()>,
+    cache_file: OnceCell<std::fs::File>,
+    pub fetched: AtomicU64,
+    counters: Arc<Counters>,
+    transfer: TransferOptions,
+}
+
+impl std::fmt::Debug for LazyBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyBlob")
+            .field("digest", &self.digest)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl LazyBlob {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        digest: Digest,
+        size: u64,
+        repo: Repository,
+        store: Store,
+        cache_dir: &std::path::Path,
+        chunk_size: u64,
+        chunks: Option<Vec<Digest>>,
+        verify: Verify,
+        counters: Arc<Counters>,
+        transfer: TransferOptions,
+    ) -> LazyBlob {
+        let stem = format!("{}-{}", digest.algorithm(), digest.encoded());
+        let n = size.div_ceil(chunk_size) as usize;
+        let map_path = cache_dir.join(format!("{stem}.chunks"));
+        // Chunks verified by an earlier mount stay valid: the map only ever records verified ones.
+        let present = match std::fs::read(&map_path) {
+            Ok(bytes) if bytes.len() == n && chunks.is_some() => {
+                bytes.iter().map(|&b| b == 1).collect()
+            }
+            _ => vec![false; n],
+        };
+        LazyBlob {
+            cache_path: cache_dir.join(format!("{stem}.data")),
+            map_path,
+            digest,
+            size,
+            repo,
+            store,
+            chunk_size,
+            chunks,
+            verify,
+            present: Mutex::new(present),
+            inflight: Mutex::new(HashMap::new()),
+            whole: OnceCell::new(),
+            cache_file: OnceCell::new(),
+            fetched: AtomicU64::new(0),
+            counters,
+            transfer,
+        }
+    }
+
+    /// Fraction of the blob available without the network, 0.0 to 1.0.
+    pub(crate) fn local_fraction(&self) -> f64 {
+        if self.size == 0 || self.store.has_blob(&self.digest) {
+            return 1.0;
+        }
+        let present = self
+            .present
+            .lock()
+            .map(|p| p.iter().filter(|&&b| b).count())
+            .unwrap_or(0);
+        let n = self.size.div_ceil(self.chunk_size).max(1);
+        present as f64 / n as f64
+    }
+
+    async fn cache_file(&self) -> Result<&std::fs::File, ReadError> {
+        self.cache_file
+            .get_or_try_init(|| async {
+                use std::os::unix::fs::OpenOptionsExt;
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .open(&self.cache_path)
+                    .map_err(|e| {
+                        ReadError(format!("cache file {}: {e}", self.cache_path.display()))
+                    })?;
+                if file.metadata().map(|m| m.len()).unwrap_or(0) != self.size {
+                    file.set_len(self.size)
+                        .map_err(|e| ReadError(e.to_string()))?;
+                }
+                Ok(file)
+            })
+            .await
+    }
+
+    /// Reads `len` bytes at `offset`, every one of them verified.
+    pub(crate) async fn read(&self, offset: u64, len: u64) -> Result<Bytes, ReadError> {
+        let end = (offset + len).min(self.size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        // A blob pulled into the store is complete and verified: serve it with no network.
+        if self.store.has_blob(&self.digest) {
+            self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return pread(&self.store.blob_path(&self.digest), offset, end - offset);
+        }
+        match (&self.chunks, self.verify) {
+            (Some(_), _) | (None, Verify::None) => {
+                let first = offset / self.chunk_size;
+                let last = (end - 1) / self.chunk_size;
+                let mut hit = true;
+                for i in first..=last {
+                    hit &= self.ensure_chunk(i).await?;
+                }
+                if hit {
+                    self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                }
+                let file = self.cache_file().await?;
+                let mut buf = vec![0u8; (end - offset) as usize];
+                file.read_exact_at(&mut buf, offset)
+                    .map_err(|e| ReadError(format!("cache read: {e}")))?;
+                Ok(Bytes::from(buf))
+            }
+            (None, Verify::Full) => {
+                self.whole
+                    .get_or_try_init(|| async {
+                        let blob = BlobRef {
+                            digest: self.digest.clone(),
+                            size: self.size,
+                            media_type: String::new(),
+                        };
+                        modelpack_transfer::fetch_blob(
+                            &self.repo,
+                            &self.store,
+                            &blob,
+                            &self.transfer,
+                        )
+                        .await
+                        .map(drop)
+                        .map_err(|e| ReadError(e.to_string()))
+                    })
+                    .await?;
+                pread(&self.store.blob_path(&self.digest), offset, end - offset)
+            }
+        }
+    }
+
+    /// Makes chunk `i` present; true when it already was.
+    pub(crate) async fn ensure_chunk(&self, i: u64) -> Result<bool, ReadError> {
+        if self.present.lock().map(|p| p[i as usize]).unwrap_or(false) {
+            return Ok(true);
+        }
+        let cell = {
+            let mut inflight = self
+                .inflight
+                .lock()
+                .map_err(|_| ReadError("lock poisoned".into()))?;
+            inflight
+                .entry(i)
+                .or_insert_with(|| Arc::new(OnceCell::new()))
+                .clone()
+        };
+        let result = cell
+            .get_or_try_init(|| self.fetch_chunk(i))
+            .await
+            .map(|_| false);
+        if let Ok(mut inflight) = self.inflight.lock() {
+            inflight.remove(&i);
+        }
+        result
+    }
+
+    async fn fetch_chunk(&self, i: u64) -> Result<(), ReadError> {
+        let start = i * self.chunk_size;
+        let end = (start + self.chunk_size).min(self.size);
+        let mut buf = Vec::with_capacity((end - start) as usize);
+        let started = std::time::Instant::now();
+        let stream = self
+            .repo
+            .get_blob(&self.digest, Some(start..end))
+            .await
+            .map_err(|e| ReadError(e.to_string()))?;
+        let mut skip = start - stream.offset.min(start);
+        let mut body = stream.response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let mut chunk = chunk.map_err(|e| ReadError(format!("blob {}: {e}", self.digest)))?;
+            if skip > 0 {
+                let k = skip.min(chunk.len() as u64) as usize;
+                let _ = chunk.split_to(k);
+                skip -= k as u64;
+            }
+            let room = (end - start) as usize - buf.len();
+            buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if buf.len() as u64 == end - start {
+                break;
+            }
+        }
+        self.counters
+            .fetched_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.fetched.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.counters.record_fetch(started.elapsed());
+        if buf.len() as u64 != end - start {
+            return Err(ReadError(format!(
+                "blob {}: chunk {i} ended after {} of {} bytes",
+                self.digest,
+                buf.len(),
+                end - start
+            )));
+        }
+        if let Some(chunks) = &self.chunks {
+            let actual = Digest::from_sha256(Sha256::digest(&buf).into());
+            let expected = chunks
+                .get(i as usize)
+                .ok_or_else(|| ReadError(format!("chunk index has no chunk {i}")))?;
+            if &actual != expected {
+                self.counters
+                    .verify_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(blob = %self.digest, chunk = i, %expected, %actual, "chunk failed verification; not served, not cached");
+                return Err(ReadError(format!(
+                    "blob {} chunk {i}: digest mismatch",
+                    self.digest
+                )));
+            }
+        }
+        let file = self.cache_file().await?;
+        file.write_all_at(&buf, start)
+            .map_err(|e| ReadError(format!("cache write: {e}")))?;
+        if self.chunks.is_some() {
+            let snapshot = {
+                let mut present = self
+                    .present
+                    .lock()
+                    .map_err(|_| ReadError("lock poisoned".into()))?;
+                present[i as usize] = true;
+                present.iter().map(|&b| u8::from(b)).collect::<Vec<u8>>()
+            };
+            // Record verified chunks only: a later mount trusts this map.
+            let tmp = self.map_path.with_extension("chunks.tmp");
+            if std::fs::write(&tmp, &snapshot).is_ok() {
+                let _ = std::fs::rename(&tmp, &self.map_path);
+            }
+        } else if let Ok(mut present) = self.present.lock() {
+            present[i as usize] = true;
+        }
+        Ok(())
+    }
+
+    /// Number of chunks.
+    pub(crate) fn chunk_count(&self) -> u64 {
+        self.size.div_ceil(self.chunk_size)
+    }
+
+    /// Chunk size.
+    pub(crate) fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+}
+
+fn pread(path: &std::path::Path, offset: u64, len: u64) -> Result<Bytes, ReadError> {
+    let file =
+        std::fs::File::open(path).map_err(|e| ReadError(format!("{}: {e}", path.display())))?;
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset)
+        .map_err(|e| ReadError(format!("{}: {e}", path.display())))?;
+    Ok(Bytes::from(buf))
+}

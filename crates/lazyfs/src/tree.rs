@@ -1,0 +1,191 @@
+//! The inode tree of a mounted model: folders implied by paths, raw-layer files backed by lazy
+//! blobs, tar-layer entries unpacked (verified) into the cache.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use fuse3::{FileType, Timestamp};
+
+use crate::blob::LazyBlob;
+
+/// Where a file's bytes are.
+pub(crate) enum Content {
+    /// A raw layer, read lazily.
+    Lazy(Arc<LazyBlob>),
+    /// A file unpacked from a tar layer into the cache.
+    Local(PathBuf),
+    /// The status file.
+    Status,
+}
+
+/// What an inode is.
+pub(crate) enum Kind {
+    Dir(BTreeMap<OsString, u64>),
+    File(Content),
+    Symlink(String),
+}
+
+/// One inode.
+pub(crate) struct Node {
+    pub parent: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub mode: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: Timestamp,
+    pub path: String,
+}
+
+impl Node {
+    pub(crate) fn file_type(&self) -> FileType {
+        match self.kind {
+            Kind::Dir(_) => FileType::Directory,
+            Kind::File(_) => FileType::RegularFile,
+            Kind::Symlink(_) => FileType::Symlink,
+        }
+    }
+}
+
+/// Every inode; index = ino - 1.
+pub(crate) struct Tree {
+    pub nodes: Vec<Node>,
+    uid: u32,
+    gid: u32,
+    now: Timestamp,
+}
+
+/// The root inode.
+pub(crate) const ROOT: u64 = 1;
+
+impl Tree {
+    pub(crate) fn new(uid: u32, gid: u32, now: Timestamp) -> Tree {
+        Tree {
+            nodes: vec![Node {
+                parent: ROOT,
+                kind: Kind::Dir(BTreeMap::new()),
+                size: 0,
+                mode: 0o755,
+                uid,
+                gid,
+                mtime: now,
+                path: String::new(),
+            }],
+            uid,
+            gid,
+            now,
+        }
+    }
+
+    pub(crate) fn get(&self, ino: u64) -> Option<&Node> {
+        self.nodes.get(ino.checked_sub(1)? as usize)
+    }
+
+    fn child(&self, parent: u64, name: &str) -> Option<u64> {
+        match &self.get(parent)?.kind {
+            Kind::Dir(children) => children.get(&OsString::from(name)).copied(),
+            _ => None,
+        }
+    }
+
+    /// The folder for `dir_path` (created with default attributes if missing).
+    fn ensure_dir(&mut self, dir_path: &str) -> Option<u64> {
+        let mut ino = ROOT;
+        let mut path = String::new();
+        for component in dir_path.split('/').filter(|c| !c.is_empty()) {
+            if !path.is_empty() {
+                path.push('/');
+            }
+            path.push_str(component);
+            ino = match self.child(ino, component) {
+                Some(existing) => match self.get(existing)?.kind {
+                    Kind::Dir(_) => existing,
+                    _ => return None,
+                },
+                None => self.insert(
+                    ino,
+                    component,
+                    Kind::Dir(BTreeMap::new()),
+                    0,
+                    0o755,
+                    None,
+                    None,
+                    None,
+                    &path,
+                ),
+            };
+        }
+        Some(ino)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn insert(
+        &mut self,
+        parent: u64,
+        name: &str,
+        kind: Kind,
+        size: u64,
+        mode: u16,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        mtime: Option<Timestamp>,
+        path: &str,
+    ) -> u64 {
+        let ino = self.nodes.len() as u64 + 1;
+        self.nodes.push(Node {
+            parent,
+            kind,
+            size,
+            mode,
+            uid: uid.unwrap_or(self.uid),
+            gid: gid.unwrap_or(self.gid),
+            mtime: mtime.unwrap_or(self.now),
+            path: path.to_owned(),
+        });
+        if let Some(Node {
+            kind: Kind::Dir(children),
+            ..
+        }) = self.nodes.get_mut(parent as usize - 1)
+        {
+            children.insert(OsString::from(name), ino);
+        }
+        ino
+    }
+
+    /// Adds a file or symlink at `path`; false when the path clashes with another entry.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn add(
+        &mut self,
+        path: &str,
+        kind: Kind,
+        size: u64,
+        mode: u16,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        mtime: Option<Timestamp>,
+    ) -> bool {
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let Some(parent) = self.ensure_dir(dir) else {
+            return false;
+        };
+        if self.child(parent, name).is_some() {
+            return false;
+        }
+        self.insert(parent, name, kind, size, mode, uid, gid, mtime, path);
+        true
+    }
+
+    /// Sets a folder's mode and time (from a tar directory entry).
+    pub(crate) fn set_dir_attrs(&mut self, path: &str, mode: u16, mtime: Option<Timestamp>) {
+        if let Some(ino) = self.ensure_dir(path)
+            && let Some(node) = self.nodes.get_mut(ino as usize - 1)
+        {
+            node.mode = mode;
+            if let Some(t) = mtime {
+                node.mtime = t;
+            }
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! `modelpack mount` against a real `docker-registry` and a real FUSE mount: every file's bytes
+//! and metadata, read-only, concurrent random reads, corruption, and a registry that goes away.
+
+use std::fs;
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::util::{self, Mount, Proxy, Registry, Scratch};
+
+fn model(s: &Scratch, weight: usize) -> std::path::PathBuf {
+    let dir = s.path("model");
+    fs::create_dir_all(dir.join("nested/deeper")).expect("mkdir");
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut data = Vec::with_capacity(weight);
+    while data.len() < weight {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        data.extend_from_slice(&state.to_le_bytes());
+    }
+    data.truncate(weight);
+    fs::write(dir.join("model.safetensors"), &data).expect("write");
+    fs::write(dir.join("second.bin"), &data[..weight / 3]).expect("write");
+    fs::write(dir.join("config.json"), br#"{"model_type":"m"}"#).expect("write");
+    fs::write(dir.join("empty.bin"), b"").expect("write");
+    fs::write(dir.join("nested/deeper/notes.md"), b"deep\n").expect("write");
+    std::os::unix::fs::symlink("../config.json", dir.join("nested/link.json")).expect("symlink");
+    dir
+}
+
+#[test]
+fn mounted_files_match_for_every_layer_encoding() {
+    if !util::can_fuse() {
+        return;
+    }
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = model(&s, 9 << 20);
+    let d = dir.to_str().expect("utf8");
+    for (tag, extra) in [
+        ("raw", vec![]),
+        ("tar", vec!["--layer-format", "tar"]),
+        ("gzip", vec!["--layer-format", "tar", "--compress", "gzip"]),
+        ("zstd", vec!["--layer-format", "tar", "--compress", "zstd"]),
+    ] {
+        let reference = format!("{}/mnt/{tag}:v1", registry.host());
+        let mut args = vec!["build", d, "-t", reference.as_str()];
+        args.extend(extra);
+        s.ok(&args);
+        s.ok(&["push", &reference, "--plain-http"]);
+        let reader = Scratch::new();
+        let mount = Mount::start(&reader, &reference, &reader.path("mnt"), &[]);
+        if tag == "raw" {
+            let fetched = mount.status()["fetchedBytes"]
+                .as_u64()
+                .expect("fetchedBytes");
+            assert!(fetched < 64 * 1024, "mounting fetched {fetched} bytes");
+        }
+        assert_eq!(
+            util::tree(&mount.dir),
+            util::tree(&dir),
+            "{tag}: contents or modes differ"
+        );
+        assert_eq!(
+            util::mtimes(&mount.dir),
+            util::mtimes(&dir),
+            "{tag}: mtimes differ"
+        );
+        let err = fs::write(mount.dir.join("new.txt"), b"x").expect_err("writable");
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{tag}: {err}");
+        let err = fs::OpenOptions::new()
+            .append(true)
+            .open(mount.dir.join("config.json"))
+            .expect_err("writable");
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{tag}: {err}");
+        let err = fs::create_dir(mount.dir.join("d")).expect_err("writable");
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{tag}: {err}");
+        drop(mount);
+        assert!(
+            !util::listing(&reader.path("mnt"))
+                .iter()
+                .any(|p| p.contains("model")),
+            "still mounted"
+        );
+    }
+}
+
+#[test]
+fn sixteen_threads_reading_random_ranges_get_the_right_bytes() {
+    if !util::can_fuse() {
+        return;
+    }
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = model(&s, 24 << 20);
+    let reference = format!("{}/mnt/random:v1", registry.host());
+    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
+    s.ok(&["push", &reference, "--plain-http"]);
+    let reader = Scratch::new();
+    let mount = Mount::start(&reader, &reference, &reader.path("mnt"), &[]);
+    let source = std::sync::Arc::new(fs::read(dir.join("model.safetensors")).expect("read"));
+    let handles: Vec<_> = (0..16u64)
+        .map(|t| {
+            let source = source.clone();
+            let path = mount.dir.join("model.safetensors");
+            std::thread::spawn(move || {
+                let mut file = fs::File::open(&path).expect("open");
+                let mut state = t * 7919 + 1;
+                for _ in 0..40 {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let offset = (state >> 16) % source.len() as u64;
+                    let len = (((state >> 40) % (600 * 1024)) as usize)
+                        .min(source.len() - offset as usize);
+                    let mut buf = vec![0u8; len];
+                    file.seek(SeekFrom::Start(offset)).expect("seek");
+                    file.read_exact(&mut buf).expect("read");
+                    assert!(
+                        buf == source[offset as usize..offset as usize + len],
+                        "wrong bytes at {offset}+{len}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("reader thread");
+    }
+}
+
+#[test]
+fn corrupt_chunk_is_never_served_and_a_clean_retry_succeeds() {
+    if !util::can_fuse() {
+        return;
+    }
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = model(&s, 12 << 20);
+    let direct = format!("{}/mnt/corrupt:v1", registry.host());
+    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &direct]);
+    s.ok(&["push", &direct, "--plain-http"]);
+    let proxy = Proxy::start(registry.port, None);
+    let reference = format!("{}/mnt/corrupt:v1", proxy.host());
+    let reader = Scratch::new();
+    let mount = Mount::start(&reader, &reference, &reader.path("mnt"), &[]);
+    // Every response from now on has one byte flipped, inside the body of a 4 MiB chunk.
+    proxy.corrupt.store(true, Ordering::SeqCst);
+    let path = mount.dir.join("model.safetensors");
+    let err = fs::read(&path).expect_err("corrupt bytes were served");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(mount.status()["verifyFailures"].as_u64().expect("count") >= 1);
+    proxy.corrupt.store(false, Ordering::SeqCst);
+    let bytes = fs::read(&path).expect("read after the fault cleared");
+    assert_eq!(
+        util::sha256_hex(&bytes),
+        util::sha256_file(&dir.join("model.safetensors"))
+    );
+}
+
+#[test]
+fn registry_down_cached_files_still_read_and_the_mount_recovers() {
+    if !util::can_fuse() {
+        return;
+    }
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = model(&s, 6 << 20);
+    let direct = format!("{}/mnt/down:v1", registry.host());
+    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &direct]);
+    s.ok(&["push", &direct, "--plain-http"]);
+    let proxy = Proxy::start(registry.port, None);
+    let reference = format!("{}/mnt/down:v1", proxy.host());
+    let reader = Scratch::new();
+    let mount = Mount::start(&reader, &reference, &reader.path("mnt"), &[]);
+    let first = fs::read(mount.dir.join("model.safetensors")).expect("read");
+    proxy.down.store(true, Ordering::SeqCst);
+    // Fully read: served from the cache (the kernel's, then ours) with the registry gone.
+    assert_eq!(
+        fs::read(mount.dir.join("model.safetensors")).expect("cached read"),
+        first
+    );
+    let started = Instant::now();
+    let err = fs::read(mount.dir.join("second.bin")).expect_err("unread file served offline");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(150),
+        "EIO came too late"
+    );
+    assert!(mount.is_mounted(), "the mount went away");
+    proxy.down.store(false, Ordering::SeqCst);
+    let second = fs::read(mount.dir.join("second.bin")).expect("read after the registry returned");
+    assert_eq!(
+        util::sha256_hex(&second),
+        util::sha256_file(&dir.join("second.bin"))
+    );
+}
