@@ -100,6 +100,21 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("modelpack-store", &["modelpack-spec"]),
     ("modelpack-build", &["modelpack-spec", "modelpack-store"]),
     ("modelpack-extract", &["modelpack-spec", "modelpack-store"]),
+    ("modelpack-registry", &["modelpack-spec"]),
+    (
+        "modelpack-transfer",
+        &["modelpack-spec", "modelpack-store", "modelpack-registry"],
+    ),
+    (
+        "modelpack-lazyfs",
+        &[
+            "modelpack-spec",
+            "modelpack-store",
+            "modelpack-registry",
+            "modelpack-transfer",
+            "modelpack-extract",
+        ],
+    ),
     (
         "modelpack-cli",
         &[
@@ -107,6 +122,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "modelpack-store",
             "modelpack-build",
             "modelpack-extract",
+            "modelpack-registry",
+            "modelpack-transfer",
+            "modelpack-lazyfs",
         ],
     ),
     ("modelpack-e2e", &[]),

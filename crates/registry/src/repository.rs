@@ -10,7 +10,8 @@ use std::path::Path;
 
 use bytes::Bytes;
 use modelpack_spec::media_type::{
-    MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST,
+    MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST_LIST, MEDIA_TYPE_OCI_INDEX,
+    MEDIA_TYPE_OCI_MANIFEST,
 };
 use modelpack_spec::oci_spec::image::{Descriptor, ImageIndex};
 use modelpack_spec::{Digest, Reference};
@@ -23,7 +24,16 @@ use crate::error::{Error, Result};
 /// The most bytes of a manifest we read.
 pub const MAX_MANIFEST_SIZE: usize = modelpack_spec::MAX_DOCUMENT_SIZE;
 
-const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+/// The `Accept` header for manifests: OCI and Docker, single and multi-platform.
+fn manifest_accept() -> String {
+    [
+        MEDIA_TYPE_OCI_MANIFEST,
+        MEDIA_TYPE_OCI_INDEX,
+        MEDIA_TYPE_DOCKER_MANIFEST,
+        MEDIA_TYPE_DOCKER_MANIFEST_LIST,
+    ]
+    .join(", ")
+}
 
 /// A manifest as fetched: its bytes, media type and verified digest.
 #[derive(Debug, Clone)]
@@ -423,7 +433,7 @@ impl Repository {
                 Method::GET,
                 &url,
                 &[],
-                &|rb| Ok(rb.header(ACCEPT, MANIFEST_ACCEPT)),
+                &|rb| Ok(rb.header(ACCEPT, manifest_accept())),
             )
             .await?;
         if resp
@@ -472,7 +482,7 @@ impl Repository {
                 Method::HEAD,
                 &url,
                 &[404],
-                &|rb| Ok(rb.header(ACCEPT, MANIFEST_ACCEPT)),
+                &|rb| Ok(rb.header(ACCEPT, manifest_accept())),
             )
             .await?;
         if resp.status().as_u16() == 404 {

@@ -17,7 +17,7 @@ use crate::display;
 use crate::remote::{RegistryArgs, Renderer};
 
 /// Media type of a plain file pushed without one, as oras uses.
-const DEFAULT_FILE_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+const DEFAULT_FILE_MEDIA_TYPE: &str = modelpack_spec::media_type::MEDIA_TYPE_OCI_LAYER_TAR;
 
 #[derive(Debug, Args)]
 pub struct PushArgs {
