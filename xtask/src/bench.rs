@@ -450,6 +450,235 @@ fn bench_transfer(
     };
     rows.push(mem_row("push peak memory".into(), &push_ours, &push_big));
     rows.push(mem_row("pull peak memory".into(), &pull_ours, &pull_big));
+    rows.extend(bench_lazy(
+        bin,
+        work,
+        &registry,
+        (&single_ref, size_mib),
+        &big_ref,
+        &pull_ours,
+        big_mib,
+        runs.min(3),
+    )?);
+    Ok(rows)
+}
+
+/// A running `modelpack mount`, stopped by PID (SIGTERM unmounts) when dropped.
+struct MountProcess {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl MountProcess {
+    fn start(
+        bin: &Path,
+        store: &Path,
+        reference: &str,
+        dir: &Path,
+    ) -> anyhow::Result<MountProcess> {
+        fs::create_dir_all(dir)?;
+        let child = Command::new(bin)
+            .arg("--store")
+            .arg(store)
+            .args(["-q", "mount", reference])
+            .arg(dir)
+            .arg("--plain-http")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let mount = MountProcess {
+            child,
+            dir: dir.to_owned(),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if mounted(dir) {
+                return Ok(mount);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        anyhow::bail!("{} did not mount", dir.display())
+    }
+}
+
+impl Drop for MountProcess {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child by its PID.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+        if mounted(&self.dir) {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.dir)
+                .status();
+        }
+    }
+}
+
+fn mounted(dir: &Path) -> bool {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    fs::read_to_string("/proc/mounts").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split(' ').nth(1) == Some(dir.to_str().unwrap_or_default()))
+    })
+}
+
+/// Reads a whole file in 1 MiB pieces; returns the time it took.
+fn read_all(path: &Path) -> anyhow::Result<std::time::Duration> {
+    use std::io::Read as _;
+    let started = std::time::Instant::now();
+    let mut file = fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    while file.read(&mut buf)? > 0 {}
+    Ok(started.elapsed())
+}
+
+fn median_duration(mut v: Vec<std::time::Duration>) -> std::time::Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+fn bench_lazy(
+    bin: &Path,
+    work: &Path,
+    registry: &crate::services::Registry,
+    (single_ref, size_mib): (&str, u64),
+    big_ref: &str,
+    full_pull: &Sample,
+    big_mib: u64,
+    runs: usize,
+) -> anyhow::Result<Vec<Row>> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    println!("bench: lazy mount");
+    // Everything through a counting proxy (no latency, no cap), so fetched bytes are measured.
+    let proxy =
+        crate::services::SlowLink::start(registry.port, std::time::Duration::ZERO, f64::INFINITY)?;
+    let via = single_ref.replacen(&registry.host(), &proxy.host(), 1);
+    let weight = "model.safetensors";
+    let mut first = Vec::new();
+    let mut one_mib = Vec::new();
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    for run in 0..runs {
+        let store = work.join(format!("mount-store-{run}"));
+        let _ = fs::remove_dir_all(&store);
+        let dir = work.join("mnt");
+        measure::sync();
+        let started = std::time::Instant::now();
+        let mount = MountProcess::start(bin, &store, &via, &dir)?;
+        let mut file = fs::File::open(dir.join(weight))?;
+        let mut buf = vec![0u8; 4096];
+        file.read_exact(&mut buf)?;
+        first.push(started.elapsed());
+        drop(file);
+        drop(mount);
+        // A fresh mount and cache: one 1 MiB read in the middle (no readahead for a lone read).
+        let _ = fs::remove_dir_all(&store);
+        let mount = MountProcess::start(bin, &store, &via, &dir)?;
+        let before = proxy.served();
+        let mut file = fs::File::open(dir.join(weight))?;
+        let mut mib = vec![0u8; 1 << 20];
+        file.seek(SeekFrom::Start((size_mib / 2) << 20))?;
+        file.read_exact(&mut mib)?;
+        one_mib.push(proxy.served() - before);
+        drop(file);
+        drop(mount);
+        // Cold: a fresh mount and cache, the whole weight in order.
+        let _ = fs::remove_dir_all(&store);
+        measure::sync();
+        let mount = MountProcess::start(bin, &store, &via, &dir)?;
+        cold.push(read_all(&dir.join(weight))?);
+        warm.push(read_all(&dir.join(weight))?);
+        drop(mount);
+        let _ = fs::remove_dir_all(&store);
+    }
+    // Local disk, page cache warm: the same bytes from the bench's own copy.
+    let local_file = work.join("single").join(weight);
+    let _ = read_all(&local_file)?;
+    let local = median_duration(
+        (0..runs)
+            .map(|_| read_all(&local_file))
+            .collect::<anyhow::Result<_>>()?,
+    );
+    let (first, cold, warm) = (
+        median_duration(first),
+        median_duration(cold),
+        median_duration(warm),
+    );
+    one_mib.sort_unstable();
+    let fetched = one_mib.get(one_mib.len() / 2).copied().unwrap_or(0);
+    let pull = full_pull.wall.as_secs_f64();
+    let mut rows = vec![
+        Row {
+            what: format!("mount: first 4 KiB of a {size_mib} MiB weight (from starting `mount`)"),
+            ours: format!("{:.3} s", first.as_secs_f64()),
+            theirs: format!("{pull:.2} s (full `modelpack pull`)"),
+            ratio: first.as_secs_f64() / pull,
+            target: "<= 0.05".into(),
+            pass: first.as_secs_f64() / pull <= 0.05,
+        },
+        Row {
+            what: format!(
+                "mount: bytes fetched to read 1 MiB at offset {} MiB",
+                size_mib / 2
+            ),
+            ours: format!("{:.2} MiB", fetched as f64 / (1 << 20) as f64),
+            theirs: "-".into(),
+            ratio: fetched as f64 / (4 << 20) as f64,
+            target: "<= 4 MiB".into(),
+            pass: fetched <= 4 << 20,
+        },
+        Row {
+            what: format!("mount: cold sequential read of the {size_mib} MiB weight"),
+            ours: format!("{:.2} s", cold.as_secs_f64()),
+            theirs: format!("{pull:.2} s (full `modelpack pull`)"),
+            ratio: cold.as_secs_f64() / pull,
+            target: "<= 1.3".into(),
+            pass: cold.as_secs_f64() / pull <= 1.3,
+        },
+        Row {
+            what: format!("mount: warm re-read of the {size_mib} MiB weight"),
+            ours: format!("{:.2} s", warm.as_secs_f64()),
+            theirs: format!("{:.2} s (local disk, page cache warm)", local.as_secs_f64()),
+            ratio: warm.as_secs_f64() / local.as_secs_f64(),
+            target: "<= 1.25 (>= 0.8x local speed)".into(),
+            pass: warm.as_secs_f64() / local.as_secs_f64() <= 1.25,
+        },
+    ];
+    // Peak memory of the mount process while a reader streams the big model.
+    let store = work.join("mount-store-big");
+    let _ = fs::remove_dir_all(&store);
+    let dir = work.join("mnt");
+    let big_via = big_ref.replacen(&registry.host(), &proxy.host(), 1);
+    let mount = MountProcess::start(bin, &store, &big_via, &dir)?;
+    let pid = mount.child.id();
+    let reader = {
+        let path = dir.join(weight);
+        std::thread::spawn(move || read_all(&path))
+    };
+    let mut peak = 0;
+    while !reader.is_finished() {
+        peak = peak.max(measure::vm_hwm_kib(pid).unwrap_or(0));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    peak = peak.max(measure::vm_hwm_kib(pid).unwrap_or(0));
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader thread failed"))??;
+    drop(mount);
+    let _ = fs::remove_dir_all(&store);
+    let mib = peak as f64 / 1024.0;
+    rows.push(Row {
+        what: format!("mount peak memory while reading a {big_mib} MiB model"),
+        ours: format!("{mib:.0} MiB"),
+        theirs: "-".into(),
+        ratio: mib / 128.0,
+        target: "<= 128 MiB".into(),
+        pass: mib <= 128.0,
+    });
     Ok(rows)
 }
 

@@ -84,6 +84,7 @@ impl Drop for Registry {
 /// connection's server-to-client stream is capped at `bytes_per_sec`.
 pub struct SlowLink {
     pub port: u16,
+    served: Arc<std::sync::atomic::AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -93,6 +94,7 @@ fn pipe(
     latency: Duration,
     rate: Option<f64>,
     stop: Arc<AtomicBool>,
+    served: Option<Arc<std::sync::atomic::AtomicU64>>,
 ) {
     // Bounded: a full queue stops the reader, as a full TCP window would.
     let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(256);
@@ -120,10 +122,13 @@ fn pipe(
         let started = Instant::now();
         let mut sent = 0u64;
         for (due, chunk) in rx {
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            if let Some(wait) = due
+                .checked_duration_since(Instant::now())
+                .filter(|w| !w.is_zero())
+            {
                 std::thread::sleep(wait);
             }
-            if let Some(rate) = rate {
+            if let Some(rate) = rate.filter(|r| r.is_finite()) {
                 let allowed_at = started + Duration::from_secs_f64(sent as f64 / rate);
                 if let Some(wait) = allowed_at.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
@@ -133,6 +138,9 @@ fn pipe(
                 break;
             }
             sent += chunk.len() as u64;
+            if let Some(served) = &served {
+                served.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
         }
         let _ = to.shutdown(Shutdown::Write);
     });
@@ -148,6 +156,8 @@ impl SlowLink {
         let port = listener.local_addr()?.port();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let served2 = served.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if stop2.load(Ordering::Relaxed) {
@@ -162,15 +172,27 @@ impl SlowLink {
                 let (Ok(c2), Ok(u2)) = (client.try_clone(), upstream.try_clone()) else {
                     continue;
                 };
-                pipe(client, upstream, latency, None, stop2.clone());
-                pipe(u2, c2, latency, Some(bytes_per_sec), stop2.clone());
+                pipe(client, upstream, latency, None, stop2.clone(), None);
+                pipe(
+                    u2,
+                    c2,
+                    latency,
+                    Some(bytes_per_sec),
+                    stop2.clone(),
+                    Some(served2.clone()),
+                );
             }
         });
-        Ok(SlowLink { port, stop })
+        Ok(SlowLink { port, served, stop })
     }
 
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Bytes the server sent through the link.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
     }
 }
 

@@ -25,8 +25,10 @@ use crate::plan::{PlannedFile, Source};
 /// Uncompressed bytes per independent zstd frame in our seekable zstd layers.
 pub const ZSTD_FRAME_SIZE: usize = 2 * 1024 * 1024;
 const ZSTD_LEVEL: i32 = 3;
-/// One copy buffer is one chunk of the chunk-digest index.
-const COPY_BUFFER: usize = modelpack_spec::annotations::CHUNK_INDEX_CHUNK_SIZE as usize;
+/// Copy buffers hold whole chunks of the chunk-digest index (buffers are filled completely
+/// except at the end of a file, so chunk boundaries fall on buffer boundaries).
+const CHUNK: usize = modelpack_spec::annotations::CHUNK_INDEX_CHUNK_SIZE as usize;
+const COPY_BUFFER: usize = 2 * CHUNK;
 const COPY_BUFFERS: usize = 3;
 
 /// How file attributes are recorded.
@@ -219,7 +221,7 @@ pub fn copy_and_hash(
     copy_and_hash_chunked(src, dst, progress).map(|(d, n, _)| (d, n))
 }
 
-/// [`copy_and_hash`], also returning the sha256 of each 4 MiB chunk (computed on the writer
+/// [`copy_and_hash`], also returning the sha256 of each 2 MiB chunk (computed on the writer
 /// thread, in parallel with the whole-file hash) for the chunk-digest index.
 pub fn copy_and_hash_chunked(
     src: &mut impl Read,
@@ -235,7 +237,7 @@ pub fn copy_and_hash_chunked(
         let writer = scope.spawn(move || -> io::Result<Vec<Digest>> {
             let mut chunks = Vec::new();
             for (buf, n) in full_rx {
-                chunks.push(Digest::sha256_of(&buf[..n]));
+                chunks.extend(buf[..n].chunks(CHUNK).map(Digest::sha256_of));
                 dst.write_all(&buf[..n])?;
                 progress(n as u64);
                 if empty_tx.send(buf).is_err() {
@@ -280,7 +282,7 @@ pub fn copy_and_hash_chunked(
     })
 }
 
-/// Hashes `src` whole and in 4 MiB chunks without writing it anywhere.
+/// Hashes `src` whole and in 2 MiB chunks without writing it anywhere.
 fn hash_chunked(
     src: &mut impl Read,
     progress: &(dyn Fn(u64) + Sync),

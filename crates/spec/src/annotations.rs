@@ -30,7 +30,7 @@ pub const ANNOTATION_CHUNK_INDEX_DIGEST: &str = "dev.modelpack.chunk-index.diges
 /// Manifest annotation: size of the chunk-digest index blob.
 pub const ANNOTATION_CHUNK_INDEX_SIZE: &str = "dev.modelpack.chunk-index.size";
 /// Chunk size of the chunk-digest indexes we write.
-pub const CHUNK_INDEX_CHUNK_SIZE: u64 = 4 * 1024 * 1024;
+pub const CHUNK_INDEX_CHUNK_SIZE: u64 = 2 * 1024 * 1024;
 
 /// tar type flag of a regular file, as modctl writes it (the number 0, not ASCII `'0'`).
 pub const TYPEFLAG_REGULAR: u8 = 0;

@@ -449,29 +449,34 @@ async fn fetch_adaptive(
                 if elapsed < 0.2 || running.len() >= opts.concurrency || opts.connections.available_permits() == 0 {
                     continue;
                 }
-                let Some(widest) = current.iter().max_by_key(|s| s.remaining()) else { continue };
-                let remaining = widest.remaining();
-                if remaining < 2 * MIN_SPLIT
-                    || (remaining as f64) < per_connection * SPLIT_WHEN_LONGER_THAN
-                    || per_connection > FAST_CONNECTION
-                {
-                    continue;
+                // Split as often as there is room: a slow link reaches full width in one tick.
+                let room = opts.concurrency.saturating_sub(running.len()).min(opts.connections.available_permits());
+                for _ in 0..room {
+                    let current = snapshot(&spans);
+                    let Some(widest) = current.iter().max_by_key(|s| s.remaining()) else { break };
+                    let remaining = widest.remaining();
+                    if remaining < 2 * MIN_SPLIT
+                        || (remaining as f64) < per_connection * SPLIT_WHEN_LONGER_THAN
+                        || per_connection > FAST_CONNECTION
+                    {
+                        break;
+                    }
+                    let pos = widest.pos.load(Ordering::SeqCst);
+                    let old_end = widest.end.load(Ordering::SeqCst);
+                    let mid = (pos + (old_end - pos) / 2) & !((1 << 20) - 1);
+                    if mid <= pos || mid >= old_end {
+                        break;
+                    }
+                    // The old worker may write a little past `mid` before it sees the new end:
+                    // the bytes are the blob's own, so the overlap is harmless.
+                    widest.end.store(mid, Ordering::SeqCst);
+                    let fresh = Span::new(mid, mid, old_end);
+                    if let Ok(mut g) = spans.lock() {
+                        g.push(fresh.clone());
+                    }
+                    tracing::debug!(digest = %blob.digest, mid, "split a slow range onto another connection");
+                    running.push(worker(fresh));
                 }
-                let pos = widest.pos.load(Ordering::SeqCst);
-                let old_end = widest.end.load(Ordering::SeqCst);
-                let mid = (pos + (old_end - pos) / 2) & !((1 << 20) - 1);
-                if mid <= pos || mid >= old_end {
-                    continue;
-                }
-                // The old worker may write a little past `mid` before it sees the new end: the
-                // bytes are the blob's own, so the overlap is harmless.
-                widest.end.store(mid, Ordering::SeqCst);
-                let fresh = Span::new(mid, mid, old_end);
-                if let Ok(mut g) = spans.lock() {
-                    g.push(fresh.clone());
-                }
-                tracing::debug!(digest = %blob.digest, mid, "split a slow range onto another connection");
-                running.push(worker(fresh));
             }
         }
     }
