@@ -541,6 +541,7 @@ fn median_duration(mut v: Vec<std::time::Duration>) -> std::time::Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench_lazy(
     bin: &Path,
     work: &Path,

@@ -35,7 +35,7 @@ pub(crate) struct LazyBlob {
     chunks: Option<Vec<Digest>>,
     verify: Verify,
     present: Mutex<Vec<bool>>,
-    inflight: Mutex<HashMap<u64, Arc<OnceCell<()>>>>,
+    inflight: Mutex<HashMap<u64, Arc<tokio::sync::Notify>>>,
     whole: OnceCell<()>,
     cache_file: OnceCell<std::fs::File>,
     pub fetched: AtomicU64,
@@ -185,35 +185,94 @@ impl LazyBlob {
         }
     }
 
-    /// Makes chunk `i` present; true when it already was.
+    fn is_present(&self, i: u64) -> bool {
+        self.present.lock().map(|p| p[i as usize]).unwrap_or(false)
+    }
+
+    /// Makes chunk `i` present; true when it already was. Readers of a chunk another task is
+    /// fetching wait for that fetch instead of starting their own.
     pub(crate) async fn ensure_chunk(&self, i: u64) -> Result<bool, ReadError> {
-        if self.present.lock().map(|p| p[i as usize]).unwrap_or(false) {
-            return Ok(true);
+        let mut waited = false;
+        loop {
+            if self.is_present(i) {
+                return Ok(!waited);
+            }
+            let waiting = {
+                let mut inflight = self
+                    .inflight
+                    .lock()
+                    .map_err(|_| ReadError("lock poisoned".into()))?;
+                match inflight.get(&i) {
+                    Some(n) => Some(n.clone()),
+                    None => {
+                        inflight.insert(i, Arc::new(tokio::sync::Notify::new()));
+                        None
+                    }
+                }
+            };
+            let Some(notify) = waiting else {
+                return self.fetch_run(i, 1).await.map(|()| false);
+            };
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.is_present(i)
+                && self
+                    .inflight
+                    .lock()
+                    .map(|m| m.contains_key(&i))
+                    .unwrap_or(false)
+            {
+                notified.await;
+            }
+            waited = true;
         }
-        let cell = {
-            let mut inflight = self
-                .inflight
-                .lock()
-                .map_err(|_| ReadError("lock poisoned".into()))?;
-            inflight
-                .entry(i)
-                .or_insert_with(|| Arc::new(OnceCell::new()))
-                .clone()
-        };
-        let result = cell
-            .get_or_try_init(|| self.fetch_chunk(i))
-            .await
-            .map(|_| false);
+    }
+
+    /// Starts fetching up to `count` chunks from `first` that are neither present nor being
+    /// fetched, as one ranged GET per contiguous run (readahead).
+    pub(crate) async fn prefetch(&self, first: u64, count: u64) {
+        let last = (first + count).min(self.chunk_count());
+        let mut i = first;
+        while i < last {
+            let claimed = {
+                let Ok(mut inflight) = self.inflight.lock() else {
+                    return;
+                };
+                let mut n = 0;
+                while i + n < last && !self.is_present(i + n) && !inflight.contains_key(&(i + n)) {
+                    inflight.insert(i + n, Arc::new(tokio::sync::Notify::new()));
+                    n += 1;
+                }
+                n
+            };
+            if claimed == 0 {
+                i += 1;
+                continue;
+            }
+            let _ = self.fetch_run(i, claimed).await;
+            i += claimed;
+        }
+    }
+
+    /// Fetches chunks `first..first+count` (already claimed in `inflight`) in one ranged GET,
+    /// verifying and caching each chunk as it completes, then releases and wakes their waiters.
+    async fn fetch_run(&self, first: u64, count: u64) -> Result<(), ReadError> {
+        let result = self.fetch_run_inner(first, count).await;
         if let Ok(mut inflight) = self.inflight.lock() {
-            inflight.remove(&i);
+            for i in first..first + count {
+                if let Some(n) = inflight.remove(&i) {
+                    n.notify_waiters();
+                }
+            }
         }
         result
     }
 
-    async fn fetch_chunk(&self, i: u64) -> Result<(), ReadError> {
-        let start = i * self.chunk_size;
-        let end = (start + self.chunk_size).min(self.size);
-        let mut buf = Vec::with_capacity((end - start) as usize);
+    async fn fetch_run_inner(&self, first: u64, count: u64) -> Result<(), ReadError> {
+        self.cache_file().await?;
+        let start = first * self.chunk_size;
+        let end = ((first + count) * self.chunk_size).min(self.size);
         let started = std::time::Instant::now();
         let stream = self
             .repo
@@ -222,34 +281,54 @@ impl LazyBlob {
             .map_err(|e| ReadError(e.to_string()))?;
         let mut skip = start - stream.offset.min(start);
         let mut body = stream.response.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let mut chunk = chunk.map_err(|e| ReadError(format!("blob {}: {e}", self.digest)))?;
+        let mut chunk_index = first;
+        let mut buf = Vec::with_capacity(self.chunk_size as usize);
+        let mut pos = start;
+        while pos < end {
+            let Some(piece) = body.next().await else {
+                break;
+            };
+            let mut piece = piece.map_err(|e| ReadError(format!("blob {}: {e}", self.digest)))?;
             if skip > 0 {
-                let k = skip.min(chunk.len() as u64) as usize;
-                let _ = chunk.split_to(k);
+                let k = skip.min(piece.len() as u64) as usize;
+                let _ = piece.split_to(k);
                 skip -= k as u64;
             }
-            let room = (end - start) as usize - buf.len();
-            buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            if buf.len() as u64 == end - start {
-                break;
+            let mut piece = &piece[..];
+            while !piece.is_empty() && pos < end {
+                let chunk_end = ((chunk_index + 1) * self.chunk_size).min(self.size);
+                let want = (chunk_end - pos) as usize - buf.len().min((chunk_end - pos) as usize);
+                let take = want.min(piece.len()).min((end - pos) as usize - buf.len());
+                buf.extend_from_slice(&piece[..take]);
+                piece = &piece[take..];
+                let chunk_start = chunk_index * self.chunk_size;
+                if chunk_start + buf.len() as u64 == chunk_end {
+                    self.store_chunk(chunk_index, &buf)?;
+                    buf.clear();
+                    chunk_index += 1;
+                    pos = chunk_end;
+                }
             }
         }
+        self.counters.record_fetch(started.elapsed());
+        if pos < end {
+            return Err(ReadError(format!(
+                "blob {}: range {start}..{end} ended early at {pos}",
+                self.digest
+            )));
+        }
+        Ok(())
+    }
+
+    /// Verifies one fetched chunk and writes it to the cache.
+    fn store_chunk(&self, i: u64, buf: &[u8]) -> Result<(), ReadError> {
+        let start = i * self.chunk_size;
         self.counters
             .fetched_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.fetched.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.counters.record_fetch(started.elapsed());
-        if buf.len() as u64 != end - start {
-            return Err(ReadError(format!(
-                "blob {}: chunk {i} ended after {} of {} bytes",
-                self.digest,
-                buf.len(),
-                end - start
-            )));
-        }
         if let Some(chunks) = &self.chunks {
-            let actual = Digest::from_sha256(Sha256::digest(&buf).into());
+            let actual = Digest::from_sha256(Sha256::digest(buf).into());
             let expected = chunks
                 .get(i as usize)
                 .ok_or_else(|| ReadError(format!("chunk index has no chunk {i}")))?;
@@ -264,25 +343,29 @@ impl LazyBlob {
                 )));
             }
         }
-        let file = self.cache_file().await?;
-        file.write_all_at(&buf, start)
+        let file = self
+            .cache_file
+            .get()
+            .ok_or_else(|| ReadError("cache file not open".into()))?;
+        file.write_all_at(buf, start)
             .map_err(|e| ReadError(format!("cache write: {e}")))?;
-        if self.chunks.is_some() {
-            let snapshot = {
-                let mut present = self
-                    .present
-                    .lock()
-                    .map_err(|_| ReadError("lock poisoned".into()))?;
-                present[i as usize] = true;
-                present.iter().map(|&b| u8::from(b)).collect::<Vec<u8>>()
-            };
-            // Record verified chunks only: a later mount trusts this map.
-            let tmp = self.map_path.with_extension("chunks.tmp");
+        let snapshot = {
+            let mut present = self
+                .present
+                .lock()
+                .map_err(|_| ReadError("lock poisoned".into()))?;
+            present[i as usize] = true;
+            let done = present.iter().filter(|&&b| b).count();
+            // Saved every 16 chunks and when complete; a crash only costs refetching.
+            (self.chunks.is_some() && (done % 16 == 0 || done == present.len()))
+                .then(|| present.iter().map(|&b| u8::from(b)).collect::<Vec<u8>>())
+        };
+        // Record verified chunks only: a later mount trusts this map.
+        if let Some(snapshot) = snapshot {
+            let tmp = self.map_path.with_extension(format!("chunks.{i}.tmp"));
             if std::fs::write(&tmp, &snapshot).is_ok() {
                 let _ = std::fs::rename(&tmp, &self.map_path);
             }
-        } else if let Ok(mut present) = self.present.lock() {
-            present[i as usize] = true;
         }
         Ok(())
     }

@@ -28,8 +28,10 @@ const TTL: Duration = Duration::from_secs(3600);
 const FOPEN_DIRECT_IO: u32 = 1 << 0;
 /// `FOPEN_KEEP_CACHE` from the FUSE ABI: the content is immutable, keep the page cache.
 const FOPEN_KEEP_CACHE: u32 = 1 << 1;
-/// Chunks fetched ahead of a sequential reader.
-const READAHEAD_CHUNKS: u64 = 4;
+/// Chunks fetched ahead of a sequential reader, as runs of [`READAHEAD_RUN`] chunks (one ranged
+/// GET each, in parallel).
+const READAHEAD_CHUNKS: u64 = 32;
+const READAHEAD_RUN: u64 = 16;
 
 /// A mounted model: wait for it, unmount it, read its status.
 #[derive(Debug)]
@@ -175,11 +177,11 @@ impl ModelFs {
             return;
         }
         let next = (offset + len) / blob.chunk_size();
-        for i in next..(next + READAHEAD_CHUNKS).min(blob.chunk_count()) {
+        let mut run = next;
+        while run < (next + READAHEAD_CHUNKS).min(blob.chunk_count()) {
             let blob = blob.clone();
-            tokio::spawn(async move {
-                let _ = blob.ensure_chunk(i).await;
-            });
+            tokio::spawn(async move { blob.prefetch(run, READAHEAD_RUN).await });
+            run += READAHEAD_RUN;
         }
     }
 }
@@ -771,10 +773,10 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
         for blob in fs.blobs.iter() {
             let blob = blob.clone();
             tokio::spawn(async move {
-                for i in 0..blob.chunk_count() {
-                    if blob.ensure_chunk(i).await.is_err() {
-                        break;
-                    }
+                let mut i = 0;
+                while i < blob.chunk_count() {
+                    blob.prefetch(i, READAHEAD_RUN).await;
+                    i += READAHEAD_RUN;
                 }
             });
         }
