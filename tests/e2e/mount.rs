@@ -204,3 +204,87 @@ fn registry_down_cached_files_still_read_and_the_mount_recovers() {
         util::sha256_file(&dir.join("second.bin"))
     );
 }
+
+#[test]
+fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_index() {
+    if !util::can_fuse() {
+        return;
+    }
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = model(&s, 10 << 20);
+    let ours = format!("{}/mnt/foreign:ours", registry.host());
+    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &ours]);
+    s.ok(&["push", &ours, "--plain-http"]);
+    // The same artifact as another tool would write it: no chunk-index annotation.
+    let manifest_file = s.path("manifest.json");
+    s.ok(&[
+        "manifest",
+        "fetch",
+        &ours,
+        "--plain-http",
+        "-o",
+        manifest_file.to_str().expect("utf8"),
+    ]);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(&manifest_file).expect("read")).expect("json");
+    manifest
+        .as_object_mut()
+        .expect("object")
+        .remove("annotations");
+    fs::write(&manifest_file, serde_json::to_vec(&manifest).expect("json")).expect("write");
+    let foreign = format!("{}/mnt/foreign:theirs", registry.host());
+    s.ok(&[
+        "manifest",
+        "push",
+        &foreign,
+        manifest_file.to_str().expect("utf8"),
+        "--plain-http",
+    ]);
+    let weight_size = fs::metadata(dir.join("model.safetensors"))
+        .expect("stat")
+        .len();
+
+    // Without an index the safe default fetches and verifies the whole layer first.
+    let reader = Scratch::new();
+    let mount = Mount::start(&reader, &foreign, &reader.path("mnt"), &[]);
+    let mut head = [0u8; 4096];
+    fs::File::open(mount.dir.join("model.safetensors"))
+        .and_then(|mut f| f.read_exact(&mut head))
+        .expect("read");
+    let fetched = mount.status()["fetchedBytes"].as_u64().expect("fetched");
+    assert!(
+        fetched >= weight_size,
+        "only {fetched} bytes fetched before serving unindexed bytes"
+    );
+    assert_eq!(util::tree(&mount.dir), util::tree(&dir));
+    drop(mount);
+
+    // With an index attached as a referrer, a fresh mount reads lazily.
+    let referrer = s.ok(&["-q", "index", &foreign, "--plain-http"]);
+    assert!(referrer.trim().starts_with("sha256:"), "{referrer}");
+    let found: serde_json::Value =
+        serde_json::from_str(&s.ok(&["discover", &foreign, "--plain-http", "--format", "json"]))
+            .expect("json");
+    assert_eq!(
+        found["referrers"][0]["artifactType"],
+        "application/vnd.modelpack.chunk-index.v1+json"
+    );
+    let reader = Scratch::new();
+    let mount = Mount::start(&reader, &foreign, &reader.path("mnt"), &[]);
+    // One read in the middle (a lone read starts no readahead).
+    fs::File::open(mount.dir.join("model.safetensors"))
+        .and_then(|mut f| {
+            f.seek(SeekFrom::Start(6 << 20))?;
+            f.read_exact(&mut head)
+        })
+        .expect("read");
+    let fetched = mount.status()["fetchedBytes"].as_u64().expect("fetched");
+    assert!(
+        fetched < weight_size / 2,
+        "{fetched} of {weight_size} bytes fetched for 4 KiB"
+    );
+    assert_eq!(util::tree(&mount.dir), util::tree(&dir));
+}

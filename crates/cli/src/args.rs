@@ -94,6 +94,8 @@ pub enum Command {
     Mount(crate::cmd::mount::MountArgs),
     /// Unmount a folder `mount` serves
     Umount(crate::cmd::mount::UmountArgs),
+    /// Make a chunk-digest index for an artifact built elsewhere and attach it as a referrer
+    Index(crate::cmd::mount::IndexArgs),
 }
 
 /// Model metadata flags; they win over the Modelfile and over guesses.

@@ -61,6 +61,7 @@ fn main() -> ExitCode {
         Command::Discover(a) => cmd::attach::discover(&cli.global, a),
         Command::Mount(a) => cmd::mount::mount(&cli.global, a),
         Command::Umount(a) => cmd::mount::umount(&cli.global, a),
+        Command::Index(a) => cmd::mount::index(&cli.global, a),
     };
     match result {
         Ok(code) => code,

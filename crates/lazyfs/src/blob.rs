@@ -34,6 +34,8 @@ pub(crate) struct LazyBlob {
     chunk_size: u64,
     chunks: Option<Vec<Digest>>,
     verify: Verify,
+    /// The chunk digests come from an unpinned referrer: verify the whole blob once complete.
+    check_whole: bool,
     present: Mutex<Vec<bool>>,
     inflight: Mutex<HashMap<u64, Arc<tokio::sync::Notify>>>,
     whole: OnceCell<()>,
@@ -63,6 +65,7 @@ impl LazyBlob {
         chunk_size: u64,
         chunks: Option<Vec<Digest>>,
         verify: Verify,
+        check_whole: bool,
         counters: Arc<Counters>,
         transfer: TransferOptions,
     ) -> LazyBlob {
@@ -86,6 +89,7 @@ impl LazyBlob {
             chunk_size,
             chunks,
             verify,
+            check_whole,
             present: Mutex::new(present),
             inflight: Mutex::new(HashMap::new()),
             whole: OnceCell::new(),
@@ -349,17 +353,26 @@ impl LazyBlob {
             .ok_or_else(|| ReadError("cache file not open".into()))?;
         file.write_all_at(buf, start)
             .map_err(|e| ReadError(format!("cache write: {e}")))?;
-        let snapshot = {
+        let (snapshot, complete) = {
             let mut present = self
                 .present
                 .lock()
                 .map_err(|_| ReadError("lock poisoned".into()))?;
             present[i as usize] = true;
             let done = present.iter().filter(|&&b| b).count();
+            let complete = done == present.len();
             // Saved every 16 chunks and when complete; a crash only costs refetching.
-            (self.chunks.is_some() && (done % 16 == 0 || done == present.len()))
-                .then(|| present.iter().map(|&b| u8::from(b)).collect::<Vec<u8>>())
+            let snapshot = (self.chunks.is_some() && (done % 16 == 0 || complete))
+                .then(|| present.iter().map(|&b| u8::from(b)).collect::<Vec<u8>>());
+            (snapshot, complete)
         };
+        if complete && self.check_whole && !tokio::task::block_in_place(|| self.whole_matches(file))
+        {
+            return Err(ReadError(format!(
+                "blob {}: chunks matched the referrer index but the whole blob does not match its digest",
+                self.digest
+            )));
+        }
         // Record verified chunks only: a later mount trusts this map.
         if let Some(snapshot) = snapshot {
             let tmp = self.map_path.with_extension(format!("chunks.{i}.tmp"));
@@ -368,6 +381,33 @@ impl LazyBlob {
             }
         }
         Ok(())
+    }
+
+    /// Hashes the complete cached blob; on a mismatch forgets every chunk and logs it.
+    fn whole_matches(&self, file: &std::fs::File) -> bool {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0u64;
+        while pos < self.size {
+            let n = (self.size - pos).min(buf.len() as u64) as usize;
+            if file.read_exact_at(&mut buf[..n], pos).is_err() {
+                return false;
+            }
+            hasher.update(&buf[..n]);
+            pos += n as u64;
+        }
+        if Digest::from_sha256(hasher.finalize().into()) == self.digest {
+            return true;
+        }
+        self.counters
+            .verify_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::error!(blob = %self.digest, "whole-blob check failed: the referrer index does not describe this blob; cache dropped");
+        if let Ok(mut present) = self.present.lock() {
+            present.iter_mut().for_each(|p| *p = false);
+        }
+        let _ = std::fs::remove_file(&self.map_path);
+        false
     }
 
     /// Number of chunks.

@@ -498,6 +498,9 @@ pub enum MountError {
     /// The artifact is not a valid ModelPack artifact.
     #[error("{0}")]
     Invalid(String),
+    /// A spec-level problem.
+    #[error(transparent)]
+    Spec(#[from] modelpack_spec::Error),
     /// The FUSE mount itself failed.
     #[error("mounting at {path}: {source}")]
     Mount {
@@ -594,8 +597,9 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
                 .map_err(|e| MountError::Invalid(format!("chunk index: {e}")))?;
             Some(ChunkIndex::from_slice(&bytes).map_err(|e| MountError::Invalid(e.to_string()))?)
         }
-        _ => None,
+        _ => crate::index::find_referrer_index(repo, &fetched.digest).await,
     };
+    let index_is_pinned = annotations.contains_key(ANNOTATION_CHUNK_INDEX_DIGEST);
 
     let (uid, gid) = ids();
     let now = SystemTime::now()
@@ -632,6 +636,7 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
                     chunk_size,
                     chunks,
                     opts.verify,
+                    !index_is_pinned,
                     counters.clone(),
                     transfer.clone(),
                 ))

@@ -8,7 +8,12 @@
 //!   readers trigger readahead; a blob already in the store is served from it;
 //! - without an index the policy is explicit: [`Verify::Full`] (default) fetches and verifies the
 //!   whole blob before serving any byte of it, [`Verify::None`] serves unverified chunks;
-//! - [`Status`] counts bytes fetched and served, cache hits and fetch latency, per file.
+//! - the hidden file `.modelpack-status` counts bytes fetched and served, cache hits and fetch
+//!   latency, per file;
+//! - [`create_index`] makes a chunk index for an artifact built elsewhere and attaches it as an
+//!   OCI referrer; `mount` finds it there when the manifest pins none. Such an index is only as
+//!   trustworthy as write access to the repository, so each blob served through it is also
+//!   verified whole once all its chunks are cached, and dropped from the cache on a mismatch.
 //!
 //! **Invariant:** with `Verify::Full`, no byte reaches a reader before the chunk (or blob) holding
 //! it matched its digest; a mismatch is logged and the read fails with EIO.
@@ -16,6 +21,7 @@
 
 mod blob;
 mod fs;
+mod index;
 mod tree;
 
 use std::path::PathBuf;
@@ -26,6 +32,7 @@ use modelpack_registry::Repository;
 use modelpack_store::Store;
 
 pub use fs::{MountError, MountedModel, mount};
+pub use index::create_index;
 
 /// What to do when an artifact has no chunk-digest index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

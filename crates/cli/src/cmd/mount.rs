@@ -126,3 +126,35 @@ pub fn umount(_global: &GlobalArgs, args: UmountArgs) -> anyhow::Result<ExitCode
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Debug, Args)]
+pub struct IndexArgs {
+    /// The model to index, e.g. localhost:5000/models/llama:8b
+    pub reference: String,
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+}
+
+/// `modelpack index REF`: a chunk-digest index for an artifact built elsewhere, attached as a
+/// referrer so `mount` can verify it chunk by chunk.
+pub fn index(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<ExitCode> {
+    let reference = super::parse_reference(&args.reference)?;
+    let client = args.connection.client()?;
+    let repo = crate::remote::repository(&client, &reference);
+    let rt = crate::remote::runtime()?;
+    let digest = rt
+        .block_on(modelpack_lazyfs::create_index(
+            &repo,
+            &reference.tag_or_digest(),
+        ))
+        .with_context(|| format!("cannot index {}", reference.familiar()))?;
+    if global.quiet {
+        println!("{digest}");
+    } else {
+        println!(
+            "Indexed {}: chunk index attached as referrer {digest}",
+            reference.familiar()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,157 @@
+//! Creating a chunk-digest index for an artifact built elsewhere, attached to it as an OCI
+//! referrer (`modelpack index REF`), and finding one when a manifest pins none.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use modelpack_registry::Repository;
+use modelpack_spec::annotations::{ANNOTATION_TITLE, CHUNK_INDEX_CHUNK_SIZE};
+use modelpack_spec::media_type::{
+    MEDIA_TYPE_CHUNK_INDEX, MEDIA_TYPE_OCI_EMPTY, MEDIA_TYPE_OCI_MANIFEST,
+};
+use modelpack_spec::{ChunkIndex, Digest, Encoding, ModelManifest};
+use sha2::{Digest as _, Sha256};
+
+use crate::fs::MountError;
+
+/// Streams every raw layer once, hashing it whole and per chunk; refuses a layer whose bytes do
+/// not match its digest; pushes the index and a referrer manifest whose subject is the model.
+/// Returns the referrer manifest's digest.
+pub async fn create_index(repo: &Repository, reference: &str) -> Result<Digest, MountError> {
+    let fetched = repo.get_manifest(reference).await?;
+    let manifest = ModelManifest::from_slice(&fetched.bytes).map_err(|report| {
+        MountError::Invalid(format!(
+            "not a valid ModelPack manifest: {}",
+            report
+                .errors()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))
+    })?;
+    let mut index = ChunkIndex::new(CHUNK_INDEX_CHUNK_SIZE);
+    for layer in manifest.layers() {
+        if layer.media_type.encoding != Encoding::Raw
+            || layer.size() == 0
+            || index.layers.contains_key(&layer.digest)
+        {
+            continue;
+        }
+        let stream = repo.get_blob(&layer.digest, None).await?;
+        let mut body = stream.response.bytes_stream();
+        let mut whole = Sha256::new();
+        let mut chunk = Sha256::new();
+        let mut in_chunk = 0u64;
+        let mut chunks = Vec::new();
+        let mut total = 0u64;
+        while let Some(piece) = body.next().await {
+            let piece =
+                piece.map_err(|e| MountError::Invalid(format!("blob {}: {e}", layer.digest)))?;
+            whole.update(&piece);
+            total += piece.len() as u64;
+            let mut rest = &piece[..];
+            while !rest.is_empty() {
+                let take = ((CHUNK_INDEX_CHUNK_SIZE - in_chunk) as usize).min(rest.len());
+                chunk.update(&rest[..take]);
+                in_chunk += take as u64;
+                rest = &rest[take..];
+                if in_chunk == CHUNK_INDEX_CHUNK_SIZE {
+                    chunks.push(Digest::from_sha256(
+                        std::mem::take(&mut chunk).finalize().into(),
+                    ));
+                    in_chunk = 0;
+                }
+            }
+        }
+        if in_chunk > 0 {
+            chunks.push(Digest::from_sha256(chunk.finalize().into()));
+        }
+        let actual = Digest::from_sha256(whole.finalize().into());
+        if actual != layer.digest || total != layer.size() {
+            return Err(MountError::Invalid(format!(
+                "layer {}: the registry sent bytes hashing to {actual}; no index made",
+                layer.digest
+            )));
+        }
+        index.layers.insert(layer.digest.clone(), chunks);
+    }
+    let bytes = Bytes::from(index.to_vec());
+    let index_digest = Digest::sha256_of(&bytes);
+    let empty = Bytes::from_static(b"{}");
+    let empty_digest = Digest::sha256_of(&empty);
+    for (digest, body) in [(&index_digest, bytes.clone()), (&empty_digest, empty)] {
+        if repo.blob_exists(digest).await?.is_none() {
+            repo.push_blob_bytes(digest, body).await?;
+        }
+    }
+    let subject = modelpack_transfer::manifest_descriptor(&fetched.bytes)?;
+    let referrer = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+        "artifactType": MEDIA_TYPE_CHUNK_INDEX,
+        "config": modelpack_spec::descriptor(MEDIA_TYPE_OCI_EMPTY, &empty_digest, 2, None)?,
+        "layers": [modelpack_spec::descriptor(
+            MEDIA_TYPE_CHUNK_INDEX,
+            &index_digest,
+            bytes.len() as u64,
+            Some(HashMap::from([(ANNOTATION_TITLE.to_owned(), "chunk-index.json".to_owned())])),
+        )?],
+        "subject": subject,
+    });
+    let referrer_bytes = Bytes::from(modelpack_spec::to_canonical_json(&referrer));
+    let referrer_digest = Digest::sha256_of(&referrer_bytes);
+    repo.put_manifest(
+        referrer_digest.as_str(),
+        MEDIA_TYPE_OCI_MANIFEST,
+        referrer_bytes.clone(),
+    )
+    .await?;
+    if !repo.supports_referrers(&fetched.digest).await? {
+        let descriptor = modelpack_transfer::manifest_descriptor(&referrer_bytes)?;
+        repo.add_referrer_to_fallback(&fetched.digest, descriptor)
+            .await?;
+    }
+    Ok(referrer_digest)
+}
+
+/// The chunk index attached to `manifest_digest` as a referrer, if any.
+pub(crate) async fn find_referrer_index(
+    repo: &Repository,
+    manifest_digest: &Digest,
+) -> Option<ChunkIndex> {
+    let referrers = repo
+        .referrers(manifest_digest, Some(MEDIA_TYPE_CHUNK_INDEX))
+        .await
+        .ok()?;
+    for referrer in referrers {
+        let Ok(m) = repo.get_manifest(referrer.digest().as_ref()).await else {
+            continue;
+        };
+        let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&m.bytes) else {
+            continue;
+        };
+        let Some(digest) = doc["layers"][0]["digest"]
+            .as_str()
+            .and_then(|d| d.parse::<Digest>().ok())
+        else {
+            continue;
+        };
+        let Ok(stream) = repo.get_blob(&digest, None).await else {
+            continue;
+        };
+        let Ok(bytes) =
+            modelpack_registry::read_capped(stream.response, modelpack_spec::MAX_DOCUMENT_SIZE)
+                .await
+        else {
+            continue;
+        };
+        if Digest::sha256_of(&bytes) != digest {
+            continue;
+        }
+        if let Ok(index) = ChunkIndex::from_slice(&bytes) {
+            return Some(index);
+        }
+    }
+    None
+}
