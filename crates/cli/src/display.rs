@@ -15,7 +15,7 @@ static CANCELLABLE: AtomicBool = AtomicBool::new(false);
 pub fn install_interrupt_handler() {
     let _ = ctrlc::set_handler(|| {
         if CANCELLABLE.load(Ordering::SeqCst) && !CANCELLED.swap(true, Ordering::SeqCst) {
-            eprintln!("\ninterrupted: cleaning up (Ctrl-C again to exit now)");
+            eprintln!("\nstopping: cleaning up (Ctrl-C again to exit now)");
             return;
         }
         std::process::exit(130);
