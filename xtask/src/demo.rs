@@ -105,8 +105,15 @@ pub fn run() -> anyhow::Result<()> {
     let store2 = work.join("store2");
     let pulled = work.join("pulled");
     cmd!(sh, "{bin} --store {store2} pull {reference} --plain-http").run()?;
-    cmd!(sh, "{bin} --store {store2} pull {reference} --plain-http -o {pulled}").run()?;
-    ensure!(sha256_tree(&pulled)? == want, "pulled tree differs from the source");
+    cmd!(
+        sh,
+        "{bin} --store {store2} pull {reference} --plain-http -o {pulled}"
+    )
+    .run()?;
+    ensure!(
+        sha256_tree(&pulled)? == want,
+        "pulled tree differs from the source"
+    );
     println!("\n== mount lazily and read through FUSE");
     let mnt = work.join("mnt");
     fs::create_dir_all(&mnt)?;

@@ -276,11 +276,7 @@ pub fn build(
     let model_manifest = ModelManifest::from_slice(&manifest_bytes).map_err(|report| {
         Error::Spec(modelpack_spec::Error::Invalid {
             what: "built manifest",
-            reason: report
-                .errors()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
+            reason: report.error_summary(),
         })
     })?;
     let manifest_digest: Digest = store.put_bytes(&manifest_bytes)?;

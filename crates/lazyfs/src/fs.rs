@@ -548,11 +548,7 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
     let manifest = ModelManifest::from_slice(&fetched.bytes).map_err(|report| {
         MountError::Invalid(format!(
             "not a valid ModelPack manifest: {}",
-            report
-                .errors()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ")
+            report.error_summary()
         ))
     })?;
     let counters = Arc::new(Counters::default());

@@ -23,11 +23,7 @@ pub async fn create_index(repo: &Repository, reference: &str) -> Result<Digest, 
     let manifest = ModelManifest::from_slice(&fetched.bytes).map_err(|report| {
         MountError::Invalid(format!(
             "not a valid ModelPack manifest: {}",
-            report
-                .errors()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ")
+            report.error_summary()
         ))
     })?;
     let mut index = ChunkIndex::new(CHUNK_INDEX_CHUNK_SIZE);

@@ -67,6 +67,14 @@ impl Report {
         self.errors().next().is_none()
     }
 
+    /// The errors on one line, `; `-separated, for an error message.
+    pub fn error_summary(&self) -> String {
+        self.errors()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// The errors only.
     pub fn errors(&self) -> impl Iterator<Item = &Problem> {
         self.problems

@@ -349,7 +349,7 @@ async fn fetch_adaptive(
     // through the channel and are hashed from memory; anything else is read back from the file
     // once the prefix reaches it.
     let failed = Arc::new(AtomicBool::new(false));
-    let (written_tx, mut written_rx) = tokio::sync::mpsc::channel::<(u64, bytes::Bytes)>(64);
+    let (written_tx, mut written_rx) = tokio::sync::mpsc::channel::<(u64, bytes::Bytes)>(16);
     let hasher = {
         let file = file.try_clone().map_err(io("partial file"))?;
         let spans = spans.clone();

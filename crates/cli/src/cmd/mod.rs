@@ -60,11 +60,7 @@ pub fn load_remote(registry: &crate::remote::RegistryArgs, text: &str) -> anyhow
         anyhow::anyhow!(
             "{} is not a valid ModelPack manifest: {}",
             reference.familiar(),
-            report
-                .errors()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ")
+            report.error_summary()
         )
     })?;
     let config_bytes = rt.block_on(async {
@@ -103,11 +99,7 @@ pub fn load(store: &Store, text: &str) -> anyhow::Result<Loaded> {
         anyhow::anyhow!(
             "{} is not a valid ModelPack manifest: {}",
             reference.familiar(),
-            report
-                .errors()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ")
+            report.error_summary()
         )
     })?;
     let config_bytes = store.read_blob(

@@ -129,11 +129,7 @@ fn extract_remote(
                 bail!(
                     "{} is a ModelPack artifact that fails validation: {}",
                     reference.familiar(),
-                    report
-                        .errors()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("; ")
+                    report.error_summary()
                 );
             }
             let mut files = Vec::new();
