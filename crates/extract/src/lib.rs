@@ -12,9 +12,13 @@
 //!
 //! ```no_run
 //! use modelpack_extract::{ExtractOptions, StoreSource, extract};
-//! # fn manifest() -> modelpack_spec::ModelManifest { unimplemented!() }
+//! use modelpack_spec::{Digest, ModelManifest};
+//!
 //! let store = modelpack_store::Store::open("/tmp/store".as_ref()).unwrap();
-//! let report = extract(&manifest(), &StoreSource(&store), "./out".as_ref(), &ExtractOptions::default()).unwrap();
+//! let descriptor = store.resolve(&"llama:8b".parse().unwrap()).unwrap();
+//! let digest: Digest = descriptor.digest().as_ref().parse().unwrap();
+//! let manifest = ModelManifest::from_slice(&store.read_blob(&digest, 4 << 20).unwrap()).unwrap();
+//! let report = extract(&manifest, &StoreSource(&store), "./out".as_ref(), &ExtractOptions::default()).unwrap();
 //! println!("{} files written, {} already identical", report.written, report.skipped);
 //! ```
 #![deny(missing_docs, missing_debug_implementations)]
