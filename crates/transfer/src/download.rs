@@ -30,19 +30,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::Unsupported(format!("worker thread failed: {e}")))?
 }
 
-/// Hashes `len` bytes of `file` from the start.
-fn hash_prefix(file: &std::fs::File, len: u64, hasher: &mut Sha256) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0u64;
-    while pos < len {
-        let n = (len - pos).min(buf.len() as u64) as usize;
-        file.read_exact_at(&mut buf[..n], pos)?;
-        hasher.update(&buf[..n]);
-        pos += n as u64;
-    }
-    Ok(())
-}
-
 fn mismatch(blob: &BlobRef, actual: Digest) -> Error {
     Error::DigestMismatch {
         digest: blob.digest.to_string(),
@@ -82,116 +69,11 @@ pub async fn fetch_blob(
         digest: blob.digest.clone(),
         size: blob.size,
     });
-    if blob.size >= opts.segment_threshold {
-        fetch_adaptive(repo, blob, opts, partial).await?;
-    } else {
-        fetch_single(repo, blob, opts, partial).await?;
-    }
+    fetch_adaptive(repo, blob, opts, partial).await?;
     (opts.progress)(Event::BlobDone {
         digest: blob.digest.clone(),
     });
     Ok(Fetched::Downloaded)
-}
-
-/// One stream, continuing from the partial prefix; mid-body failures resume from where they
-/// stopped.
-async fn fetch_single(
-    repo: &Repository,
-    blob: &BlobRef,
-    opts: &TransferOptions,
-    partial: Resumable,
-) -> Result<()> {
-    let file = partial.file().try_clone().map_err(io("partial file"))?;
-    let mut have = file.metadata().map_err(io("partial file"))?.len();
-    if partial.load_state().is_some() || have > blob.size {
-        // Left by a segmented download or too long: start over.
-        file.set_len(0).map_err(io("partial file"))?;
-        let _ = partial.save_state(b"");
-        have = 0;
-    }
-    let mut hasher = Sha256::new();
-    if have > 0 {
-        let f = file.try_clone().map_err(io("partial file"))?;
-        hasher = blocking(move || {
-            hash_prefix(&f, have, &mut hasher).map_err(io("reading partial data"))?;
-            Ok(hasher)
-        })
-        .await?;
-        (opts.progress)(Event::Resumed {
-            digest: blob.digest.clone(),
-            bytes: have,
-        });
-    }
-    let mut failures = 0u32;
-    while have < blob.size {
-        let _permit = opts.connections.acquire().await;
-        let stream = repo
-            .get_blob(&blob.digest, (have > 0).then_some(have..blob.size))
-            .await?;
-        let mut skip = have - stream.offset.min(have);
-        let mut body = stream.response.bytes_stream();
-        let mut failed = None;
-        while let Some(chunk) = body.next().await {
-            let mut chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            };
-            if skip > 0 {
-                let n = skip.min(chunk.len() as u64) as usize;
-                let _ = chunk.split_to(n);
-                skip -= n as u64;
-                if chunk.is_empty() {
-                    continue;
-                }
-            }
-            if have + chunk.len() as u64 > blob.size {
-                return Err(Error::SizeMismatch {
-                    digest: blob.digest.to_string(),
-                    expected: blob.size,
-                    actual: have + chunk.len() as u64,
-                });
-            }
-            file.write_all_at(&chunk, have)
-                .map_err(io("writing partial data"))?;
-            hasher.update(&chunk);
-            have += chunk.len() as u64;
-            (opts.progress)(Event::Bytes {
-                digest: blob.digest.clone(),
-                bytes: chunk.len() as u64,
-            });
-        }
-        match failed {
-            None if have < blob.size => {
-                return Err(Error::SizeMismatch {
-                    digest: blob.digest.to_string(),
-                    expected: blob.size,
-                    actual: have,
-                });
-            }
-            None => {}
-            Some(e) => {
-                failures += 1;
-                if failures >= repo.client().options().retry.attempts {
-                    return Err(modelpack_registry::Error::Protocol(format!(
-                        "blob {}: connection lost after {have} bytes: {e}",
-                        blob.digest
-                    ))
-                    .into());
-                }
-                tracing::debug!(have, error = %e, "blob stream broke; resuming");
-            }
-        }
-    }
-    let actual = Digest::from_sha256(hasher.finalize().into());
-    if actual != blob.digest {
-        partial.discard()?;
-        return Err(mismatch(blob, actual));
-    }
-    partial.commit(&blob.digest)?;
-    Ok(())
 }
 
 /// One worker's byte range: `[start, end)`, written up to `pos`. A split shrinks `end` and
@@ -292,7 +174,7 @@ fn frontier(spans: &[Arc<Span>]) -> u64 {
     f
 }
 
-/// Large blobs: one stream first; while it runs, a span that would take more than a second is
+/// Every blob: one stream first; while it runs, a span that would take more than a second is
 /// split and the second half fetched on another connection (up to the concurrency), so slow or
 /// far links fill with parallel Range GETs while a fast local link keeps one cheap stream. A
 /// thread hashes the written prefix as it grows, reading it back from the page cache; progress is

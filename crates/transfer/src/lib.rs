@@ -1,8 +1,9 @@
 //! One copy engine between content targets: a registry repository, the local store, and OCI
 //! layout folders (which are stores too).
 //!
-//! - [`pull`]: registry -> store: manifest, then blobs in parallel, large blobs as parallel Range
-//!   GETs; every blob verified before it is renamed into place; interrupted downloads resume;
+//! - [`pull`]: registry -> store: manifest, then blobs in parallel, each one stream that is split
+//!   onto parallel Range GETs when the link is slow; every blob verified before it is renamed
+//!   into place; interrupted downloads resume;
 //! - [`push`]: store -> registry: blobs the registry lacks (HEAD first), streamed from disk, then
 //!   the manifest;
 //! - [`copy_remote`]: registry -> registry, mounting blobs across repositories of the same
@@ -87,9 +88,6 @@ pub struct TransferOptions {
     pub concurrency: usize,
     /// Connections in flight at once, across blobs.
     pub connections: Arc<Semaphore>,
-    /// Blobs at least this large are fetched by the adaptive engine (one stream, split onto
-    /// more connections when it is slow, hashed as the prefix grows, resumable mid-blob).
-    pub segment_threshold: u64,
     /// Upload in PATCH chunks of this size instead of one PUT.
     pub chunk_size: Option<u64>,
     /// Progress callback.
@@ -100,21 +98,18 @@ impl std::fmt::Debug for TransferOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TransferOptions")
             .field("concurrency", &self.concurrency)
-            .field("segment_threshold", &self.segment_threshold)
             .field("chunk_size", &self.chunk_size)
             .finish()
     }
 }
 
 impl TransferOptions {
-    /// `concurrency` blobs and connections, the adaptive engine for blobs of 16 MiB and more, no
-    /// progress.
+    /// `concurrency` blobs and connections, no progress.
     pub fn new(concurrency: usize) -> TransferOptions {
         let concurrency = concurrency.clamp(1, 64);
         TransferOptions {
             concurrency,
             connections: Arc::new(Semaphore::new(concurrency)),
-            segment_threshold: 16 << 20,
             chunk_size: None,
             progress: Arc::new(|_| {}),
         }
