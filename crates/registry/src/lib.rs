@@ -32,6 +32,6 @@ pub use client::{Client, ClientOptions, RetryPolicy, Scope};
 pub use credentials::Credential;
 pub use error::{Error, Result};
 pub use repository::{
-    BlobStream, FetchedManifest, MAX_MANIFEST_SIZE, Repository, fallback_tag,
-    is_manifest_media_type, read_capped, read_small_file,
+    BlobStream, FetchedManifest, MAX_MANIFEST_SIZE, Repository, fallback_tag, read_capped,
+    read_small_file,
 };

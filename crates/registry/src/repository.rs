@@ -712,11 +712,6 @@ pub async fn read_capped(mut resp: Response, cap: usize) -> Result<Bytes> {
     Ok(Bytes::from(out))
 }
 
-/// Media types we accept as manifests.
-pub fn is_manifest_media_type(media_type: &str) -> bool {
-    media_type == MEDIA_TYPE_OCI_MANIFEST || media_type == MEDIA_TYPE_DOCKER_MANIFEST
-}
-
 /// Reads a local file fully if it is at most `cap` bytes (for `manifest push FILE`).
 pub fn read_small_file(path: &Path, cap: usize) -> Result<Vec<u8>> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::Io {

@@ -45,7 +45,15 @@ pub fn run(global: &GlobalArgs, args: CopyArgs) -> anyhow::Result<ExitCode> {
     let digest: Digest = match (&source, &destination) {
         (Target::Registry(src), Target::Registry(dst)) => {
             let scratch_root = super::open_store(global)?.root().join("ingest");
-            let scratch_dir = tempfile_dir(&scratch_root)?;
+            let scratch_dir = tempfile::Builder::new()
+                .prefix("copy-")
+                .tempdir_in(&scratch_root)
+                .with_context(|| {
+                    format!(
+                        "cannot create a scratch folder in {}",
+                        scratch_root.display()
+                    )
+                })?;
             let scratch = Store::open(scratch_dir.path())?;
             let src_repo = crate::remote::repository(&client, src);
             let dst_repo = crate::remote::repository(&client, dst);
@@ -105,31 +113,4 @@ pub fn run(global: &GlobalArgs, args: CopyArgs) -> anyhow::Result<ExitCode> {
         ),
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn tempfile_dir(root: &std::path::Path) -> anyhow::Result<TempDir> {
-    let path = root.join(format!(
-        "copy-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    ));
-    std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
-    Ok(TempDir(path))
-}
-
-/// A scratch folder removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn path(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

@@ -231,14 +231,20 @@ pub fn blob(global: &GlobalArgs, command: BlobCommand) -> anyhow::Result<ExitCod
                     .parent()
                     .filter(|p| !p.as_os_str().is_empty())
                     .unwrap_or(std::path::Path::new("."));
-                Some(tempfile_in(dir)?)
+                // Removed on drop, so a failed download leaves nothing behind.
+                Some(
+                    tempfile::Builder::new()
+                        .prefix(".modelpack-blob-")
+                        .tempfile_in(dir)
+                        .with_context(|| format!("cannot create a file in {}", dir.display()))?,
+                )
             };
             let mut hasher = Sha256::new();
             rt.block_on(async {
                 let stream = repo.get_blob(&digest, None).await?;
                 let mut body = stream.response.bytes_stream();
                 let mut out: Box<dyn std::io::Write> = match &tmp {
-                    Some((file, _)) => Box::new(file.try_clone()?),
+                    Some(file) => Box::new(file.as_file().try_clone()?),
                     None => Box::new(std::io::stdout()),
                 };
                 while let Some(chunk) = body.next().await {
@@ -251,13 +257,10 @@ pub fn blob(global: &GlobalArgs, command: BlobCommand) -> anyhow::Result<ExitCod
             })?;
             let actual = Digest::from_sha256(hasher.finalize().into());
             if actual != digest {
-                if let Some((_, path)) = &tmp {
-                    let _ = std::fs::remove_file(path);
-                }
                 bail!("blob {digest}: downloaded bytes hash to {actual}; nothing was written");
             }
-            if let Some((_, path)) = tmp {
-                std::fs::rename(&path, &args.output)
+            if let Some(file) = tmp {
+                file.persist(&args.output)
                     .with_context(|| format!("cannot write {}", args.output.display()))?;
             }
         }
@@ -286,13 +289,6 @@ pub fn blob(global: &GlobalArgs, command: BlobCommand) -> anyhow::Result<ExitCod
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn tempfile_in(dir: &std::path::Path) -> anyhow::Result<(std::fs::File, PathBuf)> {
-    let path = dir.join(format!(".modelpack-blob-{}.partial", std::process::id()));
-    let file = std::fs::File::create(&path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    Ok((file, path))
 }
 
 /// Tags a remote manifest with more tags (as `oras tag`).
