@@ -1,12 +1,15 @@
 //! `cargo xtask`: project automation in Rust instead of shell scripts.
 //!
 //! - `setup`: install the Debian packages the project needs (idempotent);
-//! - `test`: setup, formatting, clippy, every test (unit, conformance, end-to-end);
+//! - `test`: setup, formatting, clippy, every test (unit, conformance, end-to-end, e2e);
+//! - `e2e`: the containerd checks against a private containerd, registry and snapshotter;
 //! - `bench`: our commands and their comparisons side by side, written to docs/benchmarks.md;
 //! - `demo`: the main job end to end on a generated sample model.
 
 mod bench;
+mod containerd;
 mod demo;
+mod e2e;
 mod measure;
 mod services;
 mod setup;
@@ -18,10 +21,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
-const USAGE: &str = "usage: cargo xtask <setup|test|bench|demo> [options]
+const USAGE: &str = "usage: cargo xtask <setup|test|e2e|bench|demo> [options]
 
   setup            install the Debian packages the project needs (as root; idempotent)
-  test             setup, fmt check, clippy, and every test
+  test             setup, fmt check, clippy, and every test (e2e included, as root)
+  e2e              the containerd checks: own containerd, registry, snapshotter, runc (root)
   bench [--size-mib N] [--runs N] [--big-mib N]
                    run the benchmarks and write docs/benchmarks.md
   demo             build, inspect, extract and verify a sample model";
@@ -36,6 +40,7 @@ fn main() -> anyhow::Result<()> {
     match task.as_str() {
         "setup" => setup::run(),
         "test" => test::run(rest),
+        "e2e" => e2e::run(rest),
         "bench" => bench::run(rest),
         "demo" => demo::run(),
         "-h" | "--help" | "help" => {

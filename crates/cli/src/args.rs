@@ -96,6 +96,12 @@ pub enum Command {
     Umount(crate::cmd::mount::UmountArgs),
     /// Make a chunk-digest index for an artifact built elsewhere and attach it as a referrer
     Index(crate::cmd::mount::IndexArgs),
+    /// Pull models into containerd lazily and mount them for containers
+    #[command(subcommand)]
+    Containerd(crate::cmd::containerd::ContainerdCommand),
+    /// Ask a running modelpack-snapshotter how it is doing
+    #[command(subcommand)]
+    Snapshotter(crate::cmd::containerd::SnapshotterCommand),
 }
 
 /// Model metadata flags; they win over the Modelfile and over guesses.

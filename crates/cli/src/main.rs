@@ -62,6 +62,8 @@ fn main() -> ExitCode {
         Command::Mount(a) => cmd::mount::mount(&cli.global, a),
         Command::Umount(a) => cmd::mount::umount(&cli.global, a),
         Command::Index(a) => cmd::mount::index(&cli.global, a),
+        Command::Containerd(a) => cmd::containerd::run(&cli.global, a),
+        Command::Snapshotter(a) => cmd::containerd::snapshotter(&cli.global, a),
     };
     match result {
         Ok(code) => code,

@@ -35,7 +35,7 @@ use modelpack_spec::{Digest, Encoding};
 use modelpack_store::Store;
 
 pub use error::{Error, Result};
-pub use plan::{EntryPlan, ExtractPlan, PlannedEntry, plan, plan_files};
+pub use plan::{EntryPlan, ExtractPlan, PlannedEntry, plan, plan_files, plan_layers};
 pub use stage::extract_planned;
 
 /// A layer blob to read: what the extractor needs to know about it.

@@ -272,9 +272,23 @@ pub fn plan(
     source: &dyn LayerSource,
     patterns: &[String],
 ) -> Result<ExtractPlan> {
+    plan_layers(manifest, source, patterns, &|_| true)
+}
+
+/// Like [`plan`], over only the layers `keep` accepts (the others are neither read nor
+/// planned; entry layer numbers stay manifest positions).
+pub fn plan_layers(
+    manifest: &ModelManifest,
+    source: &dyn LayerSource,
+    patterns: &[String],
+    keep: &dyn Fn(&modelpack_spec::Digest) -> bool,
+) -> Result<ExtractPlan> {
     let layers: Vec<LayerBlob> = manifest.layers().iter().map(blob_of).collect();
     let mut entries = Vec::new();
     for (idx, layer) in manifest.layers().iter().enumerate() {
+        if !keep(&layer.digest) {
+            continue;
+        }
         if layer.media_type.encoding == Encoding::Raw {
             entries.push(plan_raw(idx, layer)?);
         } else {

@@ -46,6 +46,22 @@ impl MountedModel {
         self.fs.status()
     }
 
+    /// Bytes of file content the mount serves.
+    pub fn content_size(&self) -> u64 {
+        self.fs
+            .tree
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.kind, Kind::File(Content::Lazy(_) | Content::Local(_))))
+            .map(|n| n.size)
+            .sum()
+    }
+
+    /// The mount's live counters.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.fs.counters.clone()
+    }
+
     /// Unmounts and waits until the kernel let go.
     pub async fn unmount(self) -> std::io::Result<()> {
         self.handle.unmount().await
@@ -596,6 +612,17 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
         _ => crate::index::find_referrer_index(repo, &fetched.digest).await,
     };
     let index_is_pinned = annotations.contains_key(ANNOTATION_CHUNK_INDEX_DIGEST);
+    let wanted = |digest: &Digest| opts.layers.as_ref().is_none_or(|l| l.contains(digest));
+    if let Some(layers) = &opts.layers
+        && let Some(missing) = layers
+            .iter()
+            .find(|d| !manifest.layers().iter().any(|l| &l.digest == *d))
+    {
+        return Err(MountError::Invalid(format!(
+            "layer {missing} is not in manifest {}",
+            fetched.digest
+        )));
+    }
 
     let (uid, gid) = ids();
     let now = SystemTime::now()
@@ -606,7 +633,7 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
     let mut tree = Tree::new(uid, gid, now);
     let mut blobs: HashMap<Digest, Arc<LazyBlob>> = HashMap::new();
     for layer in manifest.layers() {
-        if layer.media_type.encoding != Encoding::Raw {
+        if layer.media_type.encoding != Encoding::Raw || !wanted(&layer.digest) {
             continue;
         }
         let blob = blobs
@@ -660,12 +687,12 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
     if manifest
         .layers()
         .iter()
-        .any(|l| l.media_type.encoding != Encoding::Raw)
+        .any(|l| l.media_type.encoding != Encoding::Raw && wanted(&l.digest))
     {
         for layer in manifest
             .layers()
             .iter()
-            .filter(|l| l.media_type.encoding != Encoding::Raw)
+            .filter(|l| l.media_type.encoding != Encoding::Raw && wanted(&l.digest))
         {
             let blob = BlobRef {
                 digest: layer.digest.clone(),
@@ -675,13 +702,27 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
             modelpack_transfer::fetch_blob(repo, &opts.store, &blob, &transfer).await?;
         }
         let source = modelpack_extract::StoreSource(&opts.store);
-        let mut plan = modelpack_extract::plan(&manifest, &source, &[])?;
+        let mut plan = modelpack_extract::plan_layers(&manifest, &source, &[], &wanted)?;
         for entry in &mut plan.entries {
             if matches!(entry.kind, modelpack_extract::EntryPlan::RawFile { .. }) {
                 entry.selected = false;
             }
         }
-        let trees = opts.cache_dir.join("trees").join(fetched.digest.encoded());
+        let trees = match &opts.layers {
+            None => opts.cache_dir.join("trees").join(fetched.digest.encoded()),
+            Some(layers) => {
+                let mut key = String::new();
+                for d in layers {
+                    key.push_str(d.as_str());
+                }
+                let key = modelpack_spec::Digest::sha256_of(key.as_bytes());
+                opts.cache_dir.join("trees").join(format!(
+                    "{}-{}",
+                    fetched.digest.encoded(),
+                    &key.encoded()[..16]
+                ))
+            }
+        };
         modelpack_extract::extract_planned(&source, &plan, &trees, None)?;
         for entry in plan.selected() {
             let path = entry.path.as_str();
@@ -734,15 +775,17 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
             }
         }
     }
-    tree.add(
-        STATUS_FILE,
-        Kind::File(Content::Status),
-        0,
-        0o444,
-        None,
-        None,
-        None,
-    );
+    if opts.status_file {
+        tree.add(
+            STATUS_FILE,
+            Kind::File(Content::Status),
+            0,
+            0o444,
+            None,
+            None,
+            None,
+        );
+    }
 
     let fs = ModelFs {
         tree: Arc::new(tree),
@@ -769,7 +812,10 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
         path: dir.to_owned(),
         source,
     })?;
-    raise_readahead(dir);
+    // Off the async workers: a stat of the mount point waits for the FUSE INIT reply, which the
+    // session task just spawned (possibly onto this very worker) has to send.
+    let mount_point = dir.to_owned();
+    let _ = tokio::task::spawn_blocking(move || raise_readahead(&mount_point)).await;
     if opts.prefetch {
         for blob in fs.blobs.iter() {
             let blob = blob.clone();

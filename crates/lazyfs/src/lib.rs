@@ -60,6 +60,33 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Fetch small files first, then everything, in the background.
     pub prefetch: bool,
+    /// Serve only these layers (by digest); `None` serves the whole artifact. The containerd
+    /// snapshotter mounts one layer per snapshot and lets overlayfs stack them.
+    pub layers: Option<Vec<modelpack_spec::Digest>>,
+    /// Show the hidden status file in the root.
+    pub status_file: bool,
+}
+
+impl MountOptions {
+    /// Every layer, the status file shown, verification on, no prefetch.
+    pub fn new(
+        repository: Repository,
+        reference: impl Into<String>,
+        store: Store,
+        cache_dir: PathBuf,
+    ) -> MountOptions {
+        MountOptions {
+            repository,
+            reference: reference.into(),
+            store,
+            cache_dir,
+            verify: Verify::Full,
+            allow_other: false,
+            prefetch: false,
+            layers: None,
+            status_file: true,
+        }
+    }
 }
 
 /// Live counters of a mount.

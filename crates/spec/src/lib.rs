@@ -23,6 +23,7 @@ mod chunk_index;
 mod config;
 mod digest;
 mod error;
+pub mod labels;
 mod manifest;
 pub mod media_type;
 mod path;

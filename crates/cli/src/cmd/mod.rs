@@ -2,6 +2,7 @@
 
 pub mod attach;
 pub mod build;
+pub mod containerd;
 pub mod copy;
 pub mod extract;
 pub mod inspect;

@@ -81,6 +81,8 @@ pub fn mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<ExitCode> {
         },
         allow_other: args.allow_other,
         prefetch: args.prefetch,
+        layers: None,
+        status_file: true,
     };
     let rt = crate::remote::runtime()?;
     rt.block_on(async {

@@ -1,0 +1,217 @@
+//! Settings: defaults, overlaid by the TOML config file, overlaid by flags.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::Deserialize;
+
+/// Default root folder (metadata, snapshots, cache).
+pub const DEFAULT_ROOT: &str = "/var/lib/modelpack-snapshotter";
+/// Default socket containerd dials.
+pub const DEFAULT_ADDRESS: &str = "/run/modelpack-snapshotter/modelpack-snapshotter.sock";
+/// Default config file (read when present).
+pub const DEFAULT_CONFIG: &str = "/etc/modelpack-snapshotter/config.toml";
+
+/// The config file as written (every field optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Root folder.
+    pub root: Option<PathBuf>,
+    /// Socket path.
+    pub address: Option<PathBuf>,
+    /// Chunk cache folder (default `ROOT/cache`).
+    pub cache_dir: Option<PathBuf>,
+    /// `full` (default) or `none`.
+    pub verify: Option<VerifyPolicy>,
+    /// Fetch whole layers in the background once mounted.
+    pub prefetch: Option<bool>,
+    /// Start even when some remote snapshots cannot be mounted again.
+    pub allow_invalid_mounts_on_restart: Option<bool>,
+    /// `HOST:PORT` for Prometheus metrics (off when absent).
+    pub metrics_address: Option<String>,
+    /// Per-registry settings, keyed by host (`registry.example:5000`).
+    #[serde(default)]
+    pub registry: BTreeMap<String, RegistryHost>,
+}
+
+/// How to reach one registry host.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryHost {
+    /// Speak HTTP instead of HTTPS.
+    #[serde(default)]
+    pub plain_http: bool,
+    /// Do not verify TLS certificates.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Extra CA certificate (PEM).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Verification policy for layers without a chunk index.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyPolicy {
+    /// Fetch and verify a whole layer before serving any of it.
+    Full,
+    /// Serve unverified chunks.
+    None,
+}
+
+/// Resolved settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Root folder.
+    pub root: PathBuf,
+    /// Socket path.
+    pub address: PathBuf,
+    /// Chunk cache folder.
+    pub cache_dir: PathBuf,
+    /// Verification policy.
+    pub verify: VerifyPolicy,
+    /// Background prefetch.
+    pub prefetch: bool,
+    /// Keep going when remounting fails on start.
+    pub allow_invalid_mounts_on_restart: bool,
+    /// Metrics listener.
+    pub metrics_address: Option<String>,
+    /// Registry hosts.
+    pub registries: BTreeMap<String, RegistryHost>,
+}
+
+/// What the flags say (each overrides the file).
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub root: Option<PathBuf>,
+    pub address: Option<PathBuf>,
+    pub verify: Option<VerifyPolicy>,
+    pub metrics_address: Option<String>,
+    pub allow_invalid_mounts_on_restart: bool,
+}
+
+impl Settings {
+    /// Reads `config` (an explicit path must exist; the default path may not) and applies
+    /// `flags` on top.
+    pub fn load(config: Option<&Path>, flags: Overrides) -> anyhow::Result<Settings> {
+        let file = match config {
+            Some(path) => read(path)?,
+            None if Path::new(DEFAULT_CONFIG).exists() => read(Path::new(DEFAULT_CONFIG))?,
+            None => FileConfig::default(),
+        };
+        let root = flags
+            .root
+            .or(file.root)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+        Ok(Settings {
+            address: flags
+                .address
+                .or(file.address)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_ADDRESS)),
+            cache_dir: file.cache_dir.unwrap_or_else(|| root.join("cache")),
+            root,
+            verify: flags.verify.or(file.verify).unwrap_or(VerifyPolicy::Full),
+            prefetch: file.prefetch.unwrap_or(false),
+            allow_invalid_mounts_on_restart: flags.allow_invalid_mounts_on_restart
+                || file.allow_invalid_mounts_on_restart.unwrap_or(false),
+            metrics_address: flags.metrics_address.or(file.metrics_address),
+            registries: file.registry,
+        })
+    }
+
+    /// Settings for `host`: its own entry, else plain HTTP for loopback hosts (as Docker treats
+    /// them), else HTTPS.
+    pub fn registry(&self, host: &str) -> RegistryHost {
+        if let Some(entry) = self.registries.get(host) {
+            return entry.clone();
+        }
+        RegistryHost {
+            plain_http: is_loopback(host),
+            ..RegistryHost::default()
+        }
+    }
+}
+
+fn read(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
+}
+
+/// `localhost`, 127.0.0.0/8 and ::1, with or without a port.
+pub fn is_loopback(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else if host.matches(':').count() == 1 {
+        host.split(':').next().unwrap_or(host)
+    } else {
+        host
+    };
+    name == "localhost" || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts_are_recognised_with_and_without_ports() {
+        for host in [
+            "localhost",
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "127.3.2.1",
+            "[::1]:5000",
+            "::1",
+        ] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in [
+            "registry.example",
+            "10.0.0.1:5000",
+            "localhost.example:5000",
+        ] {
+            assert!(!is_loopback(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file_and_hosts_get_their_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "root = \"/srv/a\"\nverify = \"none\"\n[registry.\"reg.example:5000\"]\nplain_http = true\n",
+        )
+        .expect("write");
+        let s = Settings::load(Some(&path), Overrides::default()).expect("load");
+        assert_eq!(s.root, PathBuf::from("/srv/a"));
+        assert_eq!(s.cache_dir, PathBuf::from("/srv/a/cache"));
+        assert_eq!(s.verify, VerifyPolicy::None);
+        assert!(s.registry("reg.example:5000").plain_http);
+        assert!(!s.registry("other.example").plain_http);
+        assert!(s.registry("127.0.0.1:5000").plain_http);
+        let s = Settings::load(
+            Some(&path),
+            Overrides {
+                root: Some(PathBuf::from("/srv/b")),
+                ..Overrides::default()
+            },
+        )
+        .expect("load");
+        assert_eq!(s.root, PathBuf::from("/srv/b"));
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_are_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "rooot = \"/x\"\n").expect("write");
+        assert!(Settings::load(Some(&path), Overrides::default()).is_err());
+        assert!(
+            Settings::load(Some(&dir.path().join("absent.toml")), Overrides::default()).is_err()
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! `modelpack-snapshotter`: a containerd proxy snapshotter. Ordinary image layers get overlayfs
+//! snapshots; ModelPack layers prepared with our labels are committed at once and served on
+//! demand from the registry through a lazyfs FUSE mount (see `docs/containerd.md`).
+
+mod config;
+mod control;
+mod filter;
+mod metadata;
+mod metrics;
+mod mounts;
+mod service;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use modelpack_proto::control::control_server::ControlServer;
+use modelpack_proto::snapshots::snapshots_server::SnapshotsServer;
+use tracing::info;
+
+use crate::config::{Overrides, Settings, VerifyPolicy};
+use crate::service::Service;
+
+/// containerd proxy snapshotter serving ModelPack model layers on demand.
+#[derive(Debug, Parser)]
+#[command(name = "modelpack-snapshotter", version)]
+struct Args {
+    /// Socket to serve containerd's Snapshots API (and our control API) on
+    #[arg(long, value_name = "SOCKET")]
+    address: Option<PathBuf>,
+    /// Root folder for metadata, snapshots and cache
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// TOML config file (default /etc/modelpack-snapshotter/config.toml when present)
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Verification of layers without a chunk index
+    #[arg(long, value_enum)]
+    verify: Option<VerifyPolicy>,
+    /// Serve Prometheus metrics at HOST:PORT
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_address: Option<String>,
+    /// Start even when some remote snapshots cannot be mounted again
+    #[arg(long)]
+    allow_invalid_mounts_on_restart: bool,
+    /// Log filter (also RUST_LOG), e.g. info or debug
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| args.log_level.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("modelpack-snapshotter: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("modelpack-snapshotter: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let settings = Settings::load(
+        args.config.as_deref(),
+        Overrides {
+            root: args.root,
+            address: args.address,
+            verify: args.verify,
+            metrics_address: args.metrics_address,
+            allow_invalid_mounts_on_restart: args.allow_invalid_mounts_on_restart,
+        },
+    )?;
+    let service = Service::open(settings.clone())?;
+    service.restore().await?;
+
+    let socket = &settings.address;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => info!(socket = %socket.display(), "removed a stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", socket.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    if let Some(address) = &settings.metrics_address {
+        metrics::serve(address.clone(), service.clone()).await?;
+        info!(address = %address, "serving metrics");
+    }
+    info!(socket = %socket.display(), root = %settings.root.display(), "serving");
+
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        info!("stopping");
+    };
+    let served = tonic::transport::Server::builder()
+        .add_service(SnapshotsServer::new(service.clone()))
+        .add_service(ControlServer::new(service.clone()))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    service.shutdown().await;
+    let _ = std::fs::remove_file(socket);
+    served.context("serving gRPC")
+}

@@ -1,0 +1,137 @@
+//! Prometheus metrics over plain HTTP (`GET /metrics`), on an address the operator chooses.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::control::mount_rows;
+use crate::service::Service;
+
+/// The metrics document in Prometheus text format.
+pub fn render(service: &Service) -> String {
+    let rows = mount_rows(service);
+    let stats = service.stats();
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, kind: &str, value: u64| {
+        let _ = writeln!(out, "# HELP modelpack_snapshotter_{name} {help}");
+        let _ = writeln!(out, "# TYPE modelpack_snapshotter_{name} {kind}");
+        let _ = writeln!(out, "modelpack_snapshotter_{name} {value}");
+    };
+    counter(
+        "remote_prepared_total",
+        "Remote Prepares served lazily.",
+        "counter",
+        stats.remote_prepared.load(Ordering::Relaxed),
+    );
+    counter(
+        "remote_fallbacks_total",
+        "Remote Prepares that fell back to an ordinary snapshot.",
+        "counter",
+        stats.remote_fallbacks.load(Ordering::Relaxed),
+    );
+    counter(
+        "mounts_total",
+        "Remote layer mounts made, remounts on start included.",
+        "counter",
+        stats.mounts.load(Ordering::Relaxed),
+    );
+    counter(
+        "mount_micros_total",
+        "Time spent mounting remote layers, microseconds.",
+        "counter",
+        stats.mount_micros.load(Ordering::Relaxed),
+    );
+    counter(
+        "mounted",
+        "Remote snapshots currently mounted.",
+        "gauge",
+        rows.iter().filter(|r| r.state == "mounted").count() as u64,
+    );
+    counter(
+        "mount_failures",
+        "Remote snapshots that could not be mounted.",
+        "gauge",
+        rows.iter().filter(|r| r.state == "failed").count() as u64,
+    );
+    counter(
+        "fetched_bytes_total",
+        "Blob bytes fetched from registries.",
+        "counter",
+        rows.iter().map(|r| r.fetched_bytes).sum(),
+    );
+    counter(
+        "served_bytes_total",
+        "Bytes handed to readers.",
+        "counter",
+        rows.iter().map(|r| r.served_bytes).sum(),
+    );
+    counter(
+        "on_demand_fetches_total",
+        "Ranged fetches made on demand or by readahead.",
+        "counter",
+        rows.iter().map(|r| r.fetches).sum(),
+    );
+    counter(
+        "on_demand_fetch_micros_total",
+        "Total latency of those fetches, microseconds (divide by the count for the mean).",
+        "counter",
+        rows.iter().map(|r| r.fetch_micros).sum(),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP modelpack_snapshotter_layer_fetched_bytes Blob bytes fetched, per layer.\n\
+         # TYPE modelpack_snapshotter_layer_fetched_bytes gauge"
+    );
+    for r in &rows {
+        let _ = writeln!(
+            out,
+            "modelpack_snapshotter_layer_fetched_bytes{{digest=\"{}\",path=\"{}\"}} {}",
+            r.layer_digest,
+            r.path.replace('\\', "\\\\").replace('"', "\\\""),
+            r.fetched_bytes
+        );
+    }
+    out
+}
+
+/// Serves `/metrics` on `address` until the process ends.
+pub async fn serve(address: String, service: Service) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let listener = TcpListener::bind(&address)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {address}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let service = service.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let n = match stream.read(&mut buf).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        warn!(error = %e, "metrics request");
+                        return;
+                    }
+                };
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let (status, body) = if request.starts_with("GET /metrics") {
+                    ("200 OK", render(&service))
+                } else {
+                    ("404 Not Found", "not found\n".to_owned())
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,373 @@
+//! A private containerd 1.6 (own root, state and socket; CRI off) wired to a
+//! `modelpack-snapshotter` through `[proxy_plugins.modelpack]`, plus a busybox image built from
+//! Debian's `busybox-static` (no internet, no Docker). Everything is stopped by PID and every
+//! mount under the scratch folders is detached when dropped, also when a check fails.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use sha2::{Digest as _, Sha256};
+
+/// The snapshotter's name in the containerd config.
+pub const SNAPSHOTTER: &str = "modelpack";
+/// The containerd namespace the checks use.
+pub const NAMESPACE: &str = "modelpack-e2e";
+
+/// Mount points at or under `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(table) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out.dedup();
+    out
+}
+
+/// Detaches every mount under `dir` (lazy unmount).
+#[allow(unsafe_code)]
+pub fn detach_all(dir: &Path) {
+    use std::os::unix::ffi::OsStrExt as _;
+    for m in mounts_under(dir) {
+        if let Ok(c) = std::ffi::CString::new(m.as_os_str().as_bytes()) {
+            // SAFETY: a valid NUL-terminated path.
+            unsafe {
+                libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+            }
+        }
+    }
+}
+
+fn stop_child(child: &mut Child, grace: Duration) {
+    #[allow(unsafe_code)]
+    // SAFETY: signalling our own child by its PID.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn wait_for_socket(path: &Path, what: &str, log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tail = fs::read_to_string(log).unwrap_or_default();
+    bail!(
+        "{what} did not listen on {} within 30 s; its log:\n{tail}",
+        path.display()
+    )
+}
+
+/// A running `modelpack-snapshotter`.
+pub struct Snapshotter {
+    pub socket: PathBuf,
+    pub root: PathBuf,
+    pub log: PathBuf,
+    bin: PathBuf,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Snapshotter {
+    /// Starts one with root and socket under `dir`.
+    pub fn start(bin: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<Snapshotter> {
+        fs::create_dir_all(dir)?;
+        let mut s = Snapshotter {
+            socket: dir.join("snapshotter.sock"),
+            root: dir.join("root"),
+            log: dir.join("snapshotter.log"),
+            bin: bin.to_owned(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.bin)
+            .arg("--address")
+            .arg(&self.socket)
+            .arg("--root")
+            .arg(&self.root)
+            .args(&self.extra)
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.bin.display()))?;
+        self.child = Some(child);
+        wait_for_socket(&self.socket, "modelpack-snapshotter", &self.log)
+    }
+
+    /// kill -9, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same root and socket.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, Duration::from_secs(10));
+        }
+        detach_all(&self.root);
+    }
+}
+
+/// A private containerd.
+pub struct Containerd {
+    pub socket: PathBuf,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Containerd {
+    /// Starts containerd with everything under `dir` and our snapshotter at `snapshotter`.
+    pub fn start(dir: &Path, snapshotter: &Path) -> anyhow::Result<Containerd> {
+        fs::create_dir_all(dir)?;
+        let socket = dir.join("containerd.sock");
+        let config = format!(
+            "version = 2\n\
+             root = \"{root}\"\n\
+             state = \"{state}\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{socket}\"\n\
+             [ttrpc]\n  address = \"{socket}.ttrpc\"\n\
+             [proxy_plugins.{SNAPSHOTTER}]\n  type = \"snapshot\"\n  address = \"{snap}\"\n",
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            socket = socket.display(),
+            snap = snapshotter.display(),
+        );
+        let config_path = dir.join("config.toml");
+        fs::write(&config_path, config)?;
+        let log = dir.join("containerd.log");
+        let out = fs::File::create(&log)?;
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("cannot start containerd (cargo xtask setup installs it)")?;
+        let c = Containerd {
+            socket,
+            dir: dir.to_owned(),
+            log,
+            child,
+        };
+        wait_for_socket(&c.socket, "containerd", &c.log)?;
+        Ok(c)
+    }
+
+    /// `ctr` against this containerd, in [`NAMESPACE`].
+    pub fn ctr(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("-a").arg(&self.socket).arg("-n").arg(NAMESPACE);
+        c
+    }
+
+    /// Runs `ctr ARGS`, returning stdout; fails with stderr.
+    pub fn ctr_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self
+            .ctr()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run ctr")?;
+        if !out.status.success() {
+            bail!(
+                "ctr {} failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Waits until containerd reaches the snapshotter (its dialer backs off after a restart).
+    pub fn wait_for_snapshotter(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let probe = self.ctr_ok(&["snapshots", "--snapshotter", SNAPSHOTTER, "usage"]);
+            match probe {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(250)),
+            }
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Containers first: their shims outlive containerd otherwise.
+        if let Ok(out) = self.ctr().args(["tasks", "ls", "-q"]).output() {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = self
+                    .ctr()
+                    .args(["tasks", "kill", "-s", "SIGKILL", id])
+                    .output();
+                let _ = self.ctr().args(["tasks", "delete", "-f", id]).output();
+            }
+        }
+        if let Ok(out) = self.ctr().args(["containers", "ls", "-q"]).output() {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = self.ctr().args(["containers", "delete", id]).output();
+            }
+        }
+        stop_child(&mut self.child, Duration::from_secs(10));
+        detach_all(&self.dir);
+    }
+}
+
+/// Writes an OCI image layout at `dir` holding a busybox image tagged `1`: one uncompressed
+/// layer with `/bin/busybox` from `busybox-static` and a symlink per applet the checks use.
+pub fn busybox_layout(dir: &Path) -> anyhow::Result<()> {
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.exists() {
+        bail!("/bin/busybox is missing (cargo xtask setup installs busybox-static)");
+    }
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs)?;
+    let layer_path = dir.join("layer.tar");
+    {
+        let mut builder = tar::Builder::new(fs::File::create(&layer_path)?);
+        builder.mode(tar::HeaderMode::Deterministic);
+        for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "models"] {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            builder.append_data(&mut h, d, std::io::empty())?;
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o755);
+        h.set_size(fs::metadata(busybox)?.len());
+        builder.append_data(&mut h, "bin/busybox", fs::File::open(busybox)?)?;
+        for applet in [
+            "sh",
+            "echo",
+            "cat",
+            "ls",
+            "find",
+            "xargs",
+            "sha256sum",
+            "head",
+            "wc",
+            "sleep",
+            "test",
+            "true",
+            "stat",
+            "sort",
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_mode(0o777);
+            h.set_size(0);
+            builder.append_link(&mut h, format!("bin/{applet}"), "busybox")?;
+        }
+        builder.finish()?;
+    }
+    let layer = fs::read(&layer_path)?;
+    fs::remove_file(&layer_path)?;
+    let layer_digest = hex::encode(Sha256::digest(&layer));
+    fs::write(blobs.join(&layer_digest), &layer)?;
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
+    });
+    let config = serde_json::to_vec(&config)?;
+    let config_digest = hex::encode(Sha256::digest(&config));
+    fs::write(blobs.join(&config_digest), &config)?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": format!("sha256:{config_digest}"),
+            "size": config.len(),
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": format!("sha256:{layer_digest}"),
+            "size": layer.len(),
+        }],
+    });
+    let manifest = serde_json::to_vec(&manifest)?;
+    let manifest_digest = hex::encode(Sha256::digest(&manifest));
+    fs::write(blobs.join(&manifest_digest), &manifest)?;
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{manifest_digest}"),
+            "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "1"},
+        }],
+    });
+    fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
+    Ok(())
+}
+
+/// Pushes the busybox layout to `registry` (plain HTTP) as `NAME:1` with skopeo.
+pub fn push_busybox(layout: &Path, registry: &str, name: &str) -> anyhow::Result<String> {
+    let target = format!("{registry}/{name}:1");
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:1", layout.display()))
+        .arg(format!("docker://{target}"))
+        .output()
+        .context("cannot run skopeo (cargo xtask setup installs it)")?;
+    if !out.status.success() {
+        bail!(
+            "skopeo copy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(target)
+}

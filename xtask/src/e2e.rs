@@ -1,0 +1,409 @@
+//! `cargo xtask e2e`: the containerd checks, as root, against real parts only: our own
+//! containerd 1.6, `docker-registry` on loopback, `modelpack-snapshotter` and runc.
+//!
+//! 1. an ordinary image (busybox, built here from `busybox-static`) pulled and run through the
+//!    modelpack snapshotter;
+//! 2. a model (256 MiB weight, configs, docs) built, pushed and pulled into containerd lazily:
+//!    the registry serves a few KiB before any read; the committed chain is listed and
+//!    survives a garbage collection;
+//! 3. a container with the model at /models hashes every file and gets the source digests;
+//! 4. after `kill -9` of the snapshotter and a restart, a new container still reads it right;
+//! 5. everything started is stopped by PID and unmounted, also on failure (the guards' Drop).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use sha2::{Digest as _, Sha256};
+
+use crate::containerd::{self, Containerd, NAMESPACE, SNAPSHOTTER, Snapshotter};
+use crate::services::{Registry, SlowLink};
+
+/// Bytes the registry may serve for a lazy pull before anything reads the model.
+const LAZY_PULL_BUDGET: u64 = 128 << 10;
+
+/// Built binaries to test: `modelpack` and `modelpack-snapshotter`.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub modelpack: PathBuf,
+    pub snapshotter: PathBuf,
+}
+
+impl Bins {
+    /// The binaries of `profile` (`debug` or `release`).
+    pub fn of(profile: &str) -> Bins {
+        let dir = crate::target_dir().join(profile);
+        Bins {
+            modelpack: dir.join("modelpack"),
+            snapshotter: dir.join("modelpack-snapshotter"),
+        }
+    }
+}
+
+pub fn run(_args: &[String]) -> anyhow::Result<()> {
+    crate::setup::run()?;
+    let sh = xshell::Shell::new()?;
+    sh.change_dir(crate::root());
+    xshell::cmd!(sh, "cargo build --workspace --bins --locked").run()?;
+    check(&Bins::of("debug"))?;
+    println!("xtask e2e: all containerd checks passed");
+    Ok(())
+}
+
+/// sha256 of every regular file under `dir`, by relative path.
+pub fn tree_digests(dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d)? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                stack.push(path);
+            } else if entry.file_type()?.is_file() {
+                let rel = path.strip_prefix(dir)?.to_string_lossy().into_owned();
+                let mut hasher = Sha256::new();
+                std::io::copy(&mut fs::File::open(&path)?, &mut hasher)?;
+                out.insert(rel, hex::encode(hasher.finalize()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `modelpack ARGS` with the store at `store`; returns stdout, fails with stderr.
+pub fn modelpack(bin: &Path, store: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(bin)
+        .args(args)
+        .env("MODELPACK_STORE", store)
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "modelpack {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A model tree for the checks: one big weight and small files.
+pub fn make_model(dir: &Path, weight_mib: u64) -> anyhow::Result<()> {
+    fs::create_dir_all(dir.join("docs"))?;
+    crate::measure::write_random(&dir.join("model.safetensors"), weight_mib << 20, 11)?;
+    fs::write(
+        dir.join("config.json"),
+        br#"{"model_type":"e2e","hidden_size":4096,"num_hidden_layers":32}"#,
+    )?;
+    fs::write(
+        dir.join("tokenizer.json"),
+        br#"{"version":"1.0","model":{"type":"BPE","vocab":{"a":0,"b":1}}}"#,
+    )?;
+    fs::write(
+        dir.join("docs/README.md"),
+        b"# e2e model\n\nServed lazily.\n",
+    )?;
+    Ok(())
+}
+
+/// Digests a container computes over /models, by relative path.
+fn container_digests(
+    ctd: &Containerd,
+    image: &str,
+    id: &str,
+    dir: &Path,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let mount = format!(
+        "type=bind,src={},dst=/models,options=rbind:ro",
+        dir.display()
+    );
+    let out = ctd.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        SNAPSHOTTER,
+        "--mount",
+        &mount,
+        image,
+        id,
+        "sh",
+        "-c",
+        "cd /models && find . -type f | sort | xargs sha256sum",
+    ])?;
+    let mut digests = BTreeMap::new();
+    for line in out.lines() {
+        let Some((digest, path)) = line.split_once("  ") else {
+            continue;
+        };
+        digests.insert(
+            path.trim_start_matches("./").to_owned(),
+            digest.trim().to_owned(),
+        );
+    }
+    Ok(digests)
+}
+
+/// Everything a containerd check needs, started; dropped in reverse order of need.
+pub struct Rig {
+    // Field order is drop order: mounts first, then containerd, then the snapshotter and the
+    // registry, then the scratch folder.
+    pub mounted: Vec<PathBuf>,
+    pub containerd: Containerd,
+    pub snapshotter: Snapshotter,
+    pub link: SlowLink,
+    pub registry: Registry,
+    pub scratch: tempfile::TempDir,
+    pub bins: Bins,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for dir in &self.mounted {
+            let _ = Command::new(&self.bins.modelpack)
+                .args(["containerd", "umount", "-q", "--namespace", NAMESPACE])
+                .arg("--address")
+                .arg(&self.containerd.socket)
+                .arg(dir)
+                .output();
+            containerd::detach_all(dir);
+        }
+    }
+}
+
+impl Rig {
+    /// Starts registry, counting link, snapshotter and containerd under a scratch folder.
+    pub fn start(bins: &Bins) -> anyhow::Result<Rig> {
+        let scratch = tempfile::Builder::new().prefix("mp-e2e-").tempdir()?;
+        let registry = Registry::start(&scratch.path().join("registry"))?;
+        let link = SlowLink::start(registry.port, Duration::ZERO, f64::INFINITY)?;
+        let snapshotter = Snapshotter::start(&bins.snapshotter, &scratch.path().join("snap"), &[])?;
+        let containerd = Containerd::start(&scratch.path().join("ctd"), &snapshotter.socket)?;
+        containerd.wait_for_snapshotter()?;
+        Ok(Rig {
+            mounted: Vec::new(),
+            containerd,
+            snapshotter,
+            link,
+            registry,
+            scratch,
+            bins: bins.clone(),
+        })
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.scratch.path().join(rel)
+    }
+
+    /// `modelpack ARGS` against this rig's store.
+    pub fn modelpack(&self, args: &[&str]) -> anyhow::Result<String> {
+        modelpack(&self.bins.modelpack, &self.path("store"), args)
+    }
+
+    /// `modelpack containerd SUB ARGS` against this rig's containerd.
+    pub fn modelpack_containerd(&self, sub: &str, args: &[&str]) -> anyhow::Result<String> {
+        let socket = self.containerd.socket.display().to_string();
+        let mut all = vec![
+            "containerd",
+            sub,
+            "--address",
+            &socket,
+            "--namespace",
+            NAMESPACE,
+        ];
+        all.extend_from_slice(args);
+        self.modelpack(&all)
+    }
+
+    /// Builds the busybox image, pushes it and pulls it through the snapshotter.
+    pub fn busybox(&self) -> anyhow::Result<String> {
+        let layout = self.path("busybox");
+        containerd::busybox_layout(&layout)?;
+        let image = containerd::push_busybox(&layout, &self.registry.host(), "e2e/busybox")?;
+        self.containerd.ctr_ok(&[
+            "image",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            SNAPSHOTTER,
+            &image,
+        ])?;
+        Ok(image)
+    }
+
+    /// Mounts a pulled model at `dir` (remembered for the cleanup).
+    pub fn mount_model(&mut self, reference: &str, dir: &Path) -> anyhow::Result<()> {
+        fs::create_dir_all(dir)?;
+        self.mounted.push(dir.to_owned());
+        self.modelpack_containerd("mount", &[reference, &dir.display().to_string()])?;
+        Ok(())
+    }
+}
+
+/// The checks.
+pub fn check(bins: &Bins) -> anyhow::Result<()> {
+    ensure!(
+        bins.snapshotter.exists() && bins.modelpack.exists(),
+        "build the binaries first (cargo build --workspace --bins)"
+    );
+    #[allow(unsafe_code)]
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    ensure!(
+        root,
+        "the containerd checks need root (containerd, mounts, runc)"
+    );
+    let mut rig = Rig::start(bins)?;
+    let result = checks(&mut rig);
+    if result.is_err() {
+        eprintln!(
+            "--- snapshotter log ---\n{}\n--- containerd log (tail) ---\n{}",
+            rig.snapshotter.log_text(),
+            tail(
+                &fs::read_to_string(&rig.containerd.log).unwrap_or_default(),
+                40
+            )
+        );
+    }
+    result
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn checks(rig: &mut Rig) -> anyhow::Result<()> {
+    println!("== 1. an ordinary image through the modelpack snapshotter");
+    let image = rig.busybox()?;
+    let out = rig.containerd.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        SNAPSHOTTER,
+        &image,
+        "e2e-hello",
+        "echo",
+        "hello from busybox on modelpack",
+    ])?;
+    ensure!(
+        out.contains("hello from busybox on modelpack"),
+        "the container printed {out:?}"
+    );
+    println!("   ok: ctr run printed what the container ran");
+
+    println!("== 2. a model pulled into containerd lazily");
+    let model = rig.path("model");
+    make_model(&model, 256)?;
+    let source = tree_digests(&model)?;
+    let reference = format!("{}/e2e/model:v1", rig.link.host());
+    rig.modelpack(&[
+        "build",
+        "-q",
+        &model.display().to_string(),
+        "-t",
+        &reference,
+    ])?;
+    rig.modelpack(&["push", "-q", "--plain-http", &reference])?;
+    let before = rig.link.served();
+    rig.modelpack_containerd("pull", &["--plain-http", &reference])?;
+    let lazy_bytes = rig.link.served() - before;
+    println!("   registry bytes served by the lazy pull, before any read: {lazy_bytes}");
+    ensure!(
+        lazy_bytes < LAZY_PULL_BUDGET,
+        "the lazy pull moved {lazy_bytes} bytes (budget {LAZY_PULL_BUDGET})"
+    );
+    ensure!(
+        rig.snapshotter
+            .log_text()
+            .matches("remote-snapshot-prepared=true")
+            .count()
+            >= source.len(),
+        "the snapshotter did not log remote-snapshot-prepared=true per layer"
+    );
+    let listed = rig
+        .containerd
+        .ctr_ok(&["snapshots", "--snapshotter", SNAPSHOTTER, "ls"])?;
+    let committed = listed.lines().filter(|l| l.contains("Committed")).count();
+    ensure!(
+        committed > source.len(),
+        "expected the busybox layer and {} model layers committed:\n{listed}",
+        source.len()
+    );
+    // A garbage collection must not take the chain (the image record holds it).
+    rig.containerd.ctr_ok(&[
+        "snapshots",
+        "--snapshotter",
+        SNAPSHOTTER,
+        "prepare",
+        "e2e-gc-trigger",
+        "",
+    ])?;
+    rig.containerd.ctr_ok(&[
+        "snapshots",
+        "--snapshotter",
+        SNAPSHOTTER,
+        "rm",
+        "e2e-gc-trigger",
+    ])?;
+    std::thread::sleep(Duration::from_secs(1));
+    let after_gc = rig
+        .containerd
+        .ctr_ok(&["snapshots", "--snapshotter", SNAPSHOTTER, "ls"])?;
+    let committed_after = after_gc.lines().filter(|l| l.contains("Committed")).count();
+    ensure!(
+        committed_after == committed,
+        "garbage collection removed snapshots:\nbefore:\n{listed}\nafter:\n{after_gc}"
+    );
+    println!("   ok: {committed} committed snapshots listed, kept through a GC");
+
+    println!("== 3. a container reads the model at /models");
+    let view = rig.path("view");
+    rig.mount_model(&reference, &view)?;
+    let read = container_digests(&rig.containerd, &image, "e2e-read", &view)?;
+    ensure!(
+        read == source,
+        "the container read other bytes:\n{read:#?}\nexpected:\n{source:#?}"
+    );
+    let status = rig.modelpack(&[
+        "snapshotter",
+        "status",
+        "--format",
+        "json",
+        "--address",
+        &rig.snapshotter.socket.display().to_string(),
+    ])?;
+    let status: serde_json::Value = serde_json::from_str(&status)?;
+    ensure!(
+        status["mounted"].as_u64() == Some(source.len() as u64),
+        "snapshotter status: {status}"
+    );
+    println!(
+        "   ok: {} files, digests match; snapshotter fetched {} bytes",
+        read.len(),
+        status["fetchedBytes"]
+    );
+
+    println!("== 4. kill -9 the snapshotter, start it again");
+    rig.snapshotter.restart()?;
+    rig.containerd.wait_for_snapshotter()?;
+    ensure!(
+        rig.snapshotter
+            .log_text()
+            .contains("remounted remote snapshot"),
+        "the restarted snapshotter did not remount the model layers"
+    );
+    rig.modelpack_containerd("umount", &[&view.display().to_string()])?;
+    rig.mounted.retain(|d| d != &view);
+    rig.mount_model(&reference, &view)?;
+    let read = container_digests(&rig.containerd, &image, "e2e-read-again", &view)?;
+    ensure!(
+        read == source,
+        "after the restart the container read other bytes"
+    );
+    println!("   ok: a new container reads the model correctly");
+    Ok(())
+}
