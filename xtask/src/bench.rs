@@ -684,6 +684,45 @@ fn bench_lazy(
     Ok(rows)
 }
 
+/// The containerd rows (root only: containerd, mounts, runc).
+fn bench_containerd(size_mib: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
+    #[allow(unsafe_code)]
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("bench: not root, containerd rows skipped");
+        return Ok(Vec::new());
+    }
+    println!("bench: containerd, lazy vs full ({size_mib} MiB, {runs} runs)");
+    let t = crate::bench_containerd::run(&crate::e2e::Bins::of("release"), size_mib, runs)?;
+    let lazy = t.lazy.as_secs_f64();
+    let ratio = lazy / t.full.as_secs_f64();
+    Ok(vec![
+        Row {
+            what: format!(
+                "containerd: pull to a container reading config.json, {size_mib} MiB model (lazy vs `modelpack pull -o` + bind)"
+            ),
+            ours: format!("{lazy:.2} s"),
+            theirs: format!("{:.2} s (full pull + bind)", t.full.as_secs_f64()),
+            ratio,
+            target: "<= 0.1".into(),
+            pass: ratio <= 0.1,
+        },
+        Row {
+            what: format!(
+                "containerd: same, against `ctr content fetch` of the artifact ({size_mib} MiB)"
+            ),
+            ours: format!("{lazy:.2} s"),
+            theirs: format!(
+                "{:.2} s (ctr content fetch, no container)",
+                t.content_fetch.as_secs_f64()
+            ),
+            ratio: lazy / t.content_fetch.as_secs_f64(),
+            target: "-".into(),
+            pass: true,
+        },
+    ])
+}
+
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let size_mib: u64 = crate::flag_value(args, "--size-mib")?.unwrap_or(1024);
     let runs: usize = crate::flag_value(args, "--runs")?.unwrap_or(5);
@@ -691,22 +730,36 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     crate::setup::run()?;
     let sh = Shell::new()?;
     sh.change_dir(crate::root());
-    cmd!(sh, "cargo build --release --locked -p modelpack-cli").run()?;
+    cmd!(
+        sh,
+        "cargo build --release --locked -p modelpack-cli -p modelpack-snapshotter"
+    )
+    .run()?;
     let bin = crate::target_dir().join("release/modelpack");
     let work = crate::target_dir().join("bench");
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
 
-    println!("bench: build ({size_mib} MiB, {runs} runs)");
-    let mut rows = bench_build(&bin, &work.join("build"), size_mib, runs)?;
-    let _ = fs::remove_dir_all(work.join("build"));
-    rows.extend(bench_transfer(
-        &bin,
-        &work.join("transfer"),
-        size_mib,
-        runs,
-        big_mib,
-    )?);
+    // `--only containerd` runs just those rows and prints them (the table of record is not
+    // touched).
+    let only: Option<String> = crate::flag_value(args, "--only")?;
+    let mut rows = Vec::new();
+    if only.is_none() {
+        println!("bench: build ({size_mib} MiB, {runs} runs)");
+        rows.extend(bench_build(&bin, &work.join("build"), size_mib, runs)?);
+        let _ = fs::remove_dir_all(work.join("build"));
+        rows.extend(bench_transfer(
+            &bin,
+            &work.join("transfer"),
+            size_mib,
+            runs,
+            big_mib,
+        )?);
+    }
+    match only.as_deref() {
+        None | Some("containerd") => rows.extend(bench_containerd(size_mib, runs.min(3))?),
+        Some(other) => anyhow::bail!("--only knows containerd, not {other:?}"),
+    }
 
     let mut table = String::new();
     let _ = writeln!(
@@ -739,6 +792,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 our command and the comparison alternating in one run, page cache warm for both, `sync` between runs. \
 Ratio = modelpack / comparison (for memory: peak RSS / target).\n\nMachine: {machine}.\n\n{table}"
     );
+    if only.is_some() {
+        return Ok(());
+    }
     let path = crate::root().join("docs/benchmarks.md");
     fs::create_dir_all(crate::root().join("docs"))?;
     fs::write(&path, doc).with_context(|| format!("write {}", path.display()))?;

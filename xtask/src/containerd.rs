@@ -226,11 +226,24 @@ impl Containerd {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Waits until containerd reaches the snapshotter (its dialer backs off after a restart).
+    /// Waits until containerd reaches the snapshotter (its dialer backs off after a restart):
+    /// a Prepare and Remove of a probe snapshot, which containerd must pass to the backend.
     pub fn wait_for_snapshotter(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let probe_key = format!("modelpack-probe-{}", std::process::id());
         loop {
-            let probe = self.ctr_ok(&["snapshots", "--snapshotter", SNAPSHOTTER, "usage"]);
+            let probe = self
+                .ctr_ok(&[
+                    "snapshots",
+                    "--snapshotter",
+                    SNAPSHOTTER,
+                    "prepare",
+                    &probe_key,
+                    "",
+                ])
+                .and_then(|_| {
+                    self.ctr_ok(&["snapshots", "--snapshotter", SNAPSHOTTER, "rm", &probe_key])
+                });
             match probe {
                 Ok(_) => return Ok(()),
                 Err(e) if Instant::now() > deadline => return Err(e),

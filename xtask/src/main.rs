@@ -7,6 +7,7 @@
 //! - `demo`: the main job end to end on a generated sample model.
 
 mod bench;
+mod bench_containerd;
 mod containerd;
 mod demo;
 mod e2e;
@@ -26,7 +27,7 @@ const USAGE: &str = "usage: cargo xtask <setup|test|e2e|bench|demo> [options]
   setup            install the Debian packages the project needs (as root; idempotent)
   test             setup, fmt check, clippy, and every test (e2e included, as root)
   e2e              the containerd checks: own containerd, registry, snapshotter, runc (root)
-  bench [--size-mib N] [--runs N] [--big-mib N]
+  bench [--size-mib N] [--runs N] [--big-mib N] [--only containerd]
                    run the benchmarks and write docs/benchmarks.md
   demo             build, inspect, extract and verify a sample model";
 

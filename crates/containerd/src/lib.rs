@@ -34,10 +34,8 @@ pub const DEFAULT_ADDRESS: &str = "/run/containerd/containerd.sock";
 pub const DEFAULT_SNAPSHOTTER: &str = "modelpack";
 /// Label on the config content that holds the snapshot chain (containerd's GC reference).
 fn gc_snapshot_label(snapshotter: &str) -> String {
-    format!("containerd.io/gc.ref.snapshot.{snapshotter}")
+    format!("{}{snapshotter}", labels::GC_REF_SNAPSHOT_PREFIX)
 }
-const GC_CONFIG_LABEL: &str = "containerd.io/gc.ref.content.config";
-const GC_EXPIRE_LABEL: &str = "containerd.io/gc.expire";
 
 /// What went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +146,7 @@ impl Containerd {
             std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
         );
         let mut labels = HashMap::new();
-        labels.insert(GC_EXPIRE_LABEL.to_owned(), expire);
+        labels.insert(labels::GC_EXPIRE.to_owned(), expire);
         self.leases()
             .create(self.request(
                 CreateLeaseRequest {
@@ -571,7 +569,7 @@ async fn pull_under_lease(
     ctd.write_content(config_digest, artifact.config_bytes, config_labels, lease)
         .await?;
     let mut manifest_labels = HashMap::new();
-    manifest_labels.insert(GC_CONFIG_LABEL.to_owned(), config_digest.to_string());
+    manifest_labels.insert(labels::GC_REF_CONFIG.to_owned(), config_digest.to_string());
     ctd.write_content(
         manifest_digest,
         artifact.manifest_bytes,
@@ -679,10 +677,7 @@ pub async fn mount(ctd: &Containerd, image: &str, snapshotter: &str, dir: &Path)
         labels::GC_ROOT.to_owned(),
         chrono_free_rfc3339(std::time::SystemTime::now()),
     );
-    view_labels.insert(
-        "containerd.io/snapshot/modelpack.mount".to_owned(),
-        dir.display().to_string(),
-    );
+    view_labels.insert(labels::MOUNT.to_owned(), dir.display().to_string());
     let mounts = ctd
         .snapshots()
         .view(ctd.request(
@@ -733,6 +728,61 @@ pub async fn unmount(ctd: &Containerd, snapshotter: &str, dir: &Path) -> Result<
     ctd.remove_snapshot(snapshotter, &key).await
 }
 
+/// Longest mount option string the kernel takes (one page).
+const MAX_MOUNT_OPTIONS: usize = 4096;
+
+/// Joins mount options; when they exceed a page (an overlay over many layers), rewrites the
+/// folders in `lowerdir=`/`upperdir=`/`workdir=` relative to their common parent and returns that
+/// parent, to run `mount` in (the kernel resolves relative paths from the caller's folder).
+fn compact_paths(options: &[String]) -> (Option<PathBuf>, String) {
+    let joined = options.join(",");
+    if joined.len() < MAX_MOUNT_OPTIONS {
+        return (None, joined);
+    }
+    let mut dirs: Vec<&str> = Vec::new();
+    for o in options {
+        if let Some(list) = o.strip_prefix("lowerdir=") {
+            dirs.extend(list.split(':'));
+        } else if let Some(d) = o.strip_prefix("upperdir=").or(o.strip_prefix("workdir=")) {
+            dirs.push(d);
+        }
+    }
+    let Some(first) = dirs.first() else {
+        return (None, joined);
+    };
+    let mut common = Path::new(first).parent().map(Path::to_path_buf);
+    while let Some(c) = &common {
+        if dirs.iter().all(|d| Path::new(d).starts_with(c)) {
+            break;
+        }
+        common = c.parent().map(Path::to_path_buf);
+    }
+    let Some(common) = common.filter(|c| c.parent().is_some()) else {
+        return (None, joined);
+    };
+    let relative = |d: &str| {
+        Path::new(d)
+            .strip_prefix(&common)
+            .map_or_else(|_| d.to_owned(), |r| r.display().to_string())
+    };
+    let rewritten: Vec<String> = options
+        .iter()
+        .map(|o| {
+            if let Some(list) = o.strip_prefix("lowerdir=") {
+                let parts: Vec<String> = list.split(':').map(relative).collect();
+                format!("lowerdir={}", parts.join(":"))
+            } else if let Some(d) = o.strip_prefix("upperdir=") {
+                format!("upperdir={}", relative(d))
+            } else if let Some(d) = o.strip_prefix("workdir=") {
+                format!("workdir={}", relative(d))
+            } else {
+                o.clone()
+            }
+        })
+        .collect();
+    (Some(common), rewritten.join(","))
+}
+
 /// Mounts containerd's mount list at `dir` (bind or overlay, as snapshotters return them).
 fn apply_mounts(mounts: &[Mount], dir: &Path) -> Result<()> {
     let [m] = mounts else {
@@ -757,11 +807,15 @@ fn apply_mounts(mounts: &[Mount], dir: &Path) -> Result<()> {
             command.arg(&m.source).arg(dir);
         }
         kind => {
+            let (cwd, options) = compact_paths(&m.options);
+            if let Some(cwd) = cwd {
+                command.current_dir(cwd);
+            }
             command
                 .arg("-t")
                 .arg(kind)
                 .arg("-o")
-                .arg(options.join(","))
+                .arg(options)
                 .arg(&m.source)
                 .arg(dir);
         }
@@ -809,6 +863,26 @@ mod tests {
         );
         let leap = std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
         assert_eq!(chrono_free_rfc3339(leap), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn long_overlay_options_become_relative_to_their_common_parent() {
+        let short = vec!["lowerdir=/a/1/fs:/a/2/fs".to_owned()];
+        assert_eq!(
+            compact_paths(&short),
+            (None, "lowerdir=/a/1/fs:/a/2/fs".to_owned())
+        );
+        let lowers: Vec<String> = (0..200)
+            .map(|i| format!("/var/lib/modelpack-snapshotter/snapshots/{i}/fs"))
+            .collect();
+        let long = vec![format!("lowerdir={}", lowers.join(":"))];
+        let (cwd, options) = compact_paths(&long);
+        assert_eq!(
+            cwd.as_deref(),
+            Some(Path::new("/var/lib/modelpack-snapshotter/snapshots"))
+        );
+        assert!(options.starts_with("lowerdir=0/fs:1/fs:"));
+        assert!(options.len() < MAX_MOUNT_OPTIONS);
     }
 
     #[test]

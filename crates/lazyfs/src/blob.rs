@@ -1,4 +1,4 @@
-//! One layer blob read lazily: aligned 4 MiB chunks fetched by Range, verified against the
+//! One layer blob read lazily: aligned chunks (2 MiB in our index) fetched by Range, verified against the
 //! chunk-digest index, cached on disk, shared by concurrent readers; or, without an index, the
 //! whole blob fetched and verified once before any byte is served.
 

@@ -3,7 +3,7 @@
 //!
 //! - [`mount`] builds the tree from the manifest (raw layers fetch zero blob bytes; tar layers
 //!   are fetched, verified and unpacked into the cache) and serves it until unmounted;
-//! - reads map to aligned 4 MiB chunks, fetched by Range, verified against the chunk-digest index
+//! - reads map to aligned chunks (2 MiB in our index), fetched by Range, verified against the chunk-digest index
 //!   our builds pin in the manifest, cached on disk and shared by concurrent readers; sequential
 //!   readers trigger readahead; a blob already in the store is served from it;
 //! - without an index the policy is explicit: [`Verify::Full`] (default) fetches and verifies the

@@ -21,8 +21,16 @@ pub const MEDIA_TYPE: &str = "containerd.io/snapshot/modelpack.media-type";
 pub const FILE_PATH: &str = "containerd.io/snapshot/modelpack.file-path";
 /// Marks a snapshot the snapshotter serves remotely (set by the snapshotter on commit).
 pub const REMOTE: &str = "containerd.io/snapshot/modelpack.remote";
+/// On a View made by `modelpack containerd mount`: the folder it is mounted at.
+pub const MOUNT: &str = "containerd.io/snapshot/modelpack.mount";
 /// containerd's GC root label.
 pub const GC_ROOT: &str = "containerd.io/gc.root";
+/// containerd's GC reference from content to the config blob (on a manifest).
+pub const GC_REF_CONFIG: &str = "containerd.io/gc.ref.content.config";
+/// Prefix of containerd's GC reference from content to a snapshot; the snapshotter name follows.
+pub const GC_REF_SNAPSHOT_PREFIX: &str = "containerd.io/gc.ref.snapshot.";
+/// containerd's lease expiry label (RFC 3339).
+pub const GC_EXPIRE: &str = "containerd.io/gc.expire";
 /// Longest key plus value containerd accepts for one label.
 pub const MAX_LABEL_LEN: usize = 4096;
 

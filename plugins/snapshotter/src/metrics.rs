@@ -57,27 +57,27 @@ pub fn render(service: &Service) -> String {
         rows.iter().filter(|r| r.state == "failed").count() as u64,
     );
     counter(
-        "fetched_bytes_total",
-        "Blob bytes fetched from registries.",
-        "counter",
+        "fetched_bytes",
+        "Blob bytes fetched from registries, summed over the snapshots held now.",
+        "gauge",
         rows.iter().map(|r| r.fetched_bytes).sum(),
     );
     counter(
-        "served_bytes_total",
-        "Bytes handed to readers.",
-        "counter",
+        "served_bytes",
+        "Bytes handed to readers, summed over the snapshots held now.",
+        "gauge",
         rows.iter().map(|r| r.served_bytes).sum(),
     );
     counter(
-        "on_demand_fetches_total",
-        "Ranged fetches made on demand or by readahead.",
-        "counter",
+        "on_demand_fetches",
+        "Ranged fetches made on demand or by readahead, over the snapshots held now.",
+        "gauge",
         rows.iter().map(|r| r.fetches).sum(),
     );
     counter(
-        "on_demand_fetch_micros_total",
+        "on_demand_fetch_micros",
         "Total latency of those fetches, microseconds (divide by the count for the mean).",
-        "counter",
+        "gauge",
         rows.iter().map(|r| r.fetch_micros).sum(),
     );
     let _ = writeln!(

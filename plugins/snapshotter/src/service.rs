@@ -77,6 +77,10 @@ pub struct Service {
 struct Inner {
     settings: Settings,
     meta: tokio::sync::Mutex<Metadata>,
+    /// Serialises remote Prepares, so the metadata lock is not held while a layer mounts.
+    remote_prepare: tokio::sync::Mutex<()>,
+    /// Folder numbers of remote snapshots being mounted (no record names them yet).
+    reserved: Mutex<std::collections::HashSet<u64>>,
     remote: Mutex<BTreeMap<String, RemoteMount>>,
     clients: Mutex<HashMap<String, Client>>,
     store: Store,
@@ -179,6 +183,8 @@ impl Service {
             inner: Arc::new(Inner {
                 settings,
                 meta: tokio::sync::Mutex::new(meta),
+                remote_prepare: tokio::sync::Mutex::new(()),
+                reserved: Mutex::new(std::collections::HashSet::new()),
                 remote: Mutex::new(BTreeMap::new()),
                 clients: Mutex::new(HashMap::new()),
                 store,
@@ -403,7 +409,16 @@ impl Service {
         Ok(MountState::Mounted { model, counters })
     }
 
-    /// Commits a remote snapshot named `target` (mounting its layer), unless one exists.
+    fn reserved_mut<T>(&self, f: impl FnOnce(&mut std::collections::HashSet<u64>) -> T) -> T {
+        let mut guard = match self.inner.reserved.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    /// Commits a remote snapshot named `target` (mounting its layer), unless one exists. The
+    /// metadata lock is not held while the layer mounts, so ordinary calls go on meanwhile.
     async fn prepare_remote(
         &self,
         target: &str,
@@ -411,18 +426,38 @@ impl Service {
         labels: &HashMap<String, String>,
         layer: RemoteLayer,
     ) -> Result<(), String> {
-        let mut meta = self.inner.meta.lock().await;
-        if let Some(existing) = meta.get(target) {
-            return if existing.kind == Kind::Committed {
-                Ok(())
-            } else {
-                Err(format!("{target} exists and is not committed"))
-            };
-        }
-        if !parent.is_empty() && meta.get(parent).map(|p| p.kind) != Some(Kind::Committed) {
-            return Err(format!("parent {parent} is not a committed snapshot"));
-        }
-        let id = meta.next_id();
+        let _one_at_a_time = self.inner.remote_prepare.lock().await;
+        let id = {
+            let mut meta = self.inner.meta.lock().await;
+            if let Some(existing) = meta.get(target) {
+                return if existing.kind == Kind::Committed {
+                    Ok(())
+                } else {
+                    Err(format!("{target} exists and is not committed"))
+                };
+            }
+            if !parent.is_empty() && meta.get(parent).map(|p| p.kind) != Some(Kind::Committed) {
+                return Err(format!("parent {parent} is not a committed snapshot"));
+            }
+            let id = meta.next_id();
+            self.reserved_mut(|r| r.insert(id));
+            id
+        };
+        let result = self
+            .mount_and_record(id, target, parent, labels, layer)
+            .await;
+        self.reserved_mut(|r| r.remove(&id));
+        result
+    }
+
+    async fn mount_and_record(
+        &self,
+        id: u64,
+        target: &str,
+        parent: &str,
+        labels: &HashMap<String, String>,
+        layer: RemoteLayer,
+    ) -> Result<(), String> {
         let dir = self.snapshot_dir(id);
         let fs = dir.join("fs");
         let state = match self.mount_layer(&layer, &fs).await {
@@ -436,6 +471,16 @@ impl Service {
             labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         labels.insert(labels::REMOTE.to_owned(), "true".to_owned());
         let now = now_ns();
+        let mut meta = self.inner.meta.lock().await;
+        let parent_gone = !parent.is_empty() && meta.get(parent).is_none();
+        if meta.get(target).is_some() || parent_gone {
+            drop(meta);
+            unmount(state, &fs).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(format!(
+                "{target} or its parent changed while its layer was mounting"
+            ));
+        }
         meta.insert(
             target.to_owned(),
             Record {
@@ -450,6 +495,7 @@ impl Service {
         );
         if let Err(e) = meta.save() {
             meta.remove(target);
+            drop(meta);
             unmount(state, &fs).await;
             let _ = std::fs::remove_dir_all(&dir);
             return Err(format!("cannot save the metadata: {e}"));
@@ -532,7 +578,8 @@ impl Service {
     /// Removes snapshot folders that no record names.
     async fn remove_orphans(&self) {
         let meta = self.inner.meta.lock().await;
-        let ids = meta.ids();
+        let mut ids = meta.ids();
+        ids.extend(self.reserved_mut(|r| r.clone()));
         let snapshots = self.inner.settings.root.join("snapshots");
         let Ok(entries) = std::fs::read_dir(&snapshots) else {
             return;

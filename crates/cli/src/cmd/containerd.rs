@@ -234,6 +234,7 @@ pub fn snapshotter(_global: &GlobalArgs, command: SnapshotterCommand) -> anyhow:
                 "fetchedBytes": m.fetched_bytes,
                 "servedBytes": m.served_bytes,
                 "fetches": m.fetches,
+                "fetchMicros": m.fetch_micros,
             })).collect::<Vec<_>>(),
         }))?,
         OutputFormat::Text => {

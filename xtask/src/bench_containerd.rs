@@ -1,0 +1,143 @@
+//! The containerd rows of `cargo xtask bench`: time from `modelpack containerd pull` to a
+//! container having read the model's `config.json` (lazy), against a full `modelpack pull -o`
+//! then a bind mount, and against `ctr content fetch` of the artifact. Same registry, same
+//! model, alternating, medians.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+
+use crate::containerd::SNAPSHOTTER;
+use crate::e2e::{Bins, Rig};
+
+/// (lazy, full pull + bind, ctr content fetch) medians.
+pub struct Times {
+    pub lazy: Duration,
+    pub full: Duration,
+    pub content_fetch: Duration,
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn read_config_in_container(rig: &Rig, image: &str, id: &str, dir: &Path) -> anyhow::Result<()> {
+    let mount = format!(
+        "type=bind,src={},dst=/models,options=rbind:ro",
+        dir.display()
+    );
+    let out = rig.containerd.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        SNAPSHOTTER,
+        "--mount",
+        &mount,
+        image,
+        id,
+        "cat",
+        "/models/config.json",
+    ])?;
+    ensure!(out.contains("model_type"), "the container read {out:?}");
+    Ok(())
+}
+
+/// Runs the comparison on a model whose weight is `size_mib`.
+pub fn run(bins: &Bins, size_mib: u64, runs: usize) -> anyhow::Result<Times> {
+    let mut rig = Rig::start(bins)?;
+    let image = rig.busybox()?;
+    let model = rig.path("model");
+    crate::e2e::make_model(&model, size_mib)?;
+    let reference = format!("{}/bench/model:v1", rig.registry.host());
+    rig.modelpack(&[
+        "build",
+        "-q",
+        &model.display().to_string(),
+        "-t",
+        &reference,
+    ])?;
+    rig.modelpack(&["push", "-q", "--plain-http", &reference])?;
+    fs::remove_dir_all(&model)?;
+    let manifest = rig.modelpack(&["manifest", "fetch", "--plain-http", &reference])?;
+    let manifest: serde_json::Value = serde_json::from_str(&manifest)?;
+    let mut blobs: Vec<String> = manifest["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["digest"].as_str().map(str::to_owned))
+        .collect();
+    if let Some(c) = manifest["config"]["digest"].as_str() {
+        blobs.push(c.to_owned());
+    }
+    blobs.push(
+        rig.modelpack(&["resolve", "--plain-http", &reference])?
+            .trim()
+            .to_owned(),
+    );
+    let view = rig.path("view");
+    let full = rig.path("full");
+    let (mut lazy_t, mut full_t, mut fetch_t) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..runs {
+        // Lazy: pull into containerd, mount the view, a container reads config.json.
+        crate::measure::sync();
+        let started = Instant::now();
+        rig.modelpack_containerd("pull", &["--plain-http", &reference])?;
+        let pulled = started.elapsed();
+        rig.mount_model(&reference, &view)?;
+        let mounted = started.elapsed();
+        read_config_in_container(&rig, &image, &format!("bench-lazy-{run}"), &view)?;
+        lazy_t.push(started.elapsed());
+        println!(
+            "   lazy run {run}: pulled {pulled:.2?}, view mounted {mounted:.2?}, container done {:.2?}",
+            started.elapsed()
+        );
+        rig.modelpack_containerd("umount", &[&view.display().to_string()])?;
+        rig.mounted.retain(|d| d != &view);
+        rig.containerd
+            .ctr_ok(&["images", "rm", "--sync", &reference])?;
+        // The snapshotter's chunk cache stays warm between runs; drop it so each run is cold.
+        let _ = fs::remove_dir_all(rig.snapshotter.root.join("cache"));
+        let _ = fs::remove_dir_all(rig.snapshotter.root.join("store"));
+        rig.snapshotter.restart()?;
+        rig.containerd.wait_for_snapshotter()?;
+
+        // Full: download the whole model, bind it, a container reads config.json.
+        let _ = fs::remove_dir_all(&full);
+        crate::measure::sync();
+        let started = Instant::now();
+        rig.modelpack(&[
+            "pull",
+            "-q",
+            "--plain-http",
+            &reference,
+            "-o",
+            &full.display().to_string(),
+        ])?;
+        let pulled = started.elapsed();
+        read_config_in_container(&rig, &image, &format!("bench-full-{run}"), &full)?;
+        full_t.push(started.elapsed());
+        println!(
+            "   full run {run}: pulled {pulled:.2?}, container done {:.2?}",
+            started.elapsed()
+        );
+        fs::remove_dir_all(&full)?;
+
+        // containerd's own fetch of the artifact's blobs (no container).
+        crate::measure::sync();
+        let started = Instant::now();
+        rig.containerd
+            .ctr_ok(&["content", "fetch", "--plain-http", &reference])?;
+        fetch_t.push(started.elapsed());
+        let mut rm = vec!["content", "rm"];
+        rm.extend(blobs.iter().map(String::as_str));
+        let _ = rig.containerd.ctr_ok(&rm);
+    }
+    Ok(Times {
+        lazy: median(lazy_t),
+        full: median(full_t),
+        content_fetch: median(fetch_t),
+    })
+}
