@@ -138,6 +138,39 @@ impl Snapshotter {
         self.spawn()
     }
 
+    /// Starts it again with other extra flags.
+    pub fn restart_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        self.kill9();
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.spawn()
+    }
+
+    /// Stops it (kill -9) and runs it in the foreground with `extra` flags until it exits by
+    /// itself (a start that must fail), giving up after 60 s.
+    pub fn run_to_exit(&mut self, extra: &[&str]) -> anyhow::Result<std::process::Output> {
+        self.kill9();
+        let mut child = Command::new(&self.bin)
+            .arg("--address")
+            .arg(&self.socket)
+            .arg("--root")
+            .arg(&self.root)
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.bin.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if child.try_wait()?.is_some() {
+                return Ok(child.wait_with_output()?);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop_child(&mut child, Duration::from_secs(5));
+        bail!("modelpack-snapshotter {extra:?} did not exit within 60 s")
+    }
+
     /// The log so far.
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()

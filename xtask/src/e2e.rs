@@ -8,7 +8,10 @@
 //!    survives a garbage collection;
 //! 3. a container with the model at /models hashes every file and gets the source digests;
 //! 4. after `kill -9` of the snapshotter and a restart, a new container still reads it right;
-//! 5. everything started is stopped by PID and unmounted, also on failure (the guards' Drop).
+//! 5. a registry the snapshotter cannot use: a restart that cannot remount refuses to start
+//!    (and starts, reporting the failures, when allowed); a pull it cannot serve lazily fails
+//!    in one line, logs `remote-snapshot-prepared=false` and leaves no snapshot or image;
+//! 6. everything started is stopped by PID and unmounted, also on failure (the guards' Drop).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -405,5 +408,81 @@ fn checks(rig: &mut Rig) -> anyhow::Result<()> {
         "after the restart the container read other bytes"
     );
     println!("   ok: a new container reads the model correctly");
+
+    println!(
+        "== 5. a registry the snapshotter cannot use: restart refused, then allowed; fallback"
+    );
+    let bad_config = rig.path("snap/unusable-registry.toml");
+    fs::write(
+        &bad_config,
+        format!(
+            "[registry.\"{}\"]\nca_file = \"/nonexistent/modelpack-e2e-ca.pem\"\n",
+            rig.link.host()
+        ),
+    )?;
+    let bad = bad_config.display().to_string();
+    let refused = rig.snapshotter.run_to_exit(&["--config", &bad])?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    ensure!(
+        !refused.status.success() && stderr.contains("cannot mount remote snapshot"),
+        "a restart that cannot remount must refuse to start; it said: {stderr}"
+    );
+    rig.snapshotter
+        .restart_with(&["--config", &bad, "--allow-invalid-mounts-on-restart"])?;
+    rig.containerd.wait_for_snapshotter()?;
+    let status = rig.modelpack(&[
+        "snapshotter",
+        "status",
+        "--format",
+        "json",
+        "--address",
+        &rig.snapshotter.socket.display().to_string(),
+    ])?;
+    let status: serde_json::Value = serde_json::from_str(&status)?;
+    ensure!(
+        status["failed"].as_u64() == Some(source.len() as u64),
+        "the layers that could not be remounted are not reported: {status}"
+    );
+    let small = rig.path("model-small");
+    fs::create_dir_all(&small)?;
+    fs::write(small.join("config.json"), br#"{"model_type":"fallback"}"#)?;
+    let small_ref = format!("{}/e2e/small:v1", rig.link.host());
+    rig.modelpack(&[
+        "build",
+        "-q",
+        &small.display().to_string(),
+        "-t",
+        &small_ref,
+    ])?;
+    rig.modelpack(&["push", "-q", "--plain-http", &small_ref])?;
+    let message = match rig.modelpack_containerd("pull", &["--plain-http", &small_ref]) {
+        Ok(out) => bail!("a pull the snapshotter cannot serve succeeded: {out}"),
+        Err(e) => e.to_string(),
+    };
+    ensure!(
+        message.contains("did not serve layer config.json"),
+        "unclear error: {message}"
+    );
+    ensure!(
+        rig.snapshotter
+            .log_text()
+            .contains("remote-snapshot-prepared=false"),
+        "the snapshotter did not log remote-snapshot-prepared=false"
+    );
+    let listed = rig
+        .containerd
+        .ctr_ok(&["snapshots", "--snapshotter", SNAPSHOTTER, "ls"])?;
+    ensure!(
+        !listed.contains("extract-"),
+        "the failed pull left a snapshot behind:\n{listed}"
+    );
+    let images = rig.containerd.ctr_ok(&["images", "ls", "-q"])?;
+    ensure!(
+        images.lines().all(|l| l != small_ref),
+        "the failed pull recorded an image"
+    );
+    println!(
+        "   ok: refused, then started with the failures reported; the pull failed in one line"
+    );
     Ok(())
 }
