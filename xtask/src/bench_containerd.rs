@@ -24,25 +24,53 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn read_config_in_container(rig: &Rig, image: &str, id: &str, dir: &Path) -> anyhow::Result<()> {
+/// Runs a container that reads `/models/config.json` from `dir`; returns once the container has
+/// printed it (the clock stops there; ctr's clean-up after the exit is not counted).
+fn read_config_in_container(
+    rig: &Rig,
+    image: &str,
+    id: &str,
+    dir: &Path,
+    started: Instant,
+) -> anyhow::Result<Duration> {
+    use std::io::BufRead as _;
     let mount = format!(
         "type=bind,src={},dst=/models,options=rbind:ro",
         dir.display()
     );
-    let out = rig.containerd.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        SNAPSHOTTER,
-        "--mount",
-        &mount,
-        image,
-        id,
-        "cat",
-        "/models/config.json",
-    ])?;
-    ensure!(out.contains("model_type"), "the container read {out:?}");
-    Ok(())
+    let mut child = rig
+        .containerd
+        .ctr()
+        .args([
+            "run",
+            "--rm",
+            "--snapshotter",
+            SNAPSHOTTER,
+            "--mount",
+            &mount,
+            image,
+            id,
+        ])
+        .args(["cat", "/models/config.json"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut read_at = None;
+    if let Some(stdout) = child.stdout.take() {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if read_at.is_none() && line?.contains("model_type") {
+                read_at = Some(started.elapsed());
+            }
+        }
+    }
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "ctr run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    read_at.ok_or_else(|| anyhow::anyhow!("the container did not print config.json"))
 }
 
 /// Runs the comparison on a model whose weight is `size_mib`.
@@ -88,11 +116,11 @@ pub fn run(bins: &Bins, size_mib: u64, runs: usize) -> anyhow::Result<Times> {
         let pulled = started.elapsed();
         rig.mount_model(&reference, &view)?;
         let mounted = started.elapsed();
-        read_config_in_container(&rig, &image, &format!("bench-lazy-{run}"), &view)?;
-        lazy_t.push(started.elapsed());
+        let read =
+            read_config_in_container(&rig, &image, &format!("bench-lazy-{run}"), &view, started)?;
+        lazy_t.push(read);
         println!(
-            "   lazy run {run}: pulled {pulled:.2?}, view mounted {mounted:.2?}, container done {:.2?}",
-            started.elapsed()
+            "   lazy run {run}: pulled {pulled:.2?}, view mounted {mounted:.2?}, config.json read in a container {read:.2?}"
         );
         rig.modelpack_containerd("umount", &[&view.display().to_string()])?;
         rig.mounted.retain(|d| d != &view);
@@ -117,11 +145,11 @@ pub fn run(bins: &Bins, size_mib: u64, runs: usize) -> anyhow::Result<Times> {
             &full.display().to_string(),
         ])?;
         let pulled = started.elapsed();
-        read_config_in_container(&rig, &image, &format!("bench-full-{run}"), &full)?;
-        full_t.push(started.elapsed());
+        let read =
+            read_config_in_container(&rig, &image, &format!("bench-full-{run}"), &full, started)?;
+        full_t.push(read);
         println!(
-            "   full run {run}: pulled {pulled:.2?}, container done {:.2?}",
-            started.elapsed()
+            "   full run {run}: pulled {pulled:.2?}, config.json read in a container {read:.2?}"
         );
         fs::remove_dir_all(&full)?;
 
@@ -134,6 +162,10 @@ pub fn run(bins: &Bins, size_mib: u64, runs: usize) -> anyhow::Result<Times> {
         let mut rm = vec!["content", "rm"];
         rm.extend(blobs.iter().map(String::as_str));
         let _ = rig.containerd.ctr_ok(&rm);
+        // containerd deletes content in a garbage collection after the command returns; let it
+        // finish so the next run's fsyncs do not queue behind it.
+        std::thread::sleep(Duration::from_secs(2));
+        crate::measure::sync();
     }
     Ok(Times {
         lazy: median(lazy_t),

@@ -183,7 +183,11 @@ impl Rig {
         let scratch = tempfile::Builder::new().prefix("mp-e2e-").tempdir()?;
         let registry = Registry::start(&scratch.path().join("registry"))?;
         let link = SlowLink::start(registry.port, Duration::ZERO, f64::INFINITY)?;
-        let snapshotter = Snapshotter::start(&bins.snapshotter, &scratch.path().join("snap"), &[])?;
+        let snapshotter = Snapshotter::start(
+            &bins.snapshotter,
+            &scratch.path().join("snap"),
+            &["--log-level", "info,modelpack_snapshotter=debug"],
+        )?;
         let containerd = Containerd::start(&scratch.path().join("ctd"), &snapshotter.socket)?;
         containerd.wait_for_snapshotter()?;
         Ok(Rig {

@@ -406,6 +406,7 @@ impl Service {
             .mount_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         let counters = model.counters();
+        tracing::debug!(path = %layer.path, took = ?started.elapsed(), "remote layer mounted");
         Ok(MountState::Mounted { model, counters })
     }
 
