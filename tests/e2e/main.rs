@@ -2,9 +2,13 @@
 
 mod auth;
 mod build_extract;
+mod fault;
+mod faults;
+mod fuzz_replay;
 mod hostile;
 mod interop;
 mod mount;
 mod push_pull;
+mod reliability;
 mod store;
 mod util;

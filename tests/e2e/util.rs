@@ -323,6 +323,15 @@ pub struct Registry {
 impl Registry {
     /// Starts one; `htpasswd` is the content of an htpasswd file to require basic auth.
     pub fn start(htpasswd: Option<&str>) -> Option<Registry> {
+        Registry::start_with(htpasswd, None)
+    }
+
+    /// Starts one serving HTTPS with `tls` = (certificate PEM, key PEM).
+    pub fn start_tls(cert: &Path, key: &Path) -> Option<Registry> {
+        Registry::start_with(None, Some((cert, key)))
+    }
+
+    fn start_with(htpasswd: Option<&str>, tls: Option<(&Path, &Path)>) -> Option<Registry> {
         if !have_tool("docker-registry") {
             return None;
         }
@@ -340,8 +349,13 @@ impl Registry {
             None => String::new(),
         };
         let config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
-            dir.path().join("data").display()
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls}{auth}",
+            dir.path().join("data").display(),
+            tls = tls.map_or_else(String::new, |(cert, key)| format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ))
         );
         let config_path = dir.path().join("config.yml");
         fs::write(&config_path, config).expect("config");

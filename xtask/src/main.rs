@@ -3,6 +3,7 @@
 //! - `setup`: install the Debian packages the project needs (idempotent);
 //! - `test`: setup, formatting, clippy, every test (unit, conformance, end-to-end, e2e);
 //! - `e2e`: the containerd checks against a private containerd, registry and snapshotter;
+//! - `fuzz`: the cargo-fuzz targets, a fixed time each;
 //! - `bench`: our commands and their comparisons side by side, written to docs/benchmarks.md;
 //! - `demo`: the main job end to end on a generated sample model.
 
@@ -11,6 +12,7 @@ mod bench_containerd;
 mod containerd;
 mod demo;
 mod e2e;
+mod fuzz;
 mod measure;
 mod services;
 mod setup;
@@ -22,11 +24,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
-const USAGE: &str = "usage: cargo xtask <setup|test|e2e|bench|demo> [options]
+const USAGE: &str = "usage: cargo xtask <setup|test|e2e|fuzz|bench|demo> [options]
 
   setup            install the Debian packages the project needs (as root; idempotent)
   test             setup, fmt check, clippy, and every test (e2e included, as root)
   e2e              the containerd checks: own containerd, registry, snapshotter, runc (root)
+  fuzz [--time SECS]
+                   every cargo-fuzz target for SECS seconds (default 60)
   bench [--size-mib N] [--runs N] [--big-mib N] [--only containerd]
                    run the benchmarks and write docs/benchmarks.md
   demo             build, inspect, extract and verify a sample model";
@@ -42,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         "setup" => setup::run(),
         "test" => test::run(rest),
         "e2e" => e2e::run(rest),
+        "fuzz" => fuzz::run(rest),
         "bench" => bench::run(rest),
         "demo" => demo::run(),
         "-h" | "--help" | "help" => {

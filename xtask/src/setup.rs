@@ -16,6 +16,7 @@ pub const PACKAGES: &[&str] = &[
     "python3-venv",
     "iproute2",
     "curl",
+    "openssl",
 ];
 
 fn installed(sh: &Shell, package: &str) -> bool {

@@ -365,10 +365,10 @@ impl Client {
                 .basic_auth(&c.username, Some(&c.secret)),
             None => self.http.get(&realm).query(&query),
         };
-        let resp = request.send().await.map_err(|source| Error::Http {
+        let resp = request.send().await.map_err(|error| Error::Http {
             method: "GET".into(),
             url: display_url(&realm),
-            source,
+            error,
         })?;
         if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
             return Err(Error::Unauthorized {
@@ -449,11 +449,11 @@ impl Client {
                     let err = status_error(&method, url, resp).await;
                     (err, wait)
                 }
-                Err(source) => (
+                Err(error) => (
                     Error::Http {
                         method: method.to_string(),
                         url: display_url(url),
-                        source,
+                        error,
                     },
                     None,
                 ),

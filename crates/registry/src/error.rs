@@ -28,15 +28,14 @@ pub enum Error {
         reason: String,
     },
     /// A connection or protocol error.
-    #[error("{method} {url}: {source}")]
+    #[error("{method} {url}: {}", describe(error))]
     Http {
         /// HTTP method.
         method: String,
         /// URL.
         url: String,
-        /// The transport error.
-        #[source]
-        source: reqwest::Error,
+        /// The transport error (its cause is already in the message, so it is not chained).
+        error: reqwest::Error,
     },
     /// Retries ran out or the deadline passed.
     #[error("{what}: gave up after {attempts} attempts in {elapsed:?}: {last}")]
@@ -89,12 +88,13 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
-            Error::Http { source, .. } => {
-                source.is_connect()
-                    || source.is_timeout()
-                    || source.is_request()
-                    || source.is_body()
-                    || source.is_decode()
+            Error::Http { error, .. } if is_certificate_error(error) => false,
+            Error::Http { error, .. } => {
+                error.is_connect()
+                    || error.is_timeout()
+                    || error.is_request()
+                    || error.is_body()
+                    || error.is_decode()
             }
             _ => false,
         }
@@ -118,6 +118,49 @@ impl Error {
             Error::Status { status, .. } => Some(*status),
             Error::GaveUp { last, .. } => last.status(),
             _ => None,
+        }
+    }
+}
+
+/// A transport error with its innermost cause (reqwest's own text names only the URL; the cause
+/// says what happened, e.g. `invalid peer certificate: UnknownIssuer`).
+fn describe(e: &reqwest::Error) -> String {
+    let mut innermost: Option<String> = None;
+    let mut next = std::error::Error::source(e);
+    while let Some(cause) = next {
+        innermost = Some(cause.to_string());
+        next = cause.source();
+    }
+    let top = e.without_url_text();
+    match innermost {
+        Some(cause) if !top.contains(&cause) => format!("{top}: {cause}"),
+        _ => top,
+    }
+}
+
+/// True when the TLS handshake refused the server's certificate: retrying cannot help.
+fn is_certificate_error(e: &reqwest::Error) -> bool {
+    let mut next = std::error::Error::source(e);
+    while let Some(cause) = next {
+        if cause.to_string().contains("certificate") {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
+}
+
+/// reqwest's message without the URL it repeats (the variant names the URL already).
+trait WithoutUrl {
+    fn without_url_text(&self) -> String;
+}
+
+impl WithoutUrl for reqwest::Error {
+    fn without_url_text(&self) -> String {
+        let text = self.to_string();
+        match text.find(" for url (") {
+            Some(at) => text[..at].to_owned(),
+            None => text,
         }
     }
 }

@@ -26,11 +26,13 @@
 mod client;
 pub mod credentials;
 mod error;
+mod reader;
 mod repository;
 
 pub use client::{Client, ClientOptions, RetryPolicy, Scope};
 pub use credentials::Credential;
 pub use error::{Error, Result};
+pub use reader::BlobReader;
 pub use repository::{
     BlobStream, FetchedManifest, MAX_MANIFEST_SIZE, Repository, fallback_tag, read_capped,
     read_small_file,

@@ -699,10 +699,10 @@ pub fn fallback_tag(digest: &Digest) -> String {
 pub async fn read_capped(mut resp: Response, cap: usize) -> Result<Bytes> {
     let url = display_url(resp.url().as_str());
     let mut out = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|source| Error::Http {
+    while let Some(chunk) = resp.chunk().await.map_err(|error| Error::Http {
         method: "GET".into(),
         url: url.clone(),
-        source,
+        error,
     })? {
         if out.len() + chunk.len() > cap {
             return Err(Error::Protocol(format!("{url}: response over {cap} bytes")));

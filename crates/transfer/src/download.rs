@@ -101,6 +101,15 @@ impl Span {
     }
 }
 
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Smallest piece a span is split into.
 const MIN_SPLIT: u64 = 8 << 20;
 /// Split a span only when it would take longer than this at the current per-connection rate.
@@ -231,6 +240,9 @@ async fn fetch_adaptive(
     // through the channel and are hashed from memory; anything else is read back from the file
     // once the prefix reaches it.
     let failed = Arc::new(AtomicBool::new(false));
+    // If this future is dropped (another blob of the same pull failed, Ctrl-C), the hasher thread
+    // must stop too: a blocking thread that never ends would hold the runtime's shutdown forever.
+    let _stop_hasher_on_drop = StopOnDrop(failed.clone());
     let (written_tx, mut written_rx) = tokio::sync::mpsc::channel::<(u64, bytes::Bytes)>(16);
     let hasher = {
         let file = file.try_clone().map_err(io("partial file"))?;
@@ -364,7 +376,11 @@ async fn fetch_adaptive(
     }
     drop(running);
     drop(written_tx);
+    // No more writes: the hasher finishes what was written and stops there, so a download that
+    // ended short can never leave it waiting.
+    failed.store(true, Ordering::SeqCst);
     save();
+    let reached = frontier(&snapshot(&spans));
     let digest = hasher
         .await
         .map_err(|e| Error::Unsupported(format!("hasher thread failed: {e}")))?;
@@ -376,7 +392,12 @@ async fn fetch_adaptive(
         .ok()
         .and_then(|mut g| g.take())
         .ok_or_else(|| Error::Unsupported("partial download lost".into()))?;
-    let actual = digest.ok_or_else(|| Error::Unsupported("hashing the download failed".into()))?;
+    let actual = digest.ok_or_else(|| {
+        Error::Registry(modelpack_registry::Error::Protocol(format!(
+            "blob {}: the download stopped at byte {reached} of {}",
+            blob.digest, blob.size
+        )))
+    })?;
     if actual != blob.digest {
         partial.discard()?;
         return Err(mismatch(blob, actual));

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use futures_util::TryStreamExt;
 use modelpack_extract::{ExtractOptions, LayerBlob, LayerSource};
 use modelpack_registry::Repository;
 use modelpack_spec::annotations::ANNOTATION_TITLE;
@@ -76,20 +75,15 @@ impl LayerSource for RemoteSource<'_> {
         &self,
         layer: &LayerBlob,
     ) -> modelpack_extract::Result<Box<dyn Read + Send + '_>> {
-        let stream = self
-            .handle
-            .block_on(self.repo.get_blob(&layer.digest, None))
-            .map_err(|e| modelpack_extract::Error::Layer {
-                digest: layer.digest.clone(),
-                message: e.to_string(),
-            })?;
-        let body = stream
-            .response
-            .bytes_stream()
-            .map_err(std::io::Error::other);
-        let reader = tokio_util::io::StreamReader::new(body);
+        // Resumes from the offset reached when a connection breaks; the extractor verifies.
+        let reader = modelpack_registry::BlobReader::new(
+            self.repo.clone(),
+            layer.digest.clone(),
+            layer.size,
+            self.handle.clone(),
+        );
         Ok(Box::new(Counting {
-            inner: tokio_util::io::SyncIoBridge::new_with_handle(reader, self.handle.clone()),
+            inner: reader,
             moved: self.moved.clone(),
         }))
     }

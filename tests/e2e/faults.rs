@@ -1,0 +1,300 @@
+//! Registry faults, injected per request by [`FaultProxy`] in front of the real registry, during
+//! pull, fetch, push and mount. Each test asserts the outcome: transient faults end with the
+//! right bytes; corruption fails naming the digest and lands nowhere, and a retry after the fault
+//! clears succeeds; a permanent failure is one error line, exit 1, within the deadline.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::fault::{Fault, FaultProxy, Rule};
+use crate::util::{self, Mount, Registry, Scratch};
+
+/// A model with a `size`-byte weight; returns its folder and the weight's digest (hex).
+fn model(s: &Scratch, size: usize) -> (PathBuf, String) {
+    let dir = s.path("model");
+    fs::create_dir_all(dir.join("docs")).expect("mkdir");
+    let mut state = 0x0bad_cafe_f00d_1234u64;
+    let mut data = Vec::with_capacity(size + 8);
+    while data.len() < size {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        data.extend_from_slice(&state.to_le_bytes());
+    }
+    data.truncate(size);
+    let digest = util::sha256_hex(&data);
+    fs::write(dir.join("model.safetensors"), data).expect("write");
+    fs::write(dir.join("config.json"), br#"{"model_type":"faults"}"#).expect("write");
+    fs::write(dir.join("docs/README.md"), b"# faults\n").expect("write");
+    (dir, digest)
+}
+
+/// A registry holding a model pushed directly, and a fault proxy in front of it.
+struct Setup {
+    _registry: Registry,
+    proxy: FaultProxy,
+    source: PathBuf,
+    weight: String,
+    /// The reference through the proxy.
+    via: String,
+    _s: Scratch,
+}
+
+fn setup(name: &str, size: usize) -> Option<Setup> {
+    let registry = Registry::start(None)?;
+    let s = Scratch::new();
+    let (source, weight) = model(&s, size);
+    let direct = format!("{}/faults/{name}:v1", registry.host());
+    s.ok(&["build", source.to_str().expect("utf8"), "-t", &direct]);
+    s.ok(&["push", &direct, "--plain-http"]);
+    let proxy = FaultProxy::start(registry.port);
+    let via = format!("{}/faults/{name}:v1", proxy.host());
+    Some(Setup {
+        _registry: registry,
+        proxy,
+        source,
+        weight,
+        via,
+        _s: s,
+    })
+}
+
+fn blob_path(weight: &str) -> String {
+    format!("/blobs/sha256:{weight}")
+}
+
+#[test]
+fn transient_faults_during_pull_end_with_the_right_bytes() {
+    let Some(t) = setup("transient", 6 << 20) else {
+        return;
+    };
+    let blob = blob_path(&t.weight);
+    t.proxy
+        .add(Rule::new(Some("GET"), "/manifests/", 1, Fault::Status(503)));
+    t.proxy
+        .add(Rule::new(Some("GET"), "/manifests/", 1, Fault::Drop));
+    t.proxy
+        .add(Rule::new(Some("GET"), &blob, 1, Fault::ResetAfter(1 << 20)));
+    t.proxy
+        .add(Rule::new(Some("GET"), &blob, 1, Fault::Status(502)));
+    t.proxy
+        .add(Rule::new(Some("GET"), &blob, 1, Fault::TooMany(1)));
+    t.proxy.add(Rule::new(
+        Some("GET"),
+        &blob,
+        1,
+        Fault::Stall(Duration::from_secs(2)),
+    ));
+    let reader = Scratch::new();
+    let out = reader.path("out");
+    reader.ok(&[
+        "pull",
+        &t.via,
+        "--plain-http",
+        "-o",
+        out.to_str().expect("utf8"),
+    ]);
+    assert_eq!(util::tree(&out), util::tree(&t.source));
+    let weight_gets = t
+        .proxy
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET") && r.contains(&blob))
+        .count();
+    assert!(
+        weight_gets >= 5,
+        "the weight was fetched {weight_gets} times"
+    );
+    assert!(
+        t.proxy.pending().is_empty(),
+        "not every fault was hit: {:?}",
+        t.proxy.pending()
+    );
+    // And into the store: consistent, every blob verified.
+    t.proxy
+        .add(Rule::new(Some("GET"), &blob, 1, Fault::ResetAfter(300_000)));
+    reader.ok(&["pull", &t.via, "--plain-http"]);
+    assert!(reader.ok(&["store", "check"]).contains("consistent"));
+}
+
+#[test]
+fn corrupt_short_or_mislabelled_bodies_fail_naming_the_digest_and_land_nowhere() {
+    let Some(t) = setup("corrupt", 3 << 20) else {
+        return;
+    };
+    let blob = blob_path(&t.weight);
+    for (what, fault) in [
+        ("flipped byte", Fault::FlipByte(4096)),
+        ("truncated body", Fault::Truncate(4096)),
+        ("short Content-Length", Fault::WrongLength(-7)),
+    ] {
+        t.proxy.clear();
+        t.proxy.add(Rule::new(Some("GET"), &blob, 10_000, fault));
+        let reader = Scratch::new();
+        let out = reader.path("out");
+        let err = reader.fails(&[
+            "pull",
+            &t.via,
+            "--plain-http",
+            "-o",
+            out.to_str().expect("utf8"),
+        ]);
+        assert!(
+            err.contains(&t.weight[..12]),
+            "{what}: the error names no digest: {err}"
+        );
+        assert!(
+            !out.exists() || util::listing(&out).is_empty(),
+            "{what}: the target folder changed: {:?}",
+            util::listing(&out)
+        );
+        let err = reader.fails(&["pull", &t.via, "--plain-http"]);
+        assert!(err.contains(&t.weight[..12]), "{what}: {err}");
+        assert!(
+            !reader.store().join("blobs/sha256").join(&t.weight).exists(),
+            "{what}: a corrupt blob reached the store"
+        );
+        assert!(reader.ok(&["store", "check"]).contains("consistent"));
+        // The fault clears: the same commands succeed.
+        t.proxy.clear();
+        reader.ok(&[
+            "pull",
+            &t.via,
+            "--plain-http",
+            "-o",
+            out.to_str().expect("utf8"),
+        ]);
+        assert_eq!(util::tree(&out), util::tree(&t.source), "{what}");
+    }
+}
+
+#[test]
+fn permanent_failure_is_one_line_within_the_deadline() {
+    let Some(t) = setup("permanent", 1 << 20) else {
+        return;
+    };
+    t.proxy
+        .add(Rule::new(None, "/v2/", 100_000, Fault::Status(500)));
+    let reader = Scratch::new();
+    let started = Instant::now();
+    let err = reader.fails(&["pull", &t.via, "--plain-http"]);
+    assert!(err.contains("500"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(reader.ok(&["store", "check"]).contains("consistent"));
+}
+
+#[test]
+fn ignored_ranges_and_redirects_still_give_the_right_bytes() {
+    let Some(t) = setup("ranges", 5 << 20) else {
+        return;
+    };
+    let blob = blob_path(&t.weight);
+    t.proxy
+        .add(Rule::new(Some("GET"), &blob, 1, Fault::Redirect));
+    t.proxy
+        .add(Rule::new(Some("GET"), &blob, 10_000, Fault::IgnoreRange));
+    let reader = Scratch::new();
+    let out = reader.path("out");
+    reader.ok(&[
+        "fetch",
+        &t.via,
+        "--plain-http",
+        "--pattern",
+        "*.safetensors",
+        "-o",
+        out.to_str().expect("utf8"),
+    ]);
+    assert_eq!(util::sha256_file(&out.join("model.safetensors")), t.weight);
+    if util::can_fuse() {
+        let lazy = Scratch::new();
+        let mount = Mount::start(&lazy, &t.via, &lazy.path("mnt"), &[]);
+        let bytes = fs::read(mount.dir.join("model.safetensors")).expect("read");
+        assert_eq!(util::sha256_hex(&bytes), t.weight);
+    }
+}
+
+#[test]
+fn transient_faults_under_a_mount_are_retried_before_a_read_fails() {
+    if !util::can_fuse() {
+        return;
+    }
+    let Some(t) = setup("mount", 6 << 20) else {
+        return;
+    };
+    let lazy = Scratch::new();
+    let mount = Mount::start(&lazy, &t.via, &lazy.path("mnt"), &[]);
+    let blob = blob_path(&t.weight);
+    t.proxy
+        .add(Rule::new(Some("GET"), &blob, 2, Fault::Status(503)));
+    t.proxy
+        .add(Rule::new(Some("GET"), &blob, 1, Fault::ResetAfter(100_000)));
+    t.proxy.add(Rule::new(
+        Some("GET"),
+        &blob,
+        1,
+        Fault::Stall(Duration::from_secs(1)),
+    ));
+    let bytes = fs::read(mount.dir.join("model.safetensors")).expect("read through faults");
+    assert_eq!(util::sha256_hex(&bytes), t.weight);
+    assert!(
+        t.proxy.applied() >= 4,
+        "faults applied: {}",
+        t.proxy.applied()
+    );
+}
+
+#[test]
+fn push_survives_transient_upload_faults_and_resumes_chunked_uploads() {
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let proxy = FaultProxy::start(registry.port);
+    for (name, chunked) in [("monolithic", false), ("chunked", true)] {
+        let s = Scratch::new();
+        let (source, _) = model(&s, 3 << 20);
+        let via = format!("{}/faults/push-{name}:v1", proxy.host());
+        s.ok(&["build", source.to_str().expect("utf8"), "-t", &via]);
+        proxy.clear();
+        proxy.add(Rule::new(
+            Some("POST"),
+            "/blobs/uploads/",
+            1,
+            Fault::Status(503),
+        ));
+        proxy.add(Rule::new(
+            Some("PUT"),
+            "/blobs/uploads/",
+            1,
+            Fault::Status(502),
+        ));
+        proxy.add(Rule::new(
+            Some("PATCH"),
+            "/blobs/uploads/",
+            1,
+            Fault::Status(500),
+        ));
+        proxy.add(Rule::new(Some("PUT"), "/manifests/", 1, Fault::Drop));
+        let mut args = vec!["push", via.as_str(), "--plain-http"];
+        if chunked {
+            args.extend(["--chunk-size", "1"]);
+        }
+        s.ok(&args);
+        // Read back straight from the registry.
+        let direct = format!("{}/faults/push-{name}:v1", registry.host());
+        let reader = Scratch::new();
+        let out = reader.path("out");
+        reader.ok(&[
+            "pull",
+            &direct,
+            "--plain-http",
+            "-o",
+            out.to_str().expect("utf8"),
+        ]);
+        assert_eq!(util::tree(&out), util::tree(&source), "{name}");
+    }
+}

@@ -1,0 +1,267 @@
+//! TLS verification on by default, concurrent pulls into one store, and a full disk.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::util::{self, Registry, Scratch};
+
+fn small_model(s: &Scratch, size: usize) -> PathBuf {
+    let dir = s.path("model");
+    fs::create_dir_all(&dir).expect("mkdir");
+    let mut state = 0x5eed_1234_abcd_0001u64;
+    let mut data = Vec::with_capacity(size + 8);
+    while data.len() < size {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        data.extend_from_slice(&state.to_le_bytes());
+    }
+    data.truncate(size);
+    fs::write(dir.join("model.safetensors"), data).expect("write");
+    fs::write(dir.join("config.json"), br#"{"model_type":"rel"}"#).expect("write");
+    dir
+}
+
+/// A test CA and a certificate for 127.0.0.1 it signed, made with openssl:
+/// (CA certificate, server certificate, server key).
+fn test_pki(dir: &Path) -> Option<(PathBuf, PathBuf, PathBuf)> {
+    if !util::have_tool("openssl") {
+        return None;
+    }
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=modelpack test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "registry.key",
+        "-out",
+        "registry.csr",
+    ]);
+    fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "registry.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "leaf.ext",
+        "-out",
+        "registry.crt",
+    ]);
+    Some((
+        dir.join("ca.crt"),
+        dir.join("registry.crt"),
+        dir.join("registry.key"),
+    ))
+}
+
+#[test]
+fn tls_is_verified_by_default_and_a_ca_file_is_honoured() {
+    let s = Scratch::new();
+    let Some((ca, cert, key)) = test_pki(s.dir.path()) else {
+        return;
+    };
+    let Some(registry) = Registry::start_tls(&cert, &key) else {
+        return;
+    };
+    let dir = small_model(&s, 1 << 20);
+    let reference = format!("{}/tls/model:v1", registry.host());
+    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
+    let err = s.fails(&["push", &reference]);
+    assert!(
+        err.to_lowercase().contains("certificate"),
+        "an untrusted certificate must be refused, naming it: {err}"
+    );
+    let ca = ca.to_str().expect("utf8");
+    s.ok(&["push", &reference, "--ca-file", ca]);
+    let reader = Scratch::new();
+    let err = reader.fails(&["pull", &reference]);
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    assert!(
+        !reader.store().join("index.json").exists()
+            || !fs::read_to_string(reader.store().join("index.json"))
+                .unwrap_or_default()
+                .contains("tls/model"),
+        "a refused pull recorded the model"
+    );
+    let out = reader.path("out");
+    reader.ok(&[
+        "pull",
+        &reference,
+        "--ca-file",
+        ca,
+        "-o",
+        out.to_str().expect("utf8"),
+    ]);
+    assert_eq!(util::tree(&out), util::tree(&dir));
+    // --insecure is the explicit opt-out.
+    let other = Scratch::new();
+    other.ok(&["pull", &reference, "--insecure"]);
+}
+
+#[test]
+fn two_processes_pulling_one_model_into_one_store_both_succeed() {
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = small_model(&s, 24 << 20);
+    let reference = format!("{}/rel/concurrent:v1", registry.host());
+    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
+    s.ok(&["push", &reference, "--plain-http"]);
+    let reader = Scratch::new();
+    let spawn = || {
+        Command::new(util::bin())
+            .arg("--store")
+            .arg(reader.store())
+            .args(["-q", "pull", &reference, "--plain-http"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pull")
+    };
+    let (a, b) = (spawn(), spawn());
+    for child in [a, b] {
+        let out = child.wait_with_output().expect("wait");
+        util::assert_success(&out, &["pull (concurrent)"]);
+    }
+    assert!(reader.ok(&["store", "check"]).contains("consistent"));
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let blobs = names(&reader.store().join("blobs/sha256"));
+    let expected = names(&s.store().join("blobs/sha256"));
+    assert_eq!(blobs, expected, "one copy of each blob, no leftovers");
+    let out = reader.path("out");
+    reader.ok(&["extract", &reference, out.to_str().expect("utf8")]);
+    assert_eq!(util::tree(&out), util::tree(&dir));
+}
+
+/// A small tmpfs, unmounted (lazily) when dropped.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_cleanly_and_leaves_the_store_consistent() {
+    #[allow(unsafe_code)]
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root || !util::strict(),
+        "the full-disk test needs root under cargo xtask test"
+    );
+    if !root {
+        return;
+    }
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = small_model(&s, 12 << 20);
+    let reference = format!("{}/rel/disk-full:v1", registry.host());
+    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
+    s.ok(&["push", &reference, "--plain-http"]);
+    let tiny = s.path("tiny");
+    fs::create_dir_all(&tiny).expect("mkdir");
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "modelpack-e2e-tiny"])
+        .arg(&tiny)
+        .status()
+        .expect("mount tmpfs");
+    assert!(status.success(), "cannot mount a tmpfs");
+    let _guard = Tmpfs(tiny.clone());
+    let store = tiny.join("store");
+    let store_text = store.to_str().expect("utf8");
+    let target = tiny.join("out");
+    fs::create_dir_all(&target).expect("mkdir");
+    fs::write(target.join("keep.txt"), b"mine").expect("write");
+    let out = Command::new(util::bin())
+        .args(["--store", store_text, "pull", &reference, "--plain-http"])
+        .output()
+        .expect("run pull");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("space"), "{}", errors[0]);
+    let check = Command::new(util::bin())
+        .args(["--store", store_text, "store", "check"])
+        .output()
+        .expect("store check");
+    assert!(
+        String::from_utf8_lossy(&check.stdout).contains("consistent"),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // -o into the full disk: the target folder is left as it was.
+    let out = Command::new(util::bin())
+        .args([
+            "--store",
+            store_text,
+            "pull",
+            &reference,
+            "--plain-http",
+            "-o",
+        ])
+        .arg(&target)
+        .output()
+        .expect("run pull -o");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        util::listing(&target),
+        vec![target.join("keep.txt").display().to_string()]
+    );
+}
