@@ -34,6 +34,8 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     } else {
         println!("note: not root, the containerd checks (cargo xtask e2e) were skipped");
     }
+    // Fuzzing, a short fixed time per target (`cargo xtask fuzz --time N` for longer runs).
+    crate::fuzz::fuzz_all(20)?;
     println!("xtask test: all checks passed");
     Ok(())
 }
