@@ -14,7 +14,10 @@ pub fn manifest(data: &[u8]) {
     // A manifest the validator accepts without a warning must parse (a warning, e.g. a layer
     // without a file path, is valid by the spec but not extractable).
     if report.is_valid() && report.problems.is_empty() {
-        assert!(parsed.is_ok(), "a clean manifest does not parse: {report:?}");
+        assert!(
+            parsed.is_ok(),
+            "a clean manifest does not parse: {report:?}"
+        );
     }
     // What parses was valid, and names only safe paths.
     if let Ok(manifest) = parsed {
