@@ -12,15 +12,7 @@ use crate::util::{self, Scratch};
 
 /// Writes `size` pseudo-random bytes.
 fn random_file(path: &Path, size: usize, seed: u64) {
-    let mut state = seed | 1;
-    let mut data = Vec::with_capacity(size);
-    while data.len() < size {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        data.extend_from_slice(&state.to_le_bytes());
-    }
-    data.truncate(size);
+    let data = util::pseudo_random(size, seed);
     fs::write(path, data).expect("write random");
 }
 

@@ -14,15 +14,7 @@ use crate::util::{self, Mount, Registry, Scratch};
 fn model(s: &Scratch, size: usize) -> (PathBuf, String) {
     let dir = s.path("model");
     fs::create_dir_all(dir.join("docs")).expect("mkdir");
-    let mut state = 0x0bad_cafe_f00d_1234u64;
-    let mut data = Vec::with_capacity(size + 8);
-    while data.len() < size {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        data.extend_from_slice(&state.to_le_bytes());
-    }
-    data.truncate(size);
+    let data = util::pseudo_random(size, 0x0bad_cafe_f00d_1234u64);
     let digest = util::sha256_hex(&data);
     fs::write(dir.join("model.safetensors"), data).expect("write");
     fs::write(dir.join("config.json"), br#"{"model_type":"faults"}"#).expect("write");

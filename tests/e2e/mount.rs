@@ -11,15 +11,7 @@ use crate::util::{self, Mount, Proxy, Registry, Scratch};
 fn model(s: &Scratch, weight: usize) -> std::path::PathBuf {
     let dir = s.path("model");
     fs::create_dir_all(dir.join("nested/deeper")).expect("mkdir");
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut data = Vec::with_capacity(weight);
-    while data.len() < weight {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        data.extend_from_slice(&state.to_le_bytes());
-    }
-    data.truncate(weight);
+    let data = util::pseudo_random(weight, 0x9e37_79b9_7f4a_7c15u64);
     fs::write(dir.join("model.safetensors"), &data).expect("write");
     fs::write(dir.join("second.bin"), &data[..weight / 3]).expect("write");
     fs::write(dir.join("config.json"), br#"{"model_type":"m"}"#).expect("write");

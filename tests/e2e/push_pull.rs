@@ -14,15 +14,7 @@ use crate::util::{self, Proxy, Registry, Scratch};
 fn model(s: &Scratch, weight_size: usize) -> String {
     let dir = s.path("model");
     fs::create_dir_all(dir.join("docs")).expect("mkdir");
-    let mut state = 0x1234_5678_9abc_def1u64;
-    let mut data = Vec::with_capacity(weight_size);
-    while data.len() < weight_size {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        data.extend_from_slice(&state.to_le_bytes());
-    }
-    data.truncate(weight_size);
+    let data = util::pseudo_random(weight_size, 0x1234_5678_9abc_def1u64);
     fs::write(dir.join("model.safetensors"), data).expect("write");
     fs::write(dir.join("config.json"), br#"{"model_type":"t"}"#).expect("write");
     fs::write(dir.join("docs/README.md"), b"# model\n").expect("write");

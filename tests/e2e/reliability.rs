@@ -9,15 +9,7 @@ use crate::util::{self, Registry, Scratch};
 fn small_model(s: &Scratch, size: usize) -> PathBuf {
     let dir = s.path("model");
     fs::create_dir_all(&dir).expect("mkdir");
-    let mut state = 0x5eed_1234_abcd_0001u64;
-    let mut data = Vec::with_capacity(size + 8);
-    while data.len() < size {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        data.extend_from_slice(&state.to_le_bytes());
-    }
-    data.truncate(size);
+    let data = util::pseudo_random(size, 0x5eed_1234_abcd_0001u64);
     fs::write(dir.join("model.safetensors"), data).expect("write");
     fs::write(dir.join("config.json"), br#"{"model_type":"rel"}"#).expect("write");
     dir

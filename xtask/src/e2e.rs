@@ -241,6 +241,20 @@ impl Rig {
         Ok(image)
     }
 
+    /// `modelpack snapshotter status --format json` of this rig's snapshotter.
+    pub fn snapshotter_status(&self) -> anyhow::Result<serde_json::Value> {
+        let socket = self.snapshotter.socket.display().to_string();
+        let out = self.modelpack(&[
+            "snapshotter",
+            "status",
+            "--format",
+            "json",
+            "--address",
+            &socket,
+        ])?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
     /// Mounts a pulled model at `dir` (remembered for the cleanup).
     pub fn mount_model(&mut self, reference: &str, dir: &Path) -> anyhow::Result<()> {
         fs::create_dir_all(dir)?;
@@ -375,15 +389,7 @@ fn checks(rig: &mut Rig) -> anyhow::Result<()> {
         read == source,
         "the container read other bytes:\n{read:#?}\nexpected:\n{source:#?}"
     );
-    let status = rig.modelpack(&[
-        "snapshotter",
-        "status",
-        "--format",
-        "json",
-        "--address",
-        &rig.snapshotter.socket.display().to_string(),
-    ])?;
-    let status: serde_json::Value = serde_json::from_str(&status)?;
+    let status = rig.snapshotter_status()?;
     ensure!(
         status["mounted"].as_u64() == Some(source.len() as u64),
         "snapshotter status: {status}"
@@ -434,15 +440,7 @@ fn checks(rig: &mut Rig) -> anyhow::Result<()> {
     rig.snapshotter
         .restart_with(&["--config", &bad, "--allow-invalid-mounts-on-restart"])?;
     rig.containerd.wait_for_snapshotter()?;
-    let status = rig.modelpack(&[
-        "snapshotter",
-        "status",
-        "--format",
-        "json",
-        "--address",
-        &rig.snapshotter.socket.display().to_string(),
-    ])?;
-    let status: serde_json::Value = serde_json::from_str(&status)?;
+    let status = rig.snapshotter_status()?;
     ensure!(
         status["failed"].as_u64() == Some(source.len() as u64),
         "the layers that could not be remounted are not reported: {status}"
