@@ -2,6 +2,7 @@
 //! fail with one clear error and write nothing.
 
 use std::fs;
+use std::io::{self, Read as _, Write};
 use std::path::Path;
 
 use serde_json::{Value, json};
@@ -168,4 +169,155 @@ fn corrupt_blob_is_never_written() {
         Some(1),
         "store check must report the corrupt blob"
     );
+}
+
+/// One pax record, `"<len> <key>=<value>\n"`, where `<len>` counts the whole record.
+fn pax_record(key: &str, value: &str) -> String {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while len.to_string().len() + body.len() != len {
+        len += 1;
+    }
+    format!("{len}{body}")
+}
+
+/// A tar whose one file `w.bin` holds `data` while a pax header in front of it says `size`.
+fn pax_lying_tar(size: u64, data: &[u8]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let records = pax_record("size", &size.to_string());
+    let mut pax = tar::Header::new_ustar();
+    pax.set_entry_type(tar::EntryType::XHeader);
+    pax.set_path("PaxHeader/w.bin").expect("path");
+    pax.set_size(records.len() as u64);
+    pax.set_mode(0o644);
+    pax.set_cksum();
+    builder.append(&pax, records.as_bytes()).expect("append");
+    let mut header = tar::Header::new_ustar();
+    header.set_path("w.bin").expect("path");
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    builder.append(&header, data).expect("append");
+    builder.into_inner().expect("finish")
+}
+
+#[test]
+fn pax_headers_that_lie_about_sizes_are_refused() {
+    // Longer than the data: the entry runs off the end of the layer.
+    let s = Scratch::new();
+    let layer = tar_layer(&s.store(), &pax_lying_tar(1 << 30, b"ten bytes!"));
+    let digest = layer.1.clone();
+    extract_refused(&s, &[layer], &digest);
+
+    // Shorter than the data: the rest of the data is read as the next header.
+    let s = Scratch::new();
+    let data = vec![b'A'; 4096];
+    let layer = tar_layer(&s.store(), &pax_lying_tar(2, &data));
+    let digest = layer.1.clone();
+    extract_refused(&s, &[layer], &digest);
+}
+
+/// A tar holding one file `w.bin` of `size` zero bytes, streamed (never `size` bytes in memory).
+fn zero_tar<W: Write>(size: u64, out: W) -> W {
+    let mut builder = tar::Builder::new(out);
+    let mut header = tar::Header::new_ustar();
+    header.set_path("w.bin").expect("path");
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_cksum();
+    builder
+        .append(&header, io::repeat(0).take(size))
+        .expect("append");
+    builder.into_inner().expect("finish")
+}
+
+fn compressed_layer(
+    store: &Path,
+    media_type: &str,
+    bytes: &[u8],
+    meta: Option<Value>,
+) -> (Value, String) {
+    let digest = util::put_blob(store, bytes);
+    let mut annotations = json!({"org.cncf.model.filepath": "w.bin"});
+    if let Some(meta) = meta {
+        annotations["org.cncf.model.file.metadata+json"] = Value::String(meta.to_string());
+    }
+    (
+        json!({
+            "mediaType": media_type,
+            "digest": digest,
+            "size": bytes.len(),
+            "annotations": annotations,
+        }),
+        digest,
+    )
+}
+
+#[test]
+fn decompression_bombs_are_capped_at_the_declared_size() {
+    // 64 MiB of zeros in a gzip layer whose file metadata declares a 1 KiB file:
+    // refused from the tar header, before the bomb is unpacked.
+    let s = Scratch::new();
+    let gz = zero_tar(
+        64 << 20,
+        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()),
+    )
+    .finish()
+    .expect("gzip");
+    let meta = json!({"name": "w.bin", "mode": 420, "uid": 0, "gid": 0, "size": 1024,
+        "mtime": "2025-01-02T03:04:05Z", "typeflag": 0});
+    let layer = compressed_layer(
+        &s.store(),
+        "application/vnd.cncf.model.weight.v1.tar+gzip",
+        &gz,
+        Some(meta),
+    );
+    extract_refused(&s, &[layer], "decompression bomb");
+
+    // The same in zstd with no declared size: refused because it cannot fit in the target's
+    // free space (a 4 MiB tmpfs), before a byte is written. Needs root for the tmpfs.
+    #[allow(unsafe_code)]
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root || !util::strict(),
+        "the bomb-into-a-small-disk test needs root under cargo xtask test"
+    );
+    if !root {
+        return;
+    }
+    let s = Scratch::new();
+    let zst = zero_tar(
+        64 << 20,
+        zstd::stream::write::Encoder::new(Vec::new(), 1).expect("zstd"),
+    )
+    .finish()
+    .expect("zstd");
+    let layer = compressed_layer(
+        &s.store(),
+        "application/vnd.cncf.model.weight.v1.tar+zstd",
+        &zst,
+        None,
+    );
+    let tiny = s.path("tiny");
+    fs::create_dir_all(&tiny).expect("mkdir");
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "modelpack-e2e-bomb"])
+        .arg(&tiny)
+        .status()
+        .expect("mount tmpfs");
+    assert!(status.success(), "cannot mount a tmpfs");
+    let _guard = util::Tmpfs(tiny.clone());
+    s.ok(&["ls"]);
+    let manifest = util::model_manifest(
+        &s.store(),
+        std::slice::from_ref(&layer.0),
+        std::slice::from_ref(&layer.1),
+    );
+    util::tag_manifest(&s.store(), "bomb:v1", &manifest);
+    fs::write(tiny.join("keep.txt"), b"mine").expect("write");
+    let before = util::listing(&tiny);
+    let err = s.fails(&["extract", "bomb:v1", tiny.to_str().expect("utf8")]);
+    assert!(err.contains("bytes free"), "{err}");
+    assert_eq!(util::listing(&tiny), before, "extract wrote something");
 }

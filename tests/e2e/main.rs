@@ -2,6 +2,7 @@
 
 mod auth;
 mod build_extract;
+mod crash;
 mod fault;
 mod faults;
 mod fuzz_replay;

@@ -1,9 +1,13 @@
-//! TLS verification on by default, concurrent pulls into one store, and a full disk.
+//! TLS verification on by default, concurrent pulls into one store, a full disk, and passwords
+//! kept out of the process list.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use std::time::Duration;
+
+use crate::fault::{Fault, FaultProxy, Rule};
 use crate::util::{self, Registry, Scratch};
 
 fn small_model(s: &Scratch, size: usize) -> PathBuf {
@@ -176,15 +180,6 @@ fn two_processes_pulling_one_model_into_one_store_both_succeed() {
     assert_eq!(util::tree(&out), util::tree(&dir));
 }
 
-/// A small tmpfs, unmounted (lazily) when dropped.
-struct Tmpfs(PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_disk_fails_cleanly_and_leaves_the_store_consistent() {
     #[allow(unsafe_code)]
@@ -213,7 +208,7 @@ fn a_full_disk_fails_cleanly_and_leaves_the_store_consistent() {
         .status()
         .expect("mount tmpfs");
     assert!(status.success(), "cannot mount a tmpfs");
-    let _guard = Tmpfs(tiny.clone());
+    let _guard = util::Tmpfs(tiny.clone());
     let store = tiny.join("store");
     let store_text = store.to_str().expect("utf8");
     let target = tiny.join("out");
@@ -256,4 +251,72 @@ fn a_full_disk_fails_cleanly_and_leaves_the_store_consistent() {
         util::listing(&target),
         vec![target.join("keep.txt").display().to_string()]
     );
+}
+
+#[test]
+fn a_password_given_with_p_is_not_in_the_process_list() {
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    // Stall the registry's answers so the commands are still running when we look.
+    let proxy = FaultProxy::start(registry.port);
+    proxy.add(Rule::new(
+        None,
+        "/v2/",
+        4,
+        Fault::Stall(Duration::from_secs(3)),
+    ));
+    let s = Scratch::new();
+    let host = proxy.host();
+    let reference = format!("{host}/rel/secret:v1");
+    let runs: [Vec<&str>; 3] = [
+        vec![
+            "login",
+            &host,
+            "-u",
+            "bob",
+            "-p",
+            "hunter2-one",
+            "--plain-http",
+        ],
+        vec![
+            "pull",
+            &reference,
+            "-u",
+            "bob",
+            "--password=hunter2-two",
+            "--plain-http",
+        ],
+        vec![
+            "pull",
+            &reference,
+            "-u",
+            "bob",
+            "-phunter2-three",
+            "--plain-http",
+        ],
+    ];
+    for args in runs {
+        let mut child = Command::new(util::bin())
+            .arg("--store")
+            .arg(s.store())
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        std::thread::sleep(Duration::from_millis(1000));
+        let cmdline = fs::read(format!("/proc/{}/cmdline", child.id())).unwrap_or_default();
+        let _ = child.kill();
+        let _ = child.wait();
+        let shown = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            shown.contains(args[0]),
+            "the process ended too soon: {shown:?}"
+        );
+        assert!(
+            !shown.contains("hunter2"),
+            "password in the process list: {shown:?}"
+        );
+    }
 }

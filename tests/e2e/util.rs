@@ -608,3 +608,12 @@ pub fn can_fuse() -> bool {
     }
     ok
 }
+
+/// A small tmpfs a test mounted, unmounted (lazily) when dropped.
+pub struct Tmpfs(pub PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

@@ -8,10 +8,13 @@
 //!    survives a garbage collection;
 //! 3. a container with the model at /models hashes every file and gets the source digests;
 //! 4. after `kill -9` of the snapshotter and a restart, a new container still reads it right;
-//! 5. a registry the snapshotter cannot use: a restart that cannot remount refuses to start
+//! 5. the snapshotter behind the fault-injecting proxy of `tests/e2e/fault.rs`: under 503, 429,
+//!    resets and stalls a container still reads the right bytes; when the registry corrupts a
+//!    blob the container's read fails (never the wrong bytes) and succeeds once the fault clears;
+//! 6. a registry the snapshotter cannot use: a restart that cannot remount refuses to start
 //!    (and starts, reporting the failures, when allowed); a pull it cannot serve lazily fails
 //!    in one line, logs `remote-snapshot-prepared=false` and leaves no snapshot or image;
-//! 6. everything started is stopped by PID and unmounted, also on failure (the guards' Drop).
+//! 7. everything started is stopped by PID and unmounted, also on failure (the guards' Drop).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -23,6 +26,7 @@ use anyhow::{Context as _, bail, ensure};
 use sha2::{Digest as _, Sha256};
 
 use crate::containerd::{self, Containerd, NAMESPACE, SNAPSHOTTER, Snapshotter};
+use crate::fault::{Fault, FaultProxy, Rule};
 use crate::services::{Registry, SlowLink};
 
 /// Bytes the registry may serve for a lazy pull before anything reads the model.
@@ -419,8 +423,11 @@ fn checks(rig: &mut Rig) -> anyhow::Result<()> {
     );
     println!("   ok: a new container reads the model correctly");
 
+    // The proxy stays up: the snapshots fetched through it must remount in step 6.
+    let _proxy = faults_under_the_snapshotter(rig, &image)?;
+
     println!(
-        "== 5. a registry the snapshotter cannot use: restart refused, then allowed; fallback"
+        "== 6. a registry the snapshotter cannot use: restart refused, then allowed; fallback"
     );
     let bad_config = rig.path("snap/unusable-registry.toml");
     fs::write(
@@ -487,4 +494,138 @@ fn checks(rig: &mut Rig) -> anyhow::Result<()> {
         "   ok: refused, then started with the failures reported; the pull failed in one line"
     );
     Ok(())
+}
+
+/// Runs `sha256sum FILE` in a container with `dir` at /models; returns its exit status and
+/// output (stdout and stderr).
+fn container_sha256(
+    ctd: &Containerd,
+    image: &str,
+    id: &str,
+    dir: &Path,
+    file: &str,
+) -> anyhow::Result<(bool, String)> {
+    let mount = format!(
+        "type=bind,src={},dst=/models,options=rbind:ro",
+        dir.display()
+    );
+    let out = ctd
+        .ctr()
+        .args(["run", "--rm", "--snapshotter", SNAPSHOTTER, "--mount"])
+        .args([mount.as_str(), image, id, "sha256sum"])
+        .arg(format!("/models/{file}"))
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+/// Step 5: the snapshotter fetching through the fault proxy (returned, passing everything
+/// through, for the remounts that follow).
+fn faults_under_the_snapshotter(rig: &mut Rig, image: &str) -> anyhow::Result<FaultProxy> {
+    println!("== 5. the snapshotter behind a fault-injecting proxy");
+    let proxy = FaultProxy::start(rig.registry.port);
+    let model = rig.path("model-faults");
+    make_model(&model, 16)?;
+    let source = tree_digests(&model)?;
+    let reference = format!("{}/e2e/faults:v1", proxy.host());
+    let model_arg = model.display().to_string();
+    rig.modelpack(&["build", "-q", &model_arg, "-t", &reference])?;
+    rig.modelpack(&["push", "-q", "--plain-http", &reference])?;
+
+    // Transient faults on the manifest and the blobs: retried, right bytes.
+    proxy.add(Rule::new(Some("GET"), "/manifests/", 1, Fault::Status(503)));
+    proxy.add(Rule::new(
+        Some("GET"),
+        "/blobs/",
+        1,
+        Fault::ResetAfter(64 << 10),
+    ));
+    proxy.add(Rule::new(Some("GET"), "/blobs/", 1, Fault::TooMany(1)));
+    proxy.add(Rule::new(Some("GET"), "/blobs/", 1, Fault::Status(502)));
+    proxy.add(Rule::new(
+        Some("GET"),
+        "/blobs/",
+        1,
+        Fault::Stall(Duration::from_secs(1)),
+    ));
+    rig.modelpack_containerd("pull", &["--plain-http", &reference])?;
+    let view = rig.path("view-faults");
+    rig.mount_model(&reference, &view)?;
+    let read = container_digests(&rig.containerd, image, "e2e-faults", &view)?;
+    ensure!(
+        read == source,
+        "under transient faults the container read other bytes:\n{read:#?}"
+    );
+    ensure!(
+        proxy.pending().is_empty(),
+        "faults never hit: {:?}",
+        proxy.pending()
+    );
+    println!(
+        "   ok: {} transient faults retried; the container read every file right",
+        proxy.applied()
+    );
+
+    // A registry that corrupts a weight: the read fails, the bytes never reach the container.
+    proxy.clear();
+    let other = rig.path("model-corrupt");
+    fs::create_dir_all(&other)?;
+    crate::measure::write_random(&other.join("w.safetensors"), 8 << 20, 12)?;
+    fs::write(other.join("config.json"), br#"{"model_type":"corrupt"}"#)?;
+    let digests = tree_digests(&other)?;
+    let weight = digests
+        .get("w.safetensors")
+        .context("the weight's digest")?
+        .clone();
+    let corrupt_ref = format!("{}/e2e/corrupt:v1", proxy.host());
+    let other_arg = other.display().to_string();
+    rig.modelpack(&["build", "-q", &other_arg, "-t", &corrupt_ref])?;
+    rig.modelpack(&["push", "-q", "--plain-http", &corrupt_ref])?;
+    rig.modelpack_containerd("pull", &["--plain-http", &corrupt_ref])?;
+    let corrupt_view = rig.path("view-corrupt");
+    rig.mount_model(&corrupt_ref, &corrupt_view)?;
+    let applied_before = proxy.applied();
+    proxy.add(Rule::new(
+        Some("GET"),
+        &format!("/blobs/sha256:{weight}"),
+        usize::MAX,
+        Fault::FlipByte(1000),
+    ));
+    let (ok, out) = container_sha256(
+        &rig.containerd,
+        image,
+        "e2e-corrupt",
+        &corrupt_view,
+        "w.safetensors",
+    )?;
+    ensure!(
+        !ok && !out.contains(&weight),
+        "a corrupting registry: the container's read did not fail: {out}"
+    );
+    ensure!(
+        proxy.applied() > applied_before,
+        "the corruption was never applied (the weight was read from elsewhere)"
+    );
+    println!(
+        "   ok: corrupted in transit, the read failed in the container ({})",
+        out.lines().last().unwrap_or_default().trim()
+    );
+    proxy.clear();
+    let (ok, out) = container_sha256(
+        &rig.containerd,
+        image,
+        "e2e-corrupt-again",
+        &corrupt_view,
+        "w.safetensors",
+    )?;
+    ensure!(
+        ok && out.contains(&weight),
+        "after the fault cleared the read still fails: {out}"
+    );
+    println!("   ok: once the fault cleared, the same file read right");
+    Ok(proxy)
 }

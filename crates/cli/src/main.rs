@@ -4,6 +4,7 @@
 mod args;
 mod cmd;
 mod display;
+mod hide_args;
 mod remote;
 
 use std::process::ExitCode;
@@ -25,6 +26,7 @@ fn reset_sigpipe() {
 fn main() -> ExitCode {
     reset_sigpipe();
     let cli = Cli::parse();
+    hide_args::hide_passwords();
     let default_level = if cli.global.quiet { "error" } else { "warn" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

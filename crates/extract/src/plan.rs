@@ -93,16 +93,75 @@ pub(crate) fn pattern_set(patterns: &[String]) -> Result<Option<GlobSet>> {
     })
 }
 
-/// The decompressed tar stream of a tar layer.
+/// The decompressed tar stream of a tar layer, which fails once it grows past `cap` bytes (the
+/// guard against decompression bombs).
 pub(crate) fn tar_stream<'a>(
     encoding: Encoding,
     raw: Box<dyn Read + 'a>,
+    cap: u64,
 ) -> io::Result<Box<dyn Read + 'a>> {
-    Ok(match encoding {
+    let inner: Box<dyn Read + 'a> = match encoding {
         Encoding::Raw | Encoding::Tar => raw,
         Encoding::TarGzip => Box::new(flate2::read::MultiGzDecoder::new(raw)),
         Encoding::TarZstd => Box::new(zstd::stream::read::Decoder::new(raw)?),
-    })
+    };
+    Ok(Box::new(Capped {
+        inner,
+        left: cap,
+        cap,
+    }))
+}
+
+/// Room a tar stream needs besides its files' bytes: headers, pax records, padding, the end
+/// blocks and record rounding.
+const TAR_OVERHEAD: u64 = 1 << 20;
+
+/// The most a layer's tar stream may unpack to: for a layer whose file metadata annotation
+/// describes one regular file, that file's size plus the tar overhead; otherwise no cap here
+/// (extraction then checks the planned sizes against the free space of the target).
+fn declared_cap(layer: &ModelLayer) -> u64 {
+    match &layer.metadata {
+        Some(meta)
+            if meta.typeflag == modelpack_spec::annotations::TYPEFLAG_REGULAR && meta.size >= 0 =>
+        {
+            (meta.size as u64).saturating_add(TAR_OVERHEAD)
+        }
+        _ => u64::MAX,
+    }
+}
+
+/// Says a decompressed stream grew past its cap.
+#[derive(Debug)]
+pub(crate) struct OverCap(pub u64);
+
+impl std::fmt::Display for OverCap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "unpacks to more than the {} bytes it declares (decompression bomb?)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for OverCap {}
+
+/// A reader that fails with [`OverCap`] past `cap` bytes.
+struct Capped<'a> {
+    inner: Box<dyn Read + 'a>,
+    left: u64,
+    cap: u64,
+}
+
+impl Read for Capped<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.left {
+            return Err(io::Error::other(OverCap(self.cap)));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 fn blob_of(layer: &ModelLayer) -> LayerBlob {
@@ -175,13 +234,25 @@ fn plan_raw(idx: usize, layer: &ModelLayer) -> Result<PlannedEntry> {
     })
 }
 
-fn plan_tar(idx: usize, layer: &LayerBlob, source: &dyn LayerSource) -> Result<Vec<PlannedEntry>> {
+fn plan_tar(
+    idx: usize,
+    layer: &LayerBlob,
+    cap: u64,
+    source: &dyn LayerSource,
+) -> Result<Vec<PlannedEntry>> {
     let io_err = |e: io::Error| Error::Layer {
         digest: layer.digest.clone(),
-        message: format!("reading tar: {e}"),
+        message: match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<OverCap>())
+        {
+            Some(over) => over.to_string(),
+            None => format!("reading tar: {e}"),
+        },
     };
     let raw = source.open_layer(layer)?;
-    let mut archive = tar::Archive::new(tar_stream(layer.encoding, raw).map_err(io_err)?);
+    let mut archive = tar::Archive::new(tar_stream(layer.encoding, raw, cap).map_err(io_err)?);
+    let mut file_bytes = 0u64;
     let mut out = Vec::new();
     let mut files_in_layer = HashSet::new();
     for (seq, entry) in archive.entries().map_err(io_err)?.enumerate() {
@@ -211,6 +282,11 @@ fn plan_tar(idx: usize, layer: &LayerBlob, source: &dyn LayerSource) -> Result<V
             .ok()
             .map(|t| FileTime::from_unix_time(i64::try_from(t).unwrap_or(0), 0));
         let kind = if entry_type.is_file() || entry_type == tar::EntryType::Continuous {
+            // Refuse from the header alone, before decompressing what it announces.
+            file_bytes = file_bytes.saturating_add(entry.size());
+            if file_bytes > cap {
+                return Err(io_err(io::Error::other(OverCap(cap))));
+            }
             files_in_layer.insert(path.clone());
             EntryPlan::TarFile { size: entry.size() }
         } else if entry_type.is_dir() {
@@ -292,7 +368,7 @@ pub fn plan_layers(
         if layer.media_type.encoding == Encoding::Raw {
             entries.push(plan_raw(idx, layer)?);
         } else {
-            entries.extend(plan_tar(idx, &layers[idx], source)?);
+            entries.extend(plan_tar(idx, &layers[idx], declared_cap(layer), source)?);
         }
     }
     finish_plan(layers, entries, patterns)

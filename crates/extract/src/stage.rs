@@ -15,7 +15,7 @@ use modelpack_spec::{Digest, Encoding, LayerPath};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, IoContext, Result};
-use crate::plan::{EntryPlan, ExtractPlan, PlannedEntry, tar_stream};
+use crate::plan::{EntryPlan, ExtractPlan, OverCap, PlannedEntry, tar_stream};
 use crate::{ExtractReport, LayerBlob, LayerSource};
 
 /// The I/O error a cancelled read returns (not `Interrupted`, which readers retry).
@@ -85,9 +85,74 @@ fn layer_io(layer: &LayerBlob, e: io::Error) -> Error {
     {
         return Error::Cancelled;
     }
+    let message = match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<OverCap>())
+    {
+        Some(over) => over.to_string(),
+        None => e.to_string(),
+    };
     Error::Layer {
         digest: layer.digest.clone(),
-        message: e.to_string(),
+        message,
+    }
+}
+
+/// Bytes free to an unprivileged writer on the file system holding `path`, if it can be told.
+#[allow(unsafe_code)]
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `statvfs` writes only into the struct it is given; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; both pointers are valid for the call.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Refuses a plan whose files cannot fit in the target's free space, before writing anything:
+/// a tar layer that unpacks to more than the disk holds (a decompression bomb among them) fails
+/// here in one line instead of filling the disk.
+fn check_space(target: &Path, plan: &ExtractPlan) -> Result<()> {
+    let Some(free) = free_bytes(target) else {
+        return Ok(());
+    };
+    let mut needed = 0u64;
+    let mut largest: Option<&PlannedEntry> = None;
+    for e in plan.selected() {
+        let size = match e.kind {
+            EntryPlan::RawFile { size } | EntryPlan::TarFile { size } => size,
+            _ => continue,
+        };
+        // A file already there with the same size is probably skipped as identical.
+        if existing_regular(&target.join(e.path.as_str()), size).is_some() {
+            continue;
+        }
+        needed = needed.saturating_add(size);
+        if largest.is_none_or(|l| entry_size(l) < size) {
+            largest = Some(e);
+        }
+    }
+    if needed <= free {
+        return Ok(());
+    }
+    let layer = largest.map_or_else(
+        || plan.layers[0].digest.clone(),
+        |e| plan.layers[e.layer].digest.clone(),
+    );
+    Err(Error::Layer {
+        digest: layer,
+        message: format!(
+            "the model unpacks to {needed} bytes but {} has {free} bytes free; nothing was written",
+            target.display()
+        ),
+    })
+}
+
+fn entry_size(e: &PlannedEntry) -> u64 {
+    match e.kind {
+        EntryPlan::RawFile { size } | EntryPlan::TarFile { size } => size,
+        _ => 0,
     }
 }
 
@@ -208,6 +273,7 @@ pub fn extract_planned(
     fs::create_dir_all(target).at(target)?;
     let result = (|| {
         check_target(target, plan, layers)?;
+        check_space(target, plan)?;
         let staging = tempfile::Builder::new()
             .prefix(".modelpack-extract-")
             .tempdir_in(target)
@@ -252,7 +318,16 @@ pub fn extract_planned(
             }
             let shared = Rc::new(RefCell::new(verifying));
             {
-                let stream = tar_stream(layer.encoding, Box::new(Shared(shared.clone())))
+                // The stream may not unpack to more than the plan found in it (files, plus room
+                // for headers), whatever the bytes served now hold.
+                let in_layer = plan.entries.iter().filter(|e| e.layer == idx);
+                let (planned, count) = in_layer.fold((0u64, 0u64), |(bytes, n), e| {
+                    (bytes.saturating_add(entry_size(e)), n + 1)
+                });
+                let cap = planned
+                    .saturating_add(count.saturating_mul(16 << 10))
+                    .saturating_add(1 << 20);
+                let stream = tar_stream(layer.encoding, Box::new(Shared(shared.clone())), cap)
                     .map_err(|err| layer_io(layer, err))?;
                 let mut archive = tar::Archive::new(stream);
                 let wanted: HashMap<usize, &PlannedEntry> =
@@ -271,7 +346,7 @@ pub fn extract_planned(
                             counter += 1;
                             let mut file = create_staged(&staged_path)?;
                             let (n, same) = copy_comparing(
-                                &mut entry,
+                                &mut (&mut entry).take(size.saturating_add(1)),
                                 &mut file,
                                 existing_regular(&final_path, *size),
                             )
@@ -280,7 +355,7 @@ pub fn extract_planned(
                                 return Err(Error::Layer {
                                     digest: layer.digest.clone(),
                                     message: format!(
-                                        "{}: tar entry is shorter than its header says",
+                                        "{}: tar entry holds {n} bytes, not the {size} planned",
                                         e.path
                                     ),
                                 });

@@ -16,7 +16,7 @@ pub struct LoginArgs {
     /// User name
     #[arg(short = 'u', long)]
     pub username: String,
-    /// Password (visible in the process list; prefer --password-stdin)
+    /// Password (hidden from the process list once parsed; --password-stdin never shows it)
     #[arg(short = 'p', long, conflicts_with = "password_stdin")]
     pub password: Option<String>,
     /// Read the password from standard input

@@ -1,0 +1,222 @@
+//! Crash tests: `kill -9` of build, push and pull at seeded random points. After each kill the
+//! store must be consistent (`store check`), the registry must name only complete artifacts, and
+//! the same command run again must complete with the same digest and the same files.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::{self, Proxy, Registry, Scratch};
+
+/// Seeds of the kill points; each gives a point in (5%, 95%) of an uninterrupted run.
+const SEEDS: [u64; 4] = [0x5eed_0001, 0x5eed_0002, 0x5eed_0003, 0x5eed_0004];
+
+/// A model of several files (two large weights, small configs, a nested folder).
+fn model(s: &Scratch, weight: usize) -> String {
+    let dir = s.path("model");
+    fs::create_dir_all(dir.join("tokenizer")).expect("mkdir");
+    fs::write(
+        dir.join("model-00001.safetensors"),
+        util::pseudo_random(weight, 0xc4a5_0001),
+    )
+    .expect("write");
+    fs::write(
+        dir.join("model-00002.safetensors"),
+        util::pseudo_random(weight / 2, 0xc4a5_0002),
+    )
+    .expect("write");
+    fs::write(dir.join("config.json"), br#"{"model_type":"crash"}"#).expect("write");
+    fs::write(dir.join("tokenizer/vocab.txt"), b"a\nb\nc\n").expect("write");
+    dir.to_str().expect("utf8").to_owned()
+}
+
+/// The kill point for `seed`: a fraction of `full` between 5% and 95%.
+fn kill_point(seed: u64, full: Duration) -> Duration {
+    let bytes = util::pseudo_random(8, seed);
+    let x = u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
+    let permille = 50 + x % 900;
+    full.mul_f64(permille as f64 / 1000.0)
+}
+
+/// Runs `modelpack ARGS` against `store`, kills it with SIGKILL after `after`, and says whether
+/// it was still running then.
+fn run_and_kill(store: &Path, args: &[&str], after: Duration) -> bool {
+    let mut child = Command::new(util::bin())
+        .env("SOURCE_DATE_EPOCH", EPOCH)
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + after;
+    while Instant::now() < deadline {
+        if child.try_wait().expect("wait").is_some() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let running = child.try_wait().expect("wait").is_none();
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    running
+}
+
+/// Builds are reproducible under `SOURCE_DATE_EPOCH`: a rebuild after a kill must give the
+/// same digest.
+const EPOCH: &str = "1700000000";
+
+/// Runs `modelpack ARGS` to success (with [`EPOCH`]) and returns its stdout.
+fn ok(s: &Scratch, args: &[&str]) -> String {
+    let out = s.run_env(args, &[("SOURCE_DATE_EPOCH", EPOCH)]);
+    util::assert_success(&out, args);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Times one uninterrupted `modelpack ARGS` and returns its stdout.
+fn timed(s: &Scratch, args: &[&str]) -> (Duration, String) {
+    let start = Instant::now();
+    let out = ok(s, args);
+    (start.elapsed(), out)
+}
+
+fn assert_consistent(s: &Scratch) {
+    let out = s.run(&["store", "check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("consistent"),
+        "store check after a kill: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn build_killed_at_random_points_leaves_a_consistent_store() {
+    let s = Scratch::new();
+    let dir = model(&s, 192 << 20);
+    let (full, digest) = timed(&s, &["-q", "build", &dir, "-t", "crash:v1"]);
+    let mut hit = 0;
+    for seed in SEEDS {
+        let c = Scratch::new();
+        let at = kill_point(seed, full);
+        hit += usize::from(run_and_kill(
+            &c.store(),
+            &["build", &dir, "-t", "crash:v1"],
+            at,
+        ));
+        assert_consistent(&c);
+        let listed = c.ok(&["ls"]);
+        assert!(
+            !listed.contains("crash") || c.run(&["inspect", "crash:v1"]).status.success(),
+            "a killed build names an incomplete model: {listed}"
+        );
+        let again = ok(&c, &["-q", "build", &dir, "-t", "crash:v1"]);
+        assert_eq!(
+            again.trim(),
+            digest.trim(),
+            "seed {seed:#x}: rebuilt digest"
+        );
+        assert_consistent(&c);
+    }
+    eprintln!("build: {hit} of {} kills landed mid-run", SEEDS.len());
+    assert!(hit > 0, "every kill came after the build had finished");
+}
+
+#[test]
+fn push_killed_at_random_points_then_pushed_again_is_complete() {
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = model(&s, 48 << 20);
+    // 16 MiB/s per connection: a push lasts a few seconds.
+    let proxy = Proxy::start(registry.port, Some(16 << 20));
+    let mut hit = 0;
+    let mut full = None;
+    for (n, seed) in SEEDS.iter().enumerate() {
+        let reference = format!("{}/crash/push{n}:v1", proxy.host());
+        s.ok(&["build", &dir, "-t", &reference]);
+        let full = *full.get_or_insert_with(|| {
+            // Time one uninterrupted push to another repository.
+            let timing = format!("{}/crash/timing:v1", proxy.host());
+            s.ok(&["tag", &reference, &timing]);
+            timed(&s, &["push", &timing, "--plain-http"]).0
+        });
+        let at = kill_point(*seed, full);
+        hit += usize::from(run_and_kill(
+            &s.store(),
+            &["push", &reference, "--plain-http"],
+            at,
+        ));
+        assert_consistent(&s);
+        // The registry names the artifact only once it is whole: a pull either finds no tag or
+        // gets every byte.
+        let probe = Scratch::new();
+        let direct = format!("{}/crash/push{n}:v1", registry.host());
+        let pulled = probe.run(&["pull", &direct, "--plain-http"]);
+        if pulled.status.success() {
+            assert_consistent(&probe);
+        } else {
+            let err = String::from_utf8_lossy(&pulled.stderr);
+            assert!(
+                err.contains("not found") || err.contains("404") || err.contains("unknown"),
+                "seed {seed:#x}: a killed push left a broken artifact: {err}"
+            );
+        }
+        s.ok(&["push", &reference, "--plain-http"]);
+        let reader = Scratch::new();
+        let out = reader.path("out");
+        reader.ok(&[
+            "pull",
+            &direct,
+            "--plain-http",
+            "-o",
+            out.to_str().expect("utf8"),
+        ]);
+        assert_eq!(
+            util::tree(&out),
+            util::tree(Path::new(&dir)),
+            "seed {seed:#x}"
+        );
+    }
+    eprintln!("push: {hit} of {} kills landed mid-run", SEEDS.len());
+    assert!(hit > 0, "every kill came after the push had finished");
+}
+
+#[test]
+fn pull_killed_at_random_points_resumes_to_the_same_files() {
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = model(&s, 48 << 20);
+    let reference = format!("{}/crash/pull:v1", registry.host());
+    s.ok(&["build", &dir, "-t", &reference]);
+    s.ok(&["push", &reference, "--plain-http"]);
+    let proxy = Proxy::start(registry.port, Some(16 << 20));
+    let slow = format!("{}/crash/pull:v1", proxy.host());
+    let (full, _) = timed(&Scratch::new(), &["pull", &slow, "--plain-http"]);
+    let mut hit = 0;
+    for seed in SEEDS {
+        let c = Scratch::new();
+        hit += usize::from(run_and_kill(
+            &c.store(),
+            &["pull", &slow, "--plain-http"],
+            kill_point(seed, full),
+        ));
+        assert_consistent(&c);
+        c.ok(&["pull", &reference, "--plain-http"]);
+        assert_consistent(&c);
+        let out = c.path("out");
+        c.ok(&["extract", &reference, out.to_str().expect("utf8")]);
+        assert_eq!(
+            util::tree(&out),
+            util::tree(Path::new(&dir)),
+            "seed {seed:#x}"
+        );
+    }
+    eprintln!("pull: {hit} of {} kills landed mid-run", SEEDS.len());
+    assert!(hit > 0, "every kill came after the pull had finished");
+}
