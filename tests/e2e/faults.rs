@@ -1,5 +1,5 @@
 //! Registry faults, injected per request by [`FaultProxy`] in front of the real registry, during
-//! pull, fetch, push and mount. Each test asserts the outcome: transient faults end with the
+//! pull, fetch, push, copy and mount. Each test asserts the outcome: transient faults end with the
 //! right bytes; corruption fails naming the digest and lands nowhere, and a retry after the fault
 //! clears succeeds; a permanent failure is one error line, exit 1, within the deadline.
 
@@ -289,4 +289,58 @@ fn push_survives_transient_upload_faults_and_resumes_chunked_uploads() {
         ]);
         assert_eq!(util::tree(&out), util::tree(&source), "{name}");
     }
+}
+
+#[test]
+fn copy_between_registries_retries_transient_faults_and_never_lands_corrupt_blobs() {
+    let Some(t) = setup("copy", 3 << 20) else {
+        return;
+    };
+    let Some(dest) = Registry::start(None) else {
+        return;
+    };
+    let blob = blob_path(&t.weight);
+    let s = Scratch::new();
+
+    // Transient: a reset mid-body and a 503 on the source's blob; the copy completes.
+    t.proxy
+        .add(Rule::new(Some("GET"), &blob, 1, Fault::ResetAfter(1 << 20)));
+    t.proxy
+        .add(Rule::new(Some("GET"), &blob, 1, Fault::Status(503)));
+    let target = format!("{}/copied/transient:v1", dest.host());
+    s.ok(&["copy", &t.via, &target, "--plain-http"]);
+    assert!(t.proxy.pending().is_empty(), "{:?}", t.proxy.pending());
+    let out = s.path("transient");
+    s.ok(&[
+        "pull",
+        &target,
+        "--plain-http",
+        "-o",
+        out.to_str().expect("utf8"),
+    ]);
+    assert_eq!(util::tree(&out), util::tree(&t.source));
+
+    // Corrupt: a flipped byte in every response for the weight; the copy fails naming the
+    // digest and the destination names nothing.
+    t.proxy.clear();
+    t.proxy
+        .add(Rule::new(Some("GET"), &blob, 10_000, Fault::FlipByte(4096)));
+    let target = format!("{}/copied/corrupt:v1", dest.host());
+    let err = s.fails(&["copy", &t.via, &target, "--plain-http"]);
+    assert!(
+        err.contains(&t.weight[..12]),
+        "the error names no digest: {err}"
+    );
+    s.fails(&["resolve", &target, "--plain-http"]);
+    t.proxy.clear();
+    s.ok(&["copy", &t.via, &target, "--plain-http"]);
+    let out = s.path("corrupt");
+    s.ok(&[
+        "pull",
+        &target,
+        "--plain-http",
+        "-o",
+        out.to_str().expect("utf8"),
+    ]);
+    assert_eq!(util::tree(&out), util::tree(&t.source));
 }

@@ -321,3 +321,44 @@ fn decompression_bombs_are_capped_at_the_declared_size() {
     assert!(err.contains("bytes free"), "{err}");
     assert_eq!(util::listing(&tiny), before, "extract wrote something");
 }
+
+#[test]
+fn setuid_bits_are_dropped_and_a_raw_size_lie_is_refused() {
+    // setuid, setgid and sticky bits in a tar layer never reach the target.
+    let s = Scratch::new();
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_ustar();
+    header.set_path("run.sh").expect("path");
+    header.set_size(3);
+    header.set_mode(0o6755);
+    header.set_cksum();
+    builder.append(&header, &b"hi\n"[..]).expect("append");
+    let layer = tar_layer(&s.store(), &builder.into_inner().expect("finish"));
+    s.ok(&["ls"]);
+    let manifest = util::model_manifest(
+        &s.store(),
+        std::slice::from_ref(&layer.0),
+        std::slice::from_ref(&layer.1),
+    );
+    util::tag_manifest(&s.store(), "suid:v1", &manifest);
+    let out = s.path("out");
+    s.ok(&["extract", "suid:v1", out.to_str().expect("utf8")]);
+    let mode = {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::metadata(out.join("run.sh"))
+            .expect("stat")
+            .permissions()
+            .mode()
+    };
+    assert_eq!(mode & 0o7777, 0o755, "mode {mode:o}");
+
+    // A raw layer whose file metadata names another size is refused before writing.
+    let s = Scratch::new();
+    let (mut desc, digest) = raw_layer(&s.store(), b"four", "w.bin");
+    desc["annotations"]["org.cncf.model.file.metadata+json"] = Value::String(
+        json!({"name": "w.bin", "mode": 420, "uid": 0, "gid": 0, "size": 1u64 << 40,
+            "mtime": "2025-01-02T03:04:05Z", "typeflag": 0})
+        .to_string(),
+    );
+    extract_refused(&s, &[(desc, digest)], "file metadata says");
+}

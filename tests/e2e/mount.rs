@@ -44,8 +44,34 @@ fn mounted_files_match_for_every_layer_encoding() {
         s.ok(&args);
         s.ok(&["push", &reference, "--plain-http"]);
         let reader = Scratch::new();
-        let mount = Mount::start(&reader, &reference, &reader.path("mnt"), &[]);
+        let cache = reader.path("private-cache");
+        let cache_arg = cache.to_str().expect("utf8").to_owned();
+        let mount = Mount::start(
+            &reader,
+            &reference,
+            &reader.path("mnt"),
+            &["--cache", &cache_arg],
+        );
         if tag == "raw" {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = fs::metadata(&cache).expect("cache").permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "the cache is not private: {mode:o}");
+            // Without --allow-other, another user cannot even list the mount.
+            #[allow(unsafe_code)]
+            // SAFETY: geteuid cannot fail.
+            let root = unsafe { libc::geteuid() } == 0;
+            if root {
+                let other = std::process::Command::new("runuser")
+                    .args(["-u", "nobody", "--", "ls"])
+                    .arg(&mount.dir)
+                    .output()
+                    .expect("runuser");
+                assert!(
+                    !other.status.success(),
+                    "another user listed the mount: {}",
+                    String::from_utf8_lossy(&other.stdout)
+                );
+            }
             let fetched = mount.status()["fetchedBytes"]
                 .as_u64()
                 .expect("fetchedBytes");

@@ -577,10 +577,13 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
             }
         });
     }
-    std::fs::create_dir_all(&opts.cache_dir).map_err(|source| MountError::Mount {
-        path: opts.cache_dir.clone(),
-        source,
-    })?;
+    // Private: cached model bytes are readable only by the mount's owner.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&opts.cache_dir)
+        .map_err(|source| MountError::Mount {
+            path: opts.cache_dir.clone(),
+            source,
+        })?;
 
     // The chunk-digest index, if the artifact carries one.
     let annotations = manifest

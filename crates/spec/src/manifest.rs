@@ -91,6 +91,17 @@ impl ModelManifest {
     /// Types the layers of an already parsed manifest.
     pub fn from_manifest(manifest: ImageManifest) -> Result<ModelManifest> {
         let config_digest: Digest = manifest.config().digest().to_string().parse()?;
+        let sha256_only = |digest: &Digest| {
+            if digest.is_sha256() {
+                Ok(())
+            } else {
+                Err(Error::Invalid {
+                    what: "descriptor",
+                    reason: format!("{digest}: only sha256 digests can be verified here"),
+                })
+            }
+        };
+        sha256_only(&config_digest)?;
         let mut layers = Vec::with_capacity(manifest.layers().len());
         for descriptor in manifest.layers() {
             let annotations = descriptor.annotations().as_ref();
@@ -116,8 +127,25 @@ impl ModelManifest {
                 ANNOTATION_MEDIATYPE_UNTESTED,
                 LEGACY_ANNOTATION_MEDIATYPE_UNTESTED,
             ) == Some("true");
+            let digest: Digest = descriptor.digest().to_string().parse()?;
+            sha256_only(&digest)?;
+            // A raw layer is the file itself: metadata naming another size is a lie.
+            if let Some(meta) = &metadata
+                && media_type.encoding == crate::Encoding::Raw
+                && meta.typeflag == crate::annotations::TYPEFLAG_REGULAR
+                && u64::try_from(meta.size).ok() != Some(descriptor.size())
+            {
+                return Err(Error::Invalid {
+                    what: "layer",
+                    reason: format!(
+                        "layer {digest}: file metadata says {} bytes but the raw layer has {}",
+                        meta.size,
+                        descriptor.size()
+                    ),
+                });
+            }
             layers.push(ModelLayer {
-                digest: descriptor.digest().to_string().parse()?,
+                digest,
                 media_type,
                 path: LayerPath::new(path_text)?,
                 metadata,

@@ -601,6 +601,17 @@ pub fn validate_manifest_value(doc: &Value) -> Report {
     match obj.get("config") {
         Some(config) => {
             check_descriptor(config, "$.config", &mut report);
+            if let Some(Ok(d)) = config
+                .get("digest")
+                .and_then(Value::as_str)
+                .map(str::parse::<crate::Digest>)
+                && !d.is_sha256()
+            {
+                report.warning(
+                    "$.config.digest",
+                    format!("{d}: only sha256 digests can be verified by modelpack"),
+                );
+            }
             if let Some(t) = config_media_type
                 && !is_model_config(t)
             {
@@ -680,9 +691,41 @@ pub fn validate_manifest_value(doc: &Value) -> Report {
             layer,
             ANNOTATION_FILE_METADATA,
             LEGACY_ANNOTATION_FILE_METADATA,
-        ) && let Err(e) = FileMetadata::from_annotation(meta)
+        ) {
+            match FileMetadata::from_annotation(meta) {
+                Err(e) => report.error(&ann_path, e.to_string()),
+                Ok(meta) => {
+                    let raw = layer
+                        .get("mediaType")
+                        .and_then(Value::as_str)
+                        .and_then(|mt| mt.parse::<LayerMediaType>().ok())
+                        .is_some_and(|mt| mt.encoding == crate::Encoding::Raw);
+                    let size = layer.get("size").and_then(Value::as_u64);
+                    if raw
+                        && meta.typeflag == crate::annotations::TYPEFLAG_REGULAR
+                        && size.is_some()
+                        && u64::try_from(meta.size).ok() != size
+                    {
+                        report.warning(
+                            &ann_path,
+                            format!(
+                                "file metadata says {} bytes but the raw layer has {}: it will not be extracted",
+                                meta.size,
+                                size.unwrap_or_default()
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(digest) = layer.get("digest").and_then(Value::as_str)
+            && let Ok(d) = digest.parse::<crate::Digest>()
+            && !d.is_sha256()
         {
-            report.error(&ann_path, e.to_string());
+            report.warning(
+                &format!("{path}.digest"),
+                format!("{d}: only sha256 digests can be verified by modelpack"),
+            );
         }
         if let Some((untested, _)) = annotation(
             layer,

@@ -140,6 +140,32 @@ fn our_manifest_cases() {
         assert!(!report.is_valid(), "{} accepted", path.display());
         assert!(ModelManifest::from_slice(&bytes).is_err());
     }
+    // Valid by the spec's grammar, but not usable here: another digest algorithm (nothing could
+    // verify it), a raw layer whose file metadata names another size.
+    for path in json_files(&data.join("unusable")) {
+        let bytes = fs::read(&path).expect("read");
+        let report = validate_manifest(&bytes);
+        assert!(
+            report.is_valid(),
+            "{}: {:?}",
+            path.display(),
+            report.problems
+        );
+        assert!(
+            !report.problems.is_empty(),
+            "{}: no warning",
+            path.display()
+        );
+        let Err(refused) = ModelManifest::from_slice(&bytes) else {
+            panic!("{} parsed", path.display());
+        };
+        let message = &refused.problems[0].message;
+        assert!(
+            message.contains("only sha256") || message.contains("file metadata says"),
+            "{}: {message}",
+            path.display()
+        );
+    }
 }
 
 #[test]

@@ -172,7 +172,10 @@ impl Service {
                 .create(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        std::fs::create_dir_all(&settings.cache_dir)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&settings.cache_dir)
             .with_context(|| format!("cannot create {}", settings.cache_dir.display()))?;
         let store = Store::open(&settings.root.join("store"))
             .with_context(|| format!("cannot open {}", settings.root.join("store").display()))?;
