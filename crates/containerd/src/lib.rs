@@ -554,12 +554,8 @@ async fn pull_under_lease(
             }
             Err(s) => return Err(api("snapshot prepare")(s)),
         }
-        if ctd.stat(snapshotter, &target).await?.is_none() {
-            return Err(Error::Invalid(format!(
-                "containerd did not record snapshot {target} for {}",
-                layer.path
-            )));
-        }
+        // containerd answers ALREADY_EXISTS only after it has recorded the snapshotter's
+        // committed target under this parent, so no second Stat is needed.
     }
 
     // Config holds the chain; manifest holds the config; the image holds the manifest.
