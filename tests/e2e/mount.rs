@@ -306,3 +306,155 @@ fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_
     );
     assert_eq!(util::tree(&mount.dir), util::tree(&dir));
 }
+
+/// A background mount started with `--daemon`, stopped by PID and unmounted when dropped.
+struct Daemon {
+    pid: i32,
+    dir: std::path::PathBuf,
+}
+
+impl Daemon {
+    fn alive(&self) -> bool {
+        fs::read_to_string(format!("/proc/{}/stat", self.pid)).is_ok_and(|s| {
+            s.rsplit(") ")
+                .next()
+                .is_some_and(|rest| !rest.starts_with('Z'))
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.alive() {
+            #[allow(unsafe_code)]
+            // SAFETY: signalling the daemon this test started, by its PID.
+            unsafe {
+                libc::kill(self.pid, libc::SIGTERM);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let _ = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.dir)
+            .output();
+        if self.alive() {
+            #[allow(unsafe_code)]
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+#[test]
+fn daemon_mount_returns_once_serving_and_umount_stops_it() {
+    if !util::can_fuse() {
+        return;
+    }
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = model(&s, 4 << 20);
+    let reference = format!("{}/mnt/daemon:v1", registry.host());
+    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
+    s.ok(&["push", &reference, "--plain-http"]);
+
+    let reader = Scratch::new();
+    let mnt = reader.path("mnt");
+    fs::create_dir_all(&mnt).expect("mkdir");
+    let mnt_arg = mnt.to_str().expect("utf8");
+    let out = reader.ok(&[
+        "-q",
+        "mount",
+        &reference,
+        mnt_arg,
+        "--plain-http",
+        "--daemon",
+    ]);
+    let daemon = Daemon {
+        pid: out.trim().parse().expect("the daemon's pid"),
+        dir: mnt.clone(),
+    };
+    assert!(daemon.alive(), "the daemon is not running");
+    // The command returned only once the folder serves: read it at once.
+    assert_eq!(util::tree(&mnt), util::tree(&dir));
+
+    reader.ok(&["umount", mnt_arg]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon.alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!daemon.alive(), "the daemon outlived its mount");
+    drop(daemon);
+
+    // A mount that cannot start reports the background process's error, and leaves nothing.
+    let missing = format!("{}/mnt/missing:v1", registry.host());
+    let err = reader.fails(&["mount", &missing, mnt_arg, "--plain-http", "--daemon"]);
+    assert!(err.contains("missing"), "{err}");
+    assert!(
+        !fs::read_to_string("/proc/mounts")
+            .expect("mounts")
+            .contains(mnt_arg),
+        "a failed daemon left a mount"
+    );
+}
+
+#[test]
+fn prefetch_fetches_small_files_before_the_weights() {
+    if !util::can_fuse() {
+        return;
+    }
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = model(&s, 12 << 20);
+    let reference = format!("{}/mnt/prefetch:v1", registry.host());
+    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
+    s.ok(&["push", &reference, "--plain-http"]);
+    // 2 MiB/s per connection: the 12 MiB weight takes seconds, the small files milliseconds.
+    let proxy = Proxy::start(registry.port, Some(2 << 20));
+    let slow = format!("{}/mnt/prefetch:v1", proxy.host());
+    let reader = Scratch::new();
+    let mount = Mount::start(&reader, &slow, &reader.path("mnt"), &["--prefetch"]);
+    let local = |status: &serde_json::Value, path: &str| {
+        status["files"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|f| f["path"] == path)
+            .and_then(|f| f["local"].as_f64())
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let status = mount.status();
+        if local(&status, "config.json") >= 100.0
+            && local(&status, "nested/deeper/notes.md") >= 100.0
+        {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "small files not prefetched: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let weight = local(&status, "model.safetensors");
+    assert!(
+        weight < 50.0,
+        "the weight ({weight}% local) was fetched before the small files"
+    );
+    // And everything arrives in the background.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while local(&mount.status(), "model.safetensors") < 100.0 {
+        assert!(
+            Instant::now() < deadline,
+            "prefetch did not finish: {}",
+            mount.status()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -5,8 +5,18 @@
 //! once the arguments are parsed (clap holds its own copies), overwrite the password's bytes with
 //! NULs in place, as curl does. The password is visible only between `exec` and that moment.
 
-use std::ffi::{CStr, c_char, c_int};
+use std::ffi::{CStr, OsString, c_char, c_int};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicIsize, AtomicPtr, Ordering};
+
+/// The arguments as given, kept before they are scrubbed (`mount --daemon` re-runs itself with
+/// them).
+static ORIGINAL: OnceLock<Vec<OsString>> = OnceLock::new();
+
+/// The process's arguments as they were before [`hide_passwords`], program name first.
+pub fn original_args() -> &'static [OsString] {
+    ORIGINAL.get_or_init(|| std::env::args_os().collect())
+}
 
 static ARGC: AtomicIsize = AtomicIsize::new(0);
 static ARGV: AtomicPtr<*mut c_char> = AtomicPtr::new(std::ptr::null_mut());
@@ -44,6 +54,7 @@ fn secret_start(previous: Option<&[u8]>, arg: &[u8]) -> Option<usize> {
 /// Overwrites every password argument in the process's argument memory with NUL bytes.
 #[allow(unsafe_code)]
 pub fn hide_passwords() {
+    original_args();
     let argc = ARGC.load(Ordering::Relaxed);
     let argv = ARGV.load(Ordering::Relaxed);
     if argv.is_null() || argc <= 0 {

@@ -820,16 +820,19 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
     let mount_point = dir.to_owned();
     let _ = tokio::task::spawn_blocking(move || raise_readahead(&mount_point)).await;
     if opts.prefetch {
-        for blob in fs.blobs.iter() {
-            let blob = blob.clone();
-            tokio::spawn(async move {
+        // Smallest first (configs and tokenizers before weights), one run of chunks at a time:
+        // one connection in the background, so on-demand reads keep the rest of the link.
+        let mut order: Vec<Arc<LazyBlob>> = fs.blobs.iter().cloned().collect();
+        order.sort_by_key(|b| b.size);
+        tokio::spawn(async move {
+            for blob in order {
                 let mut i = 0;
                 while i < blob.chunk_count() {
                     blob.prefetch(i, READAHEAD_RUN).await;
                     i += READAHEAD_RUN;
                 }
-            });
-        }
+            }
+        });
     }
     Ok(MountedModel { handle, fs })
 }

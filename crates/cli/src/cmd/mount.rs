@@ -41,6 +41,9 @@ pub struct MountArgs {
     /// Let other users read the mount
     #[arg(long)]
     pub allow_other: bool,
+    /// Serve in the background: return once the folder is mounted (stop it with `umount`)
+    #[arg(long, conflicts_with = "status")]
+    pub daemon: bool,
     #[command(flatten)]
     pub connection: ConnectionArgs,
 }
@@ -67,6 +70,9 @@ pub fn mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<ExitCode> {
     let reference = super::parse_reference(reference)?;
     let store = super::open_store(global)?;
     let client = args.connection.client()?;
+    if args.daemon {
+        return daemonize(global, &reference.familiar(), dir, &store);
+    }
     let opts = MountOptions {
         repository: crate::remote::repository(&client, &reference),
         reference: reference.tag_or_digest(),
@@ -114,6 +120,78 @@ pub fn mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<ExitCode> {
             .await?;
         anyhow::Ok(())
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mount --daemon`: runs this same command without `--daemon` as a background process (its own
+/// process group, output to a log file under the store), waits until the folder serves, and
+/// returns; if the mount fails first, its error becomes ours.
+fn daemonize(
+    global: &GlobalArgs,
+    reference: &str,
+    dir: &std::path::Path,
+    store: &modelpack_store::Store,
+) -> anyhow::Result<ExitCode> {
+    use std::os::unix::process::CommandExt as _;
+    let logs = store.root().join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    let dir = std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
+    let log_path = logs.join(format!(
+        "mount-{}.log",
+        &modelpack_spec::Digest::sha256_of(dir.as_os_str().as_encoded_bytes()).encoded()[..16]
+    ));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
+    let original = crate::hide_args::original_args();
+    let exe = std::env::current_exe().context("cannot find the modelpack executable")?;
+    let mut child = std::process::Command::new(exe)
+        .args(original.iter().skip(1).filter(|a| *a != "--daemon"))
+        .env("MODELPACK_STORE", store.root())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("cannot start the background mount")?;
+    let status_file = dir.join(STATUS_FILE);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let line = text
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("error: "))
+                .map_or_else(
+                    || format!("the background mount exited ({status})"),
+                    str::to_owned,
+                );
+            bail!("{line}");
+        }
+        if status_file.exists() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{reference} was not mounted at {} within 120 s",
+                dir.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if global.quiet {
+        println!("{}", child.id());
+    } else {
+        eprintln!(
+            "Mounted {reference} at {} in the background (pid {}, log {}; `modelpack umount {}` to stop)",
+            dir.display(),
+            child.id(),
+            log_path.display(),
+            dir.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
