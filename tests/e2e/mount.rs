@@ -458,3 +458,76 @@ fn prefetch_fetches_small_files_before_the_weights() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn tar_and_seekable_zstd_layers_are_read_lazily() {
+    if !util::can_fuse() {
+        return;
+    }
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = s.path("model");
+    fs::create_dir_all(&dir).expect("mkdir");
+    let weight = util::pseudo_random(48 << 20, 0x7a57_0001);
+    fs::write(dir.join("model.safetensors"), &weight).expect("write");
+    fs::write(dir.join("config.json"), br#"{"model_type":"lazy-tar"}"#).expect("write");
+    let d = dir.to_str().expect("utf8");
+    for (tag, extra, lazy) in [
+        ("tar", vec!["--layer-format", "tar"], true),
+        (
+            "zstd",
+            vec!["--layer-format", "tar", "--compress", "zstd"],
+            true,
+        ),
+        (
+            "gzip",
+            vec!["--layer-format", "tar", "--compress", "gzip"],
+            false,
+        ),
+    ] {
+        let reference = format!("{}/lazy/{tag}:v1", registry.host());
+        let mut args = vec!["build", d, "-t", reference.as_str()];
+        args.extend(extra);
+        s.ok(&args);
+        s.ok(&["push", &reference, "--plain-http"]);
+        let proxy = Proxy::start(registry.port, None);
+        let via = format!("{}/lazy/{tag}:v1", proxy.host());
+        let reader = Scratch::new();
+        let mount = Mount::start(&reader, &via, &reader.path("mnt"), &[]);
+        let at_mount = proxy.served();
+        if lazy {
+            assert!(
+                at_mount < 8 << 20,
+                "{tag}: mounting fetched {at_mount} bytes of a 48 MiB layer"
+            );
+            // 1 MiB from the middle of the weight: a few chunks, the right bytes.
+            let mut file = fs::File::open(mount.dir.join("model.safetensors")).expect("open");
+            file.seek(SeekFrom::Start(24 << 20)).expect("seek");
+            let mut buf = vec![0u8; 1 << 20];
+            file.read_exact(&mut buf).expect("read");
+            assert!(buf == weight[24 << 20..25 << 20], "{tag}: wrong bytes");
+            let for_read = proxy.served() - at_mount;
+            eprintln!("{tag}: mount fetched {at_mount} bytes, a 1 MiB read {for_read}");
+            assert!(
+                for_read <= 6 << 20,
+                "{tag}: a 1 MiB read fetched {for_read} bytes"
+            );
+        } else {
+            assert!(
+                at_mount >= 40 << 20,
+                "{tag}: gzip layers are fetched whole at mount ({at_mount} bytes)"
+            );
+        }
+        assert_eq!(
+            util::sha256_file(&mount.dir.join("model.safetensors")),
+            util::sha256_hex(&weight),
+            "{tag}"
+        );
+        assert_eq!(
+            fs::read(mount.dir.join("config.json")).expect("config"),
+            br#"{"model_type":"lazy-tar"}"#
+        );
+    }
+}

@@ -234,9 +234,14 @@ pub fn build(
     let config_digest = store.put_bytes(&config_bytes)?;
     let mut index = modelpack_spec::ChunkIndex::new(CHUNK_INDEX_CHUNK_SIZE);
     for layer in layers.iter().filter(|l| !l.chunks.is_empty()) {
-        index
-            .layers
-            .insert(layer.diff_id.clone(), layer.chunks.clone());
+        index.layers.insert(
+            layer
+                .descriptor
+                .digest()
+                .to_string()
+                .parse::<modelpack_spec::Digest>()?,
+            layer.chunks.clone(),
+        );
     }
     let mut annotations = serde_json::Map::new();
     if !index.layers.is_empty() {

@@ -79,7 +79,7 @@ pub struct PackedLayer {
     pub link_fallback: Option<String>,
     /// Where the blob's bytes are when they were left in place instead of stored.
     pub source: Option<std::path::PathBuf>,
-    /// sha256 of each 4 MiB chunk of a raw layer (empty for tar layers).
+    /// sha256 of each chunk of the layer blob (2 MiB, the chunk-digest index's size).
     pub chunks: Vec<Digest>,
 }
 
@@ -117,10 +117,15 @@ fn attrs_of(path: &Path, policy: &AttrPolicy) -> Result<Attrs> {
 }
 
 /// A writer that hashes and counts what passes through it.
+/// Hashes what it writes, whole and per chunk of the chunk-digest index (so tar layers, of
+/// any encoding, can be verified chunk by chunk when read lazily).
 struct HashWriter<W> {
     inner: W,
     hasher: Sha256,
     count: u64,
+    chunk: Sha256,
+    chunk_fill: usize,
+    chunks: Vec<Digest>,
 }
 
 impl<W: Write> HashWriter<W> {
@@ -129,14 +134,23 @@ impl<W: Write> HashWriter<W> {
             inner,
             hasher: Sha256::new(),
             count: 0,
+            chunk: Sha256::new(),
+            chunk_fill: 0,
+            chunks: Vec::new(),
         }
     }
 
-    fn finish(self) -> (W, Digest, u64) {
+    fn finish(mut self) -> (W, Digest, u64, Vec<Digest>) {
+        if self.chunk_fill > 0 {
+            let last = std::mem::take(&mut self.chunk);
+            self.chunks
+                .push(Digest::from_sha256(last.finalize().into()));
+        }
         (
             self.inner,
             Digest::from_sha256(self.hasher.finalize().into()),
             self.count,
+            self.chunks,
         )
     }
 }
@@ -146,6 +160,19 @@ impl<W: Write> Write for HashWriter<W> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.count += n as u64;
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let take = rest.len().min(CHUNK - self.chunk_fill);
+            self.chunk.update(&rest[..take]);
+            self.chunk_fill += take;
+            rest = &rest[take..];
+            if self.chunk_fill == CHUNK {
+                let full = std::mem::take(&mut self.chunk);
+                self.chunks
+                    .push(Digest::from_sha256(full.finalize().into()));
+                self.chunk_fill = 0;
+            }
+        }
         Ok(n)
     }
 
@@ -363,7 +390,7 @@ pub fn pack_file(
     };
     let mut link_fallback = None;
     let mut source = None;
-    let mut chunks = Vec::new();
+    let chunks;
     let (digest, size, diff_id, placement, file_size) = if encoding == Encoding::Raw
         && placement == LayerPlacement::InPlace
     {
@@ -419,7 +446,8 @@ pub fn pack_file(
             }
             Encoding::Raw => unreachable!("raw handled above"),
         };
-        let (_, digest, size) = out.finish();
+        let (_, digest, size, blob_chunks) = out.finish();
+        chunks = blob_chunks;
         let placement = commit(ingest, &digest)?;
         (digest, size, diff_id, placement, file_size)
     };
@@ -508,7 +536,7 @@ fn write_tar<W: Write>(
         }
     }
     let hashed = builder.into_inner().at(&file.abs)?;
-    let (out, diff_id, _) = hashed.finish();
+    let (out, diff_id, _, _) = hashed.finish();
     Ok((out, diff_id, content_size))
 }
 

@@ -54,7 +54,19 @@ pub trait LayerSource: Sync {
     /// Opens the layer's blob from its first byte. The reader yields the blob as stored
     /// (compressed for compressed layers); the extractor verifies its digest.
     fn open_layer(&self, layer: &LayerBlob) -> Result<Box<dyn Read + Send + '_>>;
+
+    /// The layer's uncompressed tar as a seekable reader, when the source can read it at any
+    /// offset (a lazy mount); planning then reads only the headers and seeks over the data.
+    /// The default is `None`: planning streams the layer.
+    fn open_tar_seekable(&self, _layer: &LayerBlob) -> Result<Option<Box<dyn ReadSeek + '_>>> {
+        Ok(None)
+    }
 }
+
+/// A reader that can also seek.
+pub trait ReadSeek: Read + std::io::Seek + Send {}
+
+impl<T: Read + std::io::Seek + Send> ReadSeek for T {}
 
 /// Layers read from the local store.
 #[derive(Debug, Clone, Copy)]

@@ -22,6 +22,8 @@ pub enum EntryPlan {
     TarFile {
         /// Size in bytes.
         size: u64,
+        /// Where its bytes start in the uncompressed tar stream.
+        offset: u64,
     },
     /// A directory.
     Dir,
@@ -250,12 +252,34 @@ fn plan_tar(
             None => format!("reading tar: {e}"),
         },
     };
-    let raw = source.open_layer(layer)?;
-    let mut archive = tar::Archive::new(tar_stream(layer.encoding, raw, cap).map_err(io_err)?);
+    match source.open_tar_seekable(layer)? {
+        Some(seekable) => {
+            let mut archive = tar::Archive::new(seekable);
+            let entries = archive.entries_with_seek().map_err(io_err)?;
+            plan_entries(idx, layer, cap, entries, &io_err)
+        }
+        None => {
+            let raw = source.open_layer(layer)?;
+            let mut archive =
+                tar::Archive::new(tar_stream(layer.encoding, raw, cap).map_err(io_err)?);
+            let entries = archive.entries().map_err(io_err)?;
+            plan_entries(idx, layer, cap, entries, &io_err)
+        }
+    }
+}
+
+/// Plans the entries of one tar layer.
+fn plan_entries<R: Read>(
+    idx: usize,
+    layer: &LayerBlob,
+    cap: u64,
+    entries: tar::Entries<'_, R>,
+    io_err: &dyn Fn(io::Error) -> Error,
+) -> Result<Vec<PlannedEntry>> {
     let mut file_bytes = 0u64;
     let mut out = Vec::new();
     let mut files_in_layer = HashSet::new();
-    for (seq, entry) in archive.entries().map_err(io_err)?.enumerate() {
+    for (seq, entry) in entries.enumerate() {
         let entry = entry.map_err(io_err)?;
         let header = entry.header();
         let raw_path = entry.path_bytes();
@@ -288,7 +312,10 @@ fn plan_tar(
                 return Err(io_err(io::Error::other(OverCap(cap))));
             }
             files_in_layer.insert(path.clone());
-            EntryPlan::TarFile { size: entry.size() }
+            EntryPlan::TarFile {
+                size: entry.size(),
+                offset: entry.raw_file_position(),
+            }
         } else if entry_type.is_dir() {
             EntryPlan::Dir
         } else if entry_type.is_symlink() {

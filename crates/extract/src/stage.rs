@@ -121,7 +121,7 @@ fn check_space(target: &Path, plan: &ExtractPlan) -> Result<()> {
     let mut largest: Option<&PlannedEntry> = None;
     for e in plan.selected() {
         let size = match e.kind {
-            EntryPlan::RawFile { size } | EntryPlan::TarFile { size } => size,
+            EntryPlan::RawFile { size } | EntryPlan::TarFile { size, .. } => size,
             _ => continue,
         };
         // A file already there with the same size is probably skipped as identical.
@@ -151,7 +151,7 @@ fn check_space(target: &Path, plan: &ExtractPlan) -> Result<()> {
 
 fn entry_size(e: &PlannedEntry) -> u64 {
     match e.kind {
-        EntryPlan::RawFile { size } | EntryPlan::TarFile { size } => size,
+        EntryPlan::RawFile { size } | EntryPlan::TarFile { size, .. } => size,
         _ => 0,
     }
 }
@@ -340,7 +340,7 @@ pub fn extract_planned(
                     let mut entry = entry.map_err(|err| layer_io(layer, err))?;
                     let Some(e) = wanted.get(&seq) else { continue };
                     match &e.kind {
-                        EntryPlan::TarFile { size } => {
+                        EntryPlan::TarFile { size, .. } => {
                             let final_path = target.join(e.path.as_str());
                             let staged_path = staging.path().join(counter.to_string());
                             counter += 1;

@@ -20,6 +20,7 @@ use modelpack_transfer::{BlobRef, Event, TransferOptions};
 use serde_json::json;
 
 use crate::blob::LazyBlob;
+use crate::layer::{Frames, LazyFile, TarReader};
 use crate::tree::{Content, Kind, ROOT, Tree};
 use crate::{Counters, MountOptions, STATUS_FILE};
 
@@ -151,11 +152,11 @@ impl ModelFs {
             .nodes
             .iter()
             .filter_map(|n| match &n.kind {
-                Kind::File(Content::Lazy(blob)) => Some(json!({
+                Kind::File(Content::Lazy(file)) => Some(json!({
                     "path": n.path,
                     "size": n.size,
-                    "local": (blob.local_fraction() * 1000.0).round() / 10.0,
-                    "fetched": blob.fetched.load(Ordering::Relaxed),
+                    "local": (file.blob.local_fraction() * 1000.0).round() / 10.0,
+                    "fetched": file.blob.fetched.load(Ordering::Relaxed),
                 })),
                 Kind::File(Content::Local(_)) => {
                     Some(json!({"path": n.path, "size": n.size, "local": 100.0}))
@@ -181,7 +182,8 @@ impl ModelFs {
         v
     }
 
-    fn readahead(&self, ino: u64, blob: &Arc<LazyBlob>, offset: u64, len: u64) {
+    /// Starts fetching ahead of a sequential reader of `file` (at file `offset`).
+    fn readahead(&self, ino: u64, file: &LazyFile, offset: u64, len: u64) {
         let sequential = {
             let Ok(mut last) = self.last_read.lock() else {
                 return;
@@ -192,7 +194,8 @@ impl ModelFs {
         if !sequential {
             return;
         }
-        let next = (offset + len) / blob.chunk_size();
+        let blob = &file.blob;
+        let next = file.blob_offset(offset + len) / blob.chunk_size();
         let mut run = next;
         while run < (next + READAHEAD_CHUNKS).min(blob.chunk_count()) {
             let blob = blob.clone();
@@ -321,9 +324,9 @@ impl Filesystem for ModelFs {
                     Bytes::from(buf)
                 }
             }
-            Content::Lazy(blob) => {
-                self.readahead(inode, blob, offset, u64::from(size));
-                blob.read(offset, u64::from(size)).await.map_err(|e| {
+            Content::Lazy(file) => {
+                self.readahead(inode, file, offset, u64::from(size));
+                file.read(offset, u64::from(size), node.size).await.map_err(|e| {
                     tracing::warn!(path = %node.path, offset, size, error = %e.0, "read failed");
                     errno(libc::EIO)
                 })?
@@ -635,44 +638,47 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
         });
     let mut tree = Tree::new(uid, gid, now);
     let mut blobs: HashMap<Digest, Arc<LazyBlob>> = HashMap::new();
+    let chunks_of = |layer: &modelpack_spec::ModelLayer| {
+        index.as_ref().and_then(|i| {
+            i.layers
+                .get(&layer.digest)
+                .filter(|c| i.covers(c, layer.size()))
+                .cloned()
+        })
+    };
+    let new_blob = |layer: &modelpack_spec::ModelLayer| {
+        let chunk_size = index
+            .as_ref()
+            .map_or(modelpack_spec::annotations::CHUNK_INDEX_CHUNK_SIZE, |i| {
+                i.chunk_size
+            });
+        Arc::new(LazyBlob::new(
+            layer.digest.clone(),
+            layer.size(),
+            repo.clone(),
+            opts.store.clone(),
+            &opts.cache_dir,
+            chunk_size,
+            chunks_of(layer),
+            opts.verify,
+            !index_is_pinned,
+            counters.clone(),
+            transfer.clone(),
+        ))
+    };
     for layer in manifest.layers() {
         if layer.media_type.encoding != Encoding::Raw || !wanted(&layer.digest) {
             continue;
         }
         let blob = blobs
             .entry(layer.digest.clone())
-            .or_insert_with(|| {
-                let chunks = index.as_ref().and_then(|i| {
-                    i.layers
-                        .get(&layer.digest)
-                        .filter(|c| i.covers(c, layer.size()))
-                        .cloned()
-                });
-                let chunk_size = index
-                    .as_ref()
-                    .map_or(modelpack_spec::annotations::CHUNK_INDEX_CHUNK_SIZE, |i| {
-                        i.chunk_size
-                    });
-                Arc::new(LazyBlob::new(
-                    layer.digest.clone(),
-                    layer.size(),
-                    repo.clone(),
-                    opts.store.clone(),
-                    &opts.cache_dir,
-                    chunk_size,
-                    chunks,
-                    opts.verify,
-                    !index_is_pinned,
-                    counters.clone(),
-                    transfer.clone(),
-                ))
-            })
+            .or_insert_with(|| new_blob(layer))
             .clone();
         let meta = layer.metadata.as_ref();
         let mode = meta.map_or(0o644, |m| (m.mode & 0o777) as u16);
         if !tree.add(
             layer.path.as_str(),
-            Kind::File(Content::Lazy(blob)),
+            Kind::File(Content::Lazy(LazyFile::raw(blob))),
             layer.size(),
             mode,
             meta.map(|m| m.uid),
@@ -686,28 +692,68 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
         }
     }
 
-    // Tar layers: fetched, verified and unpacked into the cache, then served from there.
-    if manifest
+    // Tar layers. Plain tar and seekable tar+zstd layers whose chunks the index covers (or any,
+    // with --verify none) are read lazily: their headers are read through verified chunks and
+    // their files served as ranges. Other tar layers are fetched, verified and unpacked into the
+    // cache, then served from there.
+    let tar_layers: Vec<&modelpack_spec::ModelLayer> = manifest
         .layers()
         .iter()
-        .any(|l| l.media_type.encoding != Encoding::Raw && wanted(&l.digest))
-    {
-        for layer in manifest
-            .layers()
-            .iter()
-            .filter(|l| l.media_type.encoding != Encoding::Raw && wanted(&l.digest))
-        {
-            let blob = BlobRef {
-                digest: layer.digest.clone(),
-                size: layer.size(),
-                media_type: String::new(),
-            };
-            modelpack_transfer::fetch_blob(repo, &opts.store, &blob, &transfer).await?;
+        .filter(|l| l.media_type.encoding != Encoding::Raw && wanted(&l.digest))
+        .collect();
+    let mut lazy_layers: HashMap<Digest, (Arc<LazyBlob>, Option<Arc<Frames>>)> = HashMap::new();
+    for layer in &tar_layers {
+        let can_verify = chunks_of(layer).is_some() || opts.verify == crate::Verify::None;
+        if !can_verify || lazy_layers.contains_key(&layer.digest) {
+            continue;
         }
-        let source = modelpack_extract::StoreSource(&opts.store);
-        let mut plan = modelpack_extract::plan_layers(&manifest, &source, &[], &wanted)?;
-        for entry in &mut plan.entries {
-            if matches!(entry.kind, modelpack_extract::EntryPlan::RawFile { .. }) {
+        let blob = new_blob(layer);
+        let frames = match layer.media_type.encoding {
+            Encoding::Tar => None,
+            Encoding::TarZstd => match Frames::load(&blob).await {
+                Ok(Some(frames)) => Some(Arc::new(frames)),
+                Ok(None) => continue,
+                Err(e) => return Err(MountError::Invalid(e.0)),
+            },
+            _ => continue,
+        };
+        lazy_layers.insert(layer.digest.clone(), (blob, frames));
+    }
+    for layer in tar_layers
+        .iter()
+        .filter(|l| !lazy_layers.contains_key(&l.digest))
+    {
+        let blob = BlobRef {
+            digest: layer.digest.clone(),
+            size: layer.size(),
+            media_type: String::new(),
+        };
+        modelpack_transfer::fetch_blob(repo, &opts.store, &blob, &transfer).await?;
+    }
+    if !tar_layers.is_empty() {
+        let source = MountSource {
+            store: opts.store.clone(),
+            lazy: lazy_layers.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let plan_manifest = manifest.clone();
+        let tar_wanted: Vec<Digest> = tar_layers.iter().map(|l| l.digest.clone()).collect();
+        let plan = tokio::task::spawn_blocking(move || {
+            modelpack_extract::plan_layers(&plan_manifest, &source, &[], &|d| {
+                tar_wanted.contains(d)
+            })
+        })
+        .await
+        .map_err(|e| MountError::Invalid(format!("planning the tar layers: {e}")))??;
+        let lazy_of = |entry: &modelpack_extract::PlannedEntry| {
+            lazy_layers.get(&plan.layers[entry.layer].digest).cloned()
+        };
+        // Unpack only what is not read lazily.
+        let mut unpack = plan.clone();
+        for entry in &mut unpack.entries {
+            if matches!(entry.kind, modelpack_extract::EntryPlan::RawFile { .. })
+                || lazy_of(entry).is_some()
+            {
                 entry.selected = false;
             }
         }
@@ -726,39 +772,55 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
                 ))
             }
         };
-        modelpack_extract::extract_planned(&source, &plan, &trees, None)?;
-        for entry in plan.selected() {
+        if unpack.selected().next().is_some() {
+            let source = modelpack_extract::StoreSource(&opts.store);
+            modelpack_extract::extract_planned(&source, &unpack, &trees, None)?;
+        }
+        // Where each file of a lazy layer starts, for its hard links.
+        let mut starts: HashMap<(usize, &str), (u64, u64)> = HashMap::new();
+        for entry in plan.entries.iter() {
+            if let modelpack_extract::EntryPlan::TarFile { size, offset } = entry.kind {
+                starts.insert((entry.layer, entry.path.as_str()), (offset, size));
+            }
+        }
+        for entry in plan.entries.iter().filter(|e| e.selected) {
             let path = entry.path.as_str();
             let mtime = entry
                 .mtime
                 .map(|t| Timestamp::new(t.unix_seconds(), t.nanoseconds()));
             let mode = entry.mode as u16;
+            let lazy = lazy_of(entry);
+            let file = |start: u64, size: u64, local: &str| match &lazy {
+                Some((blob, frames)) => (
+                    Content::Lazy(LazyFile {
+                        blob: blob.clone(),
+                        start,
+                        frames: frames.clone(),
+                    }),
+                    size,
+                ),
+                None => (Content::Local(trees.join(local)), size),
+            };
             let ok = match &entry.kind {
                 modelpack_extract::EntryPlan::Dir => {
                     tree.set_dir_attrs(path, mode, mtime);
                     true
                 }
-                modelpack_extract::EntryPlan::TarFile { size } => tree.add(
-                    path,
-                    Kind::File(Content::Local(trees.join(path))),
-                    *size,
-                    mode,
-                    None,
-                    None,
-                    mtime,
-                ),
+                modelpack_extract::EntryPlan::TarFile { size, offset } => {
+                    let (content, size) = file(*offset, *size, path);
+                    tree.add(path, Kind::File(content), size, mode, None, None, mtime)
+                }
                 modelpack_extract::EntryPlan::HardLink { target } => {
-                    let size =
-                        std::fs::metadata(trees.join(target.as_str())).map_or(0, |m| m.len());
-                    tree.add(
-                        path,
-                        Kind::File(Content::Local(trees.join(target.as_str()))),
-                        size,
-                        mode,
-                        None,
-                        None,
-                        mtime,
-                    )
+                    let (content, size) = match (&lazy, starts.get(&(entry.layer, target.as_str())))
+                    {
+                        (Some(_), Some(&(offset, size))) => file(offset, size, target.as_str()),
+                        _ => {
+                            let size = std::fs::metadata(trees.join(target.as_str()))
+                                .map_or(0, |m| m.len());
+                            (Content::Local(trees.join(target.as_str())), size)
+                        }
+                    };
+                    tree.add(path, Kind::File(content), size, mode, None, None, mtime)
                 }
                 modelpack_extract::EntryPlan::Symlink { target } => tree.add(
                     path,
@@ -776,6 +838,9 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
                     "path {path} clashes with another entry"
                 )));
             }
+        }
+        for (blob, _) in lazy_layers.into_values() {
+            blobs.entry(blob.digest.clone()).or_insert(blob);
         }
     }
     if opts.status_file {
@@ -835,4 +900,34 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
         });
     }
     Ok(MountedModel { handle, fs })
+}
+
+/// Where the tar planner reads layers from during a mount: lazily read layers through their
+/// [`LazyBlob`] (headers only, the data sought over), the others from the store.
+struct MountSource {
+    store: modelpack_store::Store,
+    lazy: HashMap<Digest, (Arc<LazyBlob>, Option<Arc<Frames>>)>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl modelpack_extract::LayerSource for MountSource {
+    fn open_layer(
+        &self,
+        layer: &modelpack_extract::LayerBlob,
+    ) -> modelpack_extract::Result<Box<dyn std::io::Read + Send + '_>> {
+        Ok(Box::new(self.store.open_blob(&layer.digest)?))
+    }
+
+    fn open_tar_seekable(
+        &self,
+        layer: &modelpack_extract::LayerBlob,
+    ) -> modelpack_extract::Result<Option<Box<dyn modelpack_extract::ReadSeek + '_>>> {
+        Ok(self.lazy.get(&layer.digest).map(|(blob, frames)| {
+            Box::new(TarReader::new(
+                blob.clone(),
+                frames.clone(),
+                self.runtime.clone(),
+            )) as Box<dyn modelpack_extract::ReadSeek>
+        }))
+    }
 }

@@ -15,7 +15,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::fs::MountError;
 
-/// Streams every raw layer once, hashing it whole and per chunk; refuses a layer whose bytes do
+/// Streams every raw, tar and tar+zstd layer once, hashing it whole and per chunk; refuses a layer whose bytes do
 /// not match its digest; pushes the index and a referrer manifest whose subject is the model.
 /// Returns the referrer manifest's digest.
 pub async fn create_index(repo: &Repository, reference: &str) -> Result<Digest, MountError> {
@@ -28,7 +28,8 @@ pub async fn create_index(repo: &Repository, reference: &str) -> Result<Digest, 
     })?;
     let mut index = ChunkIndex::new(CHUNK_INDEX_CHUNK_SIZE);
     for layer in manifest.layers() {
-        if layer.media_type.encoding != Encoding::Raw
+        // Raw, tar and (seekable) tar+zstd layers can be read lazily; gzip cannot.
+        if layer.media_type.encoding == Encoding::TarGzip
             || layer.size() == 0
             || index.layers.contains_key(&layer.digest)
         {

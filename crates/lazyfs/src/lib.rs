@@ -1,8 +1,10 @@
 //! A read-only FUSE file system presenting a ModelPack artifact as its file tree, served from the
 //! registry on demand.
 //!
-//! - [`mount`] builds the tree from the manifest (raw layers fetch zero blob bytes; tar layers
-//!   are fetched, verified and unpacked into the cache) and serves it until unmounted;
+//! - [`mount`] builds the tree from the manifest (raw layers fetch zero blob bytes; plain tar and
+//!   seekable tar+zstd layers read only their headers and seek table, through verified chunks;
+//!   tar+gzip layers are fetched, verified and unpacked into the cache) and serves it until
+//!   unmounted;
 //! - reads map to aligned chunks (2 MiB in our index), fetched by Range, verified against the chunk-digest index
 //!   our builds pin in the manifest, cached on disk and shared by concurrent readers; sequential
 //!   readers trigger readahead; a blob already in the store is served from it;
@@ -22,6 +24,7 @@
 mod blob;
 mod fs;
 mod index;
+mod layer;
 mod tree;
 
 use std::path::PathBuf;

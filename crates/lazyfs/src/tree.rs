@@ -4,16 +4,15 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use fuse3::{FileType, Timestamp};
 
-use crate::blob::LazyBlob;
+use crate::layer::LazyFile;
 
 /// Where a file's bytes are.
 pub(crate) enum Content {
-    /// A raw layer, read lazily.
-    Lazy(Arc<LazyBlob>),
+    /// A raw layer, or a file inside a tar layer, read lazily.
+    Lazy(LazyFile),
     /// A file unpacked from a tar layer into the cache.
     Local(PathBuf),
     /// The status file.

@@ -1,5 +1,6 @@
-//! The chunk-digest index: the sha256 of each fixed-size chunk of each raw layer, so a lazy
-//! reader can verify every chunk it serves without fetching the whole layer. Our builds write
+//! The chunk-digest index: the sha256 of each fixed-size chunk of each layer blob (raw, tar and
+//! tar+zstd layers, keyed by the blob's digest), so a lazy reader can verify every chunk it
+//! serves without fetching the whole layer. Our builds write
 //! it and pin it in the manifest (`dev.modelpack.chunk-index.digest` and `.size`);
 //! `modelpack index` makes one for other artifacts.
 
