@@ -410,6 +410,18 @@ impl LazyBlob {
         false
     }
 
+    /// The local file holding the whole blob, when every byte of it is here and verified: the
+    /// store's copy, or the chunk cache once every chunk is (with a chunk index; a referrer
+    /// index's blob was also checked whole as its last chunk arrived).
+    pub(crate) fn complete_file(&self) -> Option<PathBuf> {
+        if self.store.has_blob(&self.digest) {
+            return Some(self.store.blob_path(&self.digest));
+        }
+        let complete =
+            self.chunks.is_some() && self.present.lock().is_ok_and(|p| p.iter().all(|&b| b));
+        complete.then(|| self.cache_path.clone())
+    }
+
     /// Number of chunks.
     pub(crate) fn chunk_count(&self) -> u64 {
         self.size.div_ceil(self.chunk_size)

@@ -2,18 +2,18 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::num::NonZeroU32;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use fuse3::raw::MountHandle;
-use fuse3::raw::prelude::*;
-use fuse3::{Errno, FileType, Inode, Result as FuseResult, SetAttr, Timestamp};
-use futures_util::stream::{self, Stream};
+use fuser::{
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
 use modelpack_spec::annotations::{ANNOTATION_CHUNK_INDEX_DIGEST, ANNOTATION_CHUNK_INDEX_SIZE};
 use modelpack_spec::{ChunkIndex, Digest, Encoding, ModelManifest};
 use modelpack_transfer::{BlobRef, Event, TransferOptions};
@@ -21,24 +21,30 @@ use serde_json::json;
 
 use crate::blob::LazyBlob;
 use crate::layer::{Frames, LazyFile, TarReader};
-use crate::tree::{Content, Kind, ROOT, Tree};
+use crate::tree::{Content, Kind, ROOT, Timestamp, Tree, time};
 use crate::{Counters, MountOptions, STATUS_FILE};
 
 const TTL: Duration = Duration::from_secs(3600);
-/// `FOPEN_DIRECT_IO` from the FUSE ABI.
-const FOPEN_DIRECT_IO: u32 = 1 << 0;
-/// `FOPEN_KEEP_CACHE` from the FUSE ABI: the content is immutable, keep the page cache.
-const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 /// Chunks fetched ahead of a sequential reader, as runs of [`READAHEAD_RUN`] chunks (one ranged
 /// GET each, in parallel).
 const READAHEAD_CHUNKS: u64 = 32;
 const READAHEAD_RUN: u64 = 16;
+/// File handles: how a file was opened (see [`OpenState`]).
+const FH_CACHED: u64 = 1;
+const FH_PASSTHROUGH: u64 = 2;
 
 /// A mounted model: wait for it, unmount it, read its status.
-#[derive(Debug)]
 pub struct MountedModel {
-    handle: MountHandle,
+    session: Option<fuser::BackgroundSession>,
     fs: ModelFs,
+}
+
+impl std::fmt::Debug for MountedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountedModel")
+            .field("fs", &self.fs)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MountedModel {
@@ -64,8 +70,13 @@ impl MountedModel {
     }
 
     /// Unmounts and waits until the kernel let go.
-    pub async fn unmount(self) -> std::io::Result<()> {
-        self.handle.unmount().await
+    pub async fn unmount(mut self) -> std::io::Result<()> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || session.umount_and_join())
+            .await
+            .map_err(std::io::Error::other)?
     }
 
     /// Serves until `shutdown` completes (then unmounts) or something else unmounts it.
@@ -73,11 +84,32 @@ impl MountedModel {
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
-        tokio::select! {
-            done = &mut self.handle => done,
-            () = shutdown => self.handle.unmount().await,
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return self.unmount().await,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    let ended = self.session.as_ref().is_none_or(|s| s.guard.is_finished());
+                    if ended {
+                        // Unmounted from outside (`umount`, `fusermount3 -u`).
+                        if let Some(session) = self.session.take() {
+                            let _ = tokio::task::spawn_blocking(move || session.join()).await;
+                        }
+                        return Ok(());
+                    }
+                }
+            }
         }
     }
+}
+
+/// How an inode is open right now. The kernel refuses to mix page-cache opens and passthrough
+/// opens of one inode, so passthrough is used only when no page-cache open is outstanding, and
+/// while a passthrough open is, later opens share its backing file.
+#[derive(Default)]
+struct OpenState {
+    cached: u32,
+    passthrough: Option<(Arc<BackingId>, u32)>,
 }
 
 /// The FUSE file system.
@@ -91,6 +123,11 @@ struct ModelFs {
     /// The status as read by the reader in progress: taken at offset 0, so one read of the
     /// file sees one consistent document.
     status_snapshot: Arc<Mutex<Vec<u8>>>,
+    /// Where async reads run.
+    runtime: tokio::runtime::Handle,
+    /// Kernel passthrough for complete files: wanted (root only), then as negotiated.
+    passthrough: Arc<AtomicBool>,
+    opens: Arc<Mutex<HashMap<u64, OpenState>>>,
 }
 
 impl std::fmt::Debug for ModelFs {
@@ -101,35 +138,21 @@ impl std::fmt::Debug for ModelFs {
     }
 }
 
-fn errno(e: i32) -> Errno {
-    Errno::from(e)
-}
-
-fn timestamp(t: chrono_like::Secs) -> Timestamp {
-    Timestamp::new(t.0, t.1)
-}
-
-/// Seconds and nanoseconds, kept apart from any date crate.
-mod chrono_like {
-    /// (seconds, nanoseconds) since the epoch.
-    #[derive(Debug, Clone, Copy)]
-    pub struct Secs(pub i64, pub u32);
-}
-
 impl ModelFs {
-    fn attr(&self, ino: u64) -> FuseResult<FileAttr> {
-        let node = self.tree.get(ino).ok_or_else(|| errno(libc::ENOENT))?;
+    fn attr(&self, ino: u64) -> Result<FileAttr, Errno> {
+        let node = self.tree.get(ino).ok_or(Errno::ENOENT)?;
         let size = match &node.kind {
             Kind::File(Content::Status) => self.status_bytes().len() as u64,
             _ => node.size,
         };
         Ok(FileAttr {
-            ino,
+            ino: INodeNo(ino),
             size,
             blocks: size.div_ceil(512),
             atime: node.mtime,
             mtime: node.mtime,
             ctime: node.mtime,
+            crtime: node.mtime,
             kind: node.file_type(),
             perm: node.mode,
             nlink: if matches!(node.kind, Kind::Dir(_)) {
@@ -141,6 +164,7 @@ impl ModelFs {
             gid: node.gid,
             rdev: 0,
             blksize: 4096,
+            flags: 0,
         })
     }
 
@@ -172,6 +196,7 @@ impl ModelFs {
             "fetches": fetches,
             "meanFetchMillis": if fetches == 0 { 0.0 } else { c.fetch_micros.load(Ordering::Relaxed) as f64 / fetches as f64 / 1000.0 },
             "verifyFailures": c.verify_failures.load(Ordering::Relaxed),
+            "passthrough": self.passthrough.load(Ordering::Relaxed),
             "files": files,
         })
     }
@@ -199,290 +224,59 @@ impl ModelFs {
         let mut run = next;
         while run < (next + READAHEAD_CHUNKS).min(blob.chunk_count()) {
             let blob = blob.clone();
-            tokio::spawn(async move { blob.prefetch(run, READAHEAD_RUN).await });
+            self.runtime
+                .spawn(async move { blob.prefetch(run, READAHEAD_RUN).await });
             run += READAHEAD_RUN;
         }
     }
-}
 
-impl Filesystem for ModelFs {
-    async fn init(&self, _req: Request) -> FuseResult<ReplyInit> {
-        Ok(ReplyInit {
-            max_write: NonZeroU32::new(128 * 1024).unwrap_or(NonZeroU32::MIN),
-        })
+    /// The local file holding exactly `node`'s bytes, when they are all here and verified: a
+    /// file unpacked from a tar layer, or a complete raw layer (in the store or the cache).
+    fn complete_file(&self, content: &Content, size: u64) -> Option<PathBuf> {
+        match content {
+            Content::Local(path) => Some(path.clone()),
+            Content::Lazy(file)
+                if file.frames.is_none() && file.start == 0 && file.blob.size == size =>
+            {
+                file.blob.complete_file()
+            }
+            _ => None,
+        }
     }
 
-    async fn destroy(&self, _req: Request) {}
+    /// Opens `ino` in kernel passthrough to `path` if no page-cache open of it is outstanding;
+    /// `false` when it must be opened through the page cache instead.
+    fn open_passthrough(&self, ino: u64, path: &Path, reply: &ReplyOpen) -> Option<Arc<BackingId>> {
+        let mut opens = self.opens.lock().ok()?;
+        let state = opens.entry(ino).or_default();
+        if let Some((id, count)) = &mut state.passthrough {
+            *count += 1;
+            return Some(id.clone());
+        }
+        if state.cached > 0 {
+            return None;
+        }
+        let file = std::fs::File::open(path).ok()?;
+        match reply.open_backing(&file) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                state.passthrough = Some((id.clone(), 1));
+                Some(id)
+            }
+            Err(e) => {
+                // Not permitted or not possible here (a backing file on a stacked file system):
+                // page-cache reads from now on.
+                tracing::debug!(error = %e, "kernel passthrough unavailable; reads go through the page cache");
+                self.passthrough.store(false, Ordering::Relaxed);
+                None
+            }
+        }
+    }
 
-    async fn lookup(&self, _req: Request, parent: Inode, name: &OsStr) -> FuseResult<ReplyEntry> {
-        let node = self.tree.get(parent).ok_or_else(|| errno(libc::ENOENT))?;
+    fn dir_entries(&self, ino: u64) -> Result<Vec<(OsString, u64, FileType)>, Errno> {
+        let node = self.tree.get(ino).ok_or(Errno::ENOENT)?;
         let Kind::Dir(children) = &node.kind else {
-            return Err(errno(libc::ENOTDIR));
-        };
-        let ino = *children.get(name).ok_or_else(|| errno(libc::ENOENT))?;
-        Ok(ReplyEntry {
-            ttl: TTL,
-            attr: self.attr(ino)?,
-            generation: 0,
-        })
-    }
-
-    async fn getattr(
-        &self,
-        _req: Request,
-        inode: Inode,
-        _fh: Option<u64>,
-        _flags: u32,
-    ) -> FuseResult<ReplyAttr> {
-        Ok(ReplyAttr {
-            ttl: TTL,
-            attr: self.attr(inode)?,
-        })
-    }
-
-    async fn setattr(
-        &self,
-        _req: Request,
-        _inode: Inode,
-        _fh: Option<u64>,
-        _set: SetAttr,
-    ) -> FuseResult<ReplyAttr> {
-        Err(errno(libc::EROFS))
-    }
-
-    async fn readlink(&self, _req: Request, inode: Inode) -> FuseResult<ReplyData> {
-        match &self
-            .tree
-            .get(inode)
-            .ok_or_else(|| errno(libc::ENOENT))?
-            .kind
-        {
-            Kind::Symlink(target) => Ok(ReplyData {
-                data: Bytes::from(target.clone().into_bytes()),
-            }),
-            _ => Err(errno(libc::EINVAL)),
-        }
-    }
-
-    async fn open(&self, _req: Request, inode: Inode, flags: u32) -> FuseResult<ReplyOpen> {
-        if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
-            return Err(errno(libc::EROFS));
-        }
-        match &self
-            .tree
-            .get(inode)
-            .ok_or_else(|| errno(libc::ENOENT))?
-            .kind
-        {
-            Kind::File(Content::Status) => Ok(ReplyOpen {
-                fh: 0,
-                flags: FOPEN_DIRECT_IO,
-            }),
-            Kind::File(_) => Ok(ReplyOpen {
-                fh: 0,
-                flags: FOPEN_KEEP_CACHE,
-            }),
-            Kind::Dir(_) => Err(errno(libc::EISDIR)),
-            Kind::Symlink(_) => Err(errno(libc::ELOOP)),
-        }
-    }
-
-    async fn read(
-        &self,
-        _req: Request,
-        inode: Inode,
-        _fh: u64,
-        offset: u64,
-        size: u32,
-    ) -> FuseResult<ReplyData> {
-        let node = self.tree.get(inode).ok_or_else(|| errno(libc::ENOENT))?;
-        let Kind::File(content) = &node.kind else {
-            return Err(errno(libc::EISDIR));
-        };
-        let data = match content {
-            Content::Status => {
-                let Ok(mut snapshot) = self.status_snapshot.lock() else {
-                    return Err(errno(libc::EIO));
-                };
-                if offset == 0 || snapshot.is_empty() {
-                    *snapshot = self.status_bytes();
-                }
-                let bytes = &*snapshot;
-                let start = (offset as usize).min(bytes.len());
-                let end = (start + size as usize).min(bytes.len());
-                Bytes::copy_from_slice(&bytes[start..end])
-            }
-            Content::Local(path) => {
-                let end = (offset + u64::from(size)).min(node.size);
-                if offset >= end {
-                    Bytes::new()
-                } else {
-                    let file = std::fs::File::open(path).map_err(|_| errno(libc::EIO))?;
-                    let mut buf = vec![0u8; (end - offset) as usize];
-                    file.read_exact_at(&mut buf, offset)
-                        .map_err(|_| errno(libc::EIO))?;
-                    Bytes::from(buf)
-                }
-            }
-            Content::Lazy(file) => {
-                self.readahead(inode, file, offset, u64::from(size));
-                file.read(offset, u64::from(size), node.size).await.map_err(|e| {
-                    tracing::warn!(path = %node.path, offset, size, error = %e.0, "read failed");
-                    errno(libc::EIO)
-                })?
-            }
-        };
-        self.counters
-            .served_bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        Ok(ReplyData { data })
-    }
-
-    async fn write(
-        &self,
-        _req: Request,
-        _inode: Inode,
-        _fh: u64,
-        _offset: u64,
-        _data: &[u8],
-        _wf: u32,
-        _flags: u32,
-    ) -> FuseResult<ReplyWrite> {
-        Err(errno(libc::EROFS))
-    }
-
-    async fn mkdir(
-        &self,
-        _req: Request,
-        _parent: Inode,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-    ) -> FuseResult<ReplyEntry> {
-        Err(errno(libc::EROFS))
-    }
-
-    async fn unlink(&self, _req: Request, _parent: Inode, _name: &OsStr) -> FuseResult<()> {
-        Err(errno(libc::EROFS))
-    }
-
-    async fn rmdir(&self, _req: Request, _parent: Inode, _name: &OsStr) -> FuseResult<()> {
-        Err(errno(libc::EROFS))
-    }
-
-    async fn create(
-        &self,
-        _req: Request,
-        _parent: Inode,
-        _name: &OsStr,
-        _mode: u32,
-        _flags: u32,
-    ) -> FuseResult<ReplyCreated> {
-        Err(errno(libc::EROFS))
-    }
-
-    async fn rename(
-        &self,
-        _req: Request,
-        _p: Inode,
-        _n: &OsStr,
-        _np: Inode,
-        _nn: &OsStr,
-    ) -> FuseResult<()> {
-        Err(errno(libc::EROFS))
-    }
-
-    async fn statfs(&self, _req: Request, _inode: Inode) -> FuseResult<ReplyStatFs> {
-        let total: u64 = self.tree.nodes.iter().map(|n| n.size).sum();
-        Ok(ReplyStatFs {
-            blocks: total.div_ceil(4096),
-            bfree: 0,
-            bavail: 0,
-            files: self.tree.nodes.len() as u64,
-            ffree: 0,
-            bsize: 4096,
-            namelen: 255,
-            frsize: 4096,
-        })
-    }
-
-    async fn opendir(&self, _req: Request, inode: Inode, _flags: u32) -> FuseResult<ReplyOpen> {
-        match self.tree.get(inode).map(|n| &n.kind) {
-            Some(Kind::Dir(_)) => Ok(ReplyOpen { fh: 0, flags: 0 }),
-            Some(_) => Err(errno(libc::ENOTDIR)),
-            None => Err(errno(libc::ENOENT)),
-        }
-    }
-
-    async fn access(&self, _req: Request, _inode: Inode, mask: u32) -> FuseResult<()> {
-        if mask as i32 & libc::W_OK != 0 {
-            return Err(errno(libc::EROFS));
-        }
-        Ok(())
-    }
-
-    async fn readdir<'a>(
-        &'a self,
-        _req: Request,
-        parent: Inode,
-        _fh: u64,
-        offset: i64,
-    ) -> FuseResult<ReplyDirectory<impl Stream<Item = FuseResult<DirectoryEntry>> + Send + 'a>>
-    {
-        let entries = self.dir_entries(parent)?;
-        let items: Vec<FuseResult<DirectoryEntry>> = entries
-            .into_iter()
-            .enumerate()
-            .skip(offset.max(0) as usize)
-            .map(|(i, (name, ino, kind))| {
-                Ok(DirectoryEntry {
-                    inode: ino,
-                    kind,
-                    name,
-                    offset: i as i64 + 1,
-                })
-            })
-            .collect();
-        Ok(ReplyDirectory {
-            entries: stream::iter(items),
-        })
-    }
-
-    async fn readdirplus<'a>(
-        &'a self,
-        _req: Request,
-        parent: Inode,
-        _fh: u64,
-        offset: u64,
-        _lock_owner: u64,
-    ) -> FuseResult<
-        ReplyDirectoryPlus<impl Stream<Item = FuseResult<DirectoryEntryPlus>> + Send + 'a>,
-    > {
-        let entries = self.dir_entries(parent)?;
-        let mut items = Vec::new();
-        for (i, (name, ino, kind)) in entries.into_iter().enumerate().skip(offset as usize) {
-            items.push(Ok(DirectoryEntryPlus {
-                inode: ino,
-                generation: 0,
-                kind,
-                name,
-                offset: i as i64 + 1,
-                attr: self.attr(ino)?,
-                entry_ttl: TTL,
-                attr_ttl: TTL,
-            }));
-        }
-        Ok(ReplyDirectoryPlus {
-            entries: stream::iter(items),
-        })
-    }
-}
-
-impl ModelFs {
-    fn dir_entries(&self, ino: u64) -> FuseResult<Vec<(OsString, u64, FileType)>> {
-        let node = self.tree.get(ino).ok_or_else(|| errno(libc::ENOENT))?;
-        let Kind::Dir(children) = &node.kind else {
-            return Err(errno(libc::ENOTDIR));
+            return Err(Errno::ENOTDIR);
         };
         let mut out = vec![
             (OsString::from("."), ino, FileType::Directory),
@@ -499,6 +293,435 @@ impl ModelFs {
             out.push((name.clone(), child, kind));
         }
         Ok(out)
+    }
+}
+
+/// Reads `len` bytes at `offset` of a local file (an entry unpacked from a tar layer).
+fn read_local(path: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    let file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
+}
+
+impl Filesystem for ModelFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // readdirplus always: `ls -l` costs one round trip per folder.
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
+        let _ = config
+            .set_max_readahead(4 << 20)
+            .or_else(|max| config.set_max_readahead(max));
+        if self.passthrough.load(Ordering::Relaxed) {
+            let offered = config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH);
+            let on = offered
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            self.passthrough.store(on, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(node) = self.tree.get(parent.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Kind::Dir(children) = &node.kind else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        let Some(&ino) = children.get(name) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.attr(ino) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino.0) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.tree.get(ino.0).map(|n| &n.kind) {
+            Some(Kind::Symlink(target)) => reply.data(target.as_bytes()),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        let Some(node) = self.tree.get(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match &node.kind {
+            Kind::File(Content::Status) => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+            }
+            Kind::File(content) => {
+                // A complete, verified file goes straight to its local copy (kernel
+                // passthrough, as fast as a local file); anything else through FUSE reads, with
+                // the page cache kept (the content never changes).
+                if self.passthrough.load(Ordering::Relaxed)
+                    && let Some(path) = self.complete_file(content, node.size)
+                    && let Some(id) = self.open_passthrough(ino.0, &path, &reply)
+                {
+                    return reply.opened_passthrough(
+                        FileHandle(FH_PASSTHROUGH),
+                        FopenFlags::empty(),
+                        &id,
+                    );
+                }
+                if let Ok(mut opens) = self.opens.lock() {
+                    opens.entry(ino.0).or_default().cached += 1;
+                }
+                reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+            Kind::Dir(_) => reply.error(Errno::EISDIR),
+            Kind::Symlink(_) => reply.error(Errno::from_i32(libc::ELOOP)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Ok(mut opens) = self.opens.lock()
+            && let Some(state) = opens.get_mut(&ino.0)
+        {
+            match fh.0 {
+                FH_CACHED => state.cached = state.cached.saturating_sub(1),
+                FH_PASSTHROUGH => {
+                    if let Some((_, count)) = &mut state.passthrough {
+                        *count -= 1;
+                        if *count == 0 {
+                            state.passthrough = None;
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if state.cached == 0 && state.passthrough.is_none() {
+                opens.remove(&ino.0);
+            }
+        }
+        reply.ok();
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let ino = ino.0;
+        let Some(node) = self.tree.get(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let len = u64::from(size);
+        match &node.kind {
+            Kind::File(Content::Status) => {
+                let Ok(mut snapshot) = self.status_snapshot.lock() else {
+                    return reply.error(Errno::EIO);
+                };
+                if offset == 0 || snapshot.is_empty() {
+                    *snapshot = self.status_bytes();
+                }
+                let bytes = &*snapshot;
+                let start = (offset as usize).min(bytes.len());
+                let end = (start + size as usize).min(bytes.len());
+                reply.data(&bytes[start..end]);
+            }
+            Kind::File(Content::Local(path)) => {
+                let end = (offset + len).min(node.size);
+                if offset >= end {
+                    return reply.data(&[]);
+                }
+                let path = path.clone();
+                let counters = self.counters.clone();
+                self.runtime.spawn_blocking(move || {
+                    match read_local(&path, offset, end - offset) {
+                        Ok(buf) => {
+                            counters
+                                .served_bytes
+                                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                            reply.data(&buf);
+                        }
+                        Err(_) => reply.error(Errno::EIO),
+                    }
+                });
+            }
+            Kind::File(Content::Lazy(file)) => {
+                self.readahead(ino, file, offset, len);
+                let tree = self.tree.clone();
+                let counters = self.counters.clone();
+                self.runtime.spawn(async move {
+                    let Some(node) = tree.get(ino) else {
+                        return reply.error(Errno::ENOENT);
+                    };
+                    let Kind::File(Content::Lazy(file)) = &node.kind else {
+                        return reply.error(Errno::EIO);
+                    };
+                    match file.read(offset, len, node.size).await {
+                        Ok(data) => {
+                            counters
+                                .served_bytes
+                                .fetch_add(data.len() as u64, Ordering::Relaxed);
+                            reply.data(&data);
+                        }
+                        Err(e) => {
+                            tracing::warn!(path = %node.path, offset, size, error = %e.0, "read failed");
+                            reply.error(Errno::EIO);
+                        }
+                    }
+                });
+            }
+            Kind::Dir(_) => reply.error(Errno::EISDIR),
+            Kind::Symlink(_) => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::NO_XATTR);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let total: u64 = self.tree.nodes.iter().map(|n| n.size).sum();
+        reply.statfs(
+            total.div_ceil(4096),
+            0,
+            0,
+            self.tree.nodes.len() as u64,
+            0,
+            4096,
+            255,
+            4096,
+        );
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.tree.get(ino.0).map(|n| &n.kind) {
+            Some(Kind::Dir(_)) => reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR),
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if mask.contains(AccessFlags::W_OK) {
+            return reply.error(Errno::EROFS);
+        }
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.dir_entries(ino.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        for (i, (name, child, kind)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match self.dir_entries(ino.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        for (i, (name, child, _)) in entries.into_iter().enumerate().skip(offset as usize) {
+            let attr = match self.attr(child) {
+                Ok(a) => a,
+                Err(e) => return reply.error(e),
+            };
+            if reply.add(
+                INodeNo(child),
+                i as u64 + 1,
+                name,
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
     }
 }
 
@@ -532,12 +755,7 @@ pub enum MountError {
 }
 
 fn mtime_of(meta: Option<&modelpack_spec::FileMetadata>) -> Option<Timestamp> {
-    meta.map(|m| {
-        timestamp(chrono_like::Secs(
-            m.mtime.timestamp(),
-            m.mtime.timestamp_subsec_nanos(),
-        ))
-    })
+    meta.map(|m| time(m.mtime.timestamp(), m.mtime.timestamp_subsec_nanos()))
 }
 
 #[allow(unsafe_code)]
@@ -631,11 +849,7 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
     }
 
     let (uid, gid) = ids();
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(Timestamp::new(0, 0), |d| {
-            Timestamp::new(d.as_secs() as i64, d.subsec_nanos())
-        });
+    let now = SystemTime::now();
     let mut tree = Tree::new(uid, gid, now);
     let mut blobs: HashMap<Digest, Arc<LazyBlob>> = HashMap::new();
     let chunks_of = |layer: &modelpack_spec::ModelLayer| {
@@ -785,9 +999,7 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
         }
         for entry in plan.entries.iter().filter(|e| e.selected) {
             let path = entry.path.as_str();
-            let mtime = entry
-                .mtime
-                .map(|t| Timestamp::new(t.unix_seconds(), t.nanoseconds()));
+            let mtime = entry.mtime.map(|t| time(t.unix_seconds(), t.nanoseconds()));
             let mode = entry.mode as u16;
             let lazy = lazy_of(entry);
             let file = |start: u64, size: u64, local: &str| match &lazy {
@@ -862,24 +1074,36 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
         last_read: Arc::new(Mutex::new(HashMap::new())),
         reference: Arc::new(opts.reference.clone()),
         status_snapshot: Arc::new(Mutex::new(Vec::new())),
+        runtime: tokio::runtime::Handle::current(),
+        // Kernel passthrough needs CAP_SYS_ADMIN; `init` keeps it only if the kernel offers it.
+        passthrough: Arc::new(AtomicBool::new(ids().0 == 0)),
+        opens: Arc::new(Mutex::new(HashMap::new())),
     };
-    let mut mount_options = fuse3::MountOptions::default();
-    mount_options
-        .fs_name("modelpack")
-        .read_only(true)
-        .allow_other(opts.allow_other)
-        .default_permissions(true)
-        .force_readdir_plus(true);
-    let session = Session::new(mount_options);
-    let handle = if ids().0 == 0 {
-        session.mount(fs.clone(), dir).await
-    } else {
-        session.mount_with_unprivileged(fs.clone(), dir).await
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName("modelpack".into()),
+        fuser::MountOption::Subtype("modelpack".into()),
+        fuser::MountOption::RO,
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+    ];
+    if opts.allow_other {
+        config.acl = fuser::SessionACL::All;
     }
-    .map_err(|source| MountError::Mount {
+    // Mounting runs the INIT handshake before it returns: off the async workers.
+    let session = {
+        let fs = fs.clone();
+        let dir = dir.to_owned();
+        tokio::task::spawn_blocking(move || fuser::spawn_mount(fs, &dir, &config)).await
+    };
+    let mount_error = |source| MountError::Mount {
         path: dir.to_owned(),
         source,
-    })?;
+    };
+    let session = session
+        .map_err(|e| mount_error(std::io::Error::other(e)))?
+        .map_err(mount_error)?;
     // Off the async workers: a stat of the mount point waits for the FUSE INIT reply, which the
     // session task just spawned (possibly onto this very worker) has to send.
     let mount_point = dir.to_owned();
@@ -899,7 +1123,10 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
             }
         });
     }
-    Ok(MountedModel { handle, fs })
+    Ok(MountedModel {
+        session: Some(session),
+        fs,
+    })
 }
 
 /// Where the tar planner reads layers from during a mount: lazily read layers through their

@@ -5,9 +5,22 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use fuse3::{FileType, Timestamp};
+use std::time::{Duration, SystemTime};
+
+use fuser::FileType;
 
 use crate::layer::LazyFile;
+
+/// A file time.
+pub(crate) type Timestamp = SystemTime;
+
+/// The time `secs` seconds and `nanos` nanoseconds from the epoch (before it when negative).
+pub(crate) fn time(secs: i64, nanos: u32) -> Timestamp {
+    match u64::try_from(secs) {
+        Ok(s) => SystemTime::UNIX_EPOCH + Duration::new(s, nanos),
+        Err(_) => SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()),
+    }
+}
 
 /// Where a file's bytes are.
 pub(crate) enum Content {
