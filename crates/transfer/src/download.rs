@@ -119,6 +119,8 @@ const SPLIT_WHEN_LONGER_THAN: f64 = 1.0;
 const FAST_CONNECTION: f64 = 256.0 * 1024.0 * 1024.0;
 /// Writes are gathered to this size before they reach the file.
 const WRITE_BATCH: usize = 1 << 20;
+/// Pieces at least this large are written as received, without gathering.
+const DIRECT_WRITE: usize = 64 << 10;
 /// Saves progress at most every this many bytes.
 const SAVE_EVERY: u64 = 8 << 20;
 
@@ -455,11 +457,18 @@ async fn fetch_span(
                 chunk.truncate(room);
             }
             received += chunk.len() as u64;
-            batch.extend_from_slice(&chunk);
             let at_end = received >= end;
-            if !batch.is_empty() && (batch.len() >= WRITE_BATCH || at_end || finished) {
-                let data = batch.split().freeze();
-                // Page-cache writes of 1 MiB: short enough to do on the runtime thread.
+            // Large pieces (the HTTP stack hands over a few hundred KiB at a time on a fast link)
+            // are written and hashed as they are, with no copy; small ones are gathered first.
+            let data = if batch.is_empty() && chunk.len() >= DIRECT_WRITE {
+                Some(chunk)
+            } else {
+                batch.extend_from_slice(&chunk);
+                (!batch.is_empty() && (batch.len() >= WRITE_BATCH || at_end || finished))
+                    .then(|| batch.split().freeze())
+            };
+            if let Some(data) = data {
+                // Page-cache writes of under a few MiB: short enough for the runtime thread.
                 file.write_all_at(&data, pos)
                     .map_err(io("writing partial data"))?;
                 let n = data.len() as u64;
