@@ -280,6 +280,68 @@ fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_
     assert_eq!(util::tree(&mount.dir), util::tree(&dir));
     drop(mount);
 
+    // --verify background: served at once; the whole layer is fetched and verified behind the
+    // reads, into the store.
+    let weight_hex = util::sha256_file(&dir.join("model.safetensors"));
+    let reader = Scratch::new();
+    let mount = Mount::start(
+        &reader,
+        &foreign,
+        &reader.path("mnt"),
+        &["--verify", "background"],
+    );
+    assert_eq!(util::tree(&mount.dir), util::tree(&dir));
+    let verified = reader.store().join("blobs/sha256").join(&weight_hex);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !verified.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the weight was never verified whole"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(mount);
+
+    // ... and when the registry corrupts the layer, the background check fails and every later
+    // read of it fails.
+    let proxy = Proxy::start(registry.port, None);
+    proxy.corrupt.store(true, Ordering::SeqCst);
+    let via = format!("{}/mnt/foreign:theirs", proxy.host());
+    let reader = Scratch::new();
+    let mount = Mount::start(
+        &reader,
+        &via,
+        &reader.path("mnt"),
+        &["--verify", "background"],
+    );
+    let weight = mount.dir.join("model.safetensors");
+    let _ = fs::read(&weight); // unverified bytes, as asked; starts the background check
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while mount.status()["verifyFailures"].as_u64().unwrap_or(0) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "background verification never failed: {}",
+            mount.status()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut buf = vec![0u8; 4096];
+    let err = fs::File::open(&weight)
+        .and_then(|mut f| {
+            f.seek(SeekFrom::Start(weight_size / 2))?;
+            f.read_exact(&mut buf)
+        })
+        .expect_err("a layer that failed verification was served");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        !reader
+            .store()
+            .join("blobs/sha256")
+            .join(&weight_hex)
+            .exists()
+    );
+    drop(mount);
+
     // With an index attached as a referrer, a fresh mount reads lazily.
     let referrer = s.ok(&["-q", "index", &foreign, "--plain-http"]);
     assert!(referrer.trim().starts_with("sha256:"), "{referrer}");
@@ -460,7 +522,7 @@ fn prefetch_fetches_small_files_before_the_weights() {
 }
 
 #[test]
-fn tar_and_seekable_zstd_layers_are_read_lazily() {
+fn tar_and_seekable_zstd_layers_are_read_lazily_and_gzip_on_first_read() {
     if !util::can_fuse() {
         return;
     }
@@ -515,9 +577,26 @@ fn tar_and_seekable_zstd_layers_are_read_lazily() {
                 "{tag}: a 1 MiB read fetched {for_read} bytes"
             );
         } else {
+            // gzip cannot be read in place: its one file is shown from the annotations, and the
+            // layer is fetched, verified and unpacked on the first read.
             assert!(
-                at_mount >= 40 << 20,
-                "{tag}: gzip layers are fetched whole at mount ({at_mount} bytes)"
+                at_mount < 64 << 10,
+                "{tag}: mounting fetched {at_mount} bytes"
+            );
+            let meta = fs::metadata(mount.dir.join("model.safetensors")).expect("stat");
+            assert_eq!(
+                meta.len(),
+                weight.len() as u64,
+                "{tag}: size from the annotations"
+            );
+            let mut file = fs::File::open(mount.dir.join("model.safetensors")).expect("open");
+            let mut head = vec![0u8; 4096];
+            file.read_exact(&mut head).expect("read");
+            assert!(head == weight[..4096], "{tag}: wrong bytes");
+            let for_read = proxy.served() - at_mount;
+            assert!(
+                for_read >= 40 << 20,
+                "{tag}: the first read fetched only {for_read} bytes of a gzip layer"
             );
         }
         assert_eq!(
@@ -530,4 +609,56 @@ fn tar_and_seekable_zstd_layers_are_read_lazily() {
             br#"{"model_type":"lazy-tar"}"#
         );
     }
+}
+
+#[test]
+fn a_gzip_layer_that_lies_about_its_file_fails_the_read_and_shows_nothing_else() {
+    if !util::can_fuse() {
+        return;
+    }
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    // The annotations say the layer holds `w.bin` (10 bytes); the tar holds `evil.txt`.
+    let s = Scratch::new();
+    s.ok(&["ls"]);
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_ustar();
+    header.set_path("evil.txt").expect("path");
+    header.set_size(4);
+    header.set_mode(0o644);
+    header.set_cksum();
+    builder.append(&header, &b"evil"[..]).expect("append");
+    let tar_bytes = builder.into_inner().expect("tar");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar_bytes).expect("gzip");
+    let gz = gz.finish().expect("gzip");
+    let digest = util::put_blob(&s.store(), &gz);
+    let meta = serde_json::json!({"name": "w.bin", "mode": 420, "uid": 0, "gid": 0, "size": 10,
+        "mtime": "2025-01-02T03:04:05Z", "typeflag": 0});
+    let layer = serde_json::json!({
+        "mediaType": "application/vnd.cncf.model.weight.v1.tar+gzip",
+        "digest": digest,
+        "size": gz.len(),
+        "annotations": {
+            "org.cncf.model.filepath": "w.bin",
+            "org.cncf.model.file.metadata+json": meta.to_string(),
+        },
+    });
+    let diff_id = format!("sha256:{}", util::sha256_hex(&tar_bytes));
+    let manifest = util::model_manifest(&s.store(), &[layer], &[diff_id]);
+    let reference = format!("{}/mnt/liar:v1", registry.host());
+    util::tag_manifest(&s.store(), &reference, &manifest);
+    s.ok(&["push", &reference, "--plain-http"]);
+
+    let reader = Scratch::new();
+    let mount = Mount::start(&reader, &reference, &reader.path("mnt"), &[]);
+    let names: Vec<String> = fs::read_dir(&mount.dir)
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["w.bin".to_owned()]);
+    let err = fs::read(mount.dir.join("w.bin")).expect_err("a lying layer was served");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(!mount.dir.join("evil.txt").exists());
 }

@@ -35,7 +35,9 @@ use modelpack_spec::{Digest, Encoding};
 use modelpack_store::Store;
 
 pub use error::{Error, Result};
-pub use plan::{EntryPlan, ExtractPlan, PlannedEntry, plan, plan_files, plan_layers};
+pub use plan::{
+    EntryPlan, ExtractPlan, PlannedEntry, plan, plan_files, plan_layers, plan_tar_layer,
+};
 pub use stage::extract_planned;
 
 /// A layer blob to read: what the extractor needs to know about it.

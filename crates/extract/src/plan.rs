@@ -401,6 +401,19 @@ pub fn plan_layers(
     finish_plan(layers, entries, patterns)
 }
 
+/// Plans one tar layer on its own (no manifest): its entries, checked as [`plan`] checks them.
+/// `declared` is the size its annotations give its one file, if they do (the decompressed stream
+/// is capped by it).
+pub fn plan_tar_layer(
+    layer: LayerBlob,
+    declared: Option<u64>,
+    source: &dyn LayerSource,
+) -> Result<ExtractPlan> {
+    let cap = declared.map_or(u64::MAX, |d| d.saturating_add(TAR_OVERHEAD));
+    let entries = plan_tar(0, &layer, cap, source)?;
+    finish_plan(vec![layer], entries, &[])
+}
+
 /// Plans plain files, one raw blob each (artifacts pushed by `oras push`, named by their OCI
 /// title).
 pub fn plan_files(files: Vec<(LayerPath, LayerBlob)>, patterns: &[String]) -> Result<ExtractPlan> {

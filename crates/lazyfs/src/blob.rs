@@ -39,6 +39,11 @@ pub(crate) struct LazyBlob {
     present: Mutex<Vec<bool>>,
     inflight: Mutex<HashMap<u64, Arc<tokio::sync::Notify>>>,
     whole: OnceCell<()>,
+    /// `Verify::Background`: the whole-blob check is running or done (reset after a transient
+    /// failure, so the next read starts it again).
+    background: Arc<std::sync::atomic::AtomicBool>,
+    /// `Verify::Background`: the whole blob did not match its digest; nothing more is served.
+    poisoned: Arc<std::sync::atomic::AtomicBool>,
     cache_file: OnceCell<std::fs::File>,
     pub fetched: AtomicU64,
     counters: Arc<Counters>,
@@ -93,6 +98,8 @@ impl LazyBlob {
             present: Mutex::new(present),
             inflight: Mutex::new(HashMap::new()),
             whole: OnceCell::new(),
+            background: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            poisoned: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             cache_file: OnceCell::new(),
             fetched: AtomicU64::new(0),
             counters,
@@ -148,8 +155,17 @@ impl LazyBlob {
             self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
             return pread(&self.store.blob_path(&self.digest), offset, end - offset);
         }
+        if self.chunks.is_none() && self.verify == Verify::Background {
+            if self.poisoned.load(Ordering::SeqCst) {
+                return Err(ReadError(format!(
+                    "blob {} did not match its digest (background verification)",
+                    self.digest
+                )));
+            }
+            self.start_background_check();
+        }
         match (&self.chunks, self.verify) {
-            (Some(_), _) | (None, Verify::None) => {
+            (Some(_), _) | (None, Verify::None | Verify::Background) => {
                 let first = offset / self.chunk_size;
                 let last = (end - 1) / self.chunk_size;
                 let mut hit = true;
@@ -187,6 +203,43 @@ impl LazyBlob {
                 pread(&self.store.blob_path(&self.digest), offset, end - offset)
             }
         }
+    }
+
+    /// `Verify::Background`: fetches the whole blob into the store once, verified by the
+    /// transfer engine (reads then come from there); a mismatch poisons the blob.
+    fn start_background_check(&self) {
+        if self
+            .background
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return;
+        }
+        let repo = self.repo.clone();
+        let store = self.store.clone();
+        let transfer = self.transfer.clone();
+        let poisoned = self.poisoned.clone();
+        let started = self.background.clone();
+        let counters = self.counters.clone();
+        let blob = BlobRef {
+            digest: self.digest.clone(),
+            size: self.size,
+            media_type: String::new(),
+        };
+        tokio::spawn(async move {
+            match modelpack_transfer::fetch_blob(&repo, &store, &blob, &transfer).await {
+                Ok(_) => tracing::debug!(blob = %blob.digest, "verified whole in the background"),
+                Err(e) if e.is_digest_mismatch() => {
+                    poisoned.store(true, Ordering::SeqCst);
+                    counters.verify_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(blob = %blob.digest, error = %e, "background verification failed: the blob is not served any more");
+                }
+                Err(e) => {
+                    tracing::warn!(blob = %blob.digest, error = %e, "background verification interrupted; the next read retries it");
+                    started.store(false, Ordering::SeqCst);
+                }
+            }
+        });
     }
 
     fn is_present(&self, i: u64) -> bool {

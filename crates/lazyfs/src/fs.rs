@@ -20,7 +20,7 @@ use modelpack_transfer::{BlobRef, Event, TransferOptions};
 use serde_json::json;
 
 use crate::blob::LazyBlob;
-use crate::layer::{Frames, LazyFile, TarReader};
+use crate::layer::{DeferredLayer, Frames, LazyFile, TarReader};
 use crate::tree::{Content, Kind, ROOT, Timestamp, Tree, time};
 use crate::{Counters, MountOptions, STATUS_FILE};
 
@@ -59,7 +59,12 @@ impl MountedModel {
             .tree
             .nodes
             .iter()
-            .filter(|n| matches!(n.kind, Kind::File(Content::Lazy(_) | Content::Local(_))))
+            .filter(|n| {
+                matches!(
+                    n.kind,
+                    Kind::File(Content::Lazy(_) | Content::Local(_) | Content::Deferred(_))
+                )
+            })
             .map(|n| n.size)
             .sum()
     }
@@ -171,21 +176,27 @@ impl ModelFs {
     fn status(&self) -> serde_json::Value {
         let c = &self.counters;
         let fetches = c.fetches.load(Ordering::Relaxed);
+        // Open handles per inode: page-cache opens and kernel-passthrough opens.
+        let opens: HashMap<u64, (u32, u32)> = self
+            .opens
+            .lock()
+            .map(|o| {
+                o.iter()
+                    .map(|(ino, s)| (*ino, (s.cached, s.passthrough.as_ref().map_or(0, |p| p.1))))
+                    .collect()
+            })
+            .unwrap_or_default();
         let files: Vec<serde_json::Value> = self
             .tree
             .nodes
             .iter()
-            .filter_map(|n| match &n.kind {
-                Kind::File(Content::Lazy(file)) => Some(json!({
-                    "path": n.path,
-                    "size": n.size,
-                    "local": (file.blob.local_fraction() * 1000.0).round() / 10.0,
-                    "fetched": file.blob.fetched.load(Ordering::Relaxed),
-                })),
-                Kind::File(Content::Local(_)) => {
-                    Some(json!({"path": n.path, "size": n.size, "local": 100.0}))
-                }
-                _ => None,
+            .enumerate()
+            .filter_map(|(i, n)| {
+                let (cached, passthrough) = opens.get(&(i as u64 + 1)).copied().unwrap_or((0, 0));
+                let mut file = self.file_status(n)?;
+                file["openCached"] = cached.into();
+                file["openPassthrough"] = passthrough.into();
+                Some(file)
             })
             .collect();
         json!({
@@ -199,6 +210,27 @@ impl ModelFs {
             "passthrough": self.passthrough.load(Ordering::Relaxed),
             "files": files,
         })
+    }
+
+    /// One file's line of the status (`None` for folders, links and the status file).
+    fn file_status(&self, n: &crate::tree::Node) -> Option<serde_json::Value> {
+        match &n.kind {
+            Kind::File(Content::Lazy(file)) => Some(json!({
+                "path": n.path,
+                "size": n.size,
+                "local": (file.blob.local_fraction() * 1000.0).round() / 10.0,
+                "fetched": file.blob.fetched.load(Ordering::Relaxed),
+            })),
+            Kind::File(Content::Local(_)) => {
+                Some(json!({"path": n.path, "size": n.size, "local": 100.0}))
+            }
+            Kind::File(Content::Deferred(d)) => Some(json!({
+                "path": n.path,
+                "size": n.size,
+                "local": if d.ready().is_some() { 100.0 } else { 0.0 },
+            })),
+            _ => None,
+        }
     }
 
     fn status_bytes(&self) -> Vec<u8> {
@@ -235,6 +267,7 @@ impl ModelFs {
     fn complete_file(&self, content: &Content, size: u64) -> Option<PathBuf> {
         match content {
             Content::Local(path) => Some(path.clone()),
+            Content::Deferred(d) => d.ready(),
             Content::Lazy(file)
                 if file.frames.is_none() && file.start == 0 && file.blob.size == size =>
             {
@@ -485,6 +518,33 @@ impl Filesystem for ModelFs {
                             reply.data(&buf);
                         }
                         Err(_) => reply.error(Errno::EIO),
+                    }
+                });
+            }
+            Kind::File(Content::Deferred(deferred)) => {
+                let deferred = deferred.clone();
+                let counters = self.counters.clone();
+                let size = node.size;
+                let path = node.path.clone();
+                self.runtime.spawn(async move {
+                    let end = (offset + len).min(size);
+                    let read = match deferred.local().await {
+                        Ok(_) if offset >= end => Ok(Vec::new()),
+                        Ok(local) => read_local(&local, offset, end - offset)
+                            .map_err(|e| crate::blob::ReadError(e.to_string())),
+                        Err(e) => Err(e),
+                    };
+                    match read {
+                        Ok(buf) => {
+                            counters
+                                .served_bytes
+                                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                            reply.data(&buf);
+                        }
+                        Err(e) => {
+                            tracing::warn!(%path, offset, size = len, error = %e.0, "read failed");
+                            reply.error(Errno::EIO);
+                        }
                     }
                 });
             }
@@ -933,6 +993,72 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
         };
         lazy_layers.insert(layer.digest.clone(), (blob, frames));
     }
+    let trees = match &opts.layers {
+        None => opts.cache_dir.join("trees").join(fetched.digest.encoded()),
+        Some(layers) => {
+            let mut key = String::new();
+            for d in layers {
+                key.push_str(d.as_str());
+            }
+            let key = modelpack_spec::Digest::sha256_of(key.as_bytes());
+            opts.cache_dir.join("trees").join(format!(
+                "{}-{}",
+                fetched.digest.encoded(),
+                &key.encoded()[..16]
+            ))
+        }
+    };
+    // A layer that cannot be read in place but whose annotations describe its one regular file:
+    // shown from the annotations now, fetched and unpacked on first read.
+    let mut deferred: Vec<Digest> = Vec::new();
+    for layer in tar_layers
+        .iter()
+        .filter(|l| !lazy_layers.contains_key(&l.digest))
+    {
+        let Some(meta) = layer
+            .metadata
+            .as_ref()
+            .filter(|m| m.typeflag == modelpack_spec::annotations::TYPEFLAG_REGULAR && m.size >= 0)
+        else {
+            continue;
+        };
+        if deferred.contains(&layer.digest) {
+            continue;
+        }
+        let file = Arc::new(DeferredLayer::new(
+            BlobRef {
+                digest: layer.digest.clone(),
+                size: layer.size(),
+                media_type: String::new(),
+            },
+            layer.media_type.encoding,
+            layer.path.clone(),
+            meta.size as u64,
+            trees.join("deferred").join(layer.digest.encoded()),
+            repo.clone(),
+            opts.store.clone(),
+            transfer.clone(),
+        ));
+        if !tree.add(
+            layer.path.as_str(),
+            Kind::File(Content::Deferred(file)),
+            meta.size as u64,
+            (meta.mode & 0o777) as u16,
+            Some(meta.uid),
+            Some(meta.gid),
+            mtime_of(Some(meta)),
+        ) {
+            return Err(MountError::Invalid(format!(
+                "path {} clashes with another entry",
+                layer.path
+            )));
+        }
+        deferred.push(layer.digest.clone());
+    }
+    let tar_layers: Vec<&modelpack_spec::ModelLayer> = tar_layers
+        .into_iter()
+        .filter(|l| !deferred.contains(&l.digest))
+        .collect();
     for layer in tar_layers
         .iter()
         .filter(|l| !lazy_layers.contains_key(&l.digest))
@@ -971,21 +1097,6 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
                 entry.selected = false;
             }
         }
-        let trees = match &opts.layers {
-            None => opts.cache_dir.join("trees").join(fetched.digest.encoded()),
-            Some(layers) => {
-                let mut key = String::new();
-                for d in layers {
-                    key.push_str(d.as_str());
-                }
-                let key = modelpack_spec::Digest::sha256_of(key.as_bytes());
-                opts.cache_dir.join("trees").join(format!(
-                    "{}-{}",
-                    fetched.digest.encoded(),
-                    &key.encoded()[..16]
-                ))
-            }
-        };
         if unpack.selected().next().is_some() {
             let source = modelpack_extract::StoreSource(&opts.store);
             modelpack_extract::extract_planned(&source, &unpack, &trees, None)?;

@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -231,4 +232,111 @@ impl Seek for TarReader {
         self.pos = next;
         Ok(next)
     }
+}
+
+/// A compressed tar layer that cannot be read in place (tar+gzip, or tar without a chunk index
+/// under full verification) holding one regular file its annotations describe: the file is shown
+/// from the annotations at mount, and the layer is fetched, verified and unpacked the first time
+/// the file is read.
+pub(crate) struct DeferredLayer {
+    /// The layer blob.
+    pub blob: modelpack_transfer::BlobRef,
+    /// Its encoding.
+    pub encoding: modelpack_spec::Encoding,
+    /// The file the annotations name (and the only file the layer may hold).
+    pub path: modelpack_spec::LayerPath,
+    /// Its size per the annotations.
+    pub size: u64,
+    /// Where layers are unpacked.
+    pub trees: PathBuf,
+    pub(crate) repo: modelpack_registry::Repository,
+    pub(crate) store: modelpack_store::Store,
+    pub(crate) transfer: modelpack_transfer::TransferOptions,
+    unpacked: tokio::sync::OnceCell<PathBuf>,
+}
+
+impl DeferredLayer {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        blob: modelpack_transfer::BlobRef,
+        encoding: modelpack_spec::Encoding,
+        path: modelpack_spec::LayerPath,
+        size: u64,
+        trees: PathBuf,
+        repo: modelpack_registry::Repository,
+        store: modelpack_store::Store,
+        transfer: modelpack_transfer::TransferOptions,
+    ) -> DeferredLayer {
+        DeferredLayer {
+            blob,
+            encoding,
+            path,
+            size,
+            trees,
+            repo,
+            store,
+            transfer,
+            unpacked: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The unpacked file, once a read has brought it here.
+    pub(crate) fn ready(&self) -> Option<PathBuf> {
+        self.unpacked.get().cloned()
+    }
+
+    /// The unpacked file: on the first call, fetches the layer (verified against its digest),
+    /// checks it holds exactly the annotated file at the annotated size, and unpacks it with
+    /// every rule of `extract`. Concurrent callers share one fetch.
+    pub(crate) async fn local(&self) -> Result<PathBuf, ReadError> {
+        self.unpacked
+            .get_or_try_init(|| async {
+                modelpack_transfer::fetch_blob(&self.repo, &self.store, &self.blob, &self.transfer)
+                    .await
+                    .map_err(|e| ReadError(e.to_string()))?;
+                let store = self.store.clone();
+                let layer = modelpack_extract::LayerBlob {
+                    digest: self.blob.digest.clone(),
+                    size: self.blob.size,
+                    encoding: self.encoding,
+                };
+                let (path, size, dir) = (self.path.clone(), self.size, self.trees.clone());
+                tokio::task::spawn_blocking(move || unpack_one(&store, layer, &path, size, &dir))
+                    .await
+                    .map_err(|e| ReadError(e.to_string()))?
+            })
+            .await
+            .cloned()
+    }
+}
+
+/// Unpacks a one-file tar layer from the store into `dir`, refusing anything but exactly
+/// `path` at `size` bytes.
+fn unpack_one(
+    store: &modelpack_store::Store,
+    layer: modelpack_extract::LayerBlob,
+    path: &modelpack_spec::LayerPath,
+    size: u64,
+    dir: &std::path::Path,
+) -> Result<PathBuf, ReadError> {
+    let digest = layer.digest.clone();
+    let source = modelpack_extract::StoreSource(store);
+    let plan = modelpack_extract::plan_tar_layer(layer, Some(size), &source)
+        .map_err(|e| ReadError(e.to_string()))?;
+    let files: Vec<_> = plan
+        .entries
+        .iter()
+        .filter(|e| !matches!(e.kind, modelpack_extract::EntryPlan::Dir))
+        .collect();
+    let ok = files.len() == 1
+        && files[0].path == *path
+        && matches!(files[0].kind, modelpack_extract::EntryPlan::TarFile { size: s, .. } if s == size);
+    if !ok {
+        return Err(ReadError(format!(
+            "layer {digest} does not hold exactly {path} ({size} bytes) as its annotations say"
+        )));
+    }
+    modelpack_extract::extract_planned(&source, &plan, dir, None)
+        .map_err(|e| ReadError(e.to_string()))?;
+    Ok(dir.join(path.as_str()))
 }

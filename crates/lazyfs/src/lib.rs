@@ -9,7 +9,9 @@
 //!   our builds pin in the manifest, cached on disk and shared by concurrent readers; sequential
 //!   readers trigger readahead; a blob already in the store is served from it;
 //! - without an index the policy is explicit: [`Verify::Full`] (default) fetches and verifies the
-//!   whole blob before serving any byte of it, [`Verify::None`] serves unverified chunks;
+//!   whole blob before serving any byte of it, [`Verify::Background`] serves chunks at once while
+//!   the whole blob is verified behind them (and fails every read once it does not verify),
+//!   [`Verify::None`] serves unverified chunks;
 //! - the hidden file `.modelpack-status` counts bytes fetched and served, cache hits and fetch
 //!   latency, per file;
 //! - [`create_index`] makes a chunk index for an artifact built elsewhere and attaches it as an
@@ -42,6 +44,10 @@ pub use index::create_index;
 pub enum Verify {
     /// Fetch and verify a whole layer before serving any byte of it (safe; the default).
     Full,
+    /// Serve chunks as fetched while the whole layer is fetched and verified in the background;
+    /// once it verifies, reads come from the verified copy; if it does not, every later read of
+    /// the layer fails (EIO) and the failure is logged. Bytes served before that were unverified.
+    Background,
     /// Serve chunks as fetched, unverified (explicit opt-out).
     None,
 }

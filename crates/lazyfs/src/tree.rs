@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use fuser::FileType;
 
-use crate::layer::LazyFile;
+use crate::layer::{DeferredLayer, LazyFile};
 
 /// A file time.
 pub(crate) type Timestamp = SystemTime;
@@ -28,6 +28,8 @@ pub(crate) enum Content {
     Lazy(LazyFile),
     /// A file unpacked from a tar layer into the cache.
     Local(PathBuf),
+    /// The one file of a tar layer that is unpacked on first read.
+    Deferred(std::sync::Arc<DeferredLayer>),
     /// The status file.
     Status,
 }

@@ -57,6 +57,8 @@ pub struct RegistryHost {
 pub enum VerifyPolicy {
     /// Fetch and verify a whole layer before serving any of it.
     Full,
+    /// Serve at once; verify the whole layer in the background and fail reads if it does not.
+    Background,
     /// Serve unverified chunks.
     None,
 }

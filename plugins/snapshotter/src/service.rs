@@ -391,6 +391,7 @@ impl Service {
         );
         opts.verify = match settings.verify {
             VerifyPolicy::Full => Verify::Full,
+            VerifyPolicy::Background => Verify::Background,
             VerifyPolicy::None => Verify::None,
         };
         opts.allow_other = true;

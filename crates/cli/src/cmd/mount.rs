@@ -15,6 +15,9 @@ use crate::remote::ConnectionArgs;
 pub enum VerifyArg {
     /// Verify every byte (per chunk with a chunk index, else the whole layer first)
     Full,
+    /// Without a chunk index: serve at once, verify the whole layer behind the reads, fail every
+    /// read of a layer that does not verify
+    Background,
     /// Serve bytes unverified when there is no chunk index
     None,
 }
@@ -83,6 +86,7 @@ pub fn mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<ExitCode> {
         store,
         verify: match args.verify {
             VerifyArg::Full => Verify::Full,
+            VerifyArg::Background => Verify::Background,
             VerifyArg::None => Verify::None,
         },
         allow_other: args.allow_other,
