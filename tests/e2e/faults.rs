@@ -141,6 +141,22 @@ fn corrupt_short_or_mislabelled_bodies_fail_naming_the_digest_and_land_nowhere()
             "{what}: the target folder changed: {:?}",
             util::listing(&out)
         );
+        let fetched = reader.path("fetched");
+        let err = reader.fails(&[
+            "fetch",
+            &t.via,
+            "--pattern",
+            "*.safetensors",
+            "--plain-http",
+            "-o",
+            fetched.to_str().expect("utf8"),
+        ]);
+        assert!(err.contains(&t.weight[..12]), "{what}: fetch: {err}");
+        assert!(
+            !fetched.exists() || util::listing(&fetched).is_empty(),
+            "{what}: fetch left files: {:?}",
+            util::listing(&fetched)
+        );
         let err = reader.fails(&["pull", &t.via, "--plain-http"]);
         assert!(err.contains(&t.weight[..12]), "{what}: {err}");
         assert!(
