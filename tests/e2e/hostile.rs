@@ -276,9 +276,7 @@ fn decompression_bombs_are_capped_at_the_declared_size() {
 
     // The same in zstd with no declared size: refused because it cannot fit in the target's
     // free space (a 4 MiB tmpfs), before a byte is written. Needs root for the tmpfs.
-    #[allow(unsafe_code)]
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = util::is_root();
     assert!(
         root || !util::strict(),
         "the bomb-into-a-small-disk test needs root under cargo xtask test"
@@ -300,14 +298,7 @@ fn decompression_bombs_are_capped_at_the_declared_size() {
         None,
     );
     let tiny = s.path("tiny");
-    fs::create_dir_all(&tiny).expect("mkdir");
-    let status = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "modelpack-e2e-bomb"])
-        .arg(&tiny)
-        .status()
-        .expect("mount tmpfs");
-    assert!(status.success(), "cannot mount a tmpfs");
-    let _guard = util::Tmpfs(tiny.clone());
+    let _guard = util::Tmpfs::mount_small(&tiny);
     s.ok(&["ls"]);
     let manifest = util::model_manifest(
         &s.store(),

@@ -57,10 +57,7 @@ fn mounted_files_match_for_every_layer_encoding() {
             let mode = fs::metadata(&cache).expect("cache").permissions().mode();
             assert_eq!(mode & 0o777, 0o700, "the cache is not private: {mode:o}");
             // Without --allow-other, another user cannot even list the mount.
-            #[allow(unsafe_code)]
-            // SAFETY: geteuid cannot fail.
-            let root = unsafe { libc::geteuid() } == 0;
-            if root {
+            if util::is_root() {
                 let other = std::process::Command::new("runuser")
                     .args(["-u", "nobody", "--", "ls"])
                     .arg(&mount.dir)

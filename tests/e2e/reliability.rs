@@ -182,9 +182,7 @@ fn two_processes_pulling_one_model_into_one_store_both_succeed() {
 
 #[test]
 fn a_full_disk_fails_cleanly_and_leaves_the_store_consistent() {
-    #[allow(unsafe_code)]
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = util::is_root();
     assert!(
         root || !util::strict(),
         "the full-disk test needs root under cargo xtask test"
@@ -201,14 +199,7 @@ fn a_full_disk_fails_cleanly_and_leaves_the_store_consistent() {
     s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
     s.ok(&["push", &reference, "--plain-http"]);
     let tiny = s.path("tiny");
-    fs::create_dir_all(&tiny).expect("mkdir");
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "modelpack-e2e-tiny"])
-        .arg(&tiny)
-        .status()
-        .expect("mount tmpfs");
-    assert!(status.success(), "cannot mount a tmpfs");
-    let _guard = util::Tmpfs(tiny.clone());
+    let _guard = util::Tmpfs::mount_small(&tiny);
     let store = tiny.join("store");
     let store_text = store.to_str().expect("utf8");
     let target = tiny.join("out");

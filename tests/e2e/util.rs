@@ -595,10 +595,7 @@ impl Drop for Mount {
 /// True when this machine can mount FUSE file systems (root and /dev/fuse). Under
 /// `cargo xtask test` (CI runs as root) it must.
 pub fn can_fuse() -> bool {
-    #[allow(unsafe_code)]
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    let ok = root && Path::new("/dev/fuse").exists() && have_tool("fusermount3");
+    let ok = is_root() && Path::new("/dev/fuse").exists() && have_tool("fusermount3");
     assert!(
         ok || !strict(),
         "FUSE tests need root and /dev/fuse under cargo xtask test"
@@ -609,8 +606,30 @@ pub fn can_fuse() -> bool {
     ok
 }
 
+/// True when the tests run as root.
+pub fn is_root() -> bool {
+    #[allow(unsafe_code)]
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    uid == 0
+}
+
 /// A small tmpfs a test mounted, unmounted (lazily) when dropped.
 pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    /// Mounts a 4 MiB tmpfs at `dir` (created); needs root.
+    pub fn mount_small(dir: &Path) -> Tmpfs {
+        fs::create_dir_all(dir).expect("mkdir");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "modelpack-e2e-tiny"])
+            .arg(dir)
+            .status()
+            .expect("mount tmpfs");
+        assert!(status.success(), "cannot mount a tmpfs");
+        Tmpfs(dir.to_owned())
+    }
+}
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
