@@ -312,7 +312,10 @@ fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_
         &["--verify", "background"],
     );
     let weight = mount.dir.join("model.safetensors");
-    let _ = fs::read(&weight); // unverified bytes, as asked; starts the background check
+    // Unverified bytes, as asked; the read starts the background check and leaves the pages in
+    // the page cache. The handle stays open across the failure.
+    let mut held = fs::File::open(&weight).expect("open");
+    let _ = held.read_to_end(&mut Vec::new());
     let deadline = Instant::now() + Duration::from_secs(60);
     while mount.status()["verifyFailures"].as_u64().unwrap_or(0) == 0 {
         assert!(
@@ -330,6 +333,12 @@ fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_
         })
         .expect_err("a layer that failed verification was served");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let err = held
+        .seek(SeekFrom::Start(weight_size / 2))
+        .and_then(|_| held.read_exact(&mut buf))
+        .expect_err("a handle opened before the failure still read the cached pages");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    drop(held);
     assert!(
         !reader
             .store()

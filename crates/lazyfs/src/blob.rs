@@ -44,6 +44,8 @@ pub(crate) struct LazyBlob {
     background: Arc<std::sync::atomic::AtomicBool>,
     /// `Verify::Background`: the whole blob did not match its digest; nothing more is served.
     poisoned: Arc<std::sync::atomic::AtomicBool>,
+    /// Signalled once when `poisoned` is set, so the mount can drop the page cache.
+    poison_signal: Arc<tokio::sync::Notify>,
     cache_file: OnceCell<std::fs::File>,
     pub fetched: AtomicU64,
     counters: Arc<Counters>,
@@ -100,6 +102,7 @@ impl LazyBlob {
             whole: OnceCell::new(),
             background: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             poisoned: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            poison_signal: Arc::new(tokio::sync::Notify::new()),
             cache_file: OnceCell::new(),
             fetched: AtomicU64::new(0),
             counters,
@@ -219,6 +222,7 @@ impl LazyBlob {
         let store = self.store.clone();
         let transfer = self.transfer.clone();
         let poisoned = self.poisoned.clone();
+        let poison_signal = self.poison_signal.clone();
         let started = self.background.clone();
         let counters = self.counters.clone();
         let blob = BlobRef {
@@ -231,6 +235,7 @@ impl LazyBlob {
                 Ok(_) => tracing::debug!(blob = %blob.digest, "verified whole in the background"),
                 Err(e) if e.is_digest_mismatch() => {
                     poisoned.store(true, Ordering::SeqCst);
+                    poison_signal.notify_one();
                     counters.verify_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(blob = %blob.digest, error = %e, "background verification failed: the blob is not served any more");
                 }
@@ -473,6 +478,23 @@ impl LazyBlob {
         let complete =
             self.chunks.is_some() && self.present.lock().is_ok_and(|p| p.iter().all(|&b| b));
         complete.then(|| self.cache_path.clone())
+    }
+
+    /// True once background verification found the blob does not match its digest: nothing of
+    /// it may be served again, not even from the page cache.
+    pub(crate) fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
+    }
+
+    /// True when reads are served before the whole blob is verified (`Verify::Background` and
+    /// no chunk index), so the blob may be poisoned later.
+    pub(crate) fn verifies_in_background(&self) -> bool {
+        self.chunks.is_none() && self.verify == Verify::Background
+    }
+
+    /// Completes once the blob is poisoned.
+    pub(crate) async fn wait_poisoned(&self) {
+        self.poison_signal.notified().await;
     }
 
     /// Number of chunks.

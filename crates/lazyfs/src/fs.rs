@@ -37,6 +37,14 @@ const FH_PASSTHROUGH: u64 = 2;
 pub struct MountedModel {
     session: Option<fuser::BackgroundSession>,
     fs: ModelFs,
+    /// Tasks that drop the page cache of files whose blob failed background verification.
+    watchers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for MountedModel {
+    fn drop(&mut self) {
+        self.watchers.iter().for_each(|w| w.abort());
+    }
 }
 
 impl std::fmt::Debug for MountedModel {
@@ -416,6 +424,11 @@ impl Filesystem for ModelFs {
         match &node.kind {
             Kind::File(Content::Status) => {
                 reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+            }
+            Kind::File(Content::Lazy(file)) if file.blob.is_poisoned() => {
+                // Bytes of it may still sit in the page cache from reads served before the
+                // background check failed; a new open must not reach them.
+                reply.error(Errno::EIO);
             }
             Kind::File(content) => {
                 // A complete, verified file goes straight to its local copy (kernel
@@ -1234,9 +1247,40 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
             }
         });
     }
+    // `--verify background` serves bytes before the blob is checked; when the check fails,
+    // pages of it already in the page cache must not be served again, to open handles either.
+    let notifier = session.notifier();
+    let watchers = fs
+        .blobs
+        .iter()
+        .filter(|b| b.verifies_in_background())
+        .map(|blob| {
+            let inodes: Vec<u64> = fs
+                .tree
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| {
+                    matches!(&n.kind, Kind::File(Content::Lazy(f)) if Arc::ptr_eq(&f.blob, blob))
+                })
+                .map(|(i, _)| i as u64 + 1)
+                .collect();
+            let blob = blob.clone();
+            let notifier = notifier.clone();
+            tokio::spawn(async move {
+                blob.wait_poisoned().await;
+                for ino in inodes {
+                    if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+                        tracing::debug!(ino, error = %e, "page cache invalidation");
+                    }
+                }
+            })
+        })
+        .collect();
     Ok(MountedModel {
         session: Some(session),
         fs,
+        watchers,
     })
 }
 
