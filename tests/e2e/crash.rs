@@ -96,7 +96,10 @@ fn assert_consistent(s: &Scratch) {
 fn build_killed_at_random_points_leaves_a_consistent_store() {
     let s = Scratch::new();
     let dir = model(&s, 192 << 20);
-    let (full, digest) = timed(&s, &["-q", "build", &dir, "-t", "crash:v1"]);
+    let (first, digest) = timed(&s, &["-q", "build", &dir, "-t", "crash:v1"]);
+    // Timed again with the source in the page cache, as the killed builds will find it.
+    let (second, _) = timed(&Scratch::new(), &["-q", "build", &dir, "-t", "crash:v1"]);
+    let full = first.min(second);
     let mut hit = 0;
     for seed in SEEDS {
         let c = Scratch::new();

@@ -326,17 +326,26 @@ fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_
         std::thread::sleep(Duration::from_millis(100));
     }
     let mut buf = vec![0u8; 4096];
-    let err = fs::File::open(&weight)
-        .and_then(|mut f| {
-            f.seek(SeekFrom::Start(weight_size / 2))?;
-            f.read_exact(&mut buf)
-        })
-        .expect_err("a layer that failed verification was served");
+    let opened = fs::File::open(&weight);
+    let Err(err) = opened.and_then(|mut f| {
+        f.seek(SeekFrom::Start(weight_size / 2))?;
+        f.read_exact(&mut buf)
+    }) else {
+        panic!(
+            "a layer that failed verification was served: {}",
+            mount.status()
+        );
+    };
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    let err = held
+    let Err(err) = held
         .seek(SeekFrom::Start(weight_size / 2))
         .and_then(|_| held.read_exact(&mut buf))
-        .expect_err("a handle opened before the failure still read the cached pages");
+    else {
+        panic!(
+            "a handle opened before the failure still read the cached pages: {}",
+            mount.status()
+        );
+    };
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     drop(held);
     assert!(

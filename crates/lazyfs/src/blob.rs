@@ -44,13 +44,28 @@ pub(crate) struct LazyBlob {
     background: Arc<std::sync::atomic::AtomicBool>,
     /// `Verify::Background`: the whole blob did not match its digest; nothing more is served.
     poisoned: Arc<std::sync::atomic::AtomicBool>,
-    /// Signalled once when `poisoned` is set, so the mount can drop the page cache.
-    poison_signal: Arc<tokio::sync::Notify>,
+    /// Called once when `poisoned` is set, before the failure is counted: the mount drops the
+    /// blob's files from the page cache.
+    on_poison: Arc<std::sync::OnceLock<PoisonHook>>,
+    /// Reads of this blob between their start and their reply to the kernel.
+    serving: Arc<AtomicU64>,
     cache_file: OnceCell<std::fs::File>,
     pub fetched: AtomicU64,
     counters: Arc<Counters>,
     transfer: TransferOptions,
 }
+
+/// A read in progress; see [`LazyBlob::serving`].
+pub(crate) struct ServingGuard(Arc<AtomicU64>);
+
+impl Drop for ServingGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What a mount does when a blob fails background verification.
+pub(crate) type PoisonHook = Box<dyn Fn() + Send + Sync>;
 
 impl std::fmt::Debug for LazyBlob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -102,7 +117,8 @@ impl LazyBlob {
             whole: OnceCell::new(),
             background: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             poisoned: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            poison_signal: Arc::new(tokio::sync::Notify::new()),
+            on_poison: Arc::new(std::sync::OnceLock::new()),
+            serving: Arc::new(AtomicU64::new(0)),
             cache_file: OnceCell::new(),
             fetched: AtomicU64::new(0),
             counters,
@@ -222,7 +238,8 @@ impl LazyBlob {
         let store = self.store.clone();
         let transfer = self.transfer.clone();
         let poisoned = self.poisoned.clone();
-        let poison_signal = self.poison_signal.clone();
+        let on_poison = self.on_poison.clone();
+        let serving = self.serving.clone();
         let started = self.background.clone();
         let counters = self.counters.clone();
         let blob = BlobRef {
@@ -235,7 +252,18 @@ impl LazyBlob {
                 Ok(_) => tracing::debug!(blob = %blob.digest, "verified whole in the background"),
                 Err(e) if e.is_digest_mismatch() => {
                     poisoned.store(true, Ordering::SeqCst);
-                    poison_signal.notify_one();
+                    // Reads that passed the check before it failed may still be replying: once
+                    // they have, drop the pages they (and earlier reads) left in the page cache.
+                    while serving.load(Ordering::SeqCst) > 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                    // Off the async workers: the kernel may wait for a read one of them serves.
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if let Some(hook) = on_poison.get() {
+                            hook();
+                        }
+                    })
+                    .await;
                     counters.verify_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(blob = %blob.digest, error = %e, "background verification failed: the blob is not served any more");
                 }
@@ -291,6 +319,14 @@ impl LazyBlob {
         }
     }
 
+    /// The first chunk in `from..to` that is neither here nor being fetched.
+    pub(crate) fn first_uncovered(&self, from: u64, to: u64) -> Option<u64> {
+        // Same lock order as `prefetch`: inflight, then present.
+        let inflight = self.inflight.lock().ok()?;
+        let present = self.present.lock().ok()?;
+        (from..to).find(|&i| !present[i as usize] && !inflight.contains_key(&i))
+    }
+
     /// Starts fetching up to `count` chunks from `first` that are neither present nor being
     /// fetched, as one ranged GET per contiguous run (readahead).
     pub(crate) async fn prefetch(&self, first: u64, count: u64) {
@@ -321,14 +357,19 @@ impl LazyBlob {
     /// verifying and caching each chunk as it completes, then releases and wakes their waiters.
     async fn fetch_run(&self, first: u64, count: u64) -> Result<(), ReadError> {
         let result = self.fetch_run_inner(first, count).await;
-        if let Ok(mut inflight) = self.inflight.lock() {
-            for i in first..first + count {
-                if let Some(n) = inflight.remove(&i) {
-                    n.notify_waiters();
-                }
-            }
-        }
+        // Chunks a failed run did not bring: their readers wake, find them missing and fetch
+        // them themselves.
+        (first..first + count).for_each(|i| self.release(i));
         result
+    }
+
+    /// Ends the claim on chunk `i` and wakes whoever waits for it.
+    fn release(&self, i: u64) {
+        if let Ok(mut inflight) = self.inflight.lock()
+            && let Some(n) = inflight.remove(&i)
+        {
+            n.notify_waiters();
+        }
     }
 
     async fn fetch_run_inner(&self, first: u64, count: u64) -> Result<(), ReadError> {
@@ -366,6 +407,8 @@ impl LazyBlob {
                 let chunk_start = chunk_index * self.chunk_size;
                 if chunk_start + buf.len() as u64 == chunk_end {
                     self.store_chunk(chunk_index, &buf)?;
+                    // Its readers go on now, not when the whole run is in.
+                    self.release(chunk_index);
                     buf.clear();
                     chunk_index += 1;
                     pos = chunk_end;
@@ -492,9 +535,15 @@ impl LazyBlob {
         self.chunks.is_none() && self.verify == Verify::Background
     }
 
-    /// Completes once the blob is poisoned.
-    pub(crate) async fn wait_poisoned(&self) {
-        self.poison_signal.notified().await;
+    /// Counts a read as in progress until the guard is dropped (after its reply).
+    pub(crate) fn serving(&self) -> ServingGuard {
+        self.serving.fetch_add(1, Ordering::SeqCst);
+        ServingGuard(self.serving.clone())
+    }
+
+    /// Sets what to do when the blob is poisoned (once; later calls are ignored).
+    pub(crate) fn on_poison(&self, hook: PoisonHook) {
+        let _ = self.on_poison.set(hook);
     }
 
     /// Number of chunks.

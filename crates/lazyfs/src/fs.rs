@@ -37,14 +37,6 @@ const FH_PASSTHROUGH: u64 = 2;
 pub struct MountedModel {
     session: Option<fuser::BackgroundSession>,
     fs: ModelFs,
-    /// Tasks that drop the page cache of files whose blob failed background verification.
-    watchers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for MountedModel {
-    fn drop(&mut self) {
-        self.watchers.iter().for_each(|w| w.abort());
-    }
 }
 
 impl std::fmt::Debug for MountedModel {
@@ -247,27 +239,12 @@ impl ModelFs {
         v
     }
 
-    /// Starts fetching ahead of a sequential reader of `file` (at file `offset`).
-    fn readahead(&self, ino: u64, file: &LazyFile, offset: u64, len: u64) {
-        let sequential = {
-            let Ok(mut last) = self.last_read.lock() else {
-                return;
-            };
-            let was = last.insert(ino, offset + len);
-            offset == 0 || was == Some(offset)
-        };
-        if !sequential {
-            return;
-        }
-        let blob = &file.blob;
-        let next = file.blob_offset(offset + len) / blob.chunk_size();
-        let mut run = next;
-        while run < (next + READAHEAD_CHUNKS).min(blob.chunk_count()) {
-            let blob = blob.clone();
-            self.runtime
-                .spawn(async move { blob.prefetch(run, READAHEAD_RUN).await });
-            run += READAHEAD_RUN;
-        }
+    /// The chunk a sequential reader of `file` reads next after this read (at file `offset`),
+    /// or `None` when the reader is not sequential.
+    fn sequential_next(&self, ino: u64, file: &LazyFile, offset: u64, len: u64) -> Option<u64> {
+        let was = self.last_read.lock().ok()?.insert(ino, offset + len);
+        (offset == 0 || was == Some(offset))
+            .then(|| file.blob_offset(offset + len) / file.blob.chunk_size())
     }
 
     /// The local file holding exactly `node`'s bytes, when they are all here and verified: a
@@ -334,6 +311,26 @@ impl ModelFs {
             out.push((name.clone(), child, kind));
         }
         Ok(out)
+    }
+}
+
+/// Keeps chunks fetched ahead of a sequential reader about to read chunk `next`: when fewer than
+/// half of the [`READAHEAD_CHUNKS`] after it are here or on their way, fetches from the first
+/// missing one to the end of the window in runs of [`READAHEAD_RUN`] (one ranged GET each), so a
+/// streaming reader costs a few large requests rather than one per chunk.
+fn readahead(blob: &Arc<LazyBlob>, next: u64) {
+    let end = (next + READAHEAD_CHUNKS).min(blob.chunk_count());
+    let Some(gap) = blob.first_uncovered(next, end) else {
+        return;
+    };
+    if gap >= next + READAHEAD_CHUNKS / 2 {
+        return;
+    }
+    let mut run = gap;
+    while run < end {
+        let blob = blob.clone();
+        tokio::spawn(async move { blob.prefetch(run, READAHEAD_RUN).await });
+        run += READAHEAD_RUN;
     }
 }
 
@@ -428,6 +425,7 @@ impl Filesystem for ModelFs {
             Kind::File(Content::Lazy(file)) if file.blob.is_poisoned() => {
                 // Bytes of it may still sit in the page cache from reads served before the
                 // background check failed; a new open must not reach them.
+                tracing::warn!(path = %node.path, "open refused: the layer failed background verification");
                 reply.error(Errno::EIO);
             }
             Kind::File(content) => {
@@ -562,7 +560,7 @@ impl Filesystem for ModelFs {
                 });
             }
             Kind::File(Content::Lazy(file)) => {
-                self.readahead(ino, file, offset, len);
+                let next = self.sequential_next(ino, file, offset, len);
                 let tree = self.tree.clone();
                 let counters = self.counters.clone();
                 self.runtime.spawn(async move {
@@ -572,7 +570,14 @@ impl Filesystem for ModelFs {
                     let Kind::File(Content::Lazy(file)) = &node.kind else {
                         return reply.error(Errno::EIO);
                     };
-                    match file.read(offset, len, node.size).await {
+                    let _serving = file.blob.serving();
+                    let read = file.read(offset, len, node.size).await;
+                    // Readahead starts once this read's own chunks are in, so the first bytes
+                    // do not share the link and the CPU with it.
+                    if let Some(next) = next {
+                        readahead(&file.blob, next);
+                    }
+                    match read {
                         Ok(data) => {
                             counters
                                 .served_bytes
@@ -939,6 +944,10 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
             .map_or(modelpack_spec::annotations::CHUNK_INDEX_CHUNK_SIZE, |i| {
                 i.chunk_size
             });
+        let chunks = chunks_of(layer);
+        // Chunk digests from an unpinned referrer vouch for nothing on their own: the whole
+        // blob is checked once complete. Without chunk digests the verify policy decides.
+        let check_whole = chunks.is_some() && !index_is_pinned;
         Arc::new(LazyBlob::new(
             layer.digest.clone(),
             layer.size(),
@@ -946,9 +955,9 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
             opts.store.clone(),
             &opts.cache_dir,
             chunk_size,
-            chunks_of(layer),
+            chunks,
             opts.verify,
-            !index_is_pinned,
+            check_whole,
             counters.clone(),
             transfer.clone(),
         ))
@@ -1250,37 +1259,29 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
     // `--verify background` serves bytes before the blob is checked; when the check fails,
     // pages of it already in the page cache must not be served again, to open handles either.
     let notifier = session.notifier();
-    let watchers = fs
-        .blobs
-        .iter()
-        .filter(|b| b.verifies_in_background())
-        .map(|blob| {
-            let inodes: Vec<u64> = fs
-                .tree
-                .nodes
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| {
-                    matches!(&n.kind, Kind::File(Content::Lazy(f)) if Arc::ptr_eq(&f.blob, blob))
-                })
-                .map(|(i, _)| i as u64 + 1)
-                .collect();
-            let blob = blob.clone();
-            let notifier = notifier.clone();
-            tokio::spawn(async move {
-                blob.wait_poisoned().await;
-                for ino in inodes {
-                    if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
-                        tracing::debug!(ino, error = %e, "page cache invalidation");
-                    }
-                }
+    for blob in fs.blobs.iter().filter(|b| b.verifies_in_background()) {
+        let inodes: Vec<u64> = fs
+            .tree
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| {
+                matches!(&n.kind, Kind::File(Content::Lazy(f)) if Arc::ptr_eq(&f.blob, blob))
             })
-        })
-        .collect();
+            .map(|(i, _)| i as u64 + 1)
+            .collect();
+        let notifier = notifier.clone();
+        blob.on_poison(Box::new(move || {
+            for &ino in &inodes {
+                if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+                    tracing::warn!(ino, error = %e, "page cache invalidation failed");
+                }
+            }
+        }));
+    }
     Ok(MountedModel {
         session: Some(session),
         fs,
-        watchers,
     })
 }
 
