@@ -188,11 +188,9 @@ impl ModelFs {
             .unwrap_or_default();
         let files: Vec<serde_json::Value> = self
             .tree
-            .nodes
             .iter()
-            .enumerate()
-            .filter_map(|(i, n)| {
-                let (cached, passthrough) = opens.get(&(i as u64 + 1)).copied().unwrap_or((0, 0));
+            .filter_map(|(ino, n)| {
+                let (cached, passthrough) = opens.get(&ino).copied().unwrap_or((0, 0));
                 let mut file = self.file_status(n)?;
                 file["openCached"] = cached.into();
                 file["openPassthrough"] = passthrough.into();
@@ -570,7 +568,8 @@ impl Filesystem for ModelFs {
                     let Kind::File(Content::Lazy(file)) = &node.kind else {
                         return reply.error(Errno::EIO);
                     };
-                    let _serving = file.blob.serving();
+                    // Only a blob that can still fail its check needs its replies counted.
+                    let _serving = file.blob.verifies_in_background().then(|| file.blob.serving());
                     let read = file.read(offset, len, node.size).await;
                     // Readahead starts once this read's own chunks are in, so the first bytes
                     // do not share the link and the CPU with it.
@@ -1262,13 +1261,11 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
     for blob in fs.blobs.iter().filter(|b| b.verifies_in_background()) {
         let inodes: Vec<u64> = fs
             .tree
-            .nodes
             .iter()
-            .enumerate()
             .filter(|(_, n)| {
                 matches!(&n.kind, Kind::File(Content::Lazy(f)) if Arc::ptr_eq(&f.blob, blob))
             })
-            .map(|(i, _)| i as u64 + 1)
+            .map(|(ino, _)| ino)
             .collect();
         let notifier = notifier.clone();
         blob.on_poison(Box::new(move || {

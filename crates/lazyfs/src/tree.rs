@@ -93,6 +93,11 @@ impl Tree {
         }
     }
 
+    /// Every node with its inode number.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, &Node)> {
+        (1..).zip(&self.nodes)
+    }
+
     pub(crate) fn get(&self, ino: u64) -> Option<&Node> {
         self.nodes.get(ino.checked_sub(1)? as usize)
     }
