@@ -463,20 +463,28 @@ fn bench_transfer(
     Ok(rows)
 }
 
+/// The mount's status at `dir` (`.modelpack-status`) and, in it, the entry of `path`.
+fn file_status(dir: &Path, path: &str) -> anyhow::Result<(serde_json::Value, serde_json::Value)> {
+    let status: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join(".modelpack-status"))?)?;
+    let file = status["files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|f| f["path"] == path)
+        .cloned()
+        .unwrap_or_default();
+    Ok((status, file))
+}
+
 /// Waits until the mount at `dir` reports `path` 100% local and no longer open (the kernel
 /// releases a closed file asynchronously; a re-open before that shares the page-cache open).
 fn wait_fully_local(dir: &Path, path: &str) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let status: serde_json::Value =
-            serde_json::from_slice(&fs::read(dir.join(".modelpack-status"))?)?;
-        let file = status["files"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|f| f["path"] == path);
-        let local = file.and_then(|f| f["local"].as_f64()).unwrap_or_default();
-        let open = file.and_then(|f| f["openCached"].as_u64()).unwrap_or(0);
+        let (status, file) = file_status(dir, path)?;
+        let local = file["local"].as_f64().unwrap_or_default();
+        let open = file["openCached"].as_u64().unwrap_or(0);
         if local >= 100.0 && open == 0 {
             return Ok(());
         }
@@ -490,15 +498,8 @@ fn wait_fully_local(dir: &Path, path: &str) -> anyhow::Result<()> {
 
 /// True when the mount at `dir` reports an open of `path` in kernel passthrough.
 fn open_in_passthrough(dir: &Path, path: &str) -> anyhow::Result<bool> {
-    let status: serde_json::Value =
-        serde_json::from_slice(&fs::read(dir.join(".modelpack-status"))?)?;
-    Ok(status["files"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|f| f["path"] == path)
-        .and_then(|f| f["openPassthrough"].as_u64())
-        .is_some_and(|n| n > 0))
+    let (_, file) = file_status(dir, path)?;
+    Ok(file["openPassthrough"].as_u64().is_some_and(|n| n > 0))
 }
 
 /// A running `modelpack mount`, stopped by PID (SIGTERM unmounts) when dropped.
