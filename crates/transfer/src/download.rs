@@ -224,18 +224,18 @@ async fn fetch_adaptive(
     }
     let partial = Arc::new(Mutex::new(Some(partial)));
     let unsaved = Arc::new(AtomicU64::new(0));
-    let save = {
+    let save: Arc<dyn Fn() + Send + Sync> = {
         let partial = partial.clone();
         let spans = spans.clone();
         let size = blob.size;
-        move || {
+        Arc::new(move || {
             let current = spans.lock().map(|g| g.clone()).unwrap_or_default();
             if let Ok(guard) = partial.lock()
                 && let Some(p) = guard.as_ref()
             {
                 let _ = p.save_state(&encode_state(size, &current));
             }
-        }
+        })
     };
 
     // The hasher follows the written prefix: bytes written exactly at the prefix's end arrive
@@ -303,13 +303,18 @@ async fn fetch_adaptive(
         })
     };
 
+    // Each stream is a runtime task, polled by the worker thread that sees its socket ready;
+    // polled from the caller's `block_on` instead, every read costs a wake-up across threads.
+    // The set aborts what still runs when it is dropped (an error, Ctrl-C, another blob failed).
+    let file = Arc::new(file);
     let worker = |span: Arc<Span>| {
-        let file = &file;
+        let file = file.clone();
         let unsaved = unsaved.clone();
-        let save = &save;
+        let save = save.clone();
         let written_tx = written_tx.clone();
+        let (repo, blob, opts) = (repo.clone(), blob.clone(), opts.clone());
         async move {
-            fetch_span(repo, blob, opts, file, &span, &written_tx, &|n| {
+            fetch_span(&repo, &blob, &opts, &file, &span, &written_tx, &|n| {
                 if unsaved.fetch_add(n, Ordering::SeqCst) + n >= SAVE_EVERY {
                     unsaved.store(0, Ordering::SeqCst);
                     save();
@@ -318,10 +323,10 @@ async fn fetch_adaptive(
             .await
         }
     };
-    let mut running = futures_util::stream::FuturesUnordered::new();
+    let mut running = tokio::task::JoinSet::new();
     for span in snapshot(&spans) {
         if span.remaining() > 0 {
-            running.push(worker(span));
+            running.spawn(worker(span));
         }
     }
     let started = std::time::Instant::now();
@@ -329,12 +334,15 @@ async fn fetch_adaptive(
     let mut first_error = None;
     while !running.is_empty() {
         tokio::select! {
-            done = running.next() => {
-                if let Some(Err(e)) = done {
-                    failed.store(true, Ordering::SeqCst);
-                    first_error.get_or_insert(e);
-                    break;
-                }
+            done = running.join_next() => {
+                let error = match done {
+                    Some(Ok(Err(e))) => e,
+                    Some(Err(joined)) => Error::Unsupported(format!("download task failed: {joined}")),
+                    _ => continue,
+                };
+                failed.store(true, Ordering::SeqCst);
+                first_error.get_or_insert(error);
+                break;
             }
             _ = tick.tick() => {
                 let elapsed = started.elapsed().as_secs_f64();
@@ -371,12 +379,13 @@ async fn fetch_adaptive(
                         g.push(fresh.clone());
                     }
                     tracing::debug!(digest = %blob.digest, mid, "split a slow range onto another connection");
-                    running.push(worker(fresh));
+                    running.spawn(worker(fresh));
                 }
             }
         }
     }
-    drop(running);
+    // After an error the other streams stop; wait until they have, so no write follows.
+    running.shutdown().await;
     drop(written_tx);
     // No more writes: the hasher finishes what was written and stops there, so a download that
     // ended short can never leave it waiting.
