@@ -167,6 +167,34 @@ fn timed(
     Ok(measure::median(&samples))
 }
 
+/// Times two commands `runs` times each, interleaved (AB, BA, AB, ...) so that drift in the
+/// machine's state (page cache, writeback, the host) falls on both alike.
+fn timed_pair(
+    runs: usize,
+    (a_outputs, mut make_a): (&[&Path], impl FnMut(usize) -> Command),
+    (b_outputs, mut make_b): (&[&Path], impl FnMut(usize) -> Command),
+) -> anyhow::Result<(Sample, Sample)> {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        for second in [run % 2 == 1, run % 2 == 0] {
+            let (outputs, cmd, samples) = if second {
+                (b_outputs, make_b(run), &mut b)
+            } else {
+                (a_outputs, make_a(run), &mut a)
+            };
+            for o in outputs {
+                let _ = fs::remove_dir_all(o);
+                let _ = fs::remove_file(o);
+            }
+            measure::sync();
+            let mut cmd = cmd;
+            cmd.stdout(std::process::Stdio::null());
+            samples.push(measure::run(&mut cmd)?);
+        }
+    }
+    Ok((measure::median(&a), measure::median(&b)))
+}
+
 fn row(
     what: String,
     ours: &Sample,
@@ -321,20 +349,30 @@ fn bench_transfer(
     let pull_store = work.join("pull-store");
     let pulled_file = work.join("curl-blob");
     let oras_out = work.join("oras-out");
-    let pull_ours = timed(runs, &[&pull_store], |_| {
+    // `modelpack pull` into the scratch store, and oras-py's pull into a folder.
+    let our_pull = |reference: &str| {
         let mut c = Command::new(bin);
         c.arg("--store")
             .arg(&pull_store)
-            .args(["pull", "--plain-http", &single_ref]);
+            .args(["pull", "--plain-http", reference]);
         c
-    })?;
-    let pull_curl = timed(runs, &[&pulled_file], |_| {
-        let mut c = Command::new("curl");
-        c.args(["-s", "-f", "-o"])
-            .arg(&pulled_file)
-            .arg(format!("http://{host}/v2/bench/single/blobs/{blob}"));
+    };
+    let oras_pull = |host: &str, reference: &str| {
+        let mut c = Command::new(&python);
+        c.args(["-c", ORAS_PULL, host, reference]).arg(&oras_out);
         c
-    })?;
+    };
+    let (pull_ours, pull_curl) = timed_pair(
+        runs,
+        (&[&pull_store], |_| our_pull(&single_ref)),
+        (&[&pulled_file], |_| {
+            let mut c = Command::new("curl");
+            c.args(["-s", "-f", "-o"])
+                .arg(&pulled_file)
+                .arg(format!("http://{host}/v2/bench/single/blobs/{blob}"));
+            c
+        }),
+    )?;
     rows.push(row(
         format!("pull {size_mib} MiB single-blob model (verified, into the store)"),
         &pull_ours,
@@ -343,11 +381,7 @@ fn bench_transfer(
         1.1,
         true,
     ));
-    let pull_oras = timed(runs, &[&oras_out], |_| {
-        let mut c = Command::new(&python);
-        c.args(["-c", ORAS_PULL, &host, &single_ref]).arg(&oras_out);
-        c
-    })?;
+    let pull_oras = timed(runs, &[&oras_out], |_| oras_pull(&host, &single_ref))?;
     rows.push(info_row(
         format!("pull {size_mib} MiB single-blob model"),
         &pull_ours,
@@ -356,18 +390,11 @@ fn bench_transfer(
     ));
 
     println!("bench: pull multi-file");
-    let multi_ours = timed(runs, &[&pull_store], |_| {
-        let mut c = Command::new(bin);
-        c.arg("--store")
-            .arg(&pull_store)
-            .args(["pull", "--plain-http", &multi_ref]);
-        c
-    })?;
-    let multi_oras = timed(runs, &[&oras_out], |_| {
-        let mut c = Command::new(&python);
-        c.args(["-c", ORAS_PULL, &host, &multi_ref]).arg(&oras_out);
-        c
-    })?;
+    let (multi_ours, multi_oras) = timed_pair(
+        runs,
+        (&[&pull_store], |_| our_pull(&multi_ref)),
+        (&[&oras_out], |_| oras_pull(&host, &multi_ref)),
+    )?;
     rows.push(row(
         format!(
             "pull multi-file model (8 x {} MiB + 21 small files)",
@@ -389,18 +416,11 @@ fn bench_transfer(
     let slow_runs = runs.min(3);
     for (label, reference) in [("single-blob", &single_ref), ("multi-file", &multi_ref)] {
         let via = reference.replacen(&host, &slow.host(), 1);
-        let ours = timed(slow_runs, &[&pull_store], |_| {
-            let mut c = Command::new(bin);
-            c.arg("--store")
-                .arg(&pull_store)
-                .args(["pull", "--plain-http", &via]);
-            c
-        })?;
-        let theirs = timed(slow_runs, &[&oras_out], |_| {
-            let mut c = Command::new(&python);
-            c.args(["-c", ORAS_PULL, &slow.host(), &via]).arg(&oras_out);
-            c
-        })?;
+        let (ours, theirs) = timed_pair(
+            slow_runs,
+            (&[&pull_store], |_| our_pull(&via)),
+            (&[&oras_out], |_| oras_pull(&slow.host(), &via)),
+        )?;
         rows.push(row(
             format!("slow-link pull, {label} {size_mib} MiB model"),
             &ours,
@@ -426,13 +446,7 @@ fn bench_transfer(
             .args(["push", "--plain-http", &big_ref]);
         c
     })?;
-    let pull_big = timed(1, &[&pull_store], |_| {
-        let mut c = Command::new(bin);
-        c.arg("--store")
-            .arg(&pull_store)
-            .args(["pull", "--plain-http", &big_ref]);
-        c
-    })?;
+    let pull_big = timed(1, &[&pull_store], |_| our_pull(&big_ref))?;
     let _ = fs::remove_dir_all(&pull_store);
     let mem_row = |what: String, small: &Sample, large: &Sample| {
         let (a, b) = (
@@ -817,7 +831,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         )?);
     }
     match only.as_deref() {
-        None | Some("containerd") => rows.extend(bench_containerd(size_mib, runs.min(3))?),
+        None | Some("containerd") => rows.extend(bench_containerd(size_mib, runs)?),
         Some(other) => anyhow::bail!("--only knows containerd, not {other:?}"),
     }
 
