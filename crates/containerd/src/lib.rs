@@ -500,13 +500,58 @@ async fn pull_under_lease(
     config_digest: &Digest,
     lease: &str,
 ) -> Result<()> {
+    // The layer chain and the two content writes are independent (the chain's top is known from
+    // the diffIds before any layer exists): they go to containerd at once, on one connection.
+    // Only the image record waits for both, so it never names content or snapshots not yet there.
+    let top = chain.last().map(ToString::to_string).unwrap_or_default();
+    let mut config_labels = HashMap::new();
+    config_labels.insert(gc_snapshot_label(snapshotter), top);
+    let mut manifest_labels = HashMap::new();
+    manifest_labels.insert(labels::GC_REF_CONFIG.to_owned(), config_digest.to_string());
+    // Config holds the chain; manifest holds the config; the image holds the manifest.
+    let content = async {
+        ctd.write_content(config_digest, artifact.config_bytes, config_labels, lease)
+            .await?;
+        ctd.write_content(
+            manifest_digest,
+            artifact.manifest_bytes,
+            manifest_labels,
+            lease,
+        )
+        .await
+    };
+    tokio::try_join!(
+        prepare_chain(ctd, artifact, snapshotter, chain, manifest_digest, lease),
+        content
+    )?;
+    ctd.put_image(
+        artifact.name,
+        Descriptor {
+            media_type: artifact.manifest_media_type.to_owned(),
+            digest: manifest_digest.to_string(),
+            size: artifact.manifest_bytes.len() as i64,
+            annotations: HashMap::new(),
+        },
+    )
+    .await
+}
+
+/// Prepares each layer's snapshot on top of the previous one, with the labels that make the
+/// snapshotter mount it remotely. A layer whose chain ID exists already is answered
+/// ALREADY_EXISTS by containerd itself (which also adds it to the lease), so no Stat is needed
+/// first.
+async fn prepare_chain(
+    ctd: &Containerd,
+    artifact: &Artifact<'_>,
+    snapshotter: &str,
+    chain: &[Digest],
+    manifest_digest: &Digest,
+    lease: &str,
+) -> Result<()> {
     let layers = artifact.manifest.layers();
     let nonce = lease.trim_start_matches("modelpack-pull-");
     for (i, layer) in layers.iter().enumerate() {
         let target = chain[i].to_string();
-        if ctd.stat(snapshotter, &target).await?.is_some() {
-            continue;
-        }
         let mut snapshot_labels = HashMap::new();
         snapshot_labels.insert(labels::SNAPSHOT_REF.to_owned(), target.clone());
         snapshot_labels.insert(labels::REFERENCE.to_owned(), artifact.repository.to_owned());
@@ -557,32 +602,7 @@ async fn pull_under_lease(
         // containerd answers ALREADY_EXISTS only after it has recorded the snapshotter's
         // committed target under this parent, so no second Stat is needed.
     }
-
-    // Config holds the chain; manifest holds the config; the image holds the manifest.
-    let top = chain.last().map(ToString::to_string).unwrap_or_default();
-    let mut config_labels = HashMap::new();
-    config_labels.insert(gc_snapshot_label(snapshotter), top);
-    ctd.write_content(config_digest, artifact.config_bytes, config_labels, lease)
-        .await?;
-    let mut manifest_labels = HashMap::new();
-    manifest_labels.insert(labels::GC_REF_CONFIG.to_owned(), config_digest.to_string());
-    ctd.write_content(
-        manifest_digest,
-        artifact.manifest_bytes,
-        manifest_labels,
-        lease,
-    )
-    .await?;
-    ctd.put_image(
-        artifact.name,
-        Descriptor {
-            media_type: artifact.manifest_media_type.to_owned(),
-            digest: manifest_digest.to_string(),
-            size: artifact.manifest_bytes.len() as i64,
-            annotations: HashMap::new(),
-        },
-    )
-    .await
+    Ok(())
 }
 
 /// The key of the View that [`mount`] makes for `dir`.

@@ -1240,10 +1240,15 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
     // session task just spawned (possibly onto this very worker) has to send.
     let mount_point = dir.to_owned();
     let _ = tokio::task::spawn_blocking(move || raise_readahead(&mount_point)).await;
-    if opts.prefetch {
-        // Smallest first (configs and tokenizers before weights), one run of chunks at a time:
-        // one connection in the background, so on-demand reads keep the rest of the link.
-        let mut order: Vec<Arc<LazyBlob>> = fs.blobs.iter().cloned().collect();
+    // Smallest first (configs and tokenizers before weights), one run of chunks at a time: one
+    // connection in the background, so on-demand reads keep the rest of the link.
+    let mut order: Vec<Arc<LazyBlob>> = fs
+        .blobs
+        .iter()
+        .filter(|b| opts.prefetch || b.size <= opts.prefetch_small)
+        .cloned()
+        .collect();
+    if !order.is_empty() {
         order.sort_by_key(|b| b.size);
         tokio::spawn(async move {
             for blob in order {

@@ -69,6 +69,10 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Fetch small files first, then everything, in the background.
     pub prefetch: bool,
+    /// Fetch every layer of at most this many bytes in the background as soon as the model is
+    /// mounted (configs, tokenizers: what a loader reads first), so their first read does not
+    /// wait for the registry. 0: none.
+    pub prefetch_small: u64,
     /// Serve only these layers (by digest); `None` serves the whole artifact. The containerd
     /// snapshotter mounts one layer per snapshot and lets overlayfs stack them.
     pub layers: Option<Vec<modelpack_spec::Digest>>,
@@ -92,6 +96,7 @@ impl MountOptions {
             verify: Verify::Full,
             allow_other: false,
             prefetch: false,
+            prefetch_small: 0,
             layers: None,
             status_file: true,
         }

@@ -11,6 +11,9 @@ use serde::Deserialize;
 pub const DEFAULT_ROOT: &str = "/var/lib/modelpack-snapshotter";
 /// Default socket containerd dials.
 pub const DEFAULT_ADDRESS: &str = "/run/modelpack-snapshotter/modelpack-snapshotter.sock";
+/// Layers up to this size (configs, tokenizers) are fetched as soon as their snapshot mounts: a
+/// model loader reads them first, and they cost little.
+pub const DEFAULT_PREFETCH_SMALL: u64 = 1 << 20;
 /// Default config file (read when present).
 pub const DEFAULT_CONFIG: &str = "/etc/modelpack-snapshotter/config.toml";
 
@@ -28,6 +31,8 @@ pub struct FileConfig {
     pub verify: Option<VerifyPolicy>,
     /// Fetch whole layers in the background once mounted.
     pub prefetch: Option<bool>,
+    /// Fetch layers of at most this many bytes as soon as they are mounted (0: off).
+    pub prefetch_small: Option<u64>,
     /// Start even when some remote snapshots cannot be mounted again.
     pub allow_invalid_mounts_on_restart: Option<bool>,
     /// `HOST:PORT` for Prometheus metrics (off when absent).
@@ -76,6 +81,8 @@ pub struct Settings {
     pub verify: VerifyPolicy,
     /// Background prefetch.
     pub prefetch: bool,
+    /// Layers of at most this many bytes are fetched as soon as mounted.
+    pub prefetch_small: u64,
     /// Keep going when remounting fails on start.
     pub allow_invalid_mounts_on_restart: bool,
     /// Metrics listener.
@@ -116,6 +123,7 @@ impl Settings {
             root,
             verify: flags.verify.or(file.verify).unwrap_or(VerifyPolicy::Full),
             prefetch: file.prefetch.unwrap_or(false),
+            prefetch_small: file.prefetch_small.unwrap_or(DEFAULT_PREFETCH_SMALL),
             allow_invalid_mounts_on_restart: flags.allow_invalid_mounts_on_restart
                 || file.allow_invalid_mounts_on_restart.unwrap_or(false),
             metrics_address: flags.metrics_address.or(file.metrics_address),
@@ -204,6 +212,39 @@ mod tests {
         )
         .expect("load");
         assert_eq!(s.root, PathBuf::from("/srv/b"));
+    }
+
+    #[test]
+    fn the_example_config_uncommented_gives_the_defaults() {
+        // Every `#key = value` line of the shipped example, uncommented, must be a key the
+        // daemon accepts, and the values shown must be the defaults.
+        let example = include_str!("../config.example.toml");
+        let top_level: String = example
+            .lines()
+            .take_while(|l| !l.starts_with("#[registry"))
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(top_level.contains("prefetch_small"), "{top_level}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, &top_level).expect("write");
+        let s = Settings::load(Some(&path), Overrides::default()).expect("the example parses");
+        std::fs::write(dir.path().join("empty.toml"), "").expect("write");
+        let d = Settings::load(Some(&dir.path().join("empty.toml")), Overrides::default())
+            .expect("an empty file parses");
+        assert_eq!(s.root, d.root);
+        assert_eq!(s.address, d.address);
+        assert_eq!(s.cache_dir, d.cache_dir);
+        assert_eq!(s.verify, d.verify);
+        assert_eq!(s.prefetch, d.prefetch);
+        assert_eq!(s.prefetch_small, DEFAULT_PREFETCH_SMALL);
+        assert_eq!(s.prefetch_small, d.prefetch_small);
+        assert_eq!(
+            s.allow_invalid_mounts_on_restart,
+            d.allow_invalid_mounts_on_restart
+        );
     }
 
     #[test]

@@ -396,6 +396,7 @@ impl Service {
         };
         opts.allow_other = true;
         opts.prefetch = settings.prefetch;
+        opts.prefetch_small = settings.prefetch_small;
         opts.layers = Some(vec![digest]);
         opts.status_file = false;
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;

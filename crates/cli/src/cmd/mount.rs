@@ -91,6 +91,7 @@ pub fn mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<ExitCode> {
         },
         allow_other: args.allow_other,
         prefetch: args.prefetch,
+        prefetch_small: 0,
         layers: None,
         status_file: true,
     };
