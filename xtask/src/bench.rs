@@ -147,23 +147,26 @@ fn make_multi_model(dir: &Path, shard_mib: u64) -> anyhow::Result<()> {
 
 const ORAS_PULL: &str = "import sys, oras.client\nc = oras.client.OrasClient(hostname=sys.argv[1], insecure=True)\nc.pull(target=sys.argv[2], outdir=sys.argv[3])\n";
 
+/// Runs `cmd` once, timed, after removing `outputs` and syncing.
+fn timed_once(outputs: &[&Path], mut cmd: Command) -> anyhow::Result<Sample> {
+    for o in outputs {
+        let _ = fs::remove_dir_all(o);
+        let _ = fs::remove_file(o);
+    }
+    measure::sync();
+    cmd.stdout(std::process::Stdio::null());
+    measure::run(&mut cmd)
+}
+
 /// Times a command `runs` times, cleaning `outputs` and syncing before each run.
 fn timed(
     runs: usize,
     outputs: &[&Path],
     mut make: impl FnMut(usize) -> Command,
 ) -> anyhow::Result<Sample> {
-    let mut samples = Vec::new();
-    for run in 0..runs {
-        for o in outputs {
-            let _ = fs::remove_dir_all(o);
-            let _ = fs::remove_file(o);
-        }
-        measure::sync();
-        let mut cmd = make(run);
-        cmd.stdout(std::process::Stdio::null());
-        samples.push(measure::run(&mut cmd)?);
-    }
+    let samples = (0..runs)
+        .map(|run| timed_once(outputs, make(run)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(measure::median(&samples))
 }
 
@@ -176,20 +179,12 @@ fn timed_pair(
 ) -> anyhow::Result<(Sample, Sample)> {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for run in 0..runs {
-        for second in [run % 2 == 1, run % 2 == 0] {
-            let (outputs, cmd, samples) = if second {
-                (b_outputs, make_b(run), &mut b)
+        for b_turn in [run % 2 == 1, run % 2 == 0] {
+            if b_turn {
+                b.push(timed_once(b_outputs, make_b(run))?);
             } else {
-                (a_outputs, make_a(run), &mut a)
-            };
-            for o in outputs {
-                let _ = fs::remove_dir_all(o);
-                let _ = fs::remove_file(o);
+                a.push(timed_once(a_outputs, make_a(run))?);
             }
-            measure::sync();
-            let mut cmd = cmd;
-            cmd.stdout(std::process::Stdio::null());
-            samples.push(measure::run(&mut cmd)?);
         }
     }
     Ok((measure::median(&a), measure::median(&b)))
