@@ -406,9 +406,11 @@ fn interrupted_pull_into_a_folder_leaves_it_as_it_was() {
     let target = s.path("target");
     fs::create_dir_all(&target).expect("mkdir");
     fs::write(target.join("mine.txt"), b"user file").expect("write");
+    // A store without the model: `pull -o` reads blobs the store already holds from it.
+    let reader = Scratch::new();
     let child = Command::new(util::bin())
         .arg("--store")
-        .arg(s.store())
+        .arg(reader.store())
         .args(["pull", &slow, "--plain-http", "-o"])
         .arg(&target)
         .stdout(Stdio::null())
@@ -445,4 +447,83 @@ fn interrupted_pull_into_a_folder_leaves_it_as_it_was() {
         [target.join("mine.txt").display().to_string()],
         "Ctrl-C left files behind"
     );
+}
+
+#[test]
+fn pull_into_a_folder_killed_half_way_continues_where_it_stopped() {
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let size = 64usize << 20;
+    let dir = model(&s, size);
+    let reference = format!("{}/resume/folder:v1", registry.host());
+    s.ok(&["build", &dir, "-t", &reference]);
+    s.ok(&["push", &reference, "--plain-http"]);
+    let slow = Proxy::start(registry.port, Some(8 << 20));
+    let reader = Scratch::new();
+    let target = reader.path("target");
+    let mut child = Command::new(util::bin())
+        .arg("--store")
+        .arg(reader.store())
+        .args([
+            "pull",
+            &format!("{}/resume/folder:v1", slow.host()),
+            "--plain-http",
+            "-o",
+        ])
+        .arg(&target)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while slow.served() < 32 << 20 && std::time::Instant::now() < deadline {
+        // Never a partial file under its final name (the folder appears only once every
+        // blob is in).
+        if !target.exists() {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        for (path, (hash, _)) in util::tree(&target) {
+            if path.starts_with(".modelpack-extract-") {
+                continue;
+            }
+            let want = util::sha256_file(&std::path::Path::new(&dir).join(&path));
+            assert_eq!(hash, want, "{path} visible before it was complete");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "the pull finished before it could be killed"
+    );
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait");
+    assert!(
+        !target.join("model.safetensors").exists(),
+        "a killed pull left the weight under its final name"
+    );
+    // Again, through a counting proxy: only what the first run had not saved moves.
+    let counting = Proxy::start(registry.port, None);
+    let out = reader.ok(&[
+        "pull",
+        &format!("{}/resume/folder:v1", counting.host()),
+        "--plain-http",
+        "-o",
+        target.to_str().expect("utf8"),
+    ]);
+    assert!(out.contains("resumed"), "{out}");
+    assert_eq!(util::tree(&target), util::tree(std::path::Path::new(&dir)));
+    let again = counting.served();
+    assert!(
+        again < (size as u64) - (16 << 20),
+        "the second run moved {again} of {size} bytes: it started over"
+    );
+    // Nothing stays behind in the store: not the blobs, not the partial download.
+    assert!(
+        util::listing(&reader.store().join("blobs/sha256")).is_empty(),
+        "pull -o left blobs in the store"
+    );
+    assert!(util::listing(&reader.store().join("scratch")).is_empty());
 }

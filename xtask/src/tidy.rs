@@ -105,7 +105,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("modelpack-registry", &["modelpack-spec"]),
     (
         "modelpack-transfer",
-        &["modelpack-spec", "modelpack-store", "modelpack-registry"],
+        &[
+            "modelpack-spec",
+            "modelpack-store",
+            "modelpack-registry",
+            "modelpack-extract",
+        ],
     ),
     (
         "modelpack-lazyfs",

@@ -36,7 +36,7 @@ use modelpack_store::Store;
 
 pub use error::{Error, Result};
 pub use plan::{
-    EntryPlan, ExtractPlan, PlannedEntry, plan, plan_files, plan_layers, plan_tar_layer,
+    EntryPlan, ExtractPlan, Patterns, PlannedEntry, plan, plan_files, plan_layers, plan_tar_layer,
 };
 pub use stage::extract_planned;
 
@@ -62,6 +62,14 @@ pub trait LayerSource: Sync {
     /// The default is `None`: planning streams the layer.
     fn open_tar_seekable(&self, _layer: &LayerBlob) -> Result<Option<Box<dyn ReadSeek + '_>>> {
         Ok(None)
+    }
+
+    /// A local file holding exactly this raw layer's bytes, already verified, that the
+    /// extractor may hard-link into place instead of copying: the source gives the file up (it
+    /// must not be shared with anything that outlives the extraction, such as a store blob).
+    /// The default is `None`: the layer is copied and verified as it streams.
+    fn verified_file(&self, _layer: &LayerBlob) -> Option<std::path::PathBuf> {
+        None
     }
 }
 

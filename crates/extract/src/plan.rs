@@ -74,6 +74,22 @@ impl ExtractPlan {
     }
 }
 
+/// The `--pattern` globs, compiled once: what [`plan`] selects by.
+#[derive(Debug, Clone)]
+pub struct Patterns(Option<GlobSet>);
+
+impl Patterns {
+    /// Compiles `patterns` (empty: every path matches).
+    pub fn new(patterns: &[String]) -> Result<Patterns> {
+        Ok(Patterns(pattern_set(patterns)?))
+    }
+
+    /// True when `path` is selected.
+    pub fn matches(&self, path: &str) -> bool {
+        self.0.as_ref().is_none_or(|set| set.is_match(path))
+    }
+}
+
 pub(crate) fn pattern_set(patterns: &[String]) -> Result<Option<GlobSet>> {
     if patterns.is_empty() {
         return Ok(None);

@@ -285,15 +285,10 @@ pub fn extract_planned(
             by_layer.entry(e.layer).or_default().push(e);
         }
         let mut counter = 0usize;
+        let mut linked_once = std::collections::HashSet::new();
         for (idx, layer) in layers.iter().enumerate() {
             let Some(entries) = by_layer.get(&idx) else {
                 continue;
-            };
-            let verifying = Verifying {
-                inner: source.open_layer(layer)?,
-                hasher: Sha256::new(),
-                count: 0,
-                cancel,
             };
             if layer.encoding == Encoding::Raw {
                 let e = entries[0];
@@ -304,10 +299,23 @@ pub fn extract_planned(
                 }
                 let staged_path = staging.path().join(counter.to_string());
                 counter += 1;
-                let mut file = create_staged(&staged_path)?;
-                let mut verifying = verifying;
-                io::copy(&mut verifying, &mut file).map_err(|err| layer_io(layer, err))?;
-                verifying.check(layer)?;
+                // A verified file the source gives up becomes the staged file without a copy;
+                // a blob that two layers share is linked once and copied for the others.
+                let linked = linked_once.insert(layer.digest.clone())
+                    && source
+                        .verified_file(layer)
+                        .is_some_and(|from| fs::hard_link(from, &staged_path).is_ok());
+                if !linked {
+                    let mut file = create_staged(&staged_path)?;
+                    let mut verifying = Verifying {
+                        inner: source.open_layer(layer)?,
+                        hasher: Sha256::new(),
+                        count: 0,
+                        cancel,
+                    };
+                    io::copy(&mut verifying, &mut file).map_err(|err| layer_io(layer, err))?;
+                    verifying.check(layer)?;
+                }
                 finish_file(&staged_path, e.mode, e.mtime)?;
                 report.bytes += layer.size;
                 staged.push(Staged::File {
@@ -316,6 +324,12 @@ pub fn extract_planned(
                 });
                 continue;
             }
+            let verifying = Verifying {
+                inner: source.open_layer(layer)?,
+                hasher: Sha256::new(),
+                count: 0,
+                cancel,
+            };
             let shared = Rc::new(RefCell::new(verifying));
             {
                 // The stream may not unpack to more than the plan found in it (files, plus room

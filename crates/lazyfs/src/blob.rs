@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use modelpack_registry::Repository;
 use modelpack_spec::Digest;
 use modelpack_store::Store;
@@ -377,26 +376,22 @@ impl LazyBlob {
         let start = first * self.chunk_size;
         let end = ((first + count) * self.chunk_size).min(self.size);
         let started = std::time::Instant::now();
-        let stream = self
+        let mut body = self
             .repo
-            .get_blob(&self.digest, Some(start..end))
+            .blob_stream(&self.digest, Some(start..end))
             .await
             .map_err(|e| ReadError(e.to_string()))?;
-        let mut skip = start - stream.offset.min(start);
-        let mut body = stream.response.bytes_stream();
         let mut chunk_index = first;
         let mut buf = Vec::with_capacity(self.chunk_size as usize);
         let mut pos = start;
         while pos < end {
-            let Some(piece) = body.next().await else {
+            let Some(piece) = body
+                .next_chunk()
+                .await
+                .map_err(|e| ReadError(e.to_string()))?
+            else {
                 break;
             };
-            let mut piece = piece.map_err(|e| ReadError(format!("blob {}: {e}", self.digest)))?;
-            if skip > 0 {
-                let k = skip.min(piece.len() as u64) as usize;
-                let _ = piece.split_to(k);
-                skip -= k as u64;
-            }
             let mut piece = &piece[..];
             while !piece.is_empty() && pos < end {
                 let chunk_end = ((chunk_index + 1) * self.chunk_size).min(self.size);

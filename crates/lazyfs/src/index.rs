@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use modelpack_registry::Repository;
 use modelpack_spec::annotations::{ANNOTATION_TITLE, CHUNK_INDEX_CHUNK_SIZE};
 use modelpack_spec::media_type::{
@@ -35,16 +34,15 @@ pub async fn create_index(repo: &Repository, reference: &str) -> Result<Digest, 
         {
             continue;
         }
-        let stream = repo.get_blob(&layer.digest, None).await?;
-        let mut body = stream.response.bytes_stream();
+        let mut body = repo
+            .blob_stream(&layer.digest, Some(0..layer.size()))
+            .await?;
         let mut whole = Sha256::new();
         let mut chunk = Sha256::new();
         let mut in_chunk = 0u64;
         let mut chunks = Vec::new();
         let mut total = 0u64;
-        while let Some(piece) = body.next().await {
-            let piece =
-                piece.map_err(|e| MountError::Invalid(format!("blob {}: {e}", layer.digest)))?;
+        while let Some(piece) = body.next_chunk().await? {
             whole.update(&piece);
             total += piece.len() as u64;
             let mut rest = &piece[..];
@@ -134,18 +132,12 @@ pub(crate) async fn find_referrer_index(
         else {
             continue;
         };
-        let Ok(stream) = repo.get_blob(&digest, None).await else {
-            continue;
-        };
-        let Ok(bytes) =
-            modelpack_registry::read_capped(stream.response, modelpack_spec::MAX_DOCUMENT_SIZE)
-                .await
+        let Ok(bytes) = repo
+            .read_blob_capped(&digest, modelpack_spec::MAX_DOCUMENT_SIZE)
+            .await
         else {
             continue;
         };
-        if Digest::sha256_of(&bytes) != digest {
-            continue;
-        }
         if let Ok(index) = ChunkIndex::from_slice(&bytes) {
             return Some(index);
         }

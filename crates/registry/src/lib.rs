@@ -3,7 +3,7 @@
 //! - [`Client`]: one HTTP client per process with the auth flow (anonymous, basic, bearer tokens
 //!   with scopes, identity tokens) and retries (capped exponential backoff, jitter,
 //!   `Retry-After`, a deadline);
-//! - [`Repository`]: blobs (HEAD, ranged GET, streamed monolithic and resumable chunked uploads,
+//! - [`Repository`]: blobs (HEAD, ranged reads as one resumable [`BlobBody`], streamed monolithic and resumable chunked uploads,
 //!   cross-repository mount, delete), manifests, tags and referrers (with the tag-schema
 //!   fallback);
 //! - [`credentials`]: the Docker config and credential helpers.
@@ -23,17 +23,16 @@
 //! errors are stripped of their query.
 #![deny(missing_docs, missing_debug_implementations)]
 
+mod blob;
 mod client;
 pub mod credentials;
 mod error;
-mod reader;
 mod repository;
 
+pub use blob::BlobBody;
 pub use client::{Client, ClientOptions, RetryPolicy, Scope};
 pub use credentials::Credential;
 pub use error::{Error, Result};
-pub use reader::BlobReader;
 pub use repository::{
-    BlobStream, FetchedManifest, MAX_MANIFEST_SIZE, Repository, fallback_tag, read_capped,
-    read_small_file,
+    FetchedManifest, MAX_MANIFEST_SIZE, Repository, fallback_tag, read_small_file,
 };

@@ -5,7 +5,6 @@
 //! <https://github.com/opencontainers/distribution-spec/blob/v1.1.0/spec.md>
 
 use std::io::{Read, Seek, SeekFrom};
-use std::ops::Range;
 use std::path::Path;
 
 use bytes::Bytes;
@@ -44,15 +43,6 @@ pub struct FetchedManifest {
     pub media_type: String,
     /// sha256 of the bytes (checked against a digest reference).
     pub digest: Digest,
-}
-
-/// A blob response, possibly partial.
-#[derive(Debug)]
-pub struct BlobStream {
-    /// The response to read the body of.
-    pub response: Response,
-    /// Offset of the first body byte in the blob (0 when the server ignored `Range`).
-    pub offset: u64,
 }
 
 /// A repository (`registry/name`) reached through a [`Client`].
@@ -168,16 +158,21 @@ impl Repository {
             .and_then(|s| s.parse().ok()))
     }
 
-    /// GETs a blob, or `range` of it. A server that ignores `Range` answers 200 with the whole
-    /// blob: `offset` is then 0 and the caller skips what it does not need.
-    pub async fn get_blob(&self, digest: &Digest, range: Option<Range<u64>>) -> Result<BlobStream> {
+    /// GETs a blob from byte `start` (to `end`, exclusive, or to its end). A server that ignores
+    /// `Range` answers 200 with the whole blob; [`crate::BlobBody`] skips what was not asked for.
+    pub(crate) async fn get_blob(
+        &self,
+        digest: &Digest,
+        start: u64,
+        end: Option<u64>,
+    ) -> Result<Response> {
         let url = self.url(&format!("blobs/{digest}"));
-        let header = range
-            .as_ref()
-            .filter(|r| r.end > r.start)
-            .map(|r| format!("bytes={}-{}", r.start, r.end - 1));
-        let resp = self
-            .client
+        let header = match end {
+            Some(end) if end > start => Some(format!("bytes={start}-{}", end - 1)),
+            None if start > 0 => Some(format!("bytes={start}-")),
+            _ => None,
+        };
+        self.client
             .send(
                 &self.registry,
                 &Scope::pull(&self.name),
@@ -191,31 +186,7 @@ impl Repository {
                     })
                 },
             )
-            .await?;
-        let offset = match (resp.status().as_u16(), &range) {
-            (206, Some(r)) => {
-                let start = resp
-                    .headers()
-                    .get(CONTENT_RANGE)
-                    .and_then(|h| h.to_str().ok())
-                    .and_then(|v| v.strip_prefix("bytes "))
-                    .and_then(|v| v.split('-').next())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(r.start);
-                if start != r.start {
-                    return Err(Error::Protocol(format!(
-                        "asked for bytes from {} of {digest}, got from {start}",
-                        r.start
-                    )));
-                }
-                start
-            }
-            _ => 0,
-        };
-        Ok(BlobStream {
-            response: resp,
-            offset,
-        })
+            .await
     }
 
     /// Tries to mount `digest` from repository `from` of the same registry. Returns `Ok(true)`
@@ -696,7 +667,7 @@ pub fn fallback_tag(digest: &Digest) -> String {
 }
 
 /// Reads a whole (small) body, refusing more than `cap` bytes.
-pub async fn read_capped(mut resp: Response, cap: usize) -> Result<Bytes> {
+pub(crate) async fn read_capped(mut resp: Response, cap: usize) -> Result<Bytes> {
     let url = display_url(resp.url().as_str());
     let mut out = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|error| Error::Http {

@@ -94,6 +94,29 @@ pub struct GcGuard {
     _file: File,
 }
 
+/// A private store inside a store; see [`Store::scratch`].
+#[derive(Debug)]
+pub struct ScratchStore {
+    store: Store,
+    lock_path: PathBuf,
+    _lock: File,
+}
+
+impl ScratchStore {
+    /// The scratch store itself.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Removes the scratch store and everything in it.
+    pub fn remove(self) -> Result<()> {
+        let root = self.store.root().to_owned();
+        fs::remove_dir_all(&root).at(&root)?;
+        let _ = fs::remove_file(&self.lock_path);
+        Ok(())
+    }
+}
+
 fn private_dir(path: &Path) -> Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
@@ -246,6 +269,24 @@ impl Store {
         }
         fs::hard_link(src, &target).at(&target)?;
         Ok(LinkOutcome::HardLinked)
+    }
+
+    /// A private store inside this one (`scratch/NAME`), locked while the handle lives, for
+    /// blobs fetched on behalf of something that must not end up in this store (`pull -o`).
+    /// Its downloads resume like the store's own; a second process asking for the same name
+    /// waits for the first. `prune` removes scratch stores no process holds.
+    pub fn scratch(&self, name: &str) -> Result<ScratchStore> {
+        let dir = self.root.join("scratch");
+        private_dir(&dir)?;
+        let lock_path = dir.join(format!("{name}.lock"));
+        let lock = open_lock_file(&lock_path)?;
+        lock.lock().at(&lock_path)?;
+        let store = Store::open(&dir.join(name))?;
+        Ok(ScratchStore {
+            store,
+            lock_path,
+            _lock: lock,
+        })
     }
 
     /// Takes a shared hold that keeps `prune` from collecting blobs being written.
@@ -463,6 +504,26 @@ impl Store {
                     fs::remove_file(&path).at(&path)?;
                 }
                 report.stale_ingests.push(path);
+            }
+        }
+        let scratch = self.root.join("scratch");
+        for entry in fs::read_dir(&scratch).into_iter().flatten().flatten() {
+            let lock_path = entry.path();
+            if lock_path.extension().is_none_or(|e| e != "lock") {
+                continue;
+            }
+            let Ok(file) = File::open(&lock_path) else {
+                continue;
+            };
+            if file.try_lock().is_ok() {
+                let dir = lock_path.with_extension("");
+                if !dry_run {
+                    if dir.exists() {
+                        fs::remove_dir_all(&dir).at(&dir)?;
+                    }
+                    fs::remove_file(&lock_path).at(&lock_path)?;
+                }
+                report.stale_ingests.push(dir);
             }
         }
         report.blobs.sort();

@@ -23,5 +23,6 @@ mod layout;
 pub use error::{Error, Result};
 pub use ingest::{Ingest, Resumable, sha256_file, sha256_reader};
 pub use layout::{
-    CheckReport, GcGuard, LinkOutcome, PruneReport, STORE_ENV, Store, StoreEntry, default_root,
+    CheckReport, GcGuard, LinkOutcome, PruneReport, STORE_ENV, ScratchStore, Store, StoreEntry,
+    default_root,
 };

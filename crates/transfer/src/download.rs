@@ -6,7 +6,6 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use futures_util::StreamExt;
 use modelpack_registry::Repository;
 use modelpack_spec::Digest;
 use modelpack_store::{Resumable, Store};
@@ -417,9 +416,9 @@ async fn fetch_adaptive(
     Ok(())
 }
 
-/// Fetches a span into `file` at its offsets, following its (possibly shrinking) end and
-/// retrying from where a broken stream stopped. Writes are gathered into 1 MiB batches; each
-/// batch goes to the hasher after it is written.
+/// Fetches a span into `file` at its offsets, following its (possibly shrinking) end; the
+/// registry's [`modelpack_registry::BlobBody`] resumes a broken stream from where it stopped.
+/// Writes are gathered into 1 MiB batches; each batch goes to the hasher after it is written.
 async fn fetch_span(
     repo: &Repository,
     blob: &BlobRef,
@@ -429,87 +428,45 @@ async fn fetch_span(
     hasher: &tokio::sync::mpsc::Sender<(u64, bytes::Bytes)>,
     on_written: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
-    let mut failures = 0u32;
+    let mut pos = span.pos.load(Ordering::SeqCst);
+    let end = span.end.load(Ordering::SeqCst);
+    if pos >= end {
+        return Ok(());
+    }
+    let _permit = opts.connections.acquire().await;
+    let mut body = repo.blob_stream(&blob.digest, Some(pos..end)).await?;
     let mut batch = bytes::BytesMut::with_capacity(WRITE_BATCH);
     loop {
-        let mut pos = span.pos.load(Ordering::SeqCst);
-        let end = span.end.load(Ordering::SeqCst);
-        if pos >= end {
+        body.set_end(span.end.load(Ordering::SeqCst));
+        let chunk = body.next_chunk().await?;
+        let finished = chunk.is_none();
+        let chunk = chunk.unwrap_or_default();
+        // Large pieces (the HTTP stack hands over a few hundred KiB at a time on a fast link)
+        // are written and hashed as they are, with no copy; small ones are gathered first.
+        let data = if batch.is_empty() && chunk.len() >= DIRECT_WRITE {
+            Some(chunk)
+        } else {
+            batch.extend_from_slice(&chunk);
+            (!batch.is_empty() && (batch.len() >= WRITE_BATCH || finished))
+                .then(|| batch.split().freeze())
+        };
+        if let Some(data) = data {
+            // Page-cache writes of under a few MiB: short enough for the runtime thread.
+            file.write_all_at(&data, pos)
+                .map_err(io("writing partial data"))?;
+            let n = data.len() as u64;
+            let offset = pos;
+            pos += n;
+            span.pos.store(pos, Ordering::SeqCst);
+            on_written(n);
+            (opts.progress)(Event::Bytes {
+                digest: blob.digest.clone(),
+                bytes: n,
+            });
+            let _ = hasher.send((offset, data)).await;
+        }
+        if finished {
             return Ok(());
         }
-        let _permit = opts.connections.acquire().await;
-        let stream = repo.get_blob(&blob.digest, Some(pos..end)).await?;
-        // A server that ignores Range sends the whole blob from 0: skip to our position.
-        let mut skip = pos - stream.offset.min(pos);
-        let mut body = stream.response.bytes_stream();
-        let mut broke = None;
-        let mut received = pos;
-        loop {
-            let next = body.next().await;
-            let mut chunk = match next {
-                Some(Ok(c)) => c,
-                Some(Err(e)) => {
-                    broke = Some(e);
-                    bytes::Bytes::new()
-                }
-                None => bytes::Bytes::new(),
-            };
-            let finished = chunk.is_empty();
-            if skip > 0 {
-                let k = skip.min(chunk.len() as u64) as usize;
-                let _ = chunk.split_to(k);
-                skip -= k as u64;
-            }
-            let end = span.end.load(Ordering::SeqCst);
-            let room = end.saturating_sub(received) as usize;
-            if chunk.len() > room {
-                chunk.truncate(room);
-            }
-            received += chunk.len() as u64;
-            let at_end = received >= end;
-            // Large pieces (the HTTP stack hands over a few hundred KiB at a time on a fast link)
-            // are written and hashed as they are, with no copy; small ones are gathered first.
-            let data = if batch.is_empty() && chunk.len() >= DIRECT_WRITE {
-                Some(chunk)
-            } else {
-                batch.extend_from_slice(&chunk);
-                (!batch.is_empty() && (batch.len() >= WRITE_BATCH || at_end || finished))
-                    .then(|| batch.split().freeze())
-            };
-            if let Some(data) = data {
-                // Page-cache writes of under a few MiB: short enough for the runtime thread.
-                file.write_all_at(&data, pos)
-                    .map_err(io("writing partial data"))?;
-                let n = data.len() as u64;
-                let offset = pos;
-                pos += n;
-                span.pos.store(pos, Ordering::SeqCst);
-                on_written(n);
-                (opts.progress)(Event::Bytes {
-                    digest: blob.digest.clone(),
-                    bytes: n,
-                });
-                let _ = hasher.send((offset, data)).await;
-            }
-            if at_end {
-                return Ok(());
-            }
-            if finished {
-                break;
-            }
-        }
-        if pos >= span.end.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        failures += 1;
-        let reason = broke.map_or_else(|| "stream ended early".to_owned(), |e| e.to_string());
-        if failures >= repo.client().options().retry.attempts {
-            return Err(modelpack_registry::Error::Protocol(format!(
-                "blob {}: bytes from {pos} failed: {reason}",
-                blob.digest
-            ))
-            .into());
-        }
-        tracing::debug!(pos, %reason, "range broke; resuming");
     }
 }

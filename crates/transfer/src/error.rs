@@ -9,6 +9,9 @@ pub enum Error {
     /// The local store failed.
     #[error(transparent)]
     Store(#[from] modelpack_store::Error),
+    /// Writing files into a folder failed (or was refused).
+    #[error(transparent)]
+    Extract(#[from] modelpack_extract::Error),
     /// A spec-level problem.
     #[error(transparent)]
     Spec(#[from] modelpack_spec::Error),

@@ -8,7 +8,9 @@
 //!   the manifest;
 //! - [`copy_remote`]: registry -> registry, mounting blobs across repositories of the same
 //!   registry so no blob bytes move;
-//! - [`copy_local`]: store -> store (an OCI layout folder on either side).
+//! - [`copy_local`]: store -> store (an OCI layout folder on either side);
+//! - [`pull_to_folder`]: registry -> plain folder (`pull -o`, `fetch`): the same blob engine
+//!   into a scratch store, then the extractor links the verified files into place.
 //!
 //! Progress goes to a callback as [`Event`]s; the CLI renders them.
 //!
@@ -18,6 +20,7 @@
 
 mod download;
 mod error;
+mod folder;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -34,6 +37,7 @@ use tokio::sync::Semaphore;
 
 pub use download::{Fetched, fetch_blob};
 pub use error::{Error, Result};
+pub use folder::{FolderOutcome, pull_to_folder};
 
 /// A progress event.
 #[derive(Debug, Clone)]

@@ -64,19 +64,9 @@ pub fn load_remote(registry: &crate::remote::RegistryArgs, text: &str) -> anyhow
             report.error_summary()
         )
     })?;
-    let config_bytes = rt.block_on(async {
-        let stream = repo.get_blob(manifest.config_digest(), None).await?;
-        let bytes =
-            modelpack_registry::read_capped(stream.response, modelpack_spec::MAX_DOCUMENT_SIZE)
-                .await?;
-        anyhow::Ok(bytes)
-    })?;
-    if &Digest::sha256_of(&config_bytes) != manifest.config_digest() {
-        anyhow::bail!(
-            "config {} does not match its digest",
-            manifest.config_digest()
-        );
-    }
+    let config_bytes = rt.block_on(
+        repo.read_blob_capped(manifest.config_digest(), modelpack_spec::MAX_DOCUMENT_SIZE),
+    )?;
     let config = Model::from_slice(&config_bytes)
         .with_context(|| format!("config of {}", reference.familiar()))?;
     let descriptor = modelpack_transfer::manifest_descriptor(&fetched.bytes)?;

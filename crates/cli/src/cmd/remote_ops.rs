@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
-use futures_util::StreamExt;
 use modelpack_registry::{MAX_MANIFEST_SIZE, read_small_file};
 use modelpack_spec::Digest;
 use serde_json::json;
@@ -241,14 +240,12 @@ pub fn blob(global: &GlobalArgs, command: BlobCommand) -> anyhow::Result<ExitCod
             };
             let mut hasher = Sha256::new();
             rt.block_on(async {
-                let stream = repo.get_blob(&digest, None).await?;
-                let mut body = stream.response.bytes_stream();
+                let mut body = repo.blob_stream(&digest, None).await?;
                 let mut out: Box<dyn std::io::Write> = match &tmp {
                     Some(file) => Box::new(file.as_file().try_clone()?),
                     None => Box::new(std::io::stdout()),
                 };
-                while let Some(chunk) = body.next().await {
-                    let chunk = chunk?;
+                while let Some(chunk) = body.next_chunk().await? {
                     hasher.update(&chunk);
                     out.write_all(&chunk)?;
                 }
