@@ -7,8 +7,8 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::fault::{Fault, FaultProxy, Rule};
 use crate::util::{self, Mount, Registry, Scratch};
+use modelpack_testkit::fault::{Fault, FaultProxy, Rule};
 
 /// A model with a `size`-byte weight; returns its folder and the weight's digest (hex).
 fn model(s: &Scratch, size: usize) -> (PathBuf, String) {

@@ -3,7 +3,6 @@
 mod auth;
 mod build_extract;
 mod crash;
-mod fault;
 mod faults;
 mod fuzz_replay;
 mod hostile;

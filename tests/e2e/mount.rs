@@ -6,6 +6,8 @@ use std::io::{Read as _, Seek as _, SeekFrom};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use modelpack_testkit::process::{Signal, signal_pid};
+
 use crate::util::{self, Mount, Proxy, Registry, Scratch};
 
 fn model(s: &Scratch, weight: usize) -> std::path::PathBuf {
@@ -386,7 +388,7 @@ fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_
 
 /// A background mount started with `--daemon`, stopped by PID and unmounted when dropped.
 struct Daemon {
-    pid: i32,
+    pid: u32,
     dir: std::path::PathBuf,
 }
 
@@ -403,11 +405,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if self.alive() {
-            #[allow(unsafe_code)]
-            // SAFETY: signalling the daemon this test started, by its PID.
-            unsafe {
-                libc::kill(self.pid, libc::SIGTERM);
-            }
+            let _ = signal_pid(self.pid, Signal::TERM);
             std::thread::sleep(Duration::from_millis(500));
         }
         let _ = std::process::Command::new("fusermount3")
@@ -415,11 +413,7 @@ impl Drop for Daemon {
             .arg(&self.dir)
             .output();
         if self.alive() {
-            #[allow(unsafe_code)]
-            // SAFETY: as above.
-            unsafe {
-                libc::kill(self.pid, libc::SIGKILL);
-            }
+            let _ = signal_pid(self.pid, Signal::KILL);
         }
     }
 }

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use modelpack_testkit::process::{Signal, signal_pid};
+
 use crate::util::{self, Proxy, Registry, Scratch};
 
 /// Writes a model with one weight of `weight_size` bytes plus small files.
@@ -429,11 +431,7 @@ fn interrupted_pull_into_a_folder_leaves_it_as_it_was() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    #[allow(unsafe_code)]
-    // SAFETY: signalling our own child by its PID.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
-    }
+    signal_pid(child.id(), Signal::INT).expect("SIGINT");
     let out = child.wait_with_output().expect("wait");
     assert_eq!(
         out.status.code(),

@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 
 use std::time::Duration;
 
-use crate::fault::{Fault, FaultProxy, Rule};
 use crate::util::{self, Registry, Scratch};
+use modelpack_testkit::fault::{Fault, FaultProxy, Rule};
 
 fn small_model(s: &Scratch, size: usize) -> PathBuf {
     let dir = s.path("model");

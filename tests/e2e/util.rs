@@ -47,20 +47,7 @@ pub fn have_tool(tool: &str) -> bool {
     found
 }
 
-/// `size` pseudo-random bytes (xorshift64 from `seed`): test weights that do not compress and
-/// differ per seed.
-pub fn pseudo_random(size: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    let mut data = Vec::with_capacity(size + 8);
-    while data.len() < size {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        data.extend_from_slice(&state.to_le_bytes());
-    }
-    data.truncate(size);
-    data
-}
+pub use modelpack_testkit::data::pseudo_random;
 
 /// A scratch folder with a store in it.
 pub struct Scratch {
@@ -286,226 +273,46 @@ pub fn peak_rss_kib(cmd: &mut Command) -> (bool, u64) {
     }
 }
 
-/// A free TCP port on loopback.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+pub use modelpack_testkit::link::Link as Proxy;
+pub use modelpack_testkit::process::ChildGuard as Guard;
+pub use modelpack_testkit::sys::{free_port, is_root};
 
-/// Waits until something accepts connections on `port`.
-pub fn wait_for_port(port: u16) {
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(25));
+/// A real CNCF distribution registry (Debian's `docker-registry`) on loopback; `None` when it
+/// is not installed (a failure under `cargo xtask test`).
+pub struct Registry(modelpack_testkit::registry::Registry);
+
+impl std::ops::Deref for Registry {
+    type Target = modelpack_testkit::registry::Registry;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
-    panic!("nothing listens on port {port}");
-}
-
-/// A child process stopped (by PID) when dropped, also when a test fails.
-pub struct Guard {
-    pub child: std::process::Child,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        #[allow(unsafe_code)]
-        // SAFETY: signalling our own child by its PID.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        for _ in 0..100 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A real CNCF distribution registry (Debian's `docker-registry`) on loopback.
-pub struct Registry {
-    pub port: u16,
-    _dir: tempfile::TempDir,
-    _guard: Guard,
 }
 
 impl Registry {
     /// Starts one; `htpasswd` is the content of an htpasswd file to require basic auth.
     pub fn start(htpasswd: Option<&str>) -> Option<Registry> {
-        Registry::start_with(htpasswd, None)
+        Registry::start_with(modelpack_testkit::registry::RegistryOptions {
+            htpasswd,
+            ..Default::default()
+        })
     }
 
     /// Starts one serving HTTPS with `tls` = (certificate PEM, key PEM).
     pub fn start_tls(cert: &Path, key: &Path) -> Option<Registry> {
-        Registry::start_with(None, Some((cert, key)))
-    }
-
-    fn start_with(htpasswd: Option<&str>, tls: Option<(&Path, &Path)>) -> Option<Registry> {
-        if !have_tool("docker-registry") {
-            return None;
-        }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let auth = match htpasswd {
-            Some(content) => {
-                let path = dir.path().join("htpasswd");
-                fs::write(&path, content).expect("htpasswd");
-                format!(
-                    "auth:\n  htpasswd:\n    realm: modelpack-test\n    path: {}\n",
-                    path.display()
-                )
-            }
-            None => String::new(),
-        };
-        let config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls}{auth}",
-            dir.path().join("data").display(),
-            tls = tls.map_or_else(String::new, |(cert, key)| format!(
-                "  tls:\n    certificate: {}\n    key: {}\n",
-                cert.display(),
-                key.display()
-            ))
-        );
-        let config_path = dir.path().join("config.yml");
-        fs::write(&config_path, config).expect("config");
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start docker-registry");
-        let guard = Guard { child };
-        wait_for_port(port);
-        Some(Registry {
-            port,
-            _dir: dir,
-            _guard: guard,
+        Registry::start_with(modelpack_testkit::registry::RegistryOptions {
+            tls: Some((cert, key)),
+            ..Default::default()
         })
     }
 
-    pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-/// A TCP proxy in front of a server on loopback that counts the bytes the server sends and can
-/// slow every connection down (to make a transfer last long enough to kill).
-pub struct Proxy {
-    pub port: u16,
-    pub served: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// When set, one byte in the middle of every large server-to-client read is flipped (past any
-    /// response header, inside blob bodies).
-    pub corrupt: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// When set, new connections are dropped at once and open ones are cut (the registry looks
-    /// down).
-    pub down: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Proxy {
-    /// Starts a proxy to `upstream_port`; `bytes_per_sec` caps each connection when given.
-    pub fn start(upstream_port: u16, bytes_per_sec: Option<u64>) -> Proxy {
-        use std::io::{Read as _, Write as _};
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let served = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let corrupt = Arc::new(AtomicBool::new(false));
-        let down = Arc::new(AtomicBool::new(false));
-        let (served2, stop2, corrupt2, down2) =
-            (served.clone(), stop.clone(), corrupt.clone(), down.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if stop2.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(client) = conn else { continue };
-                if down2.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", upstream_port))
-                else {
-                    continue;
-                };
-                let (mut c_read, mut u_write) = (
-                    client.try_clone().expect("clone"),
-                    upstream.try_clone().expect("clone"),
-                );
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut c_read, &mut u_write);
-                    let _ = u_write.shutdown(std::net::Shutdown::Write);
-                });
-                let (mut u_read, mut c_write) = (upstream, client);
-                let served = served2.clone();
-                let stop = stop2.clone();
-                let corrupt = corrupt2.clone();
-                let down = down2.clone();
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    let started = std::time::Instant::now();
-                    let mut sent = 0u64;
-                    loop {
-                        if stop.load(Ordering::SeqCst) || down.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        let n = match u_read.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if down.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        if corrupt.load(Ordering::SeqCst) && n >= 32 * 1024 {
-                            buf[n / 2] ^= 0xff;
-                        }
-                        if c_write.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        served.fetch_add(n as u64, Ordering::SeqCst);
-                        sent += n as u64;
-                        if let Some(rate) = bytes_per_sec {
-                            let due = std::time::Duration::from_secs_f64(sent as f64 / rate as f64);
-                            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                                std::thread::sleep(wait);
-                            }
-                        }
-                    }
-                    let _ = c_write.shutdown(std::net::Shutdown::Both);
-                });
-            }
-        });
-        Proxy {
-            port,
-            served,
-            corrupt,
-            down,
-            stop,
+    fn start_with(opts: modelpack_testkit::registry::RegistryOptions<'_>) -> Option<Registry> {
+        if !have_tool("docker-registry") {
+            return None;
         }
-    }
-
-    pub fn served(&self) -> u64 {
-        self.served.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        Some(Registry(
+            modelpack_testkit::registry::Registry::start(opts).expect("start docker-registry"),
+        ))
     }
 }
 
@@ -551,7 +358,7 @@ impl Mount {
             .expect("start mount");
         let mount = Mount {
             dir: dir.to_owned(),
-            guard: Some(Guard { child }),
+            guard: Some(Guard::new(child)),
         };
         for _ in 0..400 {
             if mount.is_mounted() {
@@ -563,11 +370,7 @@ impl Mount {
     }
 
     pub fn is_mounted(&self) -> bool {
-        let target = self.dir.canonicalize().unwrap_or_else(|_| self.dir.clone());
-        fs::read_to_string("/proc/mounts").is_ok_and(|m| {
-            m.lines()
-                .any(|l| l.split(' ').nth(1) == Some(target.to_str().unwrap_or_default()))
-        })
+        modelpack_testkit::mounts::is_mounted(&self.dir)
     }
 
     pub fn status(&self) -> serde_json::Value {
@@ -604,14 +407,6 @@ pub fn can_fuse() -> bool {
         eprintln!("note: no FUSE here; mount tests are skipped outside cargo xtask test");
     }
     ok
-}
-
-/// True when the tests run as root.
-pub fn is_root() -> bool {
-    #[allow(unsafe_code)]
-    // SAFETY: geteuid cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    uid == 0
 }
 
 /// A small tmpfs a test mounted, unmounted (lazily) when dropped.

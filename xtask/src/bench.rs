@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: our commands and their comparisons, side by side in one run, medians of
 //! several runs, ratios against targets; the table goes to docs/benchmarks.md.
 
+use modelpack_testkit::process::{Signal, signal_pid};
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -239,7 +240,7 @@ fn bench_transfer(
     runs: usize,
     big_mib: u64,
 ) -> anyhow::Result<Vec<Row>> {
-    let registry = crate::services::Registry::start(&work.join("registry"))?;
+    let registry = crate::services::registry(&work.join("registry"))?;
     let host = registry.host();
     let python = crate::setup::oras_venv().join("bin/python");
     let store = work.join("store");
@@ -403,11 +404,11 @@ fn bench_transfer(
     ));
 
     println!("bench: slow link (10 ms each way, 50 MB/s per connection)");
-    let slow = crate::services::SlowLink::start(
+    let slow = modelpack_testkit::link::Link::slow(
         registry.port,
         std::time::Duration::from_millis(10),
-        50e6,
-    )?;
+        Some(50_000_000),
+    );
     let slow_runs = runs.min(3);
     for (label, reference) in [("single-blob", &single_ref), ("multi-file", &multi_ref)] {
         let via = reference.replacen(&host, &slow.host(), 1);
@@ -550,12 +551,8 @@ impl MountProcess {
 }
 
 impl Drop for MountProcess {
-    #[allow(unsafe_code)]
     fn drop(&mut self) {
-        // SAFETY: signalling our own child by its PID.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
+        let _ = signal_pid(self.child.id(), Signal::TERM);
         let _ = self.child.wait();
         if mounted(&self.dir) {
             let _ = Command::new("fusermount3")
@@ -593,7 +590,7 @@ fn median_duration(mut v: Vec<std::time::Duration>) -> std::time::Duration {
 fn bench_lazy(
     bin: &Path,
     work: &Path,
-    registry: &crate::services::Registry,
+    registry: &modelpack_testkit::registry::Registry,
     (single_ref, size_mib): (&str, u64),
     big_ref: &str,
     full_pull: &Sample,
@@ -603,8 +600,7 @@ fn bench_lazy(
     use std::io::{Read as _, Seek as _, SeekFrom};
     println!("bench: lazy mount");
     // Everything through a counting proxy (no latency, no cap), so fetched bytes are measured.
-    let proxy =
-        crate::services::SlowLink::start(registry.port, std::time::Duration::ZERO, f64::INFINITY)?;
+    let proxy = modelpack_testkit::link::Link::start(registry.port, None);
     let via = single_ref.replacen(&registry.host(), &proxy.host(), 1);
     let weight = "model.safetensors";
     let mut first = Vec::new();
@@ -755,9 +751,7 @@ fn bench_lazy(
 
 /// The containerd rows (root only: containerd, mounts, runc).
 fn bench_containerd(size_mib: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
-    #[allow(unsafe_code)]
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !modelpack_testkit::sys::is_root() {
         println!("bench: not root, containerd rows skipped");
         return Ok(Vec::new());
     }

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use modelpack_testkit::process::{Signal, signal_pid};
 use sha2::{Digest as _, Sha256};
 
 /// The snapshotter's name in the containerd config.
@@ -16,42 +17,10 @@ pub const SNAPSHOTTER: &str = "modelpack";
 /// The containerd namespace the checks use.
 pub const NAMESPACE: &str = "modelpack-e2e";
 
-/// Mount points at or under `dir`, deepest first.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(table) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let mut out: Vec<PathBuf> = table
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    out.dedup();
-    out
-}
-
-/// Detaches every mount under `dir` (lazy unmount).
-#[allow(unsafe_code)]
-pub fn detach_all(dir: &Path) {
-    use std::os::unix::ffi::OsStrExt as _;
-    for m in mounts_under(dir) {
-        if let Ok(c) = std::ffi::CString::new(m.as_os_str().as_bytes()) {
-            // SAFETY: a valid NUL-terminated path.
-            unsafe {
-                libc::umount2(c.as_ptr(), libc::MNT_DETACH);
-            }
-        }
-    }
-}
+pub use modelpack_testkit::mounts::detach_all;
 
 fn stop_child(child: &mut Child, grace: Duration) {
-    #[allow(unsafe_code)]
-    // SAFETY: signalling our own child by its PID.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-    }
+    let _ = signal_pid(child.id(), Signal::TERM);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if matches!(child.try_wait(), Ok(Some(_))) {

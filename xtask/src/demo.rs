@@ -99,7 +99,7 @@ pub fn run() -> anyhow::Result<()> {
     println!("{}", &raw[..raw.len().min(200)]);
 
     println!("\n== a local CNCF distribution registry on loopback");
-    let registry = crate::services::Registry::start(&work.join("registry"))?;
+    let registry = crate::services::registry(&work.join("registry"))?;
     let host = registry.host();
     let reference = format!("{host}/demo/sample:v1");
     cmd!(sh, "{bin} --store {store} tag demo/sample:v1 {reference}").run()?;
@@ -156,11 +156,11 @@ pub fn run() -> anyhow::Result<()> {
         );
         Ok(())
     })();
-    #[allow(unsafe_code)]
-    // SAFETY: signalling our own child by its PID; SIGTERM makes it unmount.
-    unsafe {
-        libc::kill(mount.id() as libc::pid_t, libc::SIGTERM);
-    }
+    // SIGTERM makes it unmount.
+    let _ = modelpack_testkit::process::signal_pid(
+        mount.id(),
+        modelpack_testkit::process::Signal::TERM,
+    );
     let _ = mount.wait();
     drop(registry);
     result?;
@@ -175,9 +175,7 @@ fn containerd_demo(
     store: &Path,
     want: &BTreeMap<String, String>,
 ) -> anyhow::Result<()> {
-    #[allow(unsafe_code)]
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !modelpack_testkit::sys::is_root() {
         println!("\n== containerd part skipped: it needs root (containerd, mounts, runc)");
         return Ok(());
     }

@@ -26,8 +26,9 @@ use anyhow::{Context as _, bail, ensure};
 use sha2::{Digest as _, Sha256};
 
 use crate::containerd::{self, Containerd, NAMESPACE, SNAPSHOTTER, Snapshotter};
-use crate::fault::{Fault, FaultProxy, Rule};
-use crate::services::{Registry, SlowLink};
+use modelpack_testkit::fault::{Fault, FaultProxy, Rule};
+use modelpack_testkit::link::Link;
+use modelpack_testkit::registry::Registry;
 
 /// Bytes the registry may serve for a lazy pull before anything reads the model.
 const LAZY_PULL_BUDGET: u64 = 128 << 10;
@@ -161,7 +162,7 @@ pub struct Rig {
     pub mounted: Vec<PathBuf>,
     pub containerd: Containerd,
     pub snapshotter: Snapshotter,
-    pub link: SlowLink,
+    pub link: Link,
     pub registry: Registry,
     pub scratch: tempfile::TempDir,
     pub bins: Bins,
@@ -185,8 +186,8 @@ impl Rig {
     /// Starts registry, counting link, snapshotter and containerd under a scratch folder.
     pub fn start(bins: &Bins) -> anyhow::Result<Rig> {
         let scratch = tempfile::Builder::new().prefix("mp-e2e-").tempdir()?;
-        let registry = Registry::start(&scratch.path().join("registry"))?;
-        let link = SlowLink::start(registry.port, Duration::ZERO, f64::INFINITY)?;
+        let registry = crate::services::registry(&scratch.path().join("registry"))?;
+        let link = Link::start(registry.port, None);
         let snapshotter = Snapshotter::start(
             &bins.snapshotter,
             &scratch.path().join("snap"),
@@ -274,9 +275,7 @@ pub fn check(bins: &Bins) -> anyhow::Result<()> {
         bins.snapshotter.exists() && bins.modelpack.exists(),
         "build the binaries first (cargo build --workspace --bins)"
     );
-    #[allow(unsafe_code)]
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = modelpack_testkit::sys::is_root();
     ensure!(
         root,
         "the containerd checks need root (containerd, mounts, runc)"

@@ -12,11 +12,6 @@ mod bench_containerd;
 mod containerd;
 mod demo;
 mod e2e;
-// The fault-injecting proxy of the end-to-end tests, shared so the snapshotter runs behind the
-// same faults; xtask uses only part of it.
-#[allow(dead_code)]
-#[path = "../../tests/e2e/fault.rs"]
-mod fault;
 mod fuzz;
 mod measure;
 mod services;

@@ -93,9 +93,4 @@ fn install_packages(sh: &Shell) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// True when running as root.
-#[allow(unsafe_code)]
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
+pub use modelpack_testkit::sys::is_root;

@@ -24,9 +24,7 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
         )
         .run()?;
     // The containerd checks (they need root: containerd, mounts, runc; CI runs as root).
-    #[allow(unsafe_code)]
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = modelpack_testkit::sys::is_root();
     if root {
         crate::e2e::check(&crate::e2e::Bins::of("debug"))?;
     } else if std::env::var_os("CI").is_some() {

@@ -148,8 +148,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "modelpack-proto",
         ],
     ),
+    ("modelpack-testkit", &[]),
     ("modelpack-e2e", &[]),
-    ("xtask", &[]),
+    ("xtask", &["modelpack-testkit"]),
 ];
 
 #[test]

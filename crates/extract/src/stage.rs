@@ -99,15 +99,9 @@ fn layer_io(layer: &LayerBlob, e: io::Error) -> Error {
 }
 
 /// Bytes free to an unprivileged writer on the file system holding `path`, if it can be told.
-#[allow(unsafe_code)]
 fn free_bytes(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: `statvfs` writes only into the struct it is given; the path is NUL-terminated.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; both pointers are valid for the call.
-    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut st) };
-    (rc == 0).then(|| st.f_bavail.saturating_mul(st.f_frsize))
+    let st = rustix::fs::statvfs(path).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Refuses a plan whose files cannot fit in the target's free space, before writing anything:

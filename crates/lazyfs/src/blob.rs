@@ -16,6 +16,7 @@ use modelpack_transfer::{BlobRef, TransferOptions};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::OnceCell;
 
+use crate::background::Background;
 use crate::{Counters, Verify};
 
 /// Why a read failed; becomes EIO.
@@ -26,13 +27,10 @@ pub(crate) struct ReadError(pub String);
 pub(crate) struct LazyBlob {
     pub digest: Digest,
     pub size: u64,
-    repo: Repository,
-    store: Store,
+    ctx: Arc<BlobContext>,
     cache_path: PathBuf,
     map_path: PathBuf,
-    chunk_size: u64,
     chunks: Option<Vec<Digest>>,
-    verify: Verify,
     /// The chunk digests come from an unpinned referrer: verify the whole blob once complete.
     check_whole: bool,
     present: Mutex<Vec<bool>>,
@@ -50,8 +48,27 @@ pub(crate) struct LazyBlob {
     serving: Arc<AtomicU64>,
     cache_file: OnceCell<std::fs::File>,
     pub fetched: AtomicU64,
-    counters: Arc<Counters>,
-    transfer: TransferOptions,
+}
+
+/// What every lazy blob of one mount shares: where bytes come from and go, how they are checked,
+/// the mount's counters and its background tasks.
+pub(crate) struct BlobContext {
+    /// The repository blobs are fetched from.
+    pub repo: Repository,
+    /// The store whole blobs are fetched into (and served from when present).
+    pub store: Store,
+    /// Where chunk caches and their maps live.
+    pub cache_dir: PathBuf,
+    /// The chunk size of the index (or the default when there is none).
+    pub chunk_size: u64,
+    /// The verification policy for blobs without chunk digests.
+    pub verify: Verify,
+    /// The mount's counters.
+    pub counters: Arc<Counters>,
+    /// Options for whole-blob fetches.
+    pub transfer: TransferOptions,
+    /// The mount's background tasks (cancelled at unmount).
+    pub tasks: Background,
 }
 
 /// A read in progress; see [`LazyBlob::serving`].
@@ -76,20 +93,17 @@ impl std::fmt::Debug for LazyBlob {
 }
 
 impl LazyBlob {
-    #[allow(clippy::too_many_arguments)]
+    /// A blob of `size` bytes; `chunks` are its chunk digests from the index, if any;
+    /// `check_whole` asks for a whole-blob check once every chunk is in (chunk digests from an
+    /// unpinned referrer).
     pub(crate) fn new(
         digest: Digest,
         size: u64,
-        repo: Repository,
-        store: Store,
-        cache_dir: &std::path::Path,
-        chunk_size: u64,
         chunks: Option<Vec<Digest>>,
-        verify: Verify,
         check_whole: bool,
-        counters: Arc<Counters>,
-        transfer: TransferOptions,
+        ctx: Arc<BlobContext>,
     ) -> LazyBlob {
+        let (cache_dir, chunk_size) = (&ctx.cache_dir, ctx.chunk_size);
         let stem = format!("{}-{}", digest.algorithm(), digest.encoded());
         let n = size.div_ceil(chunk_size) as usize;
         let map_path = cache_dir.join(format!("{stem}.chunks"));
@@ -105,11 +119,7 @@ impl LazyBlob {
             map_path,
             digest,
             size,
-            repo,
-            store,
-            chunk_size,
             chunks,
-            verify,
             check_whole,
             present: Mutex::new(present),
             inflight: Mutex::new(HashMap::new()),
@@ -120,14 +130,18 @@ impl LazyBlob {
             serving: Arc::new(AtomicU64::new(0)),
             cache_file: OnceCell::new(),
             fetched: AtomicU64::new(0),
-            counters,
-            transfer,
+            ctx,
         }
+    }
+
+    /// The mount's background tasks, for work on this blob that nobody waits for.
+    pub(crate) fn tasks(&self) -> &Background {
+        &self.ctx.tasks
     }
 
     /// Fraction of the blob available without the network, 0.0 to 1.0.
     pub(crate) fn local_fraction(&self) -> f64 {
-        if self.size == 0 || self.store.has_blob(&self.digest) {
+        if self.size == 0 || self.ctx.store.has_blob(&self.digest) {
             return 1.0;
         }
         let present = self
@@ -135,7 +149,7 @@ impl LazyBlob {
             .lock()
             .map(|p| p.iter().filter(|&&b| b).count())
             .unwrap_or(0);
-        let n = self.size.div_ceil(self.chunk_size).max(1);
+        let n = self.size.div_ceil(self.ctx.chunk_size).max(1);
         present as f64 / n as f64
     }
 
@@ -169,11 +183,15 @@ impl LazyBlob {
             return Ok(Bytes::new());
         }
         // A blob pulled into the store is complete and verified: serve it with no network.
-        if self.store.has_blob(&self.digest) {
-            self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return pread(&self.store.blob_path(&self.digest), offset, end - offset);
+        if self.ctx.store.has_blob(&self.digest) {
+            self.ctx.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return pread(
+                &self.ctx.store.blob_path(&self.digest),
+                offset,
+                end - offset,
+            );
         }
-        if self.chunks.is_none() && self.verify == Verify::Background {
+        if self.chunks.is_none() && self.ctx.verify == Verify::Background {
             if self.poisoned.load(Ordering::SeqCst) {
                 return Err(ReadError(format!(
                     "blob {} did not match its digest (background verification)",
@@ -182,16 +200,16 @@ impl LazyBlob {
             }
             self.start_background_check();
         }
-        match (&self.chunks, self.verify) {
+        match (&self.chunks, self.ctx.verify) {
             (Some(_), _) | (None, Verify::None | Verify::Background) => {
-                let first = offset / self.chunk_size;
-                let last = (end - 1) / self.chunk_size;
+                let first = offset / self.ctx.chunk_size;
+                let last = (end - 1) / self.ctx.chunk_size;
                 let mut hit = true;
                 for i in first..=last {
                     hit &= self.ensure_chunk(i).await?;
                 }
                 if hit {
-                    self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    self.ctx.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
                 }
                 let file = self.cache_file().await?;
                 let mut buf = vec![0u8; (end - offset) as usize];
@@ -208,17 +226,21 @@ impl LazyBlob {
                             media_type: String::new(),
                         };
                         modelpack_transfer::fetch_blob(
-                            &self.repo,
-                            &self.store,
+                            &self.ctx.repo,
+                            &self.ctx.store,
                             &blob,
-                            &self.transfer,
+                            &self.ctx.transfer,
                         )
                         .await
                         .map(drop)
                         .map_err(|e| ReadError(e.to_string()))
                     })
                     .await?;
-                pread(&self.store.blob_path(&self.digest), offset, end - offset)
+                pread(
+                    &self.ctx.store.blob_path(&self.digest),
+                    offset,
+                    end - offset,
+                )
             }
         }
     }
@@ -233,20 +255,20 @@ impl LazyBlob {
         {
             return;
         }
-        let repo = self.repo.clone();
-        let store = self.store.clone();
-        let transfer = self.transfer.clone();
+        let repo = self.ctx.repo.clone();
+        let store = self.ctx.store.clone();
+        let transfer = self.ctx.transfer.clone();
         let poisoned = self.poisoned.clone();
         let on_poison = self.on_poison.clone();
         let serving = self.serving.clone();
         let started = self.background.clone();
-        let counters = self.counters.clone();
+        let counters = self.ctx.counters.clone();
         let blob = BlobRef {
             digest: self.digest.clone(),
             size: self.size,
             media_type: String::new(),
         };
-        tokio::spawn(async move {
+        self.ctx.tasks.spawn(async move {
             match modelpack_transfer::fetch_blob(&repo, &store, &blob, &transfer).await {
                 Ok(_) => tracing::debug!(blob = %blob.digest, "verified whole in the background"),
                 Err(e) if e.is_digest_mismatch() => {
@@ -373,16 +395,17 @@ impl LazyBlob {
 
     async fn fetch_run_inner(&self, first: u64, count: u64) -> Result<(), ReadError> {
         self.cache_file().await?;
-        let start = first * self.chunk_size;
-        let end = ((first + count) * self.chunk_size).min(self.size);
+        let start = first * self.ctx.chunk_size;
+        let end = ((first + count) * self.ctx.chunk_size).min(self.size);
         let started = std::time::Instant::now();
         let mut body = self
+            .ctx
             .repo
             .blob_stream(&self.digest, Some(start..end))
             .await
             .map_err(|e| ReadError(e.to_string()))?;
         let mut chunk_index = first;
-        let mut buf = Vec::with_capacity(self.chunk_size as usize);
+        let mut buf = Vec::with_capacity(self.ctx.chunk_size as usize);
         let mut pos = start;
         while pos < end {
             let Some(piece) = body
@@ -394,12 +417,12 @@ impl LazyBlob {
             };
             let mut piece = &piece[..];
             while !piece.is_empty() && pos < end {
-                let chunk_end = ((chunk_index + 1) * self.chunk_size).min(self.size);
+                let chunk_end = ((chunk_index + 1) * self.ctx.chunk_size).min(self.size);
                 let want = (chunk_end - pos) as usize - buf.len().min((chunk_end - pos) as usize);
                 let take = want.min(piece.len()).min((end - pos) as usize - buf.len());
                 buf.extend_from_slice(&piece[..take]);
                 piece = &piece[take..];
-                let chunk_start = chunk_index * self.chunk_size;
+                let chunk_start = chunk_index * self.ctx.chunk_size;
                 if chunk_start + buf.len() as u64 == chunk_end {
                     self.store_chunk(chunk_index, &buf)?;
                     // Its readers go on now, not when the whole run is in.
@@ -410,7 +433,7 @@ impl LazyBlob {
                 }
             }
         }
-        self.counters.record_fetch(started.elapsed());
+        self.ctx.counters.record_fetch(started.elapsed());
         if pos < end {
             return Err(ReadError(format!(
                 "blob {}: range {start}..{end} ended early at {pos}",
@@ -422,8 +445,9 @@ impl LazyBlob {
 
     /// Verifies one fetched chunk and writes it to the cache.
     fn store_chunk(&self, i: u64, buf: &[u8]) -> Result<(), ReadError> {
-        let start = i * self.chunk_size;
-        self.counters
+        let start = i * self.ctx.chunk_size;
+        self.ctx
+            .counters
             .fetched_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.fetched.fetch_add(buf.len() as u64, Ordering::Relaxed);
@@ -433,7 +457,8 @@ impl LazyBlob {
                 .get(i as usize)
                 .ok_or_else(|| ReadError(format!("chunk index has no chunk {i}")))?;
             if &actual != expected {
-                self.counters
+                self.ctx
+                    .counters
                     .verify_failures
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(blob = %self.digest, chunk = i, %expected, %actual, "chunk failed verification; not served, not cached");
@@ -495,7 +520,8 @@ impl LazyBlob {
         if Digest::from_sha256(hasher.finalize().into()) == self.digest {
             return true;
         }
-        self.counters
+        self.ctx
+            .counters
             .verify_failures
             .fetch_add(1, Ordering::Relaxed);
         tracing::error!(blob = %self.digest, "whole-blob check failed: the referrer index does not describe this blob; cache dropped");
@@ -510,8 +536,8 @@ impl LazyBlob {
     /// store's copy, or the chunk cache once every chunk is (with a chunk index; a referrer
     /// index's blob was also checked whole as its last chunk arrived).
     pub(crate) fn complete_file(&self) -> Option<PathBuf> {
-        if self.store.has_blob(&self.digest) {
-            return Some(self.store.blob_path(&self.digest));
+        if self.ctx.store.has_blob(&self.digest) {
+            return Some(self.ctx.store.blob_path(&self.digest));
         }
         let complete =
             self.chunks.is_some() && self.present.lock().is_ok_and(|p| p.iter().all(|&b| b));
@@ -527,7 +553,7 @@ impl LazyBlob {
     /// True when reads are served before the whole blob is verified (`Verify::Background` and
     /// no chunk index), so the blob may be poisoned later.
     pub(crate) fn verifies_in_background(&self) -> bool {
-        self.chunks.is_none() && self.verify == Verify::Background
+        self.chunks.is_none() && self.ctx.verify == Verify::Background
     }
 
     /// Counts a read as in progress until the guard is dropped (after its reply).
@@ -543,12 +569,12 @@ impl LazyBlob {
 
     /// Number of chunks.
     pub(crate) fn chunk_count(&self) -> u64 {
-        self.size.div_ceil(self.chunk_size)
+        self.size.div_ceil(self.ctx.chunk_size)
     }
 
     /// Chunk size.
     pub(crate) fn chunk_size(&self) -> u64 {
-        self.chunk_size
+        self.ctx.chunk_size
     }
 }
 

@@ -19,7 +19,8 @@ use modelpack_spec::{ChunkIndex, Digest, Encoding, ModelManifest};
 use modelpack_transfer::{BlobRef, Event, TransferOptions};
 use serde_json::json;
 
-use crate::blob::LazyBlob;
+use crate::background::Background;
+use crate::blob::{BlobContext, LazyBlob};
 use crate::layer::{DeferredLayer, Frames, LazyFile, TarReader};
 use crate::tree::{Content, Kind, ROOT, Timestamp, Tree, time};
 use crate::{Counters, MountOptions, STATUS_FILE};
@@ -74,14 +75,18 @@ impl MountedModel {
         self.fs.counters.clone()
     }
 
-    /// Unmounts and waits until the kernel let go.
+    /// Unmounts, waits until the kernel let go, and stops the mount's background work
+    /// (readahead, prefetch, background verification): no request is sent after this returns.
     pub async fn unmount(mut self) -> std::io::Result<()> {
         let Some(session) = self.session.take() else {
+            self.fs.tasks.shutdown().await;
             return Ok(());
         };
-        tokio::task::spawn_blocking(move || session.umount_and_join())
+        let result = tokio::task::spawn_blocking(move || session.umount_and_join())
             .await
-            .map_err(std::io::Error::other)?
+            .map_err(std::io::Error::other);
+        self.fs.tasks.shutdown().await;
+        result?
     }
 
     /// Serves until `shutdown` completes (then unmounts) or something else unmounts it.
@@ -100,6 +105,7 @@ impl MountedModel {
                         if let Some(session) = self.session.take() {
                             let _ = tokio::task::spawn_blocking(move || session.join()).await;
                         }
+                        self.fs.tasks.shutdown().await;
                         return Ok(());
                     }
                 }
@@ -133,6 +139,8 @@ struct ModelFs {
     /// Kernel passthrough for complete files: wanted (root only), then as negotiated.
     passthrough: Arc<AtomicBool>,
     opens: Arc<Mutex<HashMap<u64, OpenState>>>,
+    /// Readahead, prefetch and background verification: cancelled at unmount.
+    tasks: Background,
 }
 
 impl std::fmt::Debug for ModelFs {
@@ -326,8 +334,9 @@ fn readahead(blob: &Arc<LazyBlob>, next: u64) {
     }
     let mut run = gap;
     while run < end {
-        let blob = blob.clone();
-        tokio::spawn(async move { blob.prefetch(run, READAHEAD_RUN).await });
+        let task = blob.clone();
+        blob.tasks()
+            .spawn(async move { task.prefetch(run, READAHEAD_RUN).await });
         run += READAHEAD_RUN;
     }
 }
@@ -835,10 +844,11 @@ fn mtime_of(meta: Option<&modelpack_spec::FileMetadata>) -> Option<Timestamp> {
     meta.map(|m| time(m.mtime.timestamp(), m.mtime.timestamp_subsec_nanos()))
 }
 
-#[allow(unsafe_code)]
 fn ids() -> (u32, u32) {
-    // SAFETY: getuid and getgid cannot fail.
-    unsafe { (libc::getuid(), libc::getgid()) }
+    (
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw(),
+    )
 }
 
 /// Raises the mount's block-device readahead so the kernel asks for large reads (measured:
@@ -937,12 +947,22 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
                 .cloned()
         })
     };
-    let new_blob = |layer: &modelpack_spec::ModelLayer| {
-        let chunk_size = index
+    let tasks = Background::default();
+    let ctx = Arc::new(BlobContext {
+        repo: repo.clone(),
+        store: opts.store.clone(),
+        cache_dir: opts.cache_dir.clone(),
+        chunk_size: index
             .as_ref()
             .map_or(modelpack_spec::annotations::CHUNK_INDEX_CHUNK_SIZE, |i| {
                 i.chunk_size
-            });
+            }),
+        verify: opts.verify,
+        counters: counters.clone(),
+        transfer: transfer.clone(),
+        tasks: tasks.clone(),
+    });
+    let new_blob = |layer: &modelpack_spec::ModelLayer| {
         let chunks = chunks_of(layer);
         // Chunk digests from an unpinned referrer vouch for nothing on their own: the whole
         // blob is checked once complete. Without chunk digests the verify policy decides.
@@ -950,15 +970,9 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
         Arc::new(LazyBlob::new(
             layer.digest.clone(),
             layer.size(),
-            repo.clone(),
-            opts.store.clone(),
-            &opts.cache_dir,
-            chunk_size,
             chunks,
-            opts.verify,
             check_whole,
-            counters.clone(),
-            transfer.clone(),
+            ctx.clone(),
         ))
     };
     for layer in manifest.layers() {
@@ -1210,6 +1224,7 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
         // Kernel passthrough needs CAP_SYS_ADMIN; `init` keeps it only if the kernel offers it.
         passthrough: Arc::new(AtomicBool::new(ids().0 == 0)),
         opens: Arc::new(Mutex::new(HashMap::new())),
+        tasks,
     };
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -1250,7 +1265,7 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
         .collect();
     if !order.is_empty() {
         order.sort_by_key(|b| b.size);
-        tokio::spawn(async move {
+        fs.tasks.spawn(async move {
             for blob in order {
                 let mut i = 0;
                 while i < blob.chunk_count() {

@@ -23,6 +23,7 @@
 //! it matched its digest; a mismatch is logged and the read fails with EIO.
 #![deny(missing_docs, missing_debug_implementations)]
 
+mod background;
 mod blob;
 mod fs;
 mod index;

@@ -49,18 +49,8 @@ fn unescape(field: &str) -> String {
 /// Detaches the mount at `path` (lazy unmount: it goes away once nothing uses it). Used for
 /// FUSE mounts whose server died with a previous process, and as the fallback when a clean
 /// unmount finds the mount busy.
-#[allow(unsafe_code)]
 pub fn detach(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-    let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH).map_err(std::io::Error::from)
 }
 
 #[cfg(test)]

@@ -59,8 +59,10 @@ impl Rule {
     }
 }
 
-/// The proxy.
+/// The proxy; stopped when dropped.
+#[derive(Debug)]
 pub struct FaultProxy {
+    /// The port it listens on (loopback).
     pub port: u16,
     rules: Arc<Mutex<Vec<Rule>>>,
     applied: Arc<AtomicUsize>,
@@ -112,6 +114,7 @@ impl FaultProxy {
         }
     }
 
+    /// `127.0.0.1:PORT`.
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -259,23 +262,8 @@ fn take_rule(shared: &Shared, method: &str, path: &str) -> Option<Fault> {
 }
 
 /// Resets the connection (SO_LINGER 0, then close).
-#[allow(unsafe_code)]
 fn reset(stream: TcpStream) {
-    use std::os::fd::AsRawFd as _;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a correctly sized option value.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+    let _ = rustix::net::sockopt::set_socket_linger(&stream, Some(Duration::ZERO));
     drop(stream);
 }
 
