@@ -19,8 +19,8 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use sha2::{Digest as _, Sha256};
@@ -626,5 +626,114 @@ fn faults_under_the_snapshotter(rig: &mut Rig, image: &str) -> anyhow::Result<Fa
         "after the fault cleared the read still fails: {out}"
     );
     println!("   ok: once the fault cleared, the same file read right");
+    one_resolve_per_model_and_chains_in_parallel(rig, &proxy)?;
     Ok(proxy)
+}
+
+/// A small model of four layers pushed through `host`; returns (reference, manifest digest).
+fn pushed_small_model(
+    rig: &Rig,
+    host: &str,
+    name: &str,
+    seed: u64,
+) -> anyhow::Result<(String, String)> {
+    let dir = rig.path(&format!("model-{name}"));
+    fs::create_dir_all(dir.join("docs"))?;
+    crate::measure::write_random(&dir.join("w.safetensors"), 4 << 20, seed)?;
+    fs::write(
+        dir.join("config.json"),
+        format!(r#"{{"model_type":"{name}"}}"#),
+    )?;
+    fs::write(dir.join("tokenizer.json"), br#"{"version":"1.0"}"#)?;
+    fs::write(dir.join("docs/README.md"), format!("# {name}\n"))?;
+    let reference = format!("{host}/e2e/{name}:v1");
+    rig.modelpack(&["build", "-q", &dir.display().to_string(), "-t", &reference])?;
+    rig.modelpack(&["push", "-q", "--plain-http", &reference])?;
+    let info: serde_json::Value =
+        serde_json::from_str(&rig.modelpack(&["inspect", &reference, "--format", "json"])?)?;
+    let digest = info["digest"]
+        .as_str()
+        .context("inspect gave no digest")?
+        .to_owned();
+    Ok((reference, digest))
+}
+
+/// Every layer of a model mounts from one resolve (the manifest fetched once by the
+/// snapshotter, however many layers), and Prepares of different models do not wait for each
+/// other: while one model's resolve is stalled at the registry, another is pulled.
+fn one_resolve_per_model_and_chains_in_parallel(
+    rig: &mut Rig,
+    proxy: &FaultProxy,
+) -> anyhow::Result<()> {
+    println!("== 5b. one resolve per model; two models prepared in parallel");
+    let (slow_ref, slow_digest) = pushed_small_model(rig, &proxy.host(), "stalled", 21)?;
+    let (fast_ref, fast_digest) = pushed_small_model(rig, &proxy.host(), "parallel", 22)?;
+    let seen_before = proxy.requests().len();
+    // The snapshotter resolves by digest (the client by tag): stall only the former.
+    let stalled = format!("/e2e/stalled/manifests/{slow_digest}");
+    proxy.add(Rule::new(
+        Some("GET"),
+        &stalled,
+        1,
+        Fault::Stall(Duration::from_secs(8)),
+    ));
+    let socket = rig.containerd.socket.display().to_string();
+    let mut slow = Command::new(&rig.bins.modelpack)
+        .args([
+            "containerd",
+            "pull",
+            "-q",
+            "--plain-http",
+            "--address",
+            &socket,
+        ])
+        .args(["--namespace", NAMESPACE, &slow_ref])
+        .env("MODELPACK_STORE", rig.path("store"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start the stalled pull")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !proxy.requests().iter().any(|r| r.contains(&stalled)) {
+        if Instant::now() > deadline || slow.try_wait()?.is_some() {
+            let _ = slow.kill();
+            let _ = slow.wait();
+            bail!("the stalled model's resolve never reached the registry");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    let fast = rig.modelpack_containerd("pull", &["--plain-http", &fast_ref]);
+    let fast_took = started.elapsed();
+    let slow_still_running = slow.try_wait()?.is_none();
+    let slow_out = slow.wait_with_output()?;
+    fast?;
+    ensure!(
+        slow_out.status.success(),
+        "the stalled pull failed: {}",
+        String::from_utf8_lossy(&slow_out.stderr)
+    );
+    ensure!(
+        slow_still_running,
+        "the second model's pull waited for the first model's stalled Prepare ({fast_took:?})"
+    );
+    // Each model's manifest: once by tag (the client), once by digest (the snapshotter), for
+    // all four layers.
+    let seen = proxy.requests();
+    for (name, digest) in [("stalled", &slow_digest), ("parallel", &fast_digest)] {
+        let by_digest = seen[seen_before..]
+            .iter()
+            .filter(|r| {
+                r.starts_with("GET") && r.contains(&format!("/e2e/{name}/manifests/{digest}"))
+            })
+            .count();
+        ensure!(
+            by_digest == 1,
+            "the snapshotter fetched the {name} manifest {by_digest} times for its 4 layers"
+        );
+    }
+    println!(
+        "   ok: a model pulled in {fast_took:?} while another's resolve was stalled; one manifest fetch per model"
+    );
+    Ok(())
 }

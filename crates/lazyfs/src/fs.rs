@@ -14,6 +14,7 @@ use fuser::{
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use modelpack_registry::Repository;
 use modelpack_spec::annotations::{ANNOTATION_CHUNK_INDEX_DIGEST, ANNOTATION_CHUNK_INDEX_SIZE};
 use modelpack_spec::{ChunkIndex, Digest, Encoding, ModelManifest};
 use modelpack_transfer::{BlobRef, Event, TransferOptions};
@@ -865,35 +866,44 @@ fn raise_readahead(dir: &Path) {
     }
 }
 
-/// Mounts the artifact `opts` names at `dir` and serves it until unmounted.
-pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, MountError> {
-    let repo = &opts.repository;
-    let fetched = repo.get_manifest(&opts.reference).await?;
+/// What a mount needs to know about an artifact before it serves anything: its manifest and
+/// its chunk-digest index. Resolve once and mount many times: the snapshotter mounts every layer
+/// of one model from one resolve.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The manifest's digest.
+    pub digest: Digest,
+    /// The manifest, validated.
+    pub manifest: ModelManifest,
+    /// The chunk-digest index, pinned by the manifest or found among its referrers.
+    pub index: Option<ChunkIndex>,
+    /// True when the manifest pins the index (its digest vouches for the chunk digests).
+    pub index_is_pinned: bool,
+}
+
+/// Fetches and validates the manifest `reference` names in `repo`, and its chunk index (a
+/// pinned index lands in `store`; a referrer index is read and checked).
+pub async fn resolve(
+    repo: &Repository,
+    reference: &str,
+    store: &modelpack_store::Store,
+) -> Result<Resolved, MountError> {
+    resolve_counted(repo, reference, store, &TransferOptions::new(4)).await
+}
+
+async fn resolve_counted(
+    repo: &Repository,
+    reference: &str,
+    store: &modelpack_store::Store,
+    transfer: &TransferOptions,
+) -> Result<Resolved, MountError> {
+    let fetched = repo.get_manifest(reference).await?;
     let manifest = ModelManifest::from_slice(&fetched.bytes).map_err(|report| {
         MountError::Invalid(format!(
             "not a valid ModelPack manifest: {}",
             report.error_summary()
         ))
     })?;
-    let counters = Arc::new(Counters::default());
-    let mut transfer = TransferOptions::new(4);
-    {
-        let counters = counters.clone();
-        transfer.progress = Arc::new(move |event| {
-            if let Event::Bytes { bytes, .. } = event {
-                counters.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
-            }
-        });
-    }
-    // Private: cached model bytes are readable only by the mount's owner.
-    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-        .create(&opts.cache_dir)
-        .map_err(|source| MountError::Mount {
-            path: opts.cache_dir.clone(),
-            source,
-        })?;
-
-    // The chunk-digest index, if the artifact carries one.
     let annotations = manifest
         .manifest()
         .annotations()
@@ -913,16 +923,52 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
                 size,
                 media_type: String::new(),
             };
-            modelpack_transfer::fetch_blob(repo, &opts.store, &blob, &transfer).await?;
-            let bytes = opts
-                .store
+            modelpack_transfer::fetch_blob(repo, store, &blob, transfer).await?;
+            let bytes = store
                 .read_blob(&digest, size)
                 .map_err(|e| MountError::Invalid(format!("chunk index: {e}")))?;
             Some(ChunkIndex::from_slice(&bytes).map_err(|e| MountError::Invalid(e.to_string()))?)
         }
         _ => crate::index::find_referrer_index(repo, &fetched.digest).await,
     };
-    let index_is_pinned = annotations.contains_key(ANNOTATION_CHUNK_INDEX_DIGEST);
+    Ok(Resolved {
+        digest: fetched.digest,
+        manifest,
+        index,
+        index_is_pinned: annotations.contains_key(ANNOTATION_CHUNK_INDEX_DIGEST),
+    })
+}
+
+/// Mounts the artifact `opts` names at `dir` and serves it until unmounted.
+pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, MountError> {
+    let repo = &opts.repository;
+    let counters = Arc::new(Counters::default());
+    let mut transfer = TransferOptions::new(4);
+    {
+        let counters = counters.clone();
+        transfer.progress = Arc::new(move |event| {
+            if let Event::Bytes { bytes, .. } = event {
+                counters.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
+            }
+        });
+    }
+    // Private: cached model bytes are readable only by the mount's owner.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&opts.cache_dir)
+        .map_err(|source| MountError::Mount {
+            path: opts.cache_dir.clone(),
+            source,
+        })?;
+    let resolved = match &opts.resolved {
+        Some(r) => r.clone(),
+        None => Arc::new(resolve_counted(repo, &opts.reference, &opts.store, &transfer).await?),
+    };
+    let Resolved {
+        digest: ref manifest_digest,
+        ref manifest,
+        ref index,
+        index_is_pinned,
+    } = *resolved;
     let wanted = |digest: &Digest| opts.layers.as_ref().is_none_or(|l| l.contains(digest));
     if let Some(layers) = &opts.layers
         && let Some(missing) = layers
@@ -931,7 +977,7 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
     {
         return Err(MountError::Invalid(format!(
             "layer {missing} is not in manifest {}",
-            fetched.digest
+            manifest_digest
         )));
     }
 
@@ -1029,7 +1075,7 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
         lazy_layers.insert(layer.digest.clone(), (blob, frames));
     }
     let trees = match &opts.layers {
-        None => opts.cache_dir.join("trees").join(fetched.digest.encoded()),
+        None => opts.cache_dir.join("trees").join(manifest_digest.encoded()),
         Some(layers) => {
             let mut key = String::new();
             for d in layers {
@@ -1038,7 +1084,7 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
             let key = modelpack_spec::Digest::sha256_of(key.as_bytes());
             opts.cache_dir.join("trees").join(format!(
                 "{}-{}",
-                fetched.digest.encoded(),
+                manifest_digest.encoded(),
                 &key.encoded()[..16]
             ))
         }

@@ -37,7 +37,7 @@ use std::time::Duration;
 use modelpack_registry::Repository;
 use modelpack_store::Store;
 
-pub use fs::{MountError, MountedModel, mount};
+pub use fs::{MountError, MountedModel, Resolved, mount, resolve};
 pub use index::create_index;
 
 /// What to do when an artifact has no chunk-digest index.
@@ -79,6 +79,9 @@ pub struct MountOptions {
     pub layers: Option<Vec<modelpack_spec::Digest>>,
     /// Show the hidden status file in the root.
     pub status_file: bool,
+    /// The artifact already resolved (see [`resolve`]): the mount then fetches neither the
+    /// manifest nor the index. `reference` must name the same manifest.
+    pub resolved: Option<std::sync::Arc<Resolved>>,
 }
 
 impl MountOptions {
@@ -100,6 +103,7 @@ impl MountOptions {
             prefetch_small: 0,
             layers: None,
             status_file: true,
+            resolved: None,
         }
     }
 }

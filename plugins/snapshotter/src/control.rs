@@ -19,8 +19,8 @@ pub fn mount_rows(service: &Service) -> Vec<MountInfo> {
                 let mut row = MountInfo {
                     name: name.clone(),
                     reference: m.layer.reference.clone(),
-                    manifest_digest: m.layer.manifest_digest.clone(),
-                    layer_digest: m.layer.layer_digest.clone(),
+                    manifest_digest: m.layer.manifest_digest.to_string(),
+                    layer_digest: m.layer.layer_digest.to_string(),
                     path: m.layer.path.clone(),
                     mountpoint: m.mountpoint.display().to_string(),
                     ..MountInfo::default()

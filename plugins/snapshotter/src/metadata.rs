@@ -5,6 +5,7 @@
 //! names them and removed after it, so a crash can only leave folders no record names, and
 //! [`crate::service::Service::cleanup`] (and the start-up pass) removes those.
 
+use modelpack_spec::Digest;
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -29,9 +30,9 @@ pub struct RemoteLayer {
     /// Repository reference (registry/name, tag optional).
     pub reference: String,
     /// Manifest digest.
-    pub manifest_digest: String,
+    pub manifest_digest: Digest,
     /// Layer digest.
-    pub layer_digest: String,
+    pub layer_digest: Digest,
     /// Layer media type.
     pub media_type: String,
     /// File path of the layer in the model.

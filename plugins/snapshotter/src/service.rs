@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use modelpack_lazyfs::{Counters, MountOptions, MountedModel, Verify};
+use modelpack_lazyfs::{Counters, MountOptions, MountedModel, Resolved, Verify};
 use modelpack_proto::containerd_client::types::Mount;
 use modelpack_proto::snapshots as pb;
 use modelpack_registry::{Client, ClientOptions, Repository};
@@ -28,6 +28,8 @@ use crate::mounts;
 /// How long a remote mount may take (manifest, chunk index, FUSE mount) before Prepare falls
 /// back to an ordinary snapshot.
 const REMOTE_MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Models whose resolve (manifest and chunk index) is kept for their next layers.
+const RESOLVED_CACHE: usize = 64;
 
 /// A remote snapshot's mount, or why it has none.
 #[derive(Debug)]
@@ -77,8 +79,13 @@ pub struct Service {
 struct Inner {
     settings: Settings,
     meta: tokio::sync::Mutex<Metadata>,
-    /// Serialises remote Prepares, so the metadata lock is not held while a layer mounts.
-    remote_prepare: tokio::sync::Mutex<()>,
+    /// One lock per target chain ID being prepared remotely: two Prepares of one chain take
+    /// turns (the second finds it committed), other chains proceed in parallel; the metadata
+    /// lock is not held while a layer mounts.
+    preparing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Each model's manifest and chunk index, resolved once for all of its layers (keyed by
+    /// manifest digest; a digest names immutable content, so an entry never goes stale).
+    resolved: Mutex<HashMap<Digest, Arc<tokio::sync::OnceCell<Arc<Resolved>>>>>,
     /// Folder numbers of remote snapshots being mounted (no record names them yet).
     reserved: Mutex<std::collections::HashSet<u64>>,
     remote: Mutex<BTreeMap<String, RemoteMount>>,
@@ -86,6 +93,18 @@ struct Inner {
     store: Store,
     started: Instant,
     stats: Stats,
+}
+
+/// Writes the metadata (temporary file, fsync, rename, fsync of the folder) with the lock held,
+/// as the order of saves must be the order of changes, but off the async worker: the fsyncs may
+/// take milliseconds, and other calls' tasks move to another worker meanwhile.
+fn save(meta: &Metadata) -> std::io::Result<()> {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+            tokio::task::block_in_place(|| meta.save())
+        }
+        _ => meta.save(),
+    }
 }
 
 fn internal(context: &str, e: impl std::fmt::Display) -> Status {
@@ -126,15 +145,25 @@ fn info_of(name: &str, r: &Record) -> pb::Info {
     }
 }
 
-/// The remote layer the labels of a Prepare describe, if they describe one.
-pub fn remote_layer(labels: &HashMap<String, String>) -> Option<RemoteLayer> {
-    Some(RemoteLayer {
-        reference: labels.get(labels::REFERENCE)?.clone(),
-        manifest_digest: labels.get(labels::MANIFEST_DIGEST)?.clone(),
-        layer_digest: labels.get(labels::LAYER_DIGEST)?.clone(),
-        media_type: labels.get(labels::MEDIA_TYPE).cloned().unwrap_or_default(),
-        path: labels.get(labels::FILE_PATH).cloned().unwrap_or_default(),
-    })
+/// The remote layer the labels of a Prepare describe, if they describe one (an error when
+/// they name one with a malformed digest).
+pub fn remote_layer(labels: &HashMap<String, String>) -> Option<Result<RemoteLayer, String>> {
+    let reference = labels.get(labels::REFERENCE)?;
+    let manifest = labels.get(labels::MANIFEST_DIGEST)?;
+    let layer = labels.get(labels::LAYER_DIGEST)?;
+    let parse = |what: &str, text: &str| {
+        text.parse::<Digest>()
+            .map_err(|e| format!("{what} digest {text:?}: {e}"))
+    };
+    Some((|| {
+        Ok(RemoteLayer {
+            reference: reference.clone(),
+            manifest_digest: parse("manifest", manifest)?,
+            layer_digest: parse("layer", layer)?,
+            media_type: labels.get(labels::MEDIA_TYPE).cloned().unwrap_or_default(),
+            path: labels.get(labels::FILE_PATH).cloned().unwrap_or_default(),
+        })
+    })())
 }
 
 fn bind(source: &Path, writable: bool) -> Mount {
@@ -186,7 +215,8 @@ impl Service {
             inner: Arc::new(Inner {
                 settings,
                 meta: tokio::sync::Mutex::new(meta),
-                remote_prepare: tokio::sync::Mutex::new(()),
+                preparing: Mutex::new(HashMap::new()),
+                resolved: Mutex::new(HashMap::new()),
                 reserved: Mutex::new(std::collections::HashSet::new()),
                 remote: Mutex::new(BTreeMap::new()),
                 clients: Mutex::new(HashMap::new()),
@@ -338,7 +368,7 @@ impl Service {
                 remote: None,
             },
         );
-        if let Err(e) = meta.save() {
+        if let Err(e) = save(&meta) {
             meta.remove(key);
             let _ = std::fs::remove_dir_all(&dir);
             return Err(internal("cannot save the metadata", e));
@@ -372,23 +402,17 @@ impl Service {
             .reference
             .parse()
             .map_err(|e| format!("reference {:?}: {e}", layer.reference))?;
-        let digest: Digest = layer
-            .layer_digest
-            .parse()
-            .map_err(|e| format!("layer digest {:?}: {e}", layer.layer_digest))?;
-        let manifest: Digest = layer
-            .manifest_digest
-            .parse()
-            .map_err(|e| format!("manifest digest {:?}: {e}", layer.manifest_digest))?;
         let client = self.client_for(reference.registry())?;
         let repository = Repository::new(&client, &reference);
+        let resolved = self.resolved(&repository, &layer.manifest_digest).await?;
         let settings = &self.inner.settings;
         let mut opts = MountOptions::new(
             repository,
-            manifest.to_string(),
+            layer.manifest_digest.to_string(),
             self.inner.store.clone(),
             settings.cache_dir.clone(),
         );
+        opts.resolved = Some(resolved);
         opts.verify = match settings.verify {
             VerifyPolicy::Full => Verify::Full,
             VerifyPolicy::Background => Verify::Background,
@@ -397,7 +421,7 @@ impl Service {
         opts.allow_other = true;
         opts.prefetch = settings.prefetch;
         opts.prefetch_small = settings.prefetch_small;
-        opts.layers = Some(vec![digest]);
+        opts.layers = Some(vec![layer.layer_digest.clone()]);
         opts.status_file = false;
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let started = Instant::now();
@@ -413,6 +437,56 @@ impl Service {
         let counters = model.counters();
         tracing::debug!(path = %layer.path, took = ?started.elapsed(), "remote layer mounted");
         Ok(MountState::Mounted { model, counters })
+    }
+
+    /// The lock of the chain `target` (created on first use).
+    fn chain_lock(&self, target: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = match self.inner.preparing.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        locks.entry(target.to_owned()).or_default().clone()
+    }
+
+    /// Forgets the lock of `target` once nobody else waits for it.
+    fn release_chain_lock(&self, target: &str, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = match self.inner.preparing.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        // Ours and the map's: nobody else holds or waits for it.
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(target);
+        }
+    }
+
+    /// The model `manifest` in `repository`, resolved once for all its layers: concurrent
+    /// Prepares of one model wait for the same resolve; a failed resolve is tried again next time.
+    async fn resolved(
+        &self,
+        repository: &Repository,
+        manifest: &Digest,
+    ) -> Result<Arc<Resolved>, String> {
+        let cell = {
+            let mut cache = match self.inner.resolved.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            // Bounded: a node sees few models at once; past the bound, start afresh.
+            if cache.len() >= RESOLVED_CACHE && !cache.contains_key(manifest) {
+                cache.clear();
+            }
+            cache.entry(manifest.clone()).or_default().clone()
+        };
+        let resolved = cell
+            .get_or_try_init(|| async {
+                modelpack_lazyfs::resolve(repository, manifest.as_str(), &self.inner.store)
+                    .await
+                    .map(Arc::new)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(resolved.clone())
     }
 
     fn reserved_mut<T>(&self, f: impl FnOnce(&mut std::collections::HashSet<u64>) -> T) -> T {
@@ -432,7 +506,21 @@ impl Service {
         labels: &HashMap<String, String>,
         layer: RemoteLayer,
     ) -> Result<(), String> {
-        let _one_at_a_time = self.inner.remote_prepare.lock().await;
+        let chain = self.chain_lock(target);
+        let this_chain = chain.clone().lock_owned().await;
+        let result = self.prepare_locked(target, parent, labels, layer).await;
+        drop(this_chain);
+        self.release_chain_lock(target, chain);
+        result
+    }
+
+    async fn prepare_locked(
+        &self,
+        target: &str,
+        parent: &str,
+        labels: &HashMap<String, String>,
+        layer: RemoteLayer,
+    ) -> Result<(), String> {
         let id = {
             let mut meta = self.inner.meta.lock().await;
             if let Some(existing) = meta.get(target) {
@@ -499,7 +587,7 @@ impl Service {
                 remote: Some(layer.clone()),
             },
         );
-        if let Err(e) = meta.save() {
+        if let Err(e) = save(&meta) {
             meta.remove(target);
             drop(meta);
             unmount(state, &fs).await;
@@ -667,11 +755,15 @@ impl pb::snapshots_server::Snapshots for Service {
         if let Some(target) = r.labels.get(labels::SNAPSHOT_REF)
             && let Some(layer) = remote_layer(&r.labels)
         {
-            let path = layer.path.clone();
-            match self
-                .prepare_remote(target, &r.parent, &r.labels, layer)
-                .await
-            {
+            let path = layer.as_ref().map(|l| l.path.clone()).unwrap_or_default();
+            let prepared = match layer {
+                Ok(layer) => {
+                    self.prepare_remote(target, &r.parent, &r.labels, layer)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match prepared {
                 Ok(()) => {
                     self.inner
                         .stats
@@ -754,7 +846,7 @@ impl pb::snapshots_server::Snapshots for Service {
         rec.labels.extend(r.labels);
         rec.updated_ns = now_ns();
         meta.insert(r.name.clone(), rec);
-        if let Err(e) = meta.save() {
+        if let Err(e) = save(&meta) {
             meta.remove(&r.name);
             meta.insert(r.key, before);
             return Err(internal("cannot save the metadata", e));
@@ -787,7 +879,7 @@ impl pb::snapshots_server::Snapshots for Service {
                     r.key
                 )));
             };
-            if let Err(e) = meta.save() {
+            if let Err(e) = save(&meta) {
                 meta.insert(r.key.clone(), rec);
                 return Err(internal("cannot save the metadata", e));
             }
@@ -860,7 +952,7 @@ impl pb::snapshots_server::Snapshots for Service {
         }
         rec.updated_ns = now_ns();
         let updated = info_of(&info.name, rec);
-        if let Err(e) = meta.save() {
+        if let Err(e) = save(&meta) {
             if let Some(rec) = meta.get_mut(&info.name) {
                 *rec = before;
             }

@@ -94,6 +94,7 @@ pub fn mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<ExitCode> {
         prefetch_small: 0,
         layers: None,
         status_file: true,
+        resolved: None,
     };
     let rt = crate::remote::runtime()?;
     rt.block_on(async {
