@@ -123,9 +123,7 @@ struct HashWriter<W> {
     inner: W,
     hasher: Sha256,
     count: u64,
-    chunk: Sha256,
-    chunk_fill: usize,
-    chunks: Vec<Digest>,
+    chunks: modelpack_spec::ChunkHasher,
 }
 
 impl<W: Write> HashWriter<W> {
@@ -134,23 +132,16 @@ impl<W: Write> HashWriter<W> {
             inner,
             hasher: Sha256::new(),
             count: 0,
-            chunk: Sha256::new(),
-            chunk_fill: 0,
-            chunks: Vec::new(),
+            chunks: modelpack_spec::ChunkHasher::new(CHUNK as u64),
         }
     }
 
-    fn finish(mut self) -> (W, Digest, u64, Vec<Digest>) {
-        if self.chunk_fill > 0 {
-            let last = std::mem::take(&mut self.chunk);
-            self.chunks
-                .push(Digest::from_sha256(last.finalize().into()));
-        }
+    fn finish(self) -> (W, Digest, u64, Vec<Digest>) {
         (
             self.inner,
             Digest::from_sha256(self.hasher.finalize().into()),
             self.count,
-            self.chunks,
+            self.chunks.finish(),
         )
     }
 }
@@ -160,19 +151,7 @@ impl<W: Write> Write for HashWriter<W> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.count += n as u64;
-        let mut rest = &buf[..n];
-        while !rest.is_empty() {
-            let take = rest.len().min(CHUNK - self.chunk_fill);
-            self.chunk.update(&rest[..take]);
-            self.chunk_fill += take;
-            rest = &rest[take..];
-            if self.chunk_fill == CHUNK {
-                let full = std::mem::take(&mut self.chunk);
-                self.chunks
-                    .push(Digest::from_sha256(full.finalize().into()));
-                self.chunk_fill = 0;
-            }
-        }
+        self.chunks.update(&buf[..n]);
         Ok(n)
     }
 

@@ -6,10 +6,8 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use modelpack_registry::Repository;
 use modelpack_spec::annotations::{ANNOTATION_TITLE, CHUNK_INDEX_CHUNK_SIZE};
-use modelpack_spec::media_type::{
-    MEDIA_TYPE_CHUNK_INDEX, MEDIA_TYPE_OCI_EMPTY, MEDIA_TYPE_OCI_MANIFEST,
-};
-use modelpack_spec::{ChunkIndex, Digest, Encoding, ModelManifest};
+use modelpack_spec::media_type::MEDIA_TYPE_CHUNK_INDEX;
+use modelpack_spec::{ChunkHasher, ChunkIndex, Digest, Encoding, ModelManifest};
 use sha2::{Digest as _, Sha256};
 
 use crate::fs::MountError;
@@ -38,30 +36,14 @@ pub async fn create_index(repo: &Repository, reference: &str) -> Result<Digest, 
             .blob_stream(&layer.digest, Some(0..layer.size()))
             .await?;
         let mut whole = Sha256::new();
-        let mut chunk = Sha256::new();
-        let mut in_chunk = 0u64;
-        let mut chunks = Vec::new();
+        let mut chunks = ChunkHasher::new(CHUNK_INDEX_CHUNK_SIZE);
         let mut total = 0u64;
         while let Some(piece) = body.next_chunk().await? {
             whole.update(&piece);
+            chunks.update(&piece);
             total += piece.len() as u64;
-            let mut rest = &piece[..];
-            while !rest.is_empty() {
-                let take = ((CHUNK_INDEX_CHUNK_SIZE - in_chunk) as usize).min(rest.len());
-                chunk.update(&rest[..take]);
-                in_chunk += take as u64;
-                rest = &rest[take..];
-                if in_chunk == CHUNK_INDEX_CHUNK_SIZE {
-                    chunks.push(Digest::from_sha256(
-                        std::mem::take(&mut chunk).finalize().into(),
-                    ));
-                    in_chunk = 0;
-                }
-            }
         }
-        if in_chunk > 0 {
-            chunks.push(Digest::from_sha256(chunk.finalize().into()));
-        }
+        let chunks = chunks.finish();
         let actual = Digest::from_sha256(whole.finalize().into());
         if actual != layer.digest || total != layer.size() {
             return Err(MountError::Invalid(format!(
@@ -73,40 +55,20 @@ pub async fn create_index(repo: &Repository, reference: &str) -> Result<Digest, 
     }
     let bytes = Bytes::from(index.to_vec());
     let index_digest = Digest::sha256_of(&bytes);
-    let empty = Bytes::from_static(b"{}");
-    let empty_digest = Digest::sha256_of(&empty);
-    for (digest, body) in [(&index_digest, bytes.clone()), (&empty_digest, empty)] {
-        if repo.blob_exists(digest).await?.is_none() {
-            repo.push_blob_bytes(digest, body).await?;
-        }
+    if repo.blob_exists(&index_digest).await?.is_none() {
+        repo.push_blob_bytes(&index_digest, bytes.clone()).await?;
     }
-    let subject = modelpack_transfer::manifest_descriptor(&fetched.bytes)?;
-    let referrer = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": MEDIA_TYPE_OCI_MANIFEST,
-        "artifactType": MEDIA_TYPE_CHUNK_INDEX,
-        "config": modelpack_spec::descriptor(MEDIA_TYPE_OCI_EMPTY, &empty_digest, 2, None)?,
-        "layers": [modelpack_spec::descriptor(
-            MEDIA_TYPE_CHUNK_INDEX,
-            &index_digest,
-            bytes.len() as u64,
-            Some(HashMap::from([(ANNOTATION_TITLE.to_owned(), "chunk-index.json".to_owned())])),
-        )?],
-        "subject": subject,
-    });
-    let referrer_bytes = Bytes::from(modelpack_spec::to_canonical_json(&referrer));
-    let referrer_digest = Digest::sha256_of(&referrer_bytes);
-    repo.put_manifest(
-        referrer_digest.as_str(),
-        MEDIA_TYPE_OCI_MANIFEST,
-        referrer_bytes.clone(),
-    )
-    .await?;
-    if !repo.supports_referrers(&fetched.digest).await? {
-        let descriptor = modelpack_transfer::manifest_descriptor(&referrer_bytes)?;
-        repo.add_referrer_to_fallback(&fetched.digest, descriptor)
-            .await?;
-    }
+    let layer = modelpack_spec::descriptor(
+        MEDIA_TYPE_CHUNK_INDEX,
+        &index_digest,
+        bytes.len() as u64,
+        Some(HashMap::from([(
+            ANNOTATION_TITLE.to_owned(),
+            "chunk-index.json".to_owned(),
+        )])),
+    )?;
+    let referrer_digest =
+        modelpack_transfer::attach(repo, &fetched, MEDIA_TYPE_CHUNK_INDEX, vec![layer]).await?;
     Ok(referrer_digest)
 }
 

@@ -60,6 +60,55 @@ impl ChunkIndex {
     }
 }
 
+/// Hashes a blob chunk by chunk as its bytes arrive in pieces of any size: the chunk digests of
+/// a [`ChunkIndex`] entry.
+#[derive(Debug, Clone)]
+pub struct ChunkHasher {
+    chunk_size: u64,
+    current: sha2::Sha256,
+    fill: u64,
+    chunks: Vec<Digest>,
+}
+
+impl ChunkHasher {
+    /// A hasher for chunks of `chunk_size` bytes (at least 1).
+    pub fn new(chunk_size: u64) -> ChunkHasher {
+        ChunkHasher {
+            chunk_size: chunk_size.max(1),
+            current: sha2::Sha256::default(),
+            fill: 0,
+            chunks: Vec::new(),
+        }
+    }
+
+    /// Hashes the next bytes of the blob.
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        use sha2::Digest as _;
+        while !bytes.is_empty() {
+            let take = ((self.chunk_size - self.fill) as usize).min(bytes.len());
+            self.current.update(&bytes[..take]);
+            self.fill += take as u64;
+            bytes = &bytes[take..];
+            if self.fill == self.chunk_size {
+                let full = std::mem::take(&mut self.current);
+                self.chunks
+                    .push(Digest::from_sha256(full.finalize().into()));
+                self.fill = 0;
+            }
+        }
+    }
+
+    /// The digest of every chunk, the last (short) one included.
+    pub fn finish(mut self) -> Vec<Digest> {
+        use sha2::Digest as _;
+        if self.fill > 0 {
+            self.chunks
+                .push(Digest::from_sha256(self.current.finalize().into()));
+        }
+        self.chunks
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +123,17 @@ mod tests {
         assert_eq!(back, index);
         assert!(back.covers(&index.layers[&Digest::sha256_of(b"layer")], 5));
         assert!(ChunkIndex::from_slice(b"{}").is_err());
+    }
+
+    #[test]
+    fn chunk_digests_do_not_depend_on_how_the_bytes_arrive() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let want: Vec<Digest> = data.chunks(4096).map(Digest::sha256_of).collect();
+        for piece in [1, 7, 4096, 5000, 10_000] {
+            let mut hasher = ChunkHasher::new(4096);
+            data.chunks(piece).for_each(|p| hasher.update(p));
+            assert_eq!(hasher.finish(), want, "pieces of {piece}");
+        }
+        assert!(ChunkHasher::new(4096).finish().is_empty());
     }
 }

@@ -33,7 +33,7 @@ mod validate;
 pub mod zstd_seek;
 
 pub use annotations::FileMetadata;
-pub use chunk_index::ChunkIndex;
+pub use chunk_index::{ChunkHasher, ChunkIndex};
 pub use config::{
     Modality, Model, ModelCapabilities, ModelConfig, ModelDescriptor, ModelFs, ModelFsType,
 };

@@ -9,6 +9,8 @@
 //! - [`copy_remote`]: registry -> registry, mounting blobs across repositories of the same
 //!   registry so no blob bytes move;
 //! - [`copy_local`]: store -> store (an OCI layout folder on either side);
+//! - [`Artifact`]: a ModelPack artifact loaded and validated from the store or a registry;
+//! - [`attach`]: an artifact referring to another (OCI `subject`), with the tag-schema fallback;
 //! - [`pull_to_folder`]: registry -> plain folder (`pull -o`, `fetch`): the same blob engine
 //!   into a scratch store, then the extractor links the verified files into place.
 //!
@@ -18,9 +20,11 @@
 //! manifest only after every blob it references is there.
 #![deny(missing_docs, missing_debug_implementations)]
 
+mod artifact;
 mod download;
 mod error;
 mod folder;
+mod referrer;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -35,9 +39,11 @@ use modelpack_spec::{Digest, Reference};
 use modelpack_store::Store;
 use tokio::sync::Semaphore;
 
+pub use artifact::Artifact;
 pub use download::{Fetched, fetch_blob};
 pub use error::{Error, Result};
 pub use folder::{FolderOutcome, pull_to_folder};
+pub use referrer::attach;
 
 /// A progress event.
 #[derive(Debug, Clone)]

@@ -107,6 +107,15 @@ fn save(meta: &Metadata) -> std::io::Result<()> {
     }
 }
 
+/// Locks `m`, also after a panic elsewhere poisoned it (the data stays consistent: every
+/// critical section here is a plain map update).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
 fn internal(context: &str, e: impl std::fmt::Display) -> Status {
     Status::internal(format!("{context}: {e}"))
 }
@@ -249,18 +258,12 @@ impl Service {
 
     /// Calls `f` with the remote mounts.
     pub fn with_remote<T>(&self, f: impl FnOnce(&BTreeMap<String, RemoteMount>) -> T) -> T {
-        let guard = match self.inner.remote.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let guard = lock(&self.inner.remote);
         f(&guard)
     }
 
     fn remote_mut<T>(&self, f: impl FnOnce(&mut BTreeMap<String, RemoteMount>) -> T) -> T {
-        let mut guard = match self.inner.remote.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut guard = lock(&self.inner.remote);
         f(&mut guard)
     }
 
@@ -377,10 +380,7 @@ impl Service {
     }
 
     fn client_for(&self, host: &str) -> Result<Client, String> {
-        let mut clients = match self.inner.clients.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut clients = lock(&self.inner.clients);
         if let Some(c) = clients.get(host) {
             return Ok(c.clone());
         }
@@ -441,21 +441,15 @@ impl Service {
 
     /// The lock of the chain `target` (created on first use).
     fn chain_lock(&self, target: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = match self.inner.preparing.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut locks = lock(&self.inner.preparing);
         locks.entry(target.to_owned()).or_default().clone()
     }
 
     /// Forgets the lock of `target` once nobody else waits for it.
-    fn release_chain_lock(&self, target: &str, lock: Arc<tokio::sync::Mutex<()>>) {
-        let mut locks = match self.inner.preparing.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+    fn release_chain_lock(&self, target: &str, chain: Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = lock(&self.inner.preparing);
         // Ours and the map's: nobody else holds or waits for it.
-        if Arc::strong_count(&lock) == 2 {
+        if Arc::strong_count(&chain) == 2 {
             locks.remove(target);
         }
     }
@@ -468,10 +462,7 @@ impl Service {
         manifest: &Digest,
     ) -> Result<Arc<Resolved>, String> {
         let cell = {
-            let mut cache = match self.inner.resolved.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut cache = lock(&self.inner.resolved);
             // Bounded: a node sees few models at once; past the bound, start afresh.
             if cache.len() >= RESOLVED_CACHE && !cache.contains_key(manifest) {
                 cache.clear();
@@ -490,10 +481,7 @@ impl Service {
     }
 
     fn reserved_mut<T>(&self, f: impl FnOnce(&mut std::collections::HashSet<u64>) -> T) -> T {
-        let mut guard = match self.inner.reserved.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut guard = lock(&self.inner.reserved);
         f(&mut guard)
     }
 

@@ -6,10 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use bytes::Bytes;
 use clap::Args;
 use modelpack_spec::annotations::ANNOTATION_TITLE;
-use modelpack_spec::media_type::{MEDIA_TYPE_OCI_EMPTY, MEDIA_TYPE_OCI_MANIFEST};
 use serde_json::json;
 
 use crate::args::{GlobalArgs, OutputFormat};
@@ -57,7 +55,6 @@ pub fn attach(global: &GlobalArgs, args: AttachArgs) -> anyhow::Result<ExitCode>
     let repo = crate::remote::repository(&client, &subject_ref);
     let rt = crate::remote::runtime()?;
     let subject = rt.block_on(repo.get_manifest(&subject_ref.tag_or_digest()))?;
-    let subject_descriptor = modelpack_transfer::manifest_descriptor(&subject.bytes)?;
     let mut layers = Vec::new();
     for spec in &args.files {
         let (path, media_type) = match spec.rsplit_once(':') {
@@ -84,35 +81,12 @@ pub fn attach(global: &GlobalArgs, args: AttachArgs) -> anyhow::Result<ExitCode>
             Some(HashMap::from([(ANNOTATION_TITLE.to_owned(), title)])),
         )?);
     }
-    let empty = Bytes::from_static(b"{}");
-    let empty_digest = modelpack_spec::Digest::sha256_of(&empty);
-    rt.block_on(async {
-        if repo.blob_exists(&empty_digest).await?.is_none() {
-            repo.push_blob_bytes(&empty_digest, empty.clone()).await?;
-        }
-        anyhow::Ok(())
-    })?;
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": MEDIA_TYPE_OCI_MANIFEST,
-        "artifactType": args.artifact_type,
-        "config": modelpack_spec::descriptor(MEDIA_TYPE_OCI_EMPTY, &empty_digest, 2, None)?,
-        "layers": layers,
-        "subject": subject_descriptor,
-    });
-    let bytes = Bytes::from(modelpack_spec::to_canonical_json(&manifest));
-    let descriptor = modelpack_transfer::manifest_descriptor(&bytes)?;
-    let digest = modelpack_spec::Digest::sha256_of(&bytes);
-    rt.block_on(async {
-        repo.put_manifest(digest.as_str(), MEDIA_TYPE_OCI_MANIFEST, bytes.clone())
-            .await?;
-        // Registries without the referrers API learn about it through the tag schema.
-        if !repo.supports_referrers(&subject.digest).await? {
-            repo.add_referrer_to_fallback(&subject.digest, descriptor)
-                .await?;
-        }
-        anyhow::Ok(())
-    })?;
+    let digest = rt.block_on(modelpack_transfer::attach(
+        &repo,
+        &subject,
+        &args.artifact_type,
+        layers,
+    ))?;
     match args.format {
         OutputFormat::Json => display::print_json(&json!({
             "digest": digest.to_string(), "subject": subject.digest.to_string(),

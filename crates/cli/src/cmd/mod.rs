@@ -20,8 +20,7 @@ pub mod tag;
 pub mod validate;
 
 use anyhow::Context as _;
-use modelpack_spec::oci_spec::image::Descriptor;
-use modelpack_spec::{Digest, Model, ModelManifest, Reference};
+use modelpack_spec::Reference;
 use modelpack_store::Store;
 
 use crate::args::GlobalArgs;
@@ -40,15 +39,8 @@ pub fn parse_reference(text: &str) -> anyhow::Result<Reference> {
     text.parse::<Reference>().map_err(anyhow::Error::from)
 }
 
-/// A stored artifact, loaded and validated.
-pub struct Loaded {
-    pub reference: Reference,
-    pub descriptor: Descriptor,
-    pub manifest_bytes: Vec<u8>,
-    pub manifest: ModelManifest,
-    pub config_bytes: Vec<u8>,
-    pub config: Model,
-}
+/// A stored or remote artifact, loaded and validated.
+pub type Loaded = modelpack_transfer::Artifact;
 
 /// Fetches `text`'s manifest and config from its registry.
 pub fn load_remote(registry: &crate::remote::RegistryArgs, text: &str) -> anyhow::Result<Loaded> {
@@ -56,55 +48,11 @@ pub fn load_remote(registry: &crate::remote::RegistryArgs, text: &str) -> anyhow
     let client = registry.client()?;
     let repo = crate::remote::repository(&client, &reference);
     let rt = crate::remote::runtime()?;
-    let fetched = rt.block_on(repo.get_manifest(&reference.tag_or_digest()))?;
-    let manifest = ModelManifest::from_slice(&fetched.bytes).map_err(|report| {
-        anyhow::anyhow!(
-            "{} is not a valid ModelPack manifest: {}",
-            reference.familiar(),
-            report.error_summary()
-        )
-    })?;
-    let config_bytes = rt.block_on(
-        repo.read_blob_capped(manifest.config_digest(), modelpack_spec::MAX_DOCUMENT_SIZE),
-    )?;
-    let config = Model::from_slice(&config_bytes)
-        .with_context(|| format!("config of {}", reference.familiar()))?;
-    let descriptor = modelpack_transfer::manifest_descriptor(&fetched.bytes)?;
-    Ok(Loaded {
-        reference,
-        descriptor,
-        manifest_bytes: fetched.bytes.to_vec(),
-        manifest,
-        config_bytes: config_bytes.to_vec(),
-        config,
-    })
+    Ok(rt.block_on(Loaded::from_registry(&repo, &reference))?)
 }
 
 /// Resolves `text` in the store and loads its manifest and config.
 pub fn load(store: &Store, text: &str) -> anyhow::Result<Loaded> {
     let reference = parse_reference(text)?;
-    let descriptor = store.resolve(&reference)?;
-    let digest: Digest = descriptor.digest().to_string().parse()?;
-    let manifest_bytes = store.read_blob(&digest, modelpack_spec::MAX_DOCUMENT_SIZE as u64)?;
-    let manifest = ModelManifest::from_slice(&manifest_bytes).map_err(|report| {
-        anyhow::anyhow!(
-            "{} is not a valid ModelPack manifest: {}",
-            reference.familiar(),
-            report.error_summary()
-        )
-    })?;
-    let config_bytes = store.read_blob(
-        manifest.config_digest(),
-        modelpack_spec::MAX_DOCUMENT_SIZE as u64,
-    )?;
-    let config = Model::from_slice(&config_bytes)
-        .with_context(|| format!("config of {}", reference.familiar()))?;
-    Ok(Loaded {
-        reference,
-        descriptor,
-        manifest_bytes,
-        manifest,
-        config_bytes,
-        config,
-    })
+    Ok(Loaded::from_store(store, &reference)?)
 }
