@@ -374,7 +374,57 @@ fn bench_transfer(
         &pull_ours,
         &pull_curl,
         "`curl -o file`",
-        1.1,
+        1.3,
+        true,
+    ));
+    // The same bytes written and verified by the shell's tools: the floor of a verified pull.
+    let blob_url = format!("http://{host}/v2/bench/single/blobs/{blob}");
+    let (pull_ours_v, pull_pipe) = timed_pair(
+        runs,
+        (&[&pull_store], |_| our_pull(&single_ref)),
+        (&[&pulled_file], |_| {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(r#"curl -s -f "$1" | tee "$2" | sha256sum"#)
+                .args(["sh", &blob_url])
+                .arg(&pulled_file);
+            c
+        }),
+    )?;
+    rows.push(row(
+        format!("pull {size_mib} MiB single-blob model (verified, into the store)"),
+        &pull_ours_v,
+        &pull_pipe,
+        "`curl | tee FILE | sha256sum`",
+        0.6,
+        true,
+    ));
+    // `pull -o`: the same engine into a folder (a scratch store inside a fresh store).
+    let folder_store = work.join("folder-store");
+    let folder = work.join("folder-out");
+    let our_pull_o = |reference: &str| {
+        let mut c = Command::new(bin);
+        c.arg("--store")
+            .arg(&folder_store)
+            .args(["pull", "--plain-http", reference, "-o"])
+            .arg(&folder);
+        c
+    };
+    let (pull_o_ours, pull_o_curl) = timed_pair(
+        runs,
+        (&[&folder_store, &folder], |_| our_pull_o(&single_ref)),
+        (&[&pulled_file], |_| {
+            let mut c = Command::new("curl");
+            c.args(["-s", "-f", "-o"]).arg(&pulled_file).arg(&blob_url);
+            c
+        }),
+    )?;
+    rows.push(row(
+        format!("pull -o {size_mib} MiB single-blob model (verified, into a folder)"),
+        &pull_o_ours,
+        &pull_o_curl,
+        "`curl -o file`",
+        1.3,
         true,
     ));
     let pull_oras = timed(runs, &[&oras_out], |_| oras_pull(&host, &single_ref))?;
@@ -402,6 +452,22 @@ fn bench_transfer(
         0.5,
         true,
     ));
+    let (multi_o_ours, multi_o_oras) = timed_pair(
+        runs,
+        (&[&folder_store, &folder], |_| our_pull_o(&multi_ref)),
+        (&[&oras_out], |_| oras_pull(&host, &multi_ref)),
+    )?;
+    rows.push(row(
+        format!(
+            "pull -o multi-file model (8 x {} MiB + 21 small files)",
+            size_mib / 8
+        ),
+        &multi_o_ours,
+        &multi_o_oras,
+        "oras-py",
+        0.5,
+        true,
+    ));
 
     println!("bench: slow link (10 ms each way, 50 MB/s per connection)");
     let slow = modelpack_testkit::link::Link::slow(
@@ -421,6 +487,19 @@ fn bench_transfer(
             format!("slow-link pull, {label} {size_mib} MiB model"),
             &ours,
             &theirs,
+            "oras-py",
+            3.0,
+            false,
+        ));
+        let (ours_o, theirs_o) = timed_pair(
+            slow_runs,
+            (&[&folder_store, &folder], |_| our_pull_o(&via)),
+            (&[&oras_out], |_| oras_pull(&slow.host(), &via)),
+        )?;
+        rows.push(row(
+            format!("slow-link pull -o, {label} {size_mib} MiB model"),
+            &ours_o,
+            &theirs_o,
             "oras-py",
             3.0,
             false,
