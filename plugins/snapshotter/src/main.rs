@@ -9,6 +9,7 @@ mod metadata;
 mod metrics;
 mod mounts;
 mod service;
+mod snapshotter;
 
 use std::path::PathBuf;
 
@@ -119,7 +120,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         info!("stopping");
     };
     let served = tonic::transport::Server::builder()
-        .add_service(SnapshotsServer::new(service.clone()))
+        .add_service(SnapshotsServer::new(snapshotter::Server::new(
+            std::sync::Arc::new(service.clone()),
+        )))
         .add_service(ControlServer::new(service.clone()))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),

@@ -17,13 +17,13 @@ use modelpack_proto::snapshots as pb;
 use modelpack_registry::{Client, ClientOptions, Repository};
 use modelpack_spec::{Digest, Reference, labels};
 use modelpack_store::Store;
-use tonic::Status;
 use tracing::{info, warn};
 
 use crate::config::{Settings, VerifyPolicy};
 use crate::filter;
 use crate::metadata::{Kind, Metadata, Record, RemoteLayer, now_ns};
 use crate::mounts;
+use crate::snapshotter::{SnapshotError, Snapshotter};
 
 /// How long a remote mount may take (manifest, chunk index, FUSE mount) before Prepare falls
 /// back to an ordinary snapshot.
@@ -114,10 +114,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
     }
-}
-
-fn internal(context: &str, e: impl std::fmt::Display) -> Status {
-    Status::internal(format!("{context}: {e}"))
 }
 
 fn kind_name(kind: Kind) -> &'static str {
@@ -280,10 +276,8 @@ impl Service {
     }
 
     /// The mounts that present `key`.
-    fn mounts_of(&self, meta: &Metadata, key: &str) -> Result<Vec<Mount>, Status> {
-        let rec = meta
-            .get(key)
-            .ok_or_else(|| Status::not_found(format!("snapshot {key} does not exist")))?;
+    fn mounts_of(&self, meta: &Metadata, key: &str) -> Result<Vec<Mount>, SnapshotError> {
+        let rec = meta.get(key).ok_or_else(|| SnapshotError::missing(key))?;
         let mut lowers: Vec<PathBuf> = meta
             .chain(&rec.parent)
             .iter()
@@ -320,25 +314,27 @@ impl Service {
         parent: &str,
         labels: HashMap<String, String>,
         kind: Kind,
-    ) -> Result<Vec<Mount>, Status> {
+    ) -> Result<Vec<Mount>, SnapshotError> {
         if key.is_empty() {
-            return Err(Status::invalid_argument("snapshot key is empty"));
+            return Err(SnapshotError::InvalidArgument(
+                "snapshot key is empty".into(),
+            ));
         }
         let mut meta = self.inner.meta.lock().await;
         if meta.get(key).is_some() {
-            return Err(Status::already_exists(format!(
+            return Err(SnapshotError::AlreadyExists(format!(
                 "snapshot {key} already exists"
             )));
         }
         if !parent.is_empty() {
             match meta.get(parent) {
                 None => {
-                    return Err(Status::not_found(format!(
+                    return Err(SnapshotError::NotFound(format!(
                         "parent snapshot {parent} does not exist"
                     )));
                 }
                 Some(p) if p.kind != Kind::Committed => {
-                    return Err(Status::failed_precondition(format!(
+                    return Err(SnapshotError::FailedPrecondition(format!(
                         "parent snapshot {parent} is not committed"
                     )));
                 }
@@ -356,7 +352,10 @@ impl Service {
         });
         if let Err(e) = made {
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(internal("cannot create the snapshot folder", e));
+            return Err(SnapshotError::internal(
+                "cannot create the snapshot folder",
+                e,
+            ));
         }
         let now = now_ns();
         meta.insert(
@@ -374,7 +373,7 @@ impl Service {
         if let Err(e) = save(&meta) {
             meta.remove(key);
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(internal("cannot save the metadata", e));
+            return Err(SnapshotError::internal("cannot save the metadata", e));
         }
         self.mounts_of(&meta, key)
     }
@@ -734,21 +733,19 @@ fn usage_of(dir: &Path) -> (i64, i64) {
 }
 
 #[tonic::async_trait]
-impl pb::snapshots_server::Snapshots for Service {
+impl Snapshotter for Service {
     async fn prepare(
         &self,
-        request: tonic::Request<pb::PrepareSnapshotRequest>,
-    ) -> Result<tonic::Response<pb::PrepareSnapshotResponse>, Status> {
-        let r = request.into_inner();
-        if let Some(target) = r.labels.get(labels::SNAPSHOT_REF)
-            && let Some(layer) = remote_layer(&r.labels)
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        if let Some(target) = labels.get(labels::SNAPSHOT_REF)
+            && let Some(layer) = remote_layer(&labels)
         {
             let path = layer.as_ref().map(|l| l.path.clone()).unwrap_or_default();
             let prepared = match layer {
-                Ok(layer) => {
-                    self.prepare_remote(target, &r.parent, &r.labels, layer)
-                        .await
-                }
+                Ok(layer) => self.prepare_remote(target, parent, &labels, layer).await,
                 Err(e) => Err(e),
             };
             match prepared {
@@ -757,8 +754,8 @@ impl pb::snapshots_server::Snapshots for Service {
                         .stats
                         .remote_prepared
                         .fetch_add(1, Ordering::Relaxed);
-                    info!(key = %r.key, target = %target, path = %path, "remote-snapshot-prepared=true");
-                    return Err(Status::already_exists(format!(
+                    info!(key = %key, target = %target, path = %path, "remote-snapshot-prepared=true");
+                    return Err(SnapshotError::AlreadyExists(format!(
                         "target snapshot {target:?}: already exists"
                     )));
                 }
@@ -767,115 +764,87 @@ impl pb::snapshots_server::Snapshots for Service {
                         .stats
                         .remote_fallbacks
                         .fetch_add(1, Ordering::Relaxed);
-                    warn!(key = %r.key, target = %target, path = %path, error = %e, "remote-snapshot-prepared=false");
+                    warn!(key = %key, target = %target, path = %path, error = %e, "remote-snapshot-prepared=false");
                 }
             }
         }
-        let mounts = self
-            .create(&r.key, &r.parent, r.labels, Kind::Active)
-            .await?;
-        Ok(tonic::Response::new(pb::PrepareSnapshotResponse { mounts }))
+        self.create(key, parent, labels, Kind::Active).await
     }
 
     async fn view(
         &self,
-        request: tonic::Request<pb::ViewSnapshotRequest>,
-    ) -> Result<tonic::Response<pb::ViewSnapshotResponse>, Status> {
-        let r = request.into_inner();
-        let mounts = self.create(&r.key, &r.parent, r.labels, Kind::View).await?;
-        Ok(tonic::Response::new(pb::ViewSnapshotResponse { mounts }))
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        self.create(key, parent, labels, Kind::View).await
     }
 
-    async fn mounts(
-        &self,
-        request: tonic::Request<pb::MountsRequest>,
-    ) -> Result<tonic::Response<pb::MountsResponse>, Status> {
-        let r = request.into_inner();
+    async fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotError> {
         let meta = self.inner.meta.lock().await;
-        let mounts = self.mounts_of(&meta, &r.key)?;
-        Ok(tonic::Response::new(pb::MountsResponse { mounts }))
+        self.mounts_of(&meta, key)
     }
 
     async fn commit(
         &self,
-        request: tonic::Request<pb::CommitSnapshotRequest>,
-    ) -> Result<tonic::Response<()>, Status> {
-        let r = request.into_inner();
+        name: &str,
+        key: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<(), SnapshotError> {
         let mut meta = self.inner.meta.lock().await;
-        match meta.get(&r.key) {
-            None => {
-                return Err(Status::not_found(format!(
-                    "snapshot {} does not exist",
-                    r.key
-                )));
-            }
+        match meta.get(key) {
+            None => return Err(SnapshotError::missing(key)),
             Some(rec) if rec.kind != Kind::Active => {
-                return Err(Status::failed_precondition(format!(
-                    "snapshot {} is not active",
-                    r.key
+                return Err(SnapshotError::FailedPrecondition(format!(
+                    "snapshot {key} is not active"
                 )));
             }
             Some(_) => {}
         }
-        if meta.get(&r.name).is_some() {
-            return Err(Status::already_exists(format!(
-                "snapshot {} already exists",
-                r.name
+        if meta.get(name).is_some() {
+            return Err(SnapshotError::AlreadyExists(format!(
+                "snapshot {name} already exists"
             )));
         }
-        let Some(mut rec) = meta.remove(&r.key) else {
-            return Err(Status::not_found(format!(
-                "snapshot {} does not exist",
-                r.key
-            )));
+        let Some(mut rec) = meta.remove(key) else {
+            return Err(SnapshotError::missing(key));
         };
         let before = rec.clone();
         rec.kind = Kind::Committed;
-        rec.labels.extend(r.labels);
+        rec.labels.extend(labels);
         rec.updated_ns = now_ns();
-        meta.insert(r.name.clone(), rec);
+        meta.insert(name.to_owned(), rec);
         if let Err(e) = save(&meta) {
-            meta.remove(&r.name);
-            meta.insert(r.key, before);
-            return Err(internal("cannot save the metadata", e));
+            meta.remove(name);
+            meta.insert(key.to_owned(), before);
+            return Err(SnapshotError::internal("cannot save the metadata", e));
         }
-        Ok(tonic::Response::new(()))
+        Ok(())
     }
 
-    async fn remove(
-        &self,
-        request: tonic::Request<pb::RemoveSnapshotRequest>,
-    ) -> Result<tonic::Response<()>, Status> {
-        let r = request.into_inner();
+    async fn remove(&self, key: &str) -> Result<(), SnapshotError> {
         let rec = {
             let mut meta = self.inner.meta.lock().await;
-            if meta.get(&r.key).is_none() {
-                return Err(Status::not_found(format!(
-                    "snapshot {} does not exist",
-                    r.key
+            if meta.get(key).is_none() {
+                return Err(SnapshotError::missing(key));
+            }
+            if meta.has_children(key) {
+                return Err(SnapshotError::FailedPrecondition(format!(
+                    "snapshot {key} has children"
                 )));
             }
-            if meta.has_children(&r.key) {
-                return Err(Status::failed_precondition(format!(
-                    "snapshot {} has children",
-                    r.key
-                )));
-            }
-            let Some(rec) = meta.remove(&r.key) else {
-                return Err(Status::not_found(format!(
-                    "snapshot {} does not exist",
-                    r.key
-                )));
+            let Some(rec) = meta.remove(key) else {
+                return Err(SnapshotError::missing(key));
             };
             if let Err(e) = save(&meta) {
-                meta.insert(r.key.clone(), rec);
-                return Err(internal("cannot save the metadata", e));
+                meta.insert(key.to_owned(), rec);
+                return Err(SnapshotError::internal("cannot save the metadata", e));
             }
             rec
         };
         let dir = self.snapshot_dir(rec.id);
         if rec.remote.is_some()
-            && let Some(mount) = self.remote_mut(|m| m.remove(&r.key))
+            && let Some(mount) = self.remote_mut(|m| m.remove(key))
         {
             unmount(mount.state, &mount.mountpoint).await;
         }
@@ -886,38 +855,22 @@ impl pb::snapshots_server::Snapshots for Service {
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)))
         {
-            warn!(key = %r.key, error = %e, "snapshot folder not removed; Cleanup will retry");
+            warn!(key = %key, error = %e, "snapshot folder not removed; Cleanup will retry");
         }
-        Ok(tonic::Response::new(()))
+        Ok(())
     }
 
-    async fn stat(
-        &self,
-        request: tonic::Request<pb::StatSnapshotRequest>,
-    ) -> Result<tonic::Response<pb::StatSnapshotResponse>, Status> {
-        let r = request.into_inner();
+    async fn stat(&self, key: &str) -> Result<pb::Info, SnapshotError> {
         let meta = self.inner.meta.lock().await;
-        let rec = meta
-            .get(&r.key)
-            .ok_or_else(|| Status::not_found(format!("snapshot {} does not exist", r.key)))?;
-        Ok(tonic::Response::new(pb::StatSnapshotResponse {
-            info: Some(info_of(&r.key, rec)),
-        }))
+        let rec = meta.get(key).ok_or_else(|| SnapshotError::missing(key))?;
+        Ok(info_of(key, rec))
     }
 
-    async fn update(
-        &self,
-        request: tonic::Request<pb::UpdateSnapshotRequest>,
-    ) -> Result<tonic::Response<pb::UpdateSnapshotResponse>, Status> {
-        let r = request.into_inner();
-        let info = r
-            .info
-            .ok_or_else(|| Status::invalid_argument("update without snapshot info"))?;
-        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+    async fn update(&self, info: pb::Info, paths: Vec<String>) -> Result<pb::Info, SnapshotError> {
         let mut meta = self.inner.meta.lock().await;
         let rec = meta
             .get_mut(&info.name)
-            .ok_or_else(|| Status::not_found(format!("snapshot {} does not exist", info.name)))?;
+            .ok_or_else(|| SnapshotError::missing(&info.name))?;
         let before = rec.clone();
         if paths.is_empty() {
             rec.labels = info.labels.into_iter().collect();
@@ -932,7 +885,7 @@ impl pb::snapshots_server::Snapshots for Service {
                     };
                 } else {
                     *rec = before;
-                    return Err(Status::invalid_argument(format!(
+                    return Err(SnapshotError::InvalidArgument(format!(
                         "cannot update field {path:?} of a snapshot"
                     )));
                 }
@@ -944,27 +897,18 @@ impl pb::snapshots_server::Snapshots for Service {
             if let Some(rec) = meta.get_mut(&info.name) {
                 *rec = before;
             }
-            return Err(internal("cannot save the metadata", e));
+            return Err(SnapshotError::internal("cannot save the metadata", e));
         }
-        Ok(tonic::Response::new(pb::UpdateSnapshotResponse {
-            info: Some(updated),
-        }))
+        Ok(updated)
     }
 
-    type ListStream =
-        tokio_stream::Iter<std::vec::IntoIter<Result<pb::ListSnapshotsResponse, Status>>>;
-
-    async fn list(
-        &self,
-        request: tonic::Request<pb::ListSnapshotsRequest>,
-    ) -> Result<tonic::Response<Self::ListStream>, Status> {
-        let r = request.into_inner();
+    async fn list(&self, filters: Vec<String>) -> Result<Vec<pb::Info>, SnapshotError> {
         let meta = self.inner.meta.lock().await;
-        let infos: Vec<pb::Info> = meta
+        Ok(meta
             .iter()
             .filter(|(name, rec)| {
                 filter::matches(
-                    &r.filters,
+                    &filters,
                     &filter::Subject {
                         name,
                         parent: &rec.parent,
@@ -974,41 +918,25 @@ impl pb::snapshots_server::Snapshots for Service {
                 )
             })
             .map(|(name, rec)| info_of(name, rec))
-            .collect();
-        let batches: Vec<Result<pb::ListSnapshotsResponse, Status>> = infos
-            .chunks(100)
-            .map(|c| Ok(pb::ListSnapshotsResponse { info: c.to_vec() }))
-            .collect();
-        Ok(tonic::Response::new(tokio_stream::iter(batches)))
+            .collect())
     }
 
-    async fn usage(
-        &self,
-        request: tonic::Request<pb::UsageRequest>,
-    ) -> Result<tonic::Response<pb::UsageResponse>, Status> {
-        let r = request.into_inner();
+    async fn usage(&self, key: &str) -> Result<(i64, i64), SnapshotError> {
         let (kind, dir) = {
             let meta = self.inner.meta.lock().await;
-            let rec = meta
-                .get(&r.key)
-                .ok_or_else(|| Status::not_found(format!("snapshot {} does not exist", r.key)))?;
+            let rec = meta.get(key).ok_or_else(|| SnapshotError::missing(key))?;
             (rec.kind, self.fs_dir(rec.id))
         };
-        let (size, inodes) = if kind == Kind::View {
-            (0, 0)
-        } else {
-            tokio::task::spawn_blocking(move || usage_of(&dir))
-                .await
-                .map_err(|e| internal("usage", e))?
-        };
-        Ok(tonic::Response::new(pb::UsageResponse { size, inodes }))
+        if kind == Kind::View {
+            return Ok((0, 0));
+        }
+        tokio::task::spawn_blocking(move || usage_of(&dir))
+            .await
+            .map_err(|e| SnapshotError::internal("usage", e))
     }
 
-    async fn cleanup(
-        &self,
-        _request: tonic::Request<pb::CleanupRequest>,
-    ) -> Result<tonic::Response<()>, Status> {
+    async fn cleanup(&self) -> Result<(), SnapshotError> {
         self.remove_orphans().await;
-        Ok(tonic::Response::new(()))
+        Ok(())
     }
 }
