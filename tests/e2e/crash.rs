@@ -196,8 +196,7 @@ fn pull_killed_at_random_points_resumes_to_the_same_files() {
     let s = Scratch::new();
     let dir = model(&s, 48 << 20);
     let reference = format!("{}/crash/pull:v1", registry.host());
-    s.ok(&["build", &dir, "-t", &reference]);
-    s.ok(&["push", &reference, "--plain-http"]);
+    s.build_and_push(&dir, &reference);
     let proxy = Proxy::start(registry.port, Some(16 << 20));
     let slow = format!("{}/crash/pull:v1", proxy.host());
     let (full, _) = timed(&Scratch::new(), &["pull", &slow, "--plain-http"]);

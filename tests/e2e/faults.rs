@@ -38,8 +38,7 @@ fn setup(name: &str, size: usize) -> Option<Setup> {
     let s = Scratch::new();
     let (source, weight) = model(&s, size);
     let direct = format!("{}/faults/{name}:v1", registry.host());
-    s.ok(&["build", source.to_str().expect("utf8"), "-t", &direct]);
-    s.ok(&["push", &direct, "--plain-http"]);
+    s.build_and_push(source.to_str().expect("utf8"), &direct);
     let proxy = FaultProxy::start(registry.port);
     let via = format!("{}/faults/{name}:v1", proxy.host());
     Some(Setup {

@@ -54,8 +54,7 @@ fn oras_py_pulls_what_we_push() {
     fs::write(dir.join("config.json"), br#"{"a":1}"#).expect("write");
     fs::write(dir.join("README.md"), b"hello\n").expect("write");
     let reference = format!("{}/interop/model:v1", registry.host());
-    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
-    s.ok(&["push", &reference, "--plain-http"]);
+    s.build_and_push(dir.to_str().expect("utf8"), &reference);
     let out = s.path("oras-out");
     python(
         PULL,

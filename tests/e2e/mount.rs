@@ -116,8 +116,7 @@ fn sixteen_threads_reading_random_ranges_get_the_right_bytes() {
     let s = Scratch::new();
     let dir = model(&s, 24 << 20);
     let reference = format!("{}/mnt/random:v1", registry.host());
-    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
-    s.ok(&["push", &reference, "--plain-http"]);
+    s.build_and_push(dir.to_str().expect("utf8"), &reference);
     let reader = Scratch::new();
     let mount = Mount::start(&reader, &reference, &reader.path("mnt"), &[]);
     let source = std::sync::Arc::new(fs::read(dir.join("model.safetensors")).expect("read"));
@@ -162,8 +161,7 @@ fn corrupt_chunk_is_never_served_and_a_clean_retry_succeeds() {
     let s = Scratch::new();
     let dir = model(&s, 12 << 20);
     let direct = format!("{}/mnt/corrupt:v1", registry.host());
-    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &direct]);
-    s.ok(&["push", &direct, "--plain-http"]);
+    s.build_and_push(dir.to_str().expect("utf8"), &direct);
     let proxy = Proxy::start(registry.port, None);
     let reference = format!("{}/mnt/corrupt:v1", proxy.host());
     let reader = Scratch::new();
@@ -193,8 +191,7 @@ fn registry_down_cached_files_still_read_and_the_mount_recovers() {
     let s = Scratch::new();
     let dir = model(&s, 6 << 20);
     let direct = format!("{}/mnt/down:v1", registry.host());
-    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &direct]);
-    s.ok(&["push", &direct, "--plain-http"]);
+    s.build_and_push(dir.to_str().expect("utf8"), &direct);
     let proxy = Proxy::start(registry.port, None);
     let reference = format!("{}/mnt/down:v1", proxy.host());
     let reader = Scratch::new();
@@ -233,8 +230,7 @@ fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_
     let s = Scratch::new();
     let dir = model(&s, 10 << 20);
     let ours = format!("{}/mnt/foreign:ours", registry.host());
-    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &ours]);
-    s.ok(&["push", &ours, "--plain-http"]);
+    s.build_and_push(dir.to_str().expect("utf8"), &ours);
     // The same artifact as another tool would write it: no chunk-index annotation.
     let manifest_file = s.path("manifest.json");
     s.ok(&[
@@ -429,8 +425,7 @@ fn daemon_mount_returns_once_serving_and_umount_stops_it() {
     let s = Scratch::new();
     let dir = model(&s, 4 << 20);
     let reference = format!("{}/mnt/daemon:v1", registry.host());
-    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
-    s.ok(&["push", &reference, "--plain-http"]);
+    s.build_and_push(dir.to_str().expect("utf8"), &reference);
 
     let reader = Scratch::new();
     let mnt = reader.path("mnt");
@@ -483,8 +478,7 @@ fn prefetch_fetches_small_files_before_the_weights() {
     let s = Scratch::new();
     let dir = model(&s, 12 << 20);
     let reference = format!("{}/mnt/prefetch:v1", registry.host());
-    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
-    s.ok(&["push", &reference, "--plain-http"]);
+    s.build_and_push(dir.to_str().expect("utf8"), &reference);
     // 2 MiB/s per connection: the 12 MiB weight takes seconds, the small files milliseconds.
     let proxy = Proxy::start(registry.port, Some(2 << 20));
     let slow = format!("{}/mnt/prefetch:v1", proxy.host());

@@ -157,8 +157,7 @@ fn killed_pull_resumes_and_fetches_less() {
     let size = 160 << 20;
     let dir = model(&s, size);
     let direct = format!("{}/big/model:v1", registry.host());
-    s.ok(&["build", &dir, "-t", &direct]);
-    s.ok(&["push", &direct, "--plain-http"]);
+    s.build_and_push(&dir, &direct);
 
     // Slow the pull down (8 connections x 4 MiB/s) so it can be killed half way.
     let proxy = Proxy::start(registry.port, Some(4 << 20));
@@ -401,8 +400,7 @@ fn interrupted_pull_into_a_folder_leaves_it_as_it_was() {
     let s = Scratch::new();
     let dir = model(&s, 64 << 20);
     let reference = format!("{}/ctrlc/model:v1", registry.host());
-    s.ok(&["build", &dir, "-t", &reference]);
-    s.ok(&["push", &reference, "--plain-http"]);
+    s.build_and_push(&dir, &reference);
     let proxy = Proxy::start(registry.port, Some(4 << 20));
     let slow = format!("{}/ctrlc/model:v1", proxy.host());
     let target = s.path("target");
@@ -456,8 +454,7 @@ fn pull_into_a_folder_killed_half_way_continues_where_it_stopped() {
     let size = 64usize << 20;
     let dir = model(&s, size);
     let reference = format!("{}/resume/folder:v1", registry.host());
-    s.ok(&["build", &dir, "-t", &reference]);
-    s.ok(&["push", &reference, "--plain-http"]);
+    s.build_and_push(&dir, &reference);
     let slow = Proxy::start(registry.port, Some(8 << 20));
     let reader = Scratch::new();
     let target = reader.path("target");

@@ -145,8 +145,7 @@ fn two_processes_pulling_one_model_into_one_store_both_succeed() {
     let s = Scratch::new();
     let dir = small_model(&s, 24 << 20);
     let reference = format!("{}/rel/concurrent:v1", registry.host());
-    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
-    s.ok(&["push", &reference, "--plain-http"]);
+    s.build_and_push(dir.to_str().expect("utf8"), &reference);
     let reader = Scratch::new();
     let spawn = || {
         Command::new(util::bin())
@@ -196,8 +195,7 @@ fn a_full_disk_fails_cleanly_and_leaves_the_store_consistent() {
     let s = Scratch::new();
     let dir = small_model(&s, 12 << 20);
     let reference = format!("{}/rel/disk-full:v1", registry.host());
-    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
-    s.ok(&["push", &reference, "--plain-http"]);
+    s.build_and_push(dir.to_str().expect("utf8"), &reference);
     let tiny = s.path("tiny");
     let _guard = util::Tmpfs::mount_small(&tiny);
     let store = tiny.join("store");

@@ -70,6 +70,13 @@ impl Scratch {
     }
 
     /// Runs `modelpack --store STORE args...`.
+    /// `build DIR -t REFERENCE`, then `push REFERENCE --plain-http`.
+    pub fn build_and_push(&self, dir: impl AsRef<Path>, reference: &str) {
+        let dir = dir.as_ref().to_str().expect("utf8");
+        self.ok(&["build", dir, "-t", reference]);
+        self.ok(&["push", reference, "--plain-http"]);
+    }
+
     pub fn run(&self, args: &[&str]) -> Output {
         self.run_env(args, &[])
     }

@@ -586,3 +586,134 @@ fn pread(path: &std::path::Path, offset: u64, len: u64) -> Result<Bytes, ReadErr
         .map_err(|e| ReadError(format!("{}: {e}", path.display())))?;
     Ok(Bytes::from(buf))
 }
+
+#[cfg(test)]
+mod tests {
+    //! Chunk fetching, verification and sharing against a loopback server that serves the blob
+    //! honestly, corrupts it, or cuts it short (no FUSE, no registry).
+
+    use modelpack_registry::{Client, ClientOptions};
+    use modelpack_testkit::blob_server::{Answer, BlobServer};
+
+    use super::*;
+
+    const CHUNK: u64 = 1 << 20;
+
+    struct Fixture {
+        data: Arc<Vec<u8>>,
+        server: BlobServer,
+        blob: Arc<LazyBlob>,
+        counters: Arc<Counters>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture(size: usize, script: Vec<Answer>) -> Fixture {
+        let data = Arc::new(modelpack_testkit::data::pseudo_random(size, 0xb10b));
+        let server = BlobServer::start(data.clone(), script);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let client = Client::new(ClientOptions {
+            plain_http: true,
+            ..ClientOptions::new()
+        })
+        .expect("client");
+        let reference = server.reference().parse().expect("reference");
+        let counters = Arc::new(Counters::default());
+        let ctx = Arc::new(BlobContext {
+            repo: Repository::new(&client, &reference),
+            store: Store::open(&dir.path().join("store")).expect("store"),
+            cache_dir: dir.path().to_owned(),
+            chunk_size: CHUNK,
+            verify: Verify::Full,
+            counters: counters.clone(),
+            transfer: TransferOptions::new(2),
+            tasks: Background::default(),
+        });
+        let chunks = data.chunks(CHUNK as usize).map(Digest::sha256_of).collect();
+        let blob = Arc::new(LazyBlob::new(
+            Digest::sha256_of(&data),
+            data.len() as u64,
+            Some(chunks),
+            false,
+            ctx,
+        ));
+        Fixture {
+            data,
+            server,
+            blob,
+            counters,
+            _dir: dir,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_fetches_only_its_chunks_and_then_serves_them_locally() {
+        let f = fixture(8 << 20, vec![]);
+        let got = f.blob.read(3 << 20, 100_000).await.expect("read");
+        assert_eq!(&got[..], &f.data[3 << 20..(3 << 20) + 100_000]);
+        assert_eq!(f.counters.fetched_bytes.load(Ordering::Relaxed), CHUNK);
+        let requests = f.server.requests();
+        let again = f.blob.read((3 << 20) + 10, 1000).await.expect("read again");
+        assert_eq!(&again[..], &f.data[(3 << 20) + 10..(3 << 20) + 1010]);
+        assert_eq!(
+            f.server.requests(),
+            requests,
+            "a cached chunk was fetched again"
+        );
+        // A read across a chunk boundary, up to the last byte.
+        let tail = f.blob.read((8 << 20) - 5000, 5000).await.expect("tail");
+        assert_eq!(&tail[..], &f.data[(8 << 20) - 5000..]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_corrupt_chunk_is_refused_not_cached_and_a_clean_retry_succeeds() {
+        let f = fixture(
+            4 << 20,
+            vec![Answer::FlipAt((1 << 20) + 77), Answer::Honest],
+        );
+        let err = f
+            .blob
+            .read(1 << 20, 4096)
+            .await
+            .expect_err("corrupt bytes were served");
+        assert!(err.0.contains("digest mismatch"), "{}", err.0);
+        assert_eq!(f.counters.verify_failures.load(Ordering::Relaxed), 1);
+        let got = f.blob.read(1 << 20, 4096).await.expect("retry");
+        assert_eq!(&got[..], &f.data[1 << 20..(1 << 20) + 4096]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cut_body_is_resumed_within_the_read() {
+        let f = fixture(4 << 20, vec![Answer::CutAfter(300_000), Answer::Honest]);
+        let got = f.blob.read(0, 2 << 20).await.expect("read");
+        assert!(got[..] == f.data[..2 << 20]);
+        assert_eq!(f.counters.verify_failures.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_readers_of_one_chunk_cause_one_fetch() {
+        let f = fixture(2 << 20, vec![]);
+        let readers: Vec<_> = (0..8u64)
+            .map(|i| {
+                let blob = f.blob.clone();
+                tokio::spawn(async move { blob.read(i * 1000, 1000).await })
+            })
+            .collect();
+        for (i, r) in readers.into_iter().enumerate() {
+            let got = r.await.expect("join").expect("read");
+            assert_eq!(&got[..], &f.data[i * 1000..(i + 1) * 1000]);
+        }
+        assert_eq!(f.server.requests(), 1, "one chunk, several fetches");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_source_that_is_gone_fails_the_read_without_serving_anything() {
+        let f = fixture(2 << 20, vec![]);
+        // Nothing listens there any more: every attempt is refused.
+        drop(f.server);
+        let err = tokio::time::timeout(std::time::Duration::from_secs(150), f.blob.read(0, 10))
+            .await
+            .expect("the read gives up in time");
+        assert!(err.is_err());
+        assert_eq!(f.counters.fetched_bytes.load(Ordering::Relaxed), 0);
+    }
+}

@@ -1,104 +1,14 @@
 //! `BlobBody` against a small HTTP server on loopback that misbehaves on purpose: it ignores
 //! `Range`, cuts bodies short, or serves too much. Every case checks the exact bytes.
 
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use modelpack_registry::{Client, ClientOptions, Error, Repository};
 use modelpack_spec::Digest;
+use modelpack_testkit::blob_server::{Answer, BlobServer};
 
-/// How the server answers one blob GET.
-#[derive(Debug, Clone, Copy)]
-enum Answer {
-    /// Honour `Range` (206) or send the whole blob (200).
-    Honest,
-    /// Always the whole blob with 200, whatever `Range` says.
-    IgnoreRange,
-    /// Honour `Range`, but close the connection after this many body bytes.
-    CutAfter(usize),
-}
-
-struct Server {
-    port: u16,
-    requests: Arc<AtomicUsize>,
-}
-
-/// Serves `blob` for any GET; the n-th request is answered as `script[n]` (the last entry
-/// repeats).
-fn serve(blob: Arc<Vec<u8>>, script: Vec<Answer>) -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let requests = Arc::new(AtomicUsize::new(0));
-    let counter = requests.clone();
-    let script = Arc::new(Mutex::new(script));
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut stream) = conn else { continue };
-            let (blob, script, counter) = (blob.clone(), script.clone(), counter.clone());
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-                loop {
-                    let mut range = None;
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    loop {
-                        let mut header = String::new();
-                        if reader.read_line(&mut header).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let header = header.trim_end();
-                        if header.is_empty() {
-                            break;
-                        }
-                        if let Some(v) = header.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                            let (a, b) = v.split_once('-').unwrap_or((v, ""));
-                            let start: usize = a.parse().unwrap_or(0);
-                            let end: usize = b.parse::<usize>().map_or(blob.len(), |e| e + 1);
-                            range = Some((start, end.min(blob.len())));
-                        }
-                    }
-                    let n = counter.fetch_add(1, Ordering::SeqCst);
-                    let answer = {
-                        let s = script.lock().expect("lock");
-                        s[n.min(s.len() - 1)]
-                    };
-                    let (status, start, end) = match (answer, range) {
-                        (Answer::IgnoreRange, _) | (_, None) => ("200 OK", 0, blob.len()),
-                        (_, Some((a, b))) => ("206 Partial Content", a, b),
-                    };
-                    let mut head = format!(
-                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n",
-                        end - start
-                    );
-                    if status.starts_with("206") {
-                        head.push_str(&format!(
-                            "Content-Range: bytes {start}-{}/{}\r\n",
-                            end - 1,
-                            blob.len()
-                        ));
-                    }
-                    head.push_str("\r\n");
-                    if stream.write_all(head.as_bytes()).is_err() {
-                        return;
-                    }
-                    let body = &blob[start..end];
-                    if let Answer::CutAfter(k) = answer {
-                        let _ = stream.write_all(&body[..k.min(body.len())]);
-                        let _ = stream.shutdown(std::net::Shutdown::Both);
-                        return;
-                    }
-                    if stream.write_all(body).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    Server { port, requests }
+fn serve(blob: Arc<Vec<u8>>, script: Vec<Answer>) -> BlobServer {
+    BlobServer::start(blob, script)
 }
 
 fn blob(len: usize) -> Arc<Vec<u8>> {
@@ -166,7 +76,7 @@ async fn a_cut_body_resumes_from_the_last_byte() {
     assert_eq!(got.len(), data.len());
     assert!(got == *data, "resumed bytes differ");
     assert_eq!(body.resumes(), 2);
-    assert_eq!(server.requests.load(Ordering::SeqCst), 3);
+    assert_eq!(server.requests(), 3);
 }
 
 #[tokio::test]

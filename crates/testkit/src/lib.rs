@@ -3,6 +3,8 @@
 //!
 //! - [`registry::Registry`]: a real CNCF distribution registry (`docker-registry`) on loopback;
 //! - [`link::Link`]: a streaming TCP proxy that counts, throttles, delays, corrupts or goes down;
+//! - [`blob_server::BlobServer`]: one blob over HTTP, misbehaving request by request, for unit
+//!   tests without a registry;
 //! - [`fault::FaultProxy`]: an HTTP proxy scripted per request (status codes, resets, cuts,
 //!   ignored ranges, redirects);
 //! - [`process::ChildGuard`]: a child process stopped by PID when dropped, also on failure;
@@ -14,6 +16,7 @@
 //! Everything here panics on a broken environment: it is for tests.
 #![deny(missing_docs)]
 
+pub mod blob_server;
 pub mod data;
 pub mod fault;
 pub mod link;
