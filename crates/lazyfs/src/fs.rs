@@ -939,6 +939,317 @@ async fn resolve_counted(
     })
 }
 
+/// Builds the inode tree a mount serves from a resolved artifact: raw layers as lazy files, tar
+/// layers read in place, shown from their annotations, or unpacked into the cache.
+struct TreeBuilder<'a> {
+    opts: &'a MountOptions,
+    resolved: &'a Resolved,
+    ctx: Arc<BlobContext>,
+    tree: Tree,
+    blobs: HashMap<Digest, Arc<LazyBlob>>,
+}
+
+impl<'a> TreeBuilder<'a> {
+    fn new(opts: &'a MountOptions, resolved: &'a Resolved, ctx: Arc<BlobContext>) -> Self {
+        let (uid, gid) = ids();
+        TreeBuilder {
+            opts,
+            resolved,
+            ctx,
+            tree: Tree::new(uid, gid, SystemTime::now()),
+            blobs: HashMap::new(),
+        }
+    }
+
+    /// The layer's chunk digests, if the index covers it.
+    fn chunks_of(&self, layer: &modelpack_spec::ModelLayer) -> Option<Vec<Digest>> {
+        self.resolved.index.as_ref().and_then(|i| {
+            i.layers
+                .get(&layer.digest)
+                .filter(|c| i.covers(c, layer.size()))
+                .cloned()
+        })
+    }
+
+    fn new_blob(&self, layer: &modelpack_spec::ModelLayer) -> Arc<LazyBlob> {
+        let chunks = self.chunks_of(layer);
+        // Chunk digests from an unpinned referrer vouch for nothing on their own: the whole
+        // blob is checked once complete. Without chunk digests the verify policy decides.
+        let check_whole = chunks.is_some() && !self.resolved.index_is_pinned;
+        Arc::new(LazyBlob::new(
+            layer.digest.clone(),
+            layer.size(),
+            chunks,
+            check_whole,
+            self.ctx.clone(),
+        ))
+    }
+
+    /// Raw layers: one lazy file each.
+    fn add_raw_layers(&mut self) -> Result<(), MountError> {
+        let (opts, manifest) = (self.opts, &self.resolved.manifest);
+        let wanted = |digest: &Digest| opts.layers.as_ref().is_none_or(|l| l.contains(digest));
+        for layer in manifest.layers() {
+            if layer.media_type.encoding != Encoding::Raw || !wanted(&layer.digest) {
+                continue;
+            }
+            let blob = match self.blobs.get(&layer.digest) {
+                Some(b) => b.clone(),
+                None => {
+                    let b = self.new_blob(layer);
+                    self.blobs.insert(layer.digest.clone(), b.clone());
+                    b
+                }
+            };
+            let meta = layer.metadata.as_ref();
+            let mode = meta.map_or(0o644, |m| (m.mode & 0o777) as u16);
+            if !self.tree.add(
+                layer.path.as_str(),
+                Kind::File(Content::Lazy(LazyFile::raw(blob))),
+                layer.size(),
+                mode,
+                meta.map(|m| m.uid),
+                meta.map(|m| m.gid),
+                mtime_of(meta),
+            ) {
+                return Err(MountError::Invalid(format!(
+                    "path {} clashes with another entry",
+                    layer.path
+                )));
+            }
+        }
+
+        Ok(())
+    }
+
+    /// Tar layers: read in place where the index covers them, shown from their annotations and
+    /// unpacked on first read where those describe one file, unpacked into the cache otherwise.
+    async fn add_tar_layers(&mut self) -> Result<(), MountError> {
+        let (opts, resolved) = (self.opts, self.resolved);
+        let (manifest, manifest_digest) = (&resolved.manifest, &resolved.digest);
+        let (repo, transfer) = (&opts.repository, self.ctx.transfer.clone());
+        let wanted = |digest: &Digest| opts.layers.as_ref().is_none_or(|l| l.contains(digest));
+        // Tar layers. Plain tar and seekable tar+zstd layers whose chunks the index covers (or any,
+        // with --verify none) are read lazily: their headers are read through verified chunks and
+        // their files served as ranges. Other tar layers are fetched, verified and unpacked into the
+        // cache, then served from there.
+        let tar_layers: Vec<&modelpack_spec::ModelLayer> = manifest
+            .layers()
+            .iter()
+            .filter(|l| l.media_type.encoding != Encoding::Raw && wanted(&l.digest))
+            .collect();
+        let mut lazy_layers: HashMap<Digest, (Arc<LazyBlob>, Option<Arc<Frames>>)> = HashMap::new();
+        for layer in &tar_layers {
+            let can_verify = self.chunks_of(layer).is_some() || opts.verify == crate::Verify::None;
+            if !can_verify || lazy_layers.contains_key(&layer.digest) {
+                continue;
+            }
+            let blob = self.new_blob(layer);
+            let frames = match layer.media_type.encoding {
+                Encoding::Tar => None,
+                Encoding::TarZstd => match Frames::load(&blob).await {
+                    Ok(Some(frames)) => Some(Arc::new(frames)),
+                    Ok(None) => continue,
+                    Err(e) => return Err(MountError::Invalid(e.0)),
+                },
+                _ => continue,
+            };
+            lazy_layers.insert(layer.digest.clone(), (blob, frames));
+        }
+        let trees = match &opts.layers {
+            None => opts.cache_dir.join("trees").join(manifest_digest.encoded()),
+            Some(layers) => {
+                let mut key = String::new();
+                for d in layers {
+                    key.push_str(d.as_str());
+                }
+                let key = modelpack_spec::Digest::sha256_of(key.as_bytes());
+                opts.cache_dir.join("trees").join(format!(
+                    "{}-{}",
+                    manifest_digest.encoded(),
+                    &key.encoded()[..16]
+                ))
+            }
+        };
+        // A layer that cannot be read in place but whose annotations describe its one regular file:
+        // shown from the annotations now, fetched and unpacked on first read.
+        let mut deferred: Vec<Digest> = Vec::new();
+        for layer in tar_layers
+            .iter()
+            .filter(|l| !lazy_layers.contains_key(&l.digest))
+        {
+            let Some(meta) = layer.metadata.as_ref().filter(|m| {
+                m.typeflag == modelpack_spec::annotations::TYPEFLAG_REGULAR && m.size >= 0
+            }) else {
+                continue;
+            };
+            if deferred.contains(&layer.digest) {
+                continue;
+            }
+            let file = Arc::new(DeferredLayer::new(
+                BlobRef {
+                    digest: layer.digest.clone(),
+                    size: layer.size(),
+                    media_type: String::new(),
+                },
+                layer.media_type.encoding,
+                layer.path.clone(),
+                meta.size as u64,
+                trees.join("deferred").join(layer.digest.encoded()),
+                repo.clone(),
+                opts.store.clone(),
+                transfer.clone(),
+            ));
+            if !self.tree.add(
+                layer.path.as_str(),
+                Kind::File(Content::Deferred(file)),
+                meta.size as u64,
+                (meta.mode & 0o777) as u16,
+                Some(meta.uid),
+                Some(meta.gid),
+                mtime_of(Some(meta)),
+            ) {
+                return Err(MountError::Invalid(format!(
+                    "path {} clashes with another entry",
+                    layer.path
+                )));
+            }
+            deferred.push(layer.digest.clone());
+        }
+        let tar_layers: Vec<&modelpack_spec::ModelLayer> = tar_layers
+            .into_iter()
+            .filter(|l| !deferred.contains(&l.digest))
+            .collect();
+        for layer in tar_layers
+            .iter()
+            .filter(|l| !lazy_layers.contains_key(&l.digest))
+        {
+            let blob = BlobRef {
+                digest: layer.digest.clone(),
+                size: layer.size(),
+                media_type: String::new(),
+            };
+            modelpack_transfer::fetch_blob(repo, &opts.store, &blob, &transfer).await?;
+        }
+        if !tar_layers.is_empty() {
+            let source = MountSource {
+                store: opts.store.clone(),
+                lazy: lazy_layers.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            };
+            let plan_manifest = manifest.clone();
+            let tar_wanted: Vec<Digest> = tar_layers.iter().map(|l| l.digest.clone()).collect();
+            let plan = tokio::task::spawn_blocking(move || {
+                modelpack_extract::plan_layers(&plan_manifest, &source, &[], &|d| {
+                    tar_wanted.contains(d)
+                })
+            })
+            .await
+            .map_err(|e| MountError::Invalid(format!("planning the tar layers: {e}")))??;
+            let lazy_of = |entry: &modelpack_extract::PlannedEntry| {
+                lazy_layers.get(&plan.layers[entry.layer].digest).cloned()
+            };
+            // Unpack only what is not read lazily.
+            let mut unpack = plan.clone();
+            for entry in &mut unpack.entries {
+                if matches!(entry.kind, modelpack_extract::EntryPlan::RawFile { .. })
+                    || lazy_of(entry).is_some()
+                {
+                    entry.selected = false;
+                }
+            }
+            if unpack.selected().next().is_some() {
+                let source = modelpack_extract::StoreSource(&opts.store);
+                modelpack_extract::extract_planned(&source, &unpack, &trees, None)?;
+            }
+            // Where each file of a lazy layer starts, for its hard links.
+            let mut starts: HashMap<(usize, &str), (u64, u64)> = HashMap::new();
+            for entry in plan.entries.iter() {
+                if let modelpack_extract::EntryPlan::TarFile { size, offset } = entry.kind {
+                    starts.insert((entry.layer, entry.path.as_str()), (offset, size));
+                }
+            }
+            for entry in plan.entries.iter().filter(|e| e.selected) {
+                let path = entry.path.as_str();
+                let mtime = entry.mtime.map(|t| time(t.unix_seconds(), t.nanoseconds()));
+                let mode = entry.mode as u16;
+                let lazy = lazy_of(entry);
+                let file = |start: u64, size: u64, local: &str| match &lazy {
+                    Some((blob, frames)) => (
+                        Content::Lazy(LazyFile {
+                            blob: blob.clone(),
+                            start,
+                            frames: frames.clone(),
+                        }),
+                        size,
+                    ),
+                    None => (Content::Local(trees.join(local)), size),
+                };
+                let ok = match &entry.kind {
+                    modelpack_extract::EntryPlan::Dir => {
+                        self.tree.set_dir_attrs(path, mode, mtime);
+                        true
+                    }
+                    modelpack_extract::EntryPlan::TarFile { size, offset } => {
+                        let (content, size) = file(*offset, *size, path);
+                        self.tree
+                            .add(path, Kind::File(content), size, mode, None, None, mtime)
+                    }
+                    modelpack_extract::EntryPlan::HardLink { target } => {
+                        let (content, size) =
+                            match (&lazy, starts.get(&(entry.layer, target.as_str()))) {
+                                (Some(_), Some(&(offset, size))) => {
+                                    file(offset, size, target.as_str())
+                                }
+                                _ => {
+                                    let size = std::fs::metadata(trees.join(target.as_str()))
+                                        .map_or(0, |m| m.len());
+                                    (Content::Local(trees.join(target.as_str())), size)
+                                }
+                            };
+                        self.tree
+                            .add(path, Kind::File(content), size, mode, None, None, mtime)
+                    }
+                    modelpack_extract::EntryPlan::Symlink { target } => self.tree.add(
+                        path,
+                        Kind::Symlink(target.clone()),
+                        target.len() as u64,
+                        0o777,
+                        None,
+                        None,
+                        mtime,
+                    ),
+                    modelpack_extract::EntryPlan::RawFile { .. } => true,
+                };
+                if !ok {
+                    return Err(MountError::Invalid(format!(
+                        "path {path} clashes with another entry"
+                    )));
+                }
+            }
+            for (blob, _) in lazy_layers.into_values() {
+                self.blobs.entry(blob.digest.clone()).or_insert(blob);
+            }
+        }
+        Ok(())
+    }
+
+    /// The status file, if asked for.
+    fn add_status_file(&mut self) {
+        if self.opts.status_file {
+            self.tree.add(
+                STATUS_FILE,
+                Kind::File(Content::Status),
+                0,
+                0o444,
+                None,
+                None,
+                None,
+            );
+        }
+    }
+}
+
 /// Mounts the artifact `opts` names at `dir` and serves it until unmounted.
 pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, MountError> {
     let repo = &opts.repository;
@@ -963,42 +1274,24 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
         Some(r) => r.clone(),
         None => Arc::new(resolve_counted(repo, &opts.reference, &opts.store, &transfer).await?),
     };
-    let Resolved {
-        digest: ref manifest_digest,
-        ref manifest,
-        ref index,
-        index_is_pinned,
-    } = *resolved;
-    let wanted = |digest: &Digest| opts.layers.as_ref().is_none_or(|l| l.contains(digest));
     if let Some(layers) = &opts.layers
         && let Some(missing) = layers
             .iter()
-            .find(|d| !manifest.layers().iter().any(|l| &l.digest == *d))
+            .find(|d| !resolved.manifest.layers().iter().any(|l| &l.digest == *d))
     {
         return Err(MountError::Invalid(format!(
             "layer {missing} is not in manifest {}",
-            manifest_digest
+            resolved.digest
         )));
     }
 
-    let (uid, gid) = ids();
-    let now = SystemTime::now();
-    let mut tree = Tree::new(uid, gid, now);
-    let mut blobs: HashMap<Digest, Arc<LazyBlob>> = HashMap::new();
-    let chunks_of = |layer: &modelpack_spec::ModelLayer| {
-        index.as_ref().and_then(|i| {
-            i.layers
-                .get(&layer.digest)
-                .filter(|c| i.covers(c, layer.size()))
-                .cloned()
-        })
-    };
     let tasks = Background::default();
     let ctx = Arc::new(BlobContext {
         repo: repo.clone(),
         store: opts.store.clone(),
         cache_dir: opts.cache_dir.clone(),
-        chunk_size: index
+        chunk_size: resolved
+            .index
             .as_ref()
             .map_or(modelpack_spec::annotations::CHUNK_INDEX_CHUNK_SIZE, |i| {
                 i.chunk_size
@@ -1008,257 +1301,11 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
         transfer: transfer.clone(),
         tasks: tasks.clone(),
     });
-    let new_blob = |layer: &modelpack_spec::ModelLayer| {
-        let chunks = chunks_of(layer);
-        // Chunk digests from an unpinned referrer vouch for nothing on their own: the whole
-        // blob is checked once complete. Without chunk digests the verify policy decides.
-        let check_whole = chunks.is_some() && !index_is_pinned;
-        Arc::new(LazyBlob::new(
-            layer.digest.clone(),
-            layer.size(),
-            chunks,
-            check_whole,
-            ctx.clone(),
-        ))
-    };
-    for layer in manifest.layers() {
-        if layer.media_type.encoding != Encoding::Raw || !wanted(&layer.digest) {
-            continue;
-        }
-        let blob = blobs
-            .entry(layer.digest.clone())
-            .or_insert_with(|| new_blob(layer))
-            .clone();
-        let meta = layer.metadata.as_ref();
-        let mode = meta.map_or(0o644, |m| (m.mode & 0o777) as u16);
-        if !tree.add(
-            layer.path.as_str(),
-            Kind::File(Content::Lazy(LazyFile::raw(blob))),
-            layer.size(),
-            mode,
-            meta.map(|m| m.uid),
-            meta.map(|m| m.gid),
-            mtime_of(meta),
-        ) {
-            return Err(MountError::Invalid(format!(
-                "path {} clashes with another entry",
-                layer.path
-            )));
-        }
-    }
-
-    // Tar layers. Plain tar and seekable tar+zstd layers whose chunks the index covers (or any,
-    // with --verify none) are read lazily: their headers are read through verified chunks and
-    // their files served as ranges. Other tar layers are fetched, verified and unpacked into the
-    // cache, then served from there.
-    let tar_layers: Vec<&modelpack_spec::ModelLayer> = manifest
-        .layers()
-        .iter()
-        .filter(|l| l.media_type.encoding != Encoding::Raw && wanted(&l.digest))
-        .collect();
-    let mut lazy_layers: HashMap<Digest, (Arc<LazyBlob>, Option<Arc<Frames>>)> = HashMap::new();
-    for layer in &tar_layers {
-        let can_verify = chunks_of(layer).is_some() || opts.verify == crate::Verify::None;
-        if !can_verify || lazy_layers.contains_key(&layer.digest) {
-            continue;
-        }
-        let blob = new_blob(layer);
-        let frames = match layer.media_type.encoding {
-            Encoding::Tar => None,
-            Encoding::TarZstd => match Frames::load(&blob).await {
-                Ok(Some(frames)) => Some(Arc::new(frames)),
-                Ok(None) => continue,
-                Err(e) => return Err(MountError::Invalid(e.0)),
-            },
-            _ => continue,
-        };
-        lazy_layers.insert(layer.digest.clone(), (blob, frames));
-    }
-    let trees = match &opts.layers {
-        None => opts.cache_dir.join("trees").join(manifest_digest.encoded()),
-        Some(layers) => {
-            let mut key = String::new();
-            for d in layers {
-                key.push_str(d.as_str());
-            }
-            let key = modelpack_spec::Digest::sha256_of(key.as_bytes());
-            opts.cache_dir.join("trees").join(format!(
-                "{}-{}",
-                manifest_digest.encoded(),
-                &key.encoded()[..16]
-            ))
-        }
-    };
-    // A layer that cannot be read in place but whose annotations describe its one regular file:
-    // shown from the annotations now, fetched and unpacked on first read.
-    let mut deferred: Vec<Digest> = Vec::new();
-    for layer in tar_layers
-        .iter()
-        .filter(|l| !lazy_layers.contains_key(&l.digest))
-    {
-        let Some(meta) = layer
-            .metadata
-            .as_ref()
-            .filter(|m| m.typeflag == modelpack_spec::annotations::TYPEFLAG_REGULAR && m.size >= 0)
-        else {
-            continue;
-        };
-        if deferred.contains(&layer.digest) {
-            continue;
-        }
-        let file = Arc::new(DeferredLayer::new(
-            BlobRef {
-                digest: layer.digest.clone(),
-                size: layer.size(),
-                media_type: String::new(),
-            },
-            layer.media_type.encoding,
-            layer.path.clone(),
-            meta.size as u64,
-            trees.join("deferred").join(layer.digest.encoded()),
-            repo.clone(),
-            opts.store.clone(),
-            transfer.clone(),
-        ));
-        if !tree.add(
-            layer.path.as_str(),
-            Kind::File(Content::Deferred(file)),
-            meta.size as u64,
-            (meta.mode & 0o777) as u16,
-            Some(meta.uid),
-            Some(meta.gid),
-            mtime_of(Some(meta)),
-        ) {
-            return Err(MountError::Invalid(format!(
-                "path {} clashes with another entry",
-                layer.path
-            )));
-        }
-        deferred.push(layer.digest.clone());
-    }
-    let tar_layers: Vec<&modelpack_spec::ModelLayer> = tar_layers
-        .into_iter()
-        .filter(|l| !deferred.contains(&l.digest))
-        .collect();
-    for layer in tar_layers
-        .iter()
-        .filter(|l| !lazy_layers.contains_key(&l.digest))
-    {
-        let blob = BlobRef {
-            digest: layer.digest.clone(),
-            size: layer.size(),
-            media_type: String::new(),
-        };
-        modelpack_transfer::fetch_blob(repo, &opts.store, &blob, &transfer).await?;
-    }
-    if !tar_layers.is_empty() {
-        let source = MountSource {
-            store: opts.store.clone(),
-            lazy: lazy_layers.clone(),
-            runtime: tokio::runtime::Handle::current(),
-        };
-        let plan_manifest = manifest.clone();
-        let tar_wanted: Vec<Digest> = tar_layers.iter().map(|l| l.digest.clone()).collect();
-        let plan = tokio::task::spawn_blocking(move || {
-            modelpack_extract::plan_layers(&plan_manifest, &source, &[], &|d| {
-                tar_wanted.contains(d)
-            })
-        })
-        .await
-        .map_err(|e| MountError::Invalid(format!("planning the tar layers: {e}")))??;
-        let lazy_of = |entry: &modelpack_extract::PlannedEntry| {
-            lazy_layers.get(&plan.layers[entry.layer].digest).cloned()
-        };
-        // Unpack only what is not read lazily.
-        let mut unpack = plan.clone();
-        for entry in &mut unpack.entries {
-            if matches!(entry.kind, modelpack_extract::EntryPlan::RawFile { .. })
-                || lazy_of(entry).is_some()
-            {
-                entry.selected = false;
-            }
-        }
-        if unpack.selected().next().is_some() {
-            let source = modelpack_extract::StoreSource(&opts.store);
-            modelpack_extract::extract_planned(&source, &unpack, &trees, None)?;
-        }
-        // Where each file of a lazy layer starts, for its hard links.
-        let mut starts: HashMap<(usize, &str), (u64, u64)> = HashMap::new();
-        for entry in plan.entries.iter() {
-            if let modelpack_extract::EntryPlan::TarFile { size, offset } = entry.kind {
-                starts.insert((entry.layer, entry.path.as_str()), (offset, size));
-            }
-        }
-        for entry in plan.entries.iter().filter(|e| e.selected) {
-            let path = entry.path.as_str();
-            let mtime = entry.mtime.map(|t| time(t.unix_seconds(), t.nanoseconds()));
-            let mode = entry.mode as u16;
-            let lazy = lazy_of(entry);
-            let file = |start: u64, size: u64, local: &str| match &lazy {
-                Some((blob, frames)) => (
-                    Content::Lazy(LazyFile {
-                        blob: blob.clone(),
-                        start,
-                        frames: frames.clone(),
-                    }),
-                    size,
-                ),
-                None => (Content::Local(trees.join(local)), size),
-            };
-            let ok = match &entry.kind {
-                modelpack_extract::EntryPlan::Dir => {
-                    tree.set_dir_attrs(path, mode, mtime);
-                    true
-                }
-                modelpack_extract::EntryPlan::TarFile { size, offset } => {
-                    let (content, size) = file(*offset, *size, path);
-                    tree.add(path, Kind::File(content), size, mode, None, None, mtime)
-                }
-                modelpack_extract::EntryPlan::HardLink { target } => {
-                    let (content, size) = match (&lazy, starts.get(&(entry.layer, target.as_str())))
-                    {
-                        (Some(_), Some(&(offset, size))) => file(offset, size, target.as_str()),
-                        _ => {
-                            let size = std::fs::metadata(trees.join(target.as_str()))
-                                .map_or(0, |m| m.len());
-                            (Content::Local(trees.join(target.as_str())), size)
-                        }
-                    };
-                    tree.add(path, Kind::File(content), size, mode, None, None, mtime)
-                }
-                modelpack_extract::EntryPlan::Symlink { target } => tree.add(
-                    path,
-                    Kind::Symlink(target.clone()),
-                    target.len() as u64,
-                    0o777,
-                    None,
-                    None,
-                    mtime,
-                ),
-                modelpack_extract::EntryPlan::RawFile { .. } => true,
-            };
-            if !ok {
-                return Err(MountError::Invalid(format!(
-                    "path {path} clashes with another entry"
-                )));
-            }
-        }
-        for (blob, _) in lazy_layers.into_values() {
-            blobs.entry(blob.digest.clone()).or_insert(blob);
-        }
-    }
-    if opts.status_file {
-        tree.add(
-            STATUS_FILE,
-            Kind::File(Content::Status),
-            0,
-            0o444,
-            None,
-            None,
-            None,
-        );
-    }
-
+    let mut builder = TreeBuilder::new(&opts, &resolved, ctx);
+    builder.add_raw_layers()?;
+    builder.add_tar_layers().await?;
+    builder.add_status_file();
+    let TreeBuilder { tree, blobs, .. } = builder;
     let fs = ModelFs {
         tree: Arc::new(tree),
         counters,
@@ -1272,6 +1319,12 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
         opens: Arc::new(Mutex::new(HashMap::new())),
         tasks,
     };
+    serve(fs, dir, &opts).await
+}
+
+/// Mounts `fs` at `dir` and starts what runs beside it: the prefetch of small (or all) files
+/// and the page-cache invalidation of blobs that fail background verification.
+async fn serve(fs: ModelFs, dir: &Path, opts: &MountOptions) -> Result<MountedModel, MountError> {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName("modelpack".into()),
@@ -1375,5 +1428,145 @@ impl modelpack_extract::LayerSource for MountSource {
                 self.runtime.clone(),
             )) as Box<dyn modelpack_extract::ReadSeek>
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The tree a mount serves, planned from a manifest and an index alone (no FUSE, no network).
+
+    use modelpack_registry::{Client, ClientOptions};
+    use modelpack_spec::annotations::{ANNOTATION_FILE_METADATA, ANNOTATION_FILEPATH};
+    use modelpack_spec::media_type::{
+        ARTIFACT_TYPE_MODEL_MANIFEST, MEDIA_TYPE_MODEL_CONFIG, MEDIA_TYPE_OCI_MANIFEST,
+    };
+    use modelpack_spec::{Encoding, LayerKind, LayerMediaType};
+
+    use super::*;
+    use crate::tree::Node;
+
+    fn layer(kind: LayerKind, path: &str, body: &[u8], mode: Option<u32>) -> serde_json::Value {
+        let mut annotations = serde_json::json!({ ANNOTATION_FILEPATH: path });
+        if let Some(mode) = mode {
+            annotations[ANNOTATION_FILE_METADATA] = serde_json::Value::String(
+                serde_json::json!({
+                    "name": path, "mode": mode, "uid": 1000, "gid": 1000, "size": body.len(),
+                    "mtime": "2025-01-02T03:04:05Z", "typeflag": 48
+                })
+                .to_string(),
+            );
+        }
+        serde_json::json!({
+            "mediaType": LayerMediaType::new(kind, Encoding::Raw).to_string(),
+            "digest": Digest::sha256_of(body).to_string(),
+            "size": body.len(),
+            "annotations": annotations,
+        })
+    }
+
+    fn resolved(layers: Vec<serde_json::Value>) -> Resolved {
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+            "artifactType": ARTIFACT_TYPE_MODEL_MANIFEST,
+            "config": {
+                "mediaType": MEDIA_TYPE_MODEL_CONFIG,
+                "digest": Digest::sha256_of(b"{}").to_string(),
+                "size": 2,
+            },
+            "layers": layers,
+        });
+        let bytes = serde_json::to_vec(&manifest).expect("json");
+        Resolved {
+            digest: Digest::sha256_of(&bytes),
+            manifest: ModelManifest::from_slice(&bytes).expect("a valid manifest"),
+            index: None,
+            index_is_pinned: false,
+        }
+    }
+
+    fn options(dir: &Path) -> MountOptions {
+        let client = Client::new(ClientOptions::new()).expect("client");
+        let reference = "registry.invalid/test/model:v1".parse().expect("reference");
+        MountOptions::new(
+            Repository::new(&client, &reference),
+            "v1",
+            modelpack_store::Store::open(&dir.join("store")).expect("store"),
+            dir.join("cache"),
+        )
+    }
+
+    fn context(opts: &MountOptions) -> Arc<BlobContext> {
+        Arc::new(BlobContext {
+            repo: opts.repository.clone(),
+            store: opts.store.clone(),
+            cache_dir: opts.cache_dir.clone(),
+            chunk_size: 2 << 20,
+            verify: opts.verify,
+            counters: Arc::new(Counters::default()),
+            transfer: TransferOptions::new(1),
+            tasks: Background::default(),
+        })
+    }
+
+    fn find<'t>(tree: &'t Tree, path: &str) -> &'t Node {
+        tree.iter()
+            .map(|(_, n)| n)
+            .find(|n| n.path == path)
+            .unwrap_or_else(|| panic!("{path} is not in the tree"))
+    }
+
+    #[test]
+    fn raw_layers_become_files_with_their_recorded_attributes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = options(dir.path());
+        let weight = vec![7u8; 3000];
+        let r = resolved(vec![
+            layer(LayerKind::WeightConfig, "config.json", b"{}", Some(0o600)),
+            layer(
+                LayerKind::Weight,
+                "weights/model.safetensors",
+                &weight,
+                None,
+            ),
+        ]);
+        let mut builder = TreeBuilder::new(&opts, &r, context(&opts));
+        builder.add_raw_layers().expect("planned");
+        builder.add_status_file();
+        let config = find(&builder.tree, "config.json");
+        assert_eq!((config.size, config.mode), (2, 0o600));
+        assert_eq!((config.uid, config.gid), (1000, 1000));
+        let weights = find(&builder.tree, "weights/model.safetensors");
+        assert_eq!((weights.size, weights.mode), (3000, 0o644));
+        assert!(matches!(find(&builder.tree, "weights").kind, Kind::Dir(_)));
+        assert!(matches!(
+            find(&builder.tree, STATUS_FILE).kind,
+            Kind::File(Content::Status)
+        ));
+        assert_eq!(builder.blobs.len(), 2);
+    }
+
+    #[test]
+    fn a_layer_filter_serves_only_its_layers_and_a_file_under_a_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut opts = options(dir.path());
+        let r = resolved(vec![
+            layer(LayerKind::WeightConfig, "config.json", b"{}", None),
+            layer(LayerKind::Doc, "README.md", b"# m", None),
+        ]);
+        opts.layers = Some(vec![Digest::sha256_of(b"# m")]);
+        let mut builder = TreeBuilder::new(&opts, &r, context(&opts));
+        builder.add_raw_layers().expect("planned");
+        assert!(builder.tree.iter().all(|(_, n)| n.path != "config.json"));
+        find(&builder.tree, "README.md");
+
+        let clash = resolved(vec![
+            layer(LayerKind::Doc, "a", b"file", None),
+            layer(LayerKind::Doc, "a/b", b"under a file", None),
+        ]);
+        let opts = options(dir.path());
+        let mut builder = TreeBuilder::new(&opts, &clash, context(&opts));
+        let err = builder.add_raw_layers().expect_err("a file under a file");
+        assert!(err.to_string().contains("clashes"), "{err}");
     }
 }
