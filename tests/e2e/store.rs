@@ -28,22 +28,10 @@ fn skopeo_reads_the_store_as_an_oci_layout() {
     let digest = digest.trim();
     s.ok(&["tag", "localhost:5000/team/model:v1", "plain:v1"]);
     for name in ["localhost:5000/team/model:v1", "plain:v1"] {
-        let out = Command::new("skopeo")
-            .args(["inspect", "--raw"])
-            .arg(format!("oci:{}:{name}", s.store().display()))
-            .output()
-            .expect("skopeo");
-        assert!(
-            out.status.success(),
-            "skopeo: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(
-            format!("sha256:{}", util::sha256_hex(&out.stdout)),
-            digest,
-            "skopeo printed another manifest"
-        );
-        let manifest: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let (raw, raw_digest) =
+            util::skopeo_manifest(&format!("oci:{}:{name}", s.store().display()));
+        assert_eq!(raw_digest, digest, "skopeo printed another manifest");
+        let manifest: Value = serde_json::from_slice(&raw).expect("JSON");
         assert_eq!(
             manifest["artifactType"],
             "application/vnd.cncf.model.manifest.v1+json"

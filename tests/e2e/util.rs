@@ -323,6 +323,35 @@ impl Registry {
     }
 }
 
+/// The files of `reference` as `pull -o` writes them into a fresh folder (by a fresh store).
+pub fn pulled_tree(reference: &str) -> BTreeMap<String, (String, u32)> {
+    let reader = Scratch::new();
+    let out = reader.path("out");
+    reader.ok(&[
+        "pull",
+        reference,
+        "--plain-http",
+        "-o",
+        out.to_str().expect("utf8"),
+    ]);
+    tree(&out)
+}
+
+/// The manifest `skopeo inspect --raw IMAGE` prints, and its digest (`sha256:...`).
+pub fn skopeo_manifest(image: &str) -> (Vec<u8>, String) {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", image])
+        .output()
+        .expect("skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = format!("sha256:{}", sha256_hex(&out.stdout));
+    (out.stdout, digest)
+}
+
 /// The Python with oras-py installed (`cargo xtask setup` makes `target/oras-venv`).
 pub fn oras_python() -> Option<PathBuf> {
     let path = std::env::var_os("MODELPACK_ORAS_PYTHON").map_or_else(

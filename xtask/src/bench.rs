@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Context as _;
-use xshell::{Shell, cmd};
 
 use crate::measure::{self, Sample};
 
@@ -869,17 +868,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let size_mib: u64 = crate::flag_value(args, "--size-mib")?.unwrap_or(1024);
     let runs: usize = crate::flag_value(args, "--runs")?.unwrap_or(5);
     let big_mib: u64 = crate::flag_value(args, "--big-mib")?.unwrap_or(4096);
-    crate::setup::run()?;
-    let sh = Shell::new()?;
-    sh.change_dir(crate::root());
-    cmd!(
-        sh,
-        "cargo build --release --locked -p modelpack-cli -p modelpack-snapshotter"
-    )
-    .run()?;
-    let bin = crate::target_dir().join("release/modelpack");
-    let work = crate::target_dir().join("bench");
-    let _ = fs::remove_dir_all(&work);
+    let (bin, work) = crate::release_build("bench")?;
     fs::create_dir_all(&work)?;
 
     // `--only containerd` runs just those rows and prints them (the table of record is not

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 
-use crate::containerd::SNAPSHOTTER;
 use crate::e2e::{Bins, Rig};
 
 /// (lazy, full pull + bind, ctr content fetch) medians.
@@ -34,25 +33,9 @@ fn read_config_in_container(
     started: Instant,
 ) -> anyhow::Result<Duration> {
     use std::io::BufRead as _;
-    let mount = format!(
-        "type=bind,src={},dst=/models,options=rbind:ro",
-        dir.display()
-    );
     let mut child = rig
         .containerd
-        .ctr()
-        .args([
-            "run",
-            "--rm",
-            "--snapshotter",
-            SNAPSHOTTER,
-            "--mount",
-            &mount,
-            image,
-            id,
-        ])
-        .args(["cat", "/models/config.json"])
-        .stdin(std::process::Stdio::null())
+        .run_with_models(image, id, dir, &["cat", "/models/config.json"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
@@ -80,14 +63,7 @@ pub fn run(bins: &Bins, size_mib: u64, runs: usize) -> anyhow::Result<Times> {
     let model = rig.path("model");
     crate::e2e::make_model(&model, size_mib)?;
     let reference = format!("{}/bench/model:v1", rig.registry.host());
-    rig.modelpack(&[
-        "build",
-        "-q",
-        &model.display().to_string(),
-        "-t",
-        &reference,
-    ])?;
-    rig.modelpack(&["push", "-q", "--plain-http", &reference])?;
+    rig.build_and_push(&model, &reference)?;
     fs::remove_dir_all(&model)?;
     let manifest = rig.modelpack(&["manifest", "fetch", "--plain-http", &reference])?;
     let manifest: serde_json::Value = serde_json::from_str(&manifest)?;

@@ -19,6 +19,22 @@ pub const NAMESPACE: &str = "modelpack-e2e";
 
 pub use modelpack_testkit::mounts::detach_all;
 
+/// Runs `cmd` (a `ctr` call) to the end: its stdout, or an error naming `what` with its output.
+fn output_ok(mut cmd: Command, what: &str) -> anyhow::Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run ctr")?;
+    if !out.status.success() {
+        bail!(
+            "ctr {what} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn stop_child(child: &mut Child, grace: Duration) {
     let _ = signal_pid(child.id(), Signal::TERM);
     let deadline = Instant::now() + grace;
@@ -211,21 +227,43 @@ impl Containerd {
 
     /// Runs `ctr ARGS`, returning stdout; fails with stderr.
     pub fn ctr_ok(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = self
-            .ctr()
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("cannot run ctr")?;
-        if !out.status.success() {
-            bail!(
-                "ctr {} failed: {}{}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let mut cmd = self.ctr();
+        cmd.args(args);
+        output_ok(cmd, &args.join(" "))
+    }
+
+    /// `ctr run --rm IMAGE ID COMMAND...` on the modelpack snapshotter, with `models` bind-mounted
+    /// read-only at /models (how a container gets a model volume).
+    pub fn run_with_models(
+        &self,
+        image: &str,
+        id: &str,
+        models: &Path,
+        command: &[&str],
+    ) -> Command {
+        let mount = format!(
+            "type=bind,src={},dst=/models,options=rbind:ro",
+            models.display()
+        );
+        let mut cmd = self.ctr();
+        cmd.args(["run", "--rm", "--snapshotter", SNAPSHOTTER, "--mount"])
+            .arg(mount)
+            .args([image, id])
+            .args(command)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// [`Containerd::run_with_models`] to the end: its stdout, or an error with its output.
+    pub fn run_with_models_ok(
+        &self,
+        image: &str,
+        id: &str,
+        models: &Path,
+        command: &[&str],
+    ) -> anyhow::Result<String> {
+        let cmd = self.run_with_models(image, id, models, command);
+        output_ok(cmd, &format!("run {image} {id} {}", command.join(" ")))
     }
 
     /// Waits until containerd reaches the snapshotter (its dialer backs off after a restart):

@@ -5,29 +5,7 @@ use std::fs;
 use std::path::Path;
 
 use anyhow::{Context as _, ensure};
-use sha2::{Digest as _, Sha256};
 use xshell::{Shell, cmd};
-
-fn sha256_tree(dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for entry in fs::read_dir(&d)? {
-            let entry = entry?;
-            let path = entry.path();
-            let rel = path.strip_prefix(dir)?.to_string_lossy().into_owned();
-            let ft = entry.file_type()?;
-            if ft.is_dir() {
-                stack.push(path);
-            } else if ft.is_symlink() {
-                out.insert(rel, format!("-> {}", fs::read_link(&path)?.display()));
-            } else {
-                out.insert(rel, hex::encode(Sha256::digest(fs::read(&path)?)));
-            }
-        }
-    }
-    Ok(out)
-}
 
 /// Writes a small sample model: weights, configs, tokenizer, docs and code.
 pub fn make_sample_model(dir: &Path) -> anyhow::Result<()> {
@@ -53,17 +31,9 @@ pub fn make_sample_model(dir: &Path) -> anyhow::Result<()> {
 }
 
 pub fn run() -> anyhow::Result<()> {
-    crate::setup::run()?;
+    let (bin, work) = crate::release_build("demo")?;
     let sh = Shell::new()?;
     sh.change_dir(crate::root());
-    cmd!(
-        sh,
-        "cargo build --release --locked -p modelpack-cli -p modelpack-snapshotter"
-    )
-    .run()?;
-    let bin = crate::target_dir().join("release/modelpack");
-    let work = crate::target_dir().join("demo");
-    let _ = fs::remove_dir_all(&work);
     let model = work.join("sample-model");
     let store = work.join("store");
     let out = work.join("extracted");
@@ -82,8 +52,8 @@ pub fn run() -> anyhow::Result<()> {
     cmd!(sh, "{bin} --store {store} validate demo/sample:v1").run()?;
     println!("\n== extract");
     cmd!(sh, "{bin} --store {store} extract demo/sample:v1 {out}").run()?;
-    let want = sha256_tree(&model)?;
-    let got = sha256_tree(&out)?;
+    let want = crate::e2e::tree_digests(&model)?;
+    let got = crate::e2e::tree_digests(&out)?;
     ensure!(
         want == got,
         "extracted tree differs from the source:\n{want:#?}\n{got:#?}"
@@ -115,7 +85,7 @@ pub fn run() -> anyhow::Result<()> {
     )
     .run()?;
     ensure!(
-        sha256_tree(&pulled)? == want,
+        crate::e2e::tree_digests(&pulled)? == want,
         "pulled tree differs from the source"
     );
     println!("\n== mount lazily and read through FUSE");
@@ -145,7 +115,7 @@ pub fn run() -> anyhow::Result<()> {
             fs::read_to_string(mnt.join("config.json"))?
         );
         ensure!(
-            sha256_tree(&mnt)? == want,
+            crate::e2e::tree_digests(&mnt)? == want,
             "files read through the mount differ from the source"
         );
         let after: serde_json::Value =
@@ -209,23 +179,16 @@ fn containerd_demo(
     let view = rig.path("model-view");
     rig.mount_model(&reference, &view)?;
     println!("\n== ctr run with the model at /models");
-    let mount = format!(
-        "type=bind,src={},dst=/models,options=rbind:ro",
-        view.display()
-    );
-    let out = rig.containerd.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        crate::containerd::SNAPSHOTTER,
-        "--mount",
-        &mount,
+    let out = rig.containerd.run_with_models_ok(
         &image,
         "demo-reader",
-        "sh",
-        "-c",
-        "cat /models/config.json; echo; cd /models && find . -type f | sort | xargs sha256sum",
-    ])?;
+        &view,
+        &[
+            "sh",
+            "-c",
+            "cat /models/config.json; echo; cd /models && find . -type f | sort | xargs sha256sum",
+        ],
+    )?;
     print!("{out}");
     let mut read = BTreeMap::new();
     for line in out.lines() {

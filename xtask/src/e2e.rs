@@ -125,23 +125,16 @@ fn container_digests(
     id: &str,
     dir: &Path,
 ) -> anyhow::Result<BTreeMap<String, String>> {
-    let mount = format!(
-        "type=bind,src={},dst=/models,options=rbind:ro",
-        dir.display()
-    );
-    let out = ctd.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        SNAPSHOTTER,
-        "--mount",
-        &mount,
+    let out = ctd.run_with_models_ok(
         image,
         id,
-        "sh",
-        "-c",
-        "cd /models && find . -type f | sort | xargs sha256sum",
-    ])?;
+        dir,
+        &[
+            "sh",
+            "-c",
+            "cd /models && find . -type f | sort | xargs sha256sum",
+        ],
+    )?;
     let mut digests = BTreeMap::new();
     for line in out.lines() {
         let Some((digest, path)) = line.split_once("  ") else {
@@ -208,6 +201,13 @@ impl Rig {
 
     pub fn path(&self, rel: &str) -> PathBuf {
         self.scratch.path().join(rel)
+    }
+
+    /// `modelpack build -q DIR -t REFERENCE`, then `push` it (plain HTTP).
+    pub fn build_and_push(&self, dir: &Path, reference: &str) -> anyhow::Result<()> {
+        self.modelpack(&["build", "-q", &dir.display().to_string(), "-t", reference])?;
+        self.modelpack(&["push", "-q", "--plain-http", reference])?;
+        Ok(())
     }
 
     /// `modelpack ARGS` against this rig's store.
@@ -324,14 +324,7 @@ fn checks(rig: &mut Rig) -> anyhow::Result<()> {
     make_model(&model, 256)?;
     let source = tree_digests(&model)?;
     let reference = format!("{}/e2e/model:v1", rig.link.host());
-    rig.modelpack(&[
-        "build",
-        "-q",
-        &model.display().to_string(),
-        "-t",
-        &reference,
-    ])?;
-    rig.modelpack(&["push", "-q", "--plain-http", &reference])?;
+    rig.build_and_push(&model, &reference)?;
     let before = rig.link.served();
     rig.modelpack_containerd("pull", &["--plain-http", &reference])?;
     let lazy_bytes = rig.link.served() - before;
@@ -455,14 +448,7 @@ fn checks(rig: &mut Rig) -> anyhow::Result<()> {
     fs::create_dir_all(&small)?;
     fs::write(small.join("config.json"), br#"{"model_type":"fallback"}"#)?;
     let small_ref = format!("{}/e2e/small:v1", rig.link.host());
-    rig.modelpack(&[
-        "build",
-        "-q",
-        &small.display().to_string(),
-        "-t",
-        &small_ref,
-    ])?;
-    rig.modelpack(&["push", "-q", "--plain-http", &small_ref])?;
+    rig.build_and_push(&small, &small_ref)?;
     let message = match rig.modelpack_containerd("pull", &["--plain-http", &small_ref]) {
         Ok(out) => bail!("a pull the snapshotter cannot serve succeeded: {out}"),
         Err(e) => e.to_string(),
@@ -504,15 +490,8 @@ fn container_sha256(
     dir: &Path,
     file: &str,
 ) -> anyhow::Result<(bool, String)> {
-    let mount = format!(
-        "type=bind,src={},dst=/models,options=rbind:ro",
-        dir.display()
-    );
     let out = ctd
-        .ctr()
-        .args(["run", "--rm", "--snapshotter", SNAPSHOTTER, "--mount"])
-        .args([mount.as_str(), image, id, "sha256sum"])
-        .arg(format!("/models/{file}"))
+        .run_with_models(image, id, dir, &["sha256sum", &format!("/models/{file}")])
         .output()?;
     let text = format!(
         "{}{}",
@@ -531,9 +510,7 @@ fn faults_under_the_snapshotter(rig: &mut Rig, image: &str) -> anyhow::Result<Fa
     make_model(&model, 16)?;
     let source = tree_digests(&model)?;
     let reference = format!("{}/e2e/faults:v1", proxy.host());
-    let model_arg = model.display().to_string();
-    rig.modelpack(&["build", "-q", &model_arg, "-t", &reference])?;
-    rig.modelpack(&["push", "-q", "--plain-http", &reference])?;
+    rig.build_and_push(&model, &reference)?;
 
     // Transient faults on the manifest and the blobs: retried, right bytes.
     proxy.add(Rule::new(Some("GET"), "/manifests/", 1, Fault::Status(503)));
@@ -581,9 +558,7 @@ fn faults_under_the_snapshotter(rig: &mut Rig, image: &str) -> anyhow::Result<Fa
         .context("the weight's digest")?
         .clone();
     let corrupt_ref = format!("{}/e2e/corrupt:v1", proxy.host());
-    let other_arg = other.display().to_string();
-    rig.modelpack(&["build", "-q", &other_arg, "-t", &corrupt_ref])?;
-    rig.modelpack(&["push", "-q", "--plain-http", &corrupt_ref])?;
+    rig.build_and_push(&other, &corrupt_ref)?;
     rig.modelpack_containerd("pull", &["--plain-http", &corrupt_ref])?;
     let corrupt_view = rig.path("view-corrupt");
     rig.mount_model(&corrupt_ref, &corrupt_view)?;
@@ -647,8 +622,7 @@ fn pushed_small_model(
     fs::write(dir.join("tokenizer.json"), br#"{"version":"1.0"}"#)?;
     fs::write(dir.join("docs/README.md"), format!("# {name}\n"))?;
     let reference = format!("{host}/e2e/{name}:v1");
-    rig.modelpack(&["build", "-q", &dir.display().to_string(), "-t", &reference])?;
-    rig.modelpack(&["push", "-q", "--plain-http", &reference])?;
+    rig.build_and_push(&dir, &reference)?;
     let info: serde_json::Value =
         serde_json::from_str(&rig.modelpack(&["inspect", &reference, "--format", "json"])?)?;
     let digest = info["digest"]

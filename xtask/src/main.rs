@@ -69,6 +69,22 @@ pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
 }
 
+/// Installs what is missing, builds the release `modelpack` and `modelpack-snapshotter`, and
+/// returns the `modelpack` binary and a fresh work folder `target/NAME` (the bench and the demo).
+pub fn release_build(name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    setup::run()?;
+    let sh = xshell::Shell::new()?;
+    sh.change_dir(root());
+    xshell::cmd!(
+        sh,
+        "cargo build --release --locked -p modelpack-cli -p modelpack-snapshotter"
+    )
+    .run()?;
+    let work = target_dir().join(name);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok((target_dir().join("release/modelpack"), work))
+}
+
 /// Reads `--name value` from `args`.
 pub fn flag_value<T: std::str::FromStr>(args: &[String], name: &str) -> anyhow::Result<Option<T>> {
     match args.iter().position(|a| a == name) {
