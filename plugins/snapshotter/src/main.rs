@@ -7,6 +7,7 @@ mod control;
 mod filter;
 mod metadata;
 mod metrics;
+mod mounter;
 mod mounts;
 mod service;
 mod snapshotter;

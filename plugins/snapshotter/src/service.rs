@@ -11,25 +11,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use modelpack_lazyfs::{Counters, MountOptions, MountedModel, Resolved, Verify};
+use modelpack_lazyfs::Counters;
 use modelpack_proto::containerd_client::types::Mount;
 use modelpack_proto::snapshots as pb;
-use modelpack_registry::{Client, ClientOptions, Repository};
-use modelpack_spec::{Digest, Reference, labels};
+use modelpack_spec::{Digest, labels};
 use modelpack_store::Store;
 use tracing::{info, warn};
 
-use crate::config::{Settings, VerifyPolicy};
+use crate::config::Settings;
 use crate::filter;
 use crate::metadata::{Kind, Metadata, Record, RemoteLayer, now_ns};
+use crate::mounter::{LayerMounter, Lazyfs, ServedLayer};
 use crate::mounts;
 use crate::snapshotter::{SnapshotError, Snapshotter};
 
 /// How long a remote mount may take (manifest, chunk index, FUSE mount) before Prepare falls
 /// back to an ordinary snapshot.
 const REMOTE_MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Models whose resolve (manifest and chunk index) is kept for their next layers.
-const RESOLVED_CACHE: usize = 64;
 
 /// A remote snapshot's mount, or why it has none.
 #[derive(Debug)]
@@ -37,7 +35,7 @@ pub enum MountState {
     /// Served.
     Mounted {
         /// The mount.
-        model: MountedModel,
+        model: Box<dyn ServedLayer>,
         /// Its counters.
         counters: Arc<Counters>,
     },
@@ -83,16 +81,33 @@ struct Inner {
     /// turns (the second finds it committed), other chains proceed in parallel; the metadata
     /// lock is not held while a layer mounts.
     preparing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Each model's manifest and chunk index, resolved once for all of its layers (keyed by
-    /// manifest digest; a digest names immutable content, so an entry never goes stale).
-    resolved: Mutex<HashMap<Digest, Arc<tokio::sync::OnceCell<Arc<Resolved>>>>>,
+    /// What serves remote layers (lazyfs; a stand-in in the unit tests).
+    mounter: Arc<dyn LayerMounter>,
     /// Folder numbers of remote snapshots being mounted (no record names them yet).
     reserved: Mutex<std::collections::HashSet<u64>>,
     remote: Mutex<BTreeMap<String, RemoteMount>>,
-    clients: Mutex<HashMap<String, Client>>,
-    store: Store,
     started: Instant,
     stats: Stats,
+}
+
+/// The lock of one chain ID while a remote Prepare of it runs (or waits for it). Dropped, also
+/// when the Prepare is cancelled, it forgets the lock once nobody else holds or waits for it.
+struct ChainGuard<'a> {
+    service: &'a Service,
+    target: String,
+    chain: Arc<tokio::sync::Mutex<()>>,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for ChainGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.held.take());
+        let mut locks = lock(&self.service.inner.preparing);
+        // Ours and the map's: nobody else holds or waits for it.
+        if Arc::strong_count(&self.chain) == 2 {
+            locks.remove(&self.target);
+        }
+    }
 }
 
 /// Writes the metadata (temporary file, fsync, rename, fsync of the folder) with the lock held,
@@ -109,7 +124,7 @@ fn save(meta: &Metadata) -> std::io::Result<()> {
 
 /// Locks `m`, also after a panic elsewhere poisoned it (the data stays consistent: every
 /// critical section here is a plain map update).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
@@ -195,8 +210,20 @@ fn lowerdir(dirs: &[PathBuf]) -> String {
 }
 
 impl Service {
-    /// Opens the root (creating it), loads the metadata.
+    /// Opens the root (creating it), loads the metadata; remote layers are served by lazyfs.
     pub fn open(settings: Settings) -> anyhow::Result<Service> {
+        use anyhow::Context as _;
+        let store = Store::open(&settings.root.join("store"))
+            .with_context(|| format!("cannot open {}", settings.root.join("store").display()))?;
+        let mounter = Arc::new(Lazyfs::new(settings.clone(), store));
+        Service::with_mounter(settings, mounter)
+    }
+
+    /// Opens the root (creating it), loads the metadata; remote layers are served by `mounter`.
+    pub fn with_mounter(
+        settings: Settings,
+        mounter: Arc<dyn LayerMounter>,
+    ) -> anyhow::Result<Service> {
         use anyhow::Context as _;
         use std::os::unix::fs::DirBuilderExt as _;
         for dir in [&settings.root, &settings.root.join("snapshots")] {
@@ -211,8 +238,6 @@ impl Service {
             .mode(0o700)
             .create(&settings.cache_dir)
             .with_context(|| format!("cannot create {}", settings.cache_dir.display()))?;
-        let store = Store::open(&settings.root.join("store"))
-            .with_context(|| format!("cannot open {}", settings.root.join("store").display()))?;
         let meta = Metadata::open(&settings.root).with_context(|| {
             format!("cannot read the metadata under {}", settings.root.display())
         })?;
@@ -221,11 +246,9 @@ impl Service {
                 settings,
                 meta: tokio::sync::Mutex::new(meta),
                 preparing: Mutex::new(HashMap::new()),
-                resolved: Mutex::new(HashMap::new()),
+                mounter,
                 reserved: Mutex::new(std::collections::HashSet::new()),
                 remote: Mutex::new(BTreeMap::new()),
-                clients: Mutex::new(HashMap::new()),
-                store,
                 started: Instant::now(),
                 stats: Stats::default(),
             }),
@@ -378,56 +401,14 @@ impl Service {
         self.mounts_of(&meta, key)
     }
 
-    fn client_for(&self, host: &str) -> Result<Client, String> {
-        let mut clients = lock(&self.inner.clients);
-        if let Some(c) = clients.get(host) {
-            return Ok(c.clone());
-        }
-        let entry = self.inner.settings.registry(host);
-        let client = Client::new(ClientOptions {
-            plain_http: entry.plain_http,
-            insecure: entry.insecure,
-            ca_file: entry.ca_file,
-            ..ClientOptions::new()
-        })
-        .map_err(|e| e.to_string())?;
-        clients.insert(host.to_owned(), client.clone());
-        Ok(client)
-    }
-
-    /// Mounts one remote layer at `dir`.
+    /// Mounts one remote layer at `dir` with the service's mounter, within the time limit.
     async fn mount_layer(&self, layer: &RemoteLayer, dir: &Path) -> Result<MountState, String> {
-        let reference: Reference = layer
-            .reference
-            .parse()
-            .map_err(|e| format!("reference {:?}: {e}", layer.reference))?;
-        let client = self.client_for(reference.registry())?;
-        let repository = Repository::new(&client, &reference);
-        let resolved = self.resolved(&repository, &layer.manifest_digest).await?;
-        let settings = &self.inner.settings;
-        let mut opts = MountOptions::new(
-            repository,
-            layer.manifest_digest.to_string(),
-            self.inner.store.clone(),
-            settings.cache_dir.clone(),
-        );
-        opts.resolved = Some(resolved);
-        opts.verify = match settings.verify {
-            VerifyPolicy::Full => Verify::Full,
-            VerifyPolicy::Background => Verify::Background,
-            VerifyPolicy::None => Verify::None,
-        };
-        opts.allow_other = true;
-        opts.prefetch = settings.prefetch;
-        opts.prefetch_small = settings.prefetch_small;
-        opts.layers = Some(vec![layer.layer_digest.clone()]);
-        opts.status_file = false;
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let started = Instant::now();
-        let model = tokio::time::timeout(REMOTE_MOUNT_TIMEOUT, modelpack_lazyfs::mount(opts, dir))
-            .await
-            .map_err(|_| format!("mounting took longer than {REMOTE_MOUNT_TIMEOUT:?}"))?
-            .map_err(|e| e.to_string())?;
+        let model =
+            tokio::time::timeout(REMOTE_MOUNT_TIMEOUT, self.inner.mounter.mount(layer, dir))
+                .await
+                .map_err(|_| format!("mounting took longer than {REMOTE_MOUNT_TIMEOUT:?}"))??;
         let stats = &self.inner.stats;
         stats.mounts.fetch_add(1, Ordering::Relaxed);
         stats
@@ -444,41 +425,6 @@ impl Service {
         locks.entry(target.to_owned()).or_default().clone()
     }
 
-    /// Forgets the lock of `target` once nobody else waits for it.
-    fn release_chain_lock(&self, target: &str, chain: Arc<tokio::sync::Mutex<()>>) {
-        let mut locks = lock(&self.inner.preparing);
-        // Ours and the map's: nobody else holds or waits for it.
-        if Arc::strong_count(&chain) == 2 {
-            locks.remove(target);
-        }
-    }
-
-    /// The model `manifest` in `repository`, resolved once for all its layers: concurrent
-    /// Prepares of one model wait for the same resolve; a failed resolve is tried again next time.
-    async fn resolved(
-        &self,
-        repository: &Repository,
-        manifest: &Digest,
-    ) -> Result<Arc<Resolved>, String> {
-        let cell = {
-            let mut cache = lock(&self.inner.resolved);
-            // Bounded: a node sees few models at once; past the bound, start afresh.
-            if cache.len() >= RESOLVED_CACHE && !cache.contains_key(manifest) {
-                cache.clear();
-            }
-            cache.entry(manifest.clone()).or_default().clone()
-        };
-        let resolved = cell
-            .get_or_try_init(|| async {
-                modelpack_lazyfs::resolve(repository, manifest.as_str(), &self.inner.store)
-                    .await
-                    .map(Arc::new)
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(resolved.clone())
-    }
-
     fn reserved_mut<T>(&self, f: impl FnOnce(&mut std::collections::HashSet<u64>) -> T) -> T {
         let mut guard = lock(&self.inner.reserved);
         f(&mut guard)
@@ -493,12 +439,14 @@ impl Service {
         labels: &HashMap<String, String>,
         layer: RemoteLayer,
     ) -> Result<(), String> {
-        let chain = self.chain_lock(target);
-        let this_chain = chain.clone().lock_owned().await;
-        let result = self.prepare_locked(target, parent, labels, layer).await;
-        drop(this_chain);
-        self.release_chain_lock(target, chain);
-        result
+        let mut chain = ChainGuard {
+            service: self,
+            target: target.to_owned(),
+            chain: self.chain_lock(target),
+            held: None,
+        };
+        chain.held = Some(chain.chain.clone().lock_owned().await);
+        self.prepare_locked(target, parent, labels, layer).await
     }
 
     async fn prepare_locked(
@@ -938,5 +886,233 @@ impl Snapshotter for Service {
     async fn cleanup(&self) -> Result<(), SnapshotError> {
         self.remove_orphans().await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The service's bookkeeping and locking with a stand-in mounter: no FUSE, no registry, no
+    //! containerd.
+
+    use std::sync::atomic::AtomicUsize;
+
+    use tonic::{Code, Status};
+
+    use super::*;
+    use crate::config::Overrides;
+
+    #[derive(Debug)]
+    struct FakeLayer(Arc<Counters>);
+
+    #[tonic::async_trait]
+    impl ServedLayer for FakeLayer {
+        fn content_size(&self) -> u64 {
+            0
+        }
+
+        fn counters(&self) -> Arc<Counters> {
+            self.0.clone()
+        }
+
+        async fn unmount(self: Box<Self>) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Counts mounts; optionally fails them, or holds each one until `gate` lets a second in.
+    #[derive(Debug, Default)]
+    struct FakeMounter {
+        mounts: AtomicUsize,
+        fail: bool,
+        gate: Option<Arc<tokio::sync::Barrier>>,
+    }
+
+    #[tonic::async_trait]
+    impl LayerMounter for FakeMounter {
+        async fn mount(
+            &self,
+            _layer: &RemoteLayer,
+            _dir: &Path,
+        ) -> Result<Box<dyn ServedLayer>, String> {
+            self.mounts.fetch_add(1, Ordering::SeqCst);
+            if let Some(gate) = &self.gate {
+                gate.wait().await;
+            }
+            if self.fail {
+                return Err("the registry is gone".into());
+            }
+            Ok(Box::new(FakeLayer(Arc::new(Counters::default()))))
+        }
+    }
+
+    fn service(dir: &Path, mounter: Arc<FakeMounter>) -> Service {
+        let settings = Settings::load(
+            None,
+            Overrides {
+                root: Some(dir.to_owned()),
+                ..Overrides::default()
+            },
+        )
+        .expect("settings");
+        Service::with_mounter(settings, mounter).expect("service")
+    }
+
+    fn remote(chain: &str, layer: &[u8]) -> HashMap<String, String> {
+        HashMap::from([
+            (labels::SNAPSHOT_REF.to_owned(), chain.to_owned()),
+            (
+                labels::REFERENCE.to_owned(),
+                "registry.invalid/team/model:v1".to_owned(),
+            ),
+            (
+                labels::MANIFEST_DIGEST.to_owned(),
+                Digest::sha256_of(b"manifest").to_string(),
+            ),
+            (
+                labels::LAYER_DIGEST.to_owned(),
+                Digest::sha256_of(layer).to_string(),
+            ),
+            (labels::FILE_PATH.to_owned(), "config.json".to_owned()),
+        ])
+    }
+
+    fn code(result: Result<impl std::fmt::Debug, SnapshotError>) -> Code {
+        Status::from(result.expect_err("an error")).code()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_remote_prepare_commits_the_chain_and_the_next_one_finds_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mounter = Arc::new(FakeMounter::default());
+        let svc = service(dir.path(), mounter.clone());
+        let labels = remote("chain-1", b"layer");
+        assert_eq!(
+            code(svc.prepare("extract-1", "", labels.clone()).await),
+            Code::AlreadyExists
+        );
+        let info = svc.stat("chain-1").await.expect("committed");
+        assert_eq!(info.kind, pb::Kind::Committed as i32);
+        assert_eq!(
+            info.labels.get(labels::REMOTE).map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(
+            code(svc.prepare("extract-2", "", labels).await),
+            Code::AlreadyExists
+        );
+        assert_eq!(mounter.mounts.load(Ordering::SeqCst), 1);
+        assert_eq!(svc.list(Vec::new()).await.expect("list").len(), 1);
+        svc.remove("chain-1").await.expect("remove");
+        assert_eq!(code(svc.stat("chain-1").await), Code::NotFound);
+        assert!(svc.with_remote(|m| m.is_empty()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_prepares_of_one_chain_mount_it_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mounter = Arc::new(FakeMounter::default());
+        let svc = service(dir.path(), mounter.clone());
+        let runs: Vec<_> = (0..2)
+            .map(|i| {
+                let svc = svc.clone();
+                tokio::spawn(async move {
+                    svc.prepare(&format!("extract-{i}"), "", remote("chain", b"x"))
+                        .await
+                })
+            })
+            .collect();
+        for run in runs {
+            assert_eq!(code(run.await.expect("join")), Code::AlreadyExists);
+        }
+        assert_eq!(mounter.mounts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prepares_of_two_chains_mount_at_the_same_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Each mount waits until the other one has started: under one global lock neither
+        // Prepare could finish.
+        let mounter = Arc::new(FakeMounter {
+            gate: Some(Arc::new(tokio::sync::Barrier::new(2))),
+            ..FakeMounter::default()
+        });
+        let svc = service(dir.path(), mounter.clone());
+        let both = async {
+            tokio::join!(
+                svc.prepare("extract-a", "", remote("chain-a", b"a")),
+                svc.prepare("extract-b", "", remote("chain-b", b"b")),
+            )
+        };
+        let (a, b) = tokio::time::timeout(Duration::from_secs(20), both)
+            .await
+            .expect("the two chains waited for each other");
+        assert_eq!(code(a), Code::AlreadyExists);
+        assert_eq!(code(b), Code::AlreadyExists);
+        assert_eq!(mounter.mounts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_mount_falls_back_to_an_ordinary_active_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mounter = Arc::new(FakeMounter {
+            fail: true,
+            ..FakeMounter::default()
+        });
+        let svc = service(dir.path(), mounter);
+        let mounts = svc
+            .prepare("extract-1", "", remote("chain-1", b"layer"))
+            .await
+            .expect("an ordinary snapshot");
+        assert_eq!(mounts.len(), 1);
+        let info = svc.stat("extract-1").await.expect("active");
+        assert_eq!(info.kind, pb::Kind::Active as i32);
+        assert_eq!(code(svc.stat("chain-1").await), Code::NotFound);
+        assert_eq!(svc.stats().remote_fallbacks.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ordinary_snapshots_and_their_errors_map_to_containerds_codes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let svc = service(dir.path(), Arc::new(FakeMounter::default()));
+        svc.prepare("a", "", HashMap::new()).await.expect("prepare");
+        assert_eq!(
+            code(svc.prepare("a", "", HashMap::new()).await),
+            Code::AlreadyExists
+        );
+        assert_eq!(
+            code(svc.prepare("b", "nope", HashMap::new()).await),
+            Code::NotFound
+        );
+        assert_eq!(
+            code(svc.prepare("", "", HashMap::new()).await),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(svc.view("v0", "a", HashMap::new()).await),
+            Code::FailedPrecondition
+        );
+        svc.commit("c", "a", HashMap::new()).await.expect("commit");
+        assert_eq!(
+            code(svc.commit("x", "missing", HashMap::new()).await),
+            Code::NotFound
+        );
+        let mounts = svc.view("v", "c", HashMap::new()).await.expect("view");
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(code(svc.remove("c").await), Code::FailedPrecondition);
+        assert_eq!(code(svc.stat("nope").await), Code::NotFound);
+        let mut info = svc.stat("c").await.expect("stat");
+        info.labels.insert("k".into(), "v".into());
+        let updated = svc
+            .update(info.clone(), vec!["labels.k".into()])
+            .await
+            .expect("update");
+        assert_eq!(updated.labels.get("k").map(String::as_str), Some("v"));
+        assert_eq!(
+            code(svc.update(info, vec!["parent".into()]).await),
+            Code::InvalidArgument
+        );
+        svc.remove("v").await.expect("remove the view");
+        svc.remove("c").await.expect("remove");
+        assert!(svc.list(Vec::new()).await.expect("list").is_empty());
     }
 }
