@@ -939,6 +939,9 @@ async fn resolve_counted(
     })
 }
 
+/// Tar layers read in place: their blob and, for seekable zstd, their frames.
+type LazyLayers = HashMap<Digest, (Arc<LazyBlob>, Option<Arc<Frames>>)>;
+
 /// Builds the inode tree a mount serves from a resolved artifact: raw layers as lazy files, tar
 /// layers read in place, shown from their annotations, or unpacked into the cache.
 struct TreeBuilder<'a> {
@@ -1025,21 +1028,35 @@ impl<'a> TreeBuilder<'a> {
     /// Tar layers: read in place where the index covers them, shown from their annotations and
     /// unpacked on first read where those describe one file, unpacked into the cache otherwise.
     async fn add_tar_layers(&mut self) -> Result<(), MountError> {
-        let (opts, resolved) = (self.opts, self.resolved);
-        let (manifest, manifest_digest) = (&resolved.manifest, &resolved.digest);
-        let (repo, transfer) = (&opts.repository, self.ctx.transfer.clone());
+        let opts = self.opts;
         let wanted = |digest: &Digest| opts.layers.as_ref().is_none_or(|l| l.contains(digest));
-        // Tar layers. Plain tar and seekable tar+zstd layers whose chunks the index covers (or any,
-        // with --verify none) are read lazily: their headers are read through verified chunks and
-        // their files served as ranges. Other tar layers are fetched, verified and unpacked into the
-        // cache, then served from there.
-        let tar_layers: Vec<&modelpack_spec::ModelLayer> = manifest
+        let tar_layers: Vec<&'a modelpack_spec::ModelLayer> = self
+            .resolved
+            .manifest
             .layers()
             .iter()
             .filter(|l| l.media_type.encoding != Encoding::Raw && wanted(&l.digest))
             .collect();
+        let lazy_layers = self.lazy_tar_layers(&tar_layers).await?;
+        let trees = self.trees_dir();
+        let deferred = self.add_deferred_layers(&tar_layers, &lazy_layers, &trees)?;
+        let planned: Vec<&modelpack_spec::ModelLayer> = tar_layers
+            .into_iter()
+            .filter(|l| !deferred.contains(&l.digest))
+            .collect();
+        self.add_planned_tar_layers(&planned, lazy_layers, &trees)
+            .await
+    }
+
+    /// Plain tar and seekable tar+zstd layers whose chunks the index covers (or any, with
+    /// `--verify none`): read in place, their headers through verified chunks.
+    async fn lazy_tar_layers(
+        &self,
+        tar_layers: &[&modelpack_spec::ModelLayer],
+    ) -> Result<LazyLayers, MountError> {
+        let opts = self.opts;
         let mut lazy_layers: HashMap<Digest, (Arc<LazyBlob>, Option<Arc<Frames>>)> = HashMap::new();
-        for layer in &tar_layers {
+        for layer in tar_layers {
             let can_verify = self.chunks_of(layer).is_some() || opts.verify == crate::Verify::None;
             if !can_verify || lazy_layers.contains_key(&layer.digest) {
                 continue;
@@ -1056,7 +1073,13 @@ impl<'a> TreeBuilder<'a> {
             };
             lazy_layers.insert(layer.digest.clone(), (blob, frames));
         }
-        let trees = match &opts.layers {
+        Ok(lazy_layers)
+    }
+
+    /// Where tar layers unpack in the cache (per manifest, and per layer selection).
+    fn trees_dir(&self) -> PathBuf {
+        let (opts, manifest_digest) = (self.opts, &self.resolved.digest);
+        match &opts.layers {
             None => opts.cache_dir.join("trees").join(manifest_digest.encoded()),
             Some(layers) => {
                 let mut key = String::new();
@@ -1070,9 +1093,20 @@ impl<'a> TreeBuilder<'a> {
                     &key.encoded()[..16]
                 ))
             }
-        };
-        // A layer that cannot be read in place but whose annotations describe its one regular file:
-        // shown from the annotations now, fetched and unpacked on first read.
+        }
+    }
+
+    /// Layers that cannot be read in place but whose annotations describe their one regular
+    /// file: shown from the annotations now, fetched and unpacked on first read. Returns their
+    /// digests.
+    fn add_deferred_layers(
+        &mut self,
+        tar_layers: &[&modelpack_spec::ModelLayer],
+        lazy_layers: &LazyLayers,
+        trees: &Path,
+    ) -> Result<Vec<Digest>, MountError> {
+        let opts = self.opts;
+        let (repo, transfer) = (&opts.repository, self.ctx.transfer.clone());
         let mut deferred: Vec<Digest> = Vec::new();
         for layer in tar_layers
             .iter()
@@ -1116,10 +1150,21 @@ impl<'a> TreeBuilder<'a> {
             }
             deferred.push(layer.digest.clone());
         }
-        let tar_layers: Vec<&modelpack_spec::ModelLayer> = tar_layers
-            .into_iter()
-            .filter(|l| !deferred.contains(&l.digest))
-            .collect();
+        Ok(deferred)
+    }
+
+    /// The other tar layers: planned by `extract` (headers read lazily where the layer is read
+    /// in place, from the fetched blob otherwise), unpacked into the cache where not lazy, and
+    /// every entry added to the tree.
+    async fn add_planned_tar_layers(
+        &mut self,
+        tar_layers: &[&modelpack_spec::ModelLayer],
+        lazy_layers: LazyLayers,
+        trees: &Path,
+    ) -> Result<(), MountError> {
+        let opts = self.opts;
+        let manifest = &self.resolved.manifest;
+        let (repo, transfer) = (&opts.repository, self.ctx.transfer.clone());
         for layer in tar_layers
             .iter()
             .filter(|l| !lazy_layers.contains_key(&l.digest))
@@ -1160,7 +1205,7 @@ impl<'a> TreeBuilder<'a> {
             }
             if unpack.selected().next().is_some() {
                 let source = modelpack_extract::StoreSource(&opts.store);
-                modelpack_extract::extract_planned(&source, &unpack, &trees, None)?;
+                modelpack_extract::extract_planned(&source, &unpack, trees, None)?;
             }
             // Where each file of a lazy layer starts, for its hard links.
             let mut starts: HashMap<(usize, &str), (u64, u64)> = HashMap::new();
