@@ -507,4 +507,20 @@ fn pull_into_a_folder_killed_half_way_continues_where_it_stopped() {
         "pull -o left blobs in the store"
     );
     assert!(util::listing(&reader.store().join("scratch")).is_empty());
+    // A third run finds every file in place: nothing fetched, nothing written.
+    let before = counting.served();
+    let out = reader.ok(&[
+        "pull",
+        &format!("{}/resume/folder:v1", counting.host()),
+        "--plain-http",
+        "-o",
+        target.to_str().expect("utf8"),
+    ]);
+    assert!(out.contains("0 files written"), "{out}");
+    assert!(
+        counting.served() - before < 64 << 10,
+        "an up-to-date folder fetched {} bytes",
+        counting.served() - before
+    );
+    assert_eq!(util::tree(&target), util::tree(std::path::Path::new(&dir)));
 }

@@ -3,9 +3,9 @@
 //! - [`Client`]: one HTTP client per process with the auth flow (anonymous, basic, bearer tokens
 //!   with scopes, identity tokens) and retries (capped exponential backoff, jitter,
 //!   `Retry-After`, a deadline);
-//! - [`Repository`]: blobs (HEAD, ranged reads as one resumable [`BlobBody`], streamed monolithic and resumable chunked uploads,
-//!   cross-repository mount, delete), manifests, tags and referrers (with the tag-schema
-//!   fallback);
+//! - [`Repository`]: blobs (HEAD, ranged reads as one resumable [`BlobBody`], streamed
+//!   monolithic and resumable chunked uploads, cross-repository mount, delete), manifests, tags
+//!   and referrers (with the tag-schema fallback);
 //! - [`credentials`]: the Docker config and credential helpers.
 //!
 //! ```no_run

@@ -7,11 +7,12 @@
 //! was checked; a failure leaves it as it was (the scratch store keeps what was downloaded, so
 //! running the same pull again continues it; `prune` removes a scratch store nobody holds).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use futures_util::{StreamExt as _, TryStreamExt as _};
-use modelpack_extract::{ExtractReport, LayerBlob, LayerSource, Patterns};
+use modelpack_extract::{EntryPlan, ExtractReport, LayerBlob, LayerSource, Patterns};
 use modelpack_registry::Repository;
 use modelpack_spec::annotations::ANNOTATION_TITLE;
 use modelpack_spec::oci_spec::image::ImageManifest;
@@ -159,12 +160,21 @@ pub async fn pull_to_folder(
     let manifest = repo.get_manifest(&reference.tag_or_digest()).await?;
     let files = Files::of(&manifest.bytes)?;
     let selected = Patterns::new(patterns)?;
-    // Tar layers are always needed: their entries are known only from their headers.
+    // Tar layers are always needed: their entries are known only from their headers. Raw files
+    // the folder already holds byte for byte are neither fetched nor written again (and not
+    // hashed a second time by the extractor).
     let mut needed: Vec<BlobRef> = Vec::new();
+    let mut identical: HashSet<LayerPath> = HashSet::new();
     for (path, blob) in files.layers() {
-        let wanted = blob.encoding != Encoding::Raw
-            || (selected.matches(path.as_str()) && !already_there(&dir.join(path.as_str()), &blob));
-        if wanted && !needed.iter().any(|b| b.digest == blob.digest) {
+        let raw = blob.encoding == Encoding::Raw;
+        if raw && !selected.matches(path.as_str()) {
+            continue;
+        }
+        if raw && already_there(&dir.join(path.as_str()), &blob) {
+            identical.insert(path);
+            continue;
+        }
+        if !needed.iter().any(|b| b.digest == blob.digest) {
             needed.push(BlobRef {
                 digest: blob.digest,
                 size: blob.size,
@@ -215,15 +225,24 @@ pub async fn pull_to_folder(
                     store: &store,
                     scratch: &scratch_store,
                 };
-                let plan = match &files {
+                let mut plan = match &files {
                     Files::Model(m) => modelpack_extract::plan(m, &source, &patterns)?,
                     Files::Titled(files) => {
                         modelpack_extract::plan_files(files.clone(), &patterns)?
                     }
                 };
-                Ok(modelpack_extract::extract_planned(
-                    &source, &plan, &dir, cancel,
-                )?)
+                let mut skipped = 0;
+                for entry in plan.entries.iter_mut().filter(|e| e.selected) {
+                    if matches!(entry.kind, EntryPlan::RawFile { .. })
+                        && identical.contains(&entry.path)
+                    {
+                        entry.selected = false;
+                        skipped += 1;
+                    }
+                }
+                let mut report = modelpack_extract::extract_planned(&source, &plan, &dir, cancel)?;
+                report.skipped += skipped;
+                Ok(report)
             })
             .await
             .map_err(|e| Error::Unsupported(format!("worker thread failed: {e}")))?

@@ -175,15 +175,14 @@ pub fn remote_layer(labels: &HashMap<String, String>) -> Option<Result<RemoteLay
         text.parse::<Digest>()
             .map_err(|e| format!("{what} digest {text:?}: {e}"))
     };
-    Some((|| {
-        Ok(RemoteLayer {
-            reference: reference.clone(),
-            manifest_digest: parse("manifest", manifest)?,
-            layer_digest: parse("layer", layer)?,
-            media_type: labels.get(labels::MEDIA_TYPE).cloned().unwrap_or_default(),
-            path: labels.get(labels::FILE_PATH).cloned().unwrap_or_default(),
-        })
-    })())
+    let digests = parse("manifest", manifest).and_then(|m| Ok((m, parse("layer", layer)?)));
+    Some(digests.map(|(manifest_digest, layer_digest)| RemoteLayer {
+        reference: reference.clone(),
+        manifest_digest,
+        layer_digest,
+        media_type: labels.get(labels::MEDIA_TYPE).cloned().unwrap_or_default(),
+        path: labels.get(labels::FILE_PATH).cloned().unwrap_or_default(),
+    }))
 }
 
 fn bind(source: &Path, writable: bool) -> Mount {

@@ -56,21 +56,45 @@ fn pull_folder(
     patterns: &[String],
     renderer: &Renderer,
 ) -> anyhow::Result<modelpack_transfer::FolderOutcome> {
-    let client = registry.client()?;
-    let repo = crate::remote::repository(&client, reference);
-    let rt = crate::remote::runtime()?;
-    let store = super::open_store(global)?;
-    let _gc = store.gc_guard()?;
-    let opts = registry.transfer_options(renderer.progress());
-    Ok(rt.block_on(modelpack_transfer::pull_to_folder(
-        &repo,
+    let p = Pulling::start(global, registry, reference, renderer)?;
+    Ok(p.rt.block_on(modelpack_transfer::pull_to_folder(
+        &p.repo,
         reference,
-        &store,
+        &p.store,
         dir,
         patterns,
-        &opts,
+        &p.opts,
         Some(display::cancel_flag()),
     ))?)
+}
+
+/// What every pull needs: the repository, a runtime, the store (held against `prune` while
+/// unnamed blobs are in it) and the transfer options reporting to the renderer.
+struct Pulling {
+    repo: modelpack_registry::Repository,
+    rt: tokio::runtime::Runtime,
+    store: Store,
+    opts: modelpack_transfer::TransferOptions,
+    _gc: modelpack_store::GcGuard,
+}
+
+impl Pulling {
+    fn start(
+        global: &GlobalArgs,
+        registry: &RegistryArgs,
+        reference: &Reference,
+        renderer: &Renderer,
+    ) -> anyhow::Result<Pulling> {
+        let client = registry.client()?;
+        let store = super::open_store(global)?;
+        Ok(Pulling {
+            repo: crate::remote::repository(&client, reference),
+            rt: crate::remote::runtime()?,
+            _gc: store.gc_guard()?,
+            store,
+            opts: registry.transfer_options(renderer.progress()),
+        })
+    }
 }
 
 pub fn run(global: &GlobalArgs, args: PullArgs) -> anyhow::Result<ExitCode> {
@@ -103,17 +127,14 @@ pub fn run(global: &GlobalArgs, args: PullArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let client = args.registry.client()?;
-    let repo = crate::remote::repository(&client, &reference);
-    let rt = crate::remote::runtime()?;
-    let store = super::open_store(global)?;
-    let _gc = store.gc_guard()?;
-    let opts = args.registry.transfer_options(renderer.progress());
-    let outcome = rt
-        .block_on(modelpack_transfer::pull(&repo, &reference, &store, &opts))
+    let p = Pulling::start(global, &args.registry, &reference, &renderer)?;
+    let outcome =
+        p.rt.block_on(modelpack_transfer::pull(
+            &p.repo, &reference, &p.store, &p.opts,
+        ))
         .with_context(|| format!("cannot pull {}", reference.familiar()))?;
     let name = reference.clone();
-    store.tag(&name, &outcome.descriptor)?;
+    p.store.tag(&name, &outcome.descriptor)?;
     let summary = renderer.finish();
     let digest = outcome.descriptor.digest().to_string();
     match args.format {
