@@ -10,7 +10,9 @@ use crate::util::{self, Registry, Scratch};
 const USER: &str = "modeluser";
 const PASSWORD: &str = "s3cret-Pa55word";
 
-fn htpasswd() -> Option<String> {
+/// A registry that requires basic auth for [`USER`] with [`PASSWORD`]; `None` when `htpasswd`
+/// or `docker-registry` is not installed.
+fn registry_requiring_login() -> Option<Registry> {
     if !util::have_tool("htpasswd") {
         return None;
     }
@@ -18,15 +20,14 @@ fn htpasswd() -> Option<String> {
         .args(["-Bbn", USER, PASSWORD])
         .output()
         .expect("htpasswd");
-    Some(String::from_utf8_lossy(&out.stdout).trim().to_owned() + "\n")
+    let htpasswd = String::from_utf8_lossy(&out.stdout).trim().to_owned() + "\n";
+    Registry::start(Some(&htpasswd))
 }
 
 /// Runs modelpack with `DOCKER_CONFIG` in the scratch folder, `stdin` on standard input.
 fn run(s: &Scratch, args: &[&str], stdin: &str) -> std::process::Output {
-    let mut child = Command::new(util::bin())
-        .arg("--store")
-        .arg(s.store())
-        .args(args)
+    let mut child = s
+        .command(args)
         .env("DOCKER_CONFIG", s.path("docker"))
         .env("MODELPACK_LOG", "debug")
         .stdin(Stdio::piped())
@@ -40,48 +41,46 @@ fn run(s: &Scratch, args: &[&str], stdin: &str) -> std::process::Output {
     child.wait_with_output().expect("wait")
 }
 
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-#[test]
-fn login_push_pull_and_wrong_password() {
-    let Some(htpasswd) = htpasswd() else { return };
-    let Some(registry) = Registry::start(Some(&htpasswd)) else {
-        return;
-    };
-    let s = Scratch::new();
-    let dir = s.path("model");
-    fs::create_dir_all(&dir).expect("mkdir");
-    fs::write(dir.join("config.json"), b"{}").expect("write");
-    fs::write(dir.join("w.bin"), vec![1u8; 1 << 20]).expect("write");
-    let reference = format!("{}/secure/model:v1", registry.host());
-    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
-
-    // Without credentials: one clear line.
-    let out = run(&s, &["push", &reference, "--plain-http"], "");
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("authentication"), "{}", text(&out));
-
-    // Wrong password: one error line, exit 1, the password nowhere.
-    let wrong = "not-the-Pa55word";
-    let out = run(
-        &s,
+/// `login HOST -u USER --password-stdin --plain-http` with `password` on standard input.
+fn login(s: &Scratch, host: &str, password: &str) -> std::process::Output {
+    run(
+        s,
         &[
             "login",
-            &registry.host(),
+            host,
             "-u",
             USER,
             "--password-stdin",
             "--plain-http",
         ],
-        wrong,
+        password,
+    )
+}
+
+#[test]
+fn login_push_pull_and_wrong_password() {
+    let Some(registry) = registry_requiring_login() else {
+        return;
+    };
+    let s = Scratch::new();
+    let files: &[(&str, &[u8])] = &[("config.json", b"{}"), ("w.bin", &vec![1u8; 1 << 20])];
+    let dir = util::write_model_dir(&s, "model", files);
+    let reference = format!("{}/secure/model:v1", registry.host());
+    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
+
+    // Without credentials: one clear line.
+    let out = run(&s, &["push", &reference, "--plain-http"], "");
+    assert_eq!(out.status.code(), Some(1), "{}", util::output_text(&out));
+    assert!(
+        util::output_text(&out).contains("authentication"),
+        "{}",
+        util::output_text(&out)
     );
-    let all = text(&out);
+
+    // Wrong password: one error line, exit 1, the password nowhere.
+    let wrong = "not-the-Pa55word";
+    let out = login(&s, &registry.host(), wrong);
+    let all = util::output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{all}");
     assert_eq!(
         String::from_utf8_lossy(&out.stderr)
@@ -98,41 +97,20 @@ fn login_push_pull_and_wrong_password() {
     );
 
     // Right password, then push and pull with the stored credentials.
-    let out = run(
-        &s,
-        &[
-            "login",
-            &registry.host(),
-            "-u",
-            USER,
-            "--password-stdin",
-            "--plain-http",
-        ],
-        PASSWORD,
-    );
-    let all = text(&out);
+    let out = login(&s, &registry.host(), PASSWORD);
+    let all = util::output_text(&out);
     assert!(out.status.success(), "{all}");
     assert!(!all.contains(PASSWORD), "the password leaked: {all}");
     let config = fs::read_to_string(s.path("docker/config.json")).expect("docker config");
     assert!(config.contains(&registry.host()));
     let out = run(&s, &["push", &reference, "--plain-http"], "");
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(!text(&out).contains(PASSWORD));
+    assert!(out.status.success(), "{}", util::output_text(&out));
+    assert!(!util::output_text(&out).contains(PASSWORD));
     let other = s.path("pulled");
-    let out = run(
-        &s,
-        &[
-            "pull",
-            &reference,
-            "--plain-http",
-            "-o",
-            other.to_str().expect("utf8"),
-        ],
-        "",
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    let out = run(&s, &util::pull_to_args(&reference, &other), "");
+    assert!(out.status.success(), "{}", util::output_text(&out));
     assert!(
-        !text(&out).contains(PASSWORD),
+        !util::output_text(&out).contains(PASSWORD),
         "debug logs leaked the password"
     );
     assert_eq!(util::tree(&other), util::tree(&dir));
@@ -140,13 +118,12 @@ fn login_push_pull_and_wrong_password() {
     let out = run(&s, &["logout", &registry.host()], "");
     assert!(out.status.success());
     let out = run(&s, &["pull", &reference, "--plain-http"], "");
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", util::output_text(&out));
 }
 
 #[test]
 fn credential_helper_supplies_the_password() {
-    let Some(htpasswd) = htpasswd() else { return };
-    let Some(registry) = Registry::start(Some(&htpasswd)) else {
+    let Some(registry) = registry_requiring_login() else {
         return;
     };
     let s = Scratch::new();
@@ -163,9 +140,7 @@ fn credential_helper_supplies_the_password() {
     fs::set_permissions(&helper, fs::Permissions::from_mode(0o755)).expect("chmod");
     fs::create_dir_all(s.path("docker")).expect("mkdir");
     fs::write(s.path("docker/config.json"), br#"{"credsStore":"fake"}"#).expect("config");
-    let dir = s.path("model");
-    fs::create_dir_all(&dir).expect("mkdir");
-    fs::write(dir.join("a.bin"), b"abc").expect("write");
+    let dir = util::write_model_dir(&s, "model", &[("a.bin", b"abc")]);
     let reference = format!("{}/helper/model:v1", registry.host());
     s.ok(&["build", dir.to_str().expect("utf8"), "-t", &reference]);
     let path = format!(
@@ -173,14 +148,12 @@ fn credential_helper_supplies_the_password() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let out = Command::new(util::bin())
-        .arg("--store")
-        .arg(s.store())
-        .args(["push", &reference, "--plain-http"])
+    let out = s
+        .command(&["push", &reference, "--plain-http"])
         .env("DOCKER_CONFIG", s.path("docker"))
         .env("PATH", path)
         .output()
         .expect("run");
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(!text(&out).contains(PASSWORD));
+    assert!(out.status.success(), "{}", util::output_text(&out));
+    assert!(!util::output_text(&out).contains(PASSWORD));
 }

@@ -2,9 +2,8 @@
 //! store must be consistent (`store check`), the registry must name only complete artifacts, and
 //! the same command run again must complete with the same digest and the same files.
 
-use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::util::{self, Proxy, Registry, Scratch};
@@ -15,19 +14,21 @@ const SEEDS: [u64; 4] = [0x5eed_0001, 0x5eed_0002, 0x5eed_0003, 0x5eed_0004];
 /// A model of several files (two large weights, small configs, a nested folder).
 fn model(s: &Scratch, weight: usize) -> String {
     let dir = s.path("model");
-    fs::create_dir_all(dir.join("tokenizer")).expect("mkdir");
-    fs::write(
-        dir.join("model-00001.safetensors"),
-        util::pseudo_random(weight, 0xc4a5_0001),
-    )
-    .expect("write");
-    fs::write(
-        dir.join("model-00002.safetensors"),
-        util::pseudo_random(weight / 2, 0xc4a5_0002),
-    )
-    .expect("write");
-    fs::write(dir.join("config.json"), br#"{"model_type":"crash"}"#).expect("write");
-    fs::write(dir.join("tokenizer/vocab.txt"), b"a\nb\nc\n").expect("write");
+    util::write_files(
+        &dir,
+        &[
+            (
+                "model-00001.safetensors",
+                &util::pseudo_random(weight, 0xc4a5_0001),
+            ),
+            (
+                "model-00002.safetensors",
+                &util::pseudo_random(weight / 2, 0xc4a5_0002),
+            ),
+            ("config.json", br#"{"model_type":"crash"}"#),
+            ("tokenizer/vocab.txt", b"a\nb\nc\n"),
+        ],
+    );
     dir.to_str().expect("utf8").to_owned()
 }
 
@@ -39,14 +40,12 @@ fn kill_point(seed: u64, full: Duration) -> Duration {
     full.mul_f64(permille as f64 / 1000.0)
 }
 
-/// Runs `modelpack ARGS` against `store`, kills it with SIGKILL after `after`, and says whether
-/// it was still running then.
-fn run_and_kill(store: &Path, args: &[&str], after: Duration) -> bool {
-    let mut child = Command::new(util::bin())
+/// Runs `modelpack ARGS` against the scratch store, kills it with SIGKILL after `after`, and
+/// says whether it was still running then.
+fn run_and_kill(s: &Scratch, args: &[&str], after: Duration) -> bool {
+    let mut child = s
+        .command(args)
         .env("SOURCE_DATE_EPOCH", EPOCH)
-        .arg("--store")
-        .arg(store)
-        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -82,6 +81,12 @@ fn timed(s: &Scratch, args: &[&str]) -> (Duration, String) {
     (start.elapsed(), out)
 }
 
+/// Asserts that `hit` kills of `what` (one per seed) came before it had finished.
+fn assert_some_kills_landed_mid_run(what: &str, hit: usize) {
+    eprintln!("{what}: {hit} of {} kills landed mid-run", SEEDS.len());
+    assert!(hit > 0, "every kill came after the {what} had finished");
+}
+
 fn assert_consistent(s: &Scratch) {
     let out = s.run(&["store", "check"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -104,11 +109,7 @@ fn build_killed_at_random_points_leaves_a_consistent_store() {
     for seed in SEEDS {
         let c = Scratch::new();
         let at = kill_point(seed, full);
-        hit += usize::from(run_and_kill(
-            &c.store(),
-            &["build", &dir, "-t", "crash:v1"],
-            at,
-        ));
+        hit += usize::from(run_and_kill(&c, &["build", &dir, "-t", "crash:v1"], at));
         assert_consistent(&c);
         let listed = c.ok(&["ls"]);
         assert!(
@@ -123,8 +124,7 @@ fn build_killed_at_random_points_leaves_a_consistent_store() {
         );
         assert_consistent(&c);
     }
-    eprintln!("build: {hit} of {} kills landed mid-run", SEEDS.len());
-    assert!(hit > 0, "every kill came after the build had finished");
+    assert_some_kills_landed_mid_run("build", hit);
 }
 
 #[test]
@@ -148,11 +148,7 @@ fn push_killed_at_random_points_then_pushed_again_is_complete() {
             timed(&s, &["push", &timing, "--plain-http"]).0
         });
         let at = kill_point(*seed, full);
-        hit += usize::from(run_and_kill(
-            &s.store(),
-            &["push", &reference, "--plain-http"],
-            at,
-        ));
+        hit += usize::from(run_and_kill(&s, &["push", &reference, "--plain-http"], at));
         assert_consistent(&s);
         // The registry names the artifact only once it is whole: a pull either finds no tag or
         // gets every byte.
@@ -175,41 +171,35 @@ fn push_killed_at_random_points_then_pushed_again_is_complete() {
             "seed {seed:#x}"
         );
     }
-    eprintln!("push: {hit} of {} kills landed mid-run", SEEDS.len());
-    assert!(hit > 0, "every kill came after the push had finished");
+    assert_some_kills_landed_mid_run("push", hit);
 }
 
 #[test]
 fn pull_killed_at_random_points_resumes_to_the_same_files() {
-    let Some(registry) = Registry::start(None) else {
+    let Some(m) = util::registry_with_pushed_model("crash/pull:v1", |s| model(s, 48 << 20)) else {
         return;
     };
-    let s = Scratch::new();
-    let dir = model(&s, 48 << 20);
-    let reference = format!("{}/crash/pull:v1", registry.host());
-    s.build_and_push(&dir, &reference);
-    let proxy = Proxy::start(registry.port, Some(16 << 20));
-    let slow = format!("{}/crash/pull:v1", proxy.host());
+    let (_proxy, slow) = m.through_proxy(Some(16 << 20));
+    let (dir, reference) = (&m.dir, &m.reference);
     let (full, _) = timed(&Scratch::new(), &["pull", &slow, "--plain-http"]);
     let mut hit = 0;
     for seed in SEEDS {
         let c = Scratch::new();
         hit += usize::from(run_and_kill(
-            &c.store(),
+            &c,
             &["pull", &slow, "--plain-http"],
             kill_point(seed, full),
         ));
         assert_consistent(&c);
-        c.ok(&["pull", &reference, "--plain-http"]);
+        c.ok(&["pull", reference, "--plain-http"]);
         assert_consistent(&c);
         let out = c.path("out");
-        c.ok(&["extract", &reference, out.to_str().expect("utf8")]);
+        c.ok(&["extract", reference, out.to_str().expect("utf8")]);
         assert_eq!(
             util::tree(&out),
-            util::tree(Path::new(&dir)),
+            util::tree(Path::new(dir)),
             "seed {seed:#x}"
         );
     }
-    eprintln!("pull: {hit} of {} kills landed mid-run", SEEDS.len());
-    assert!(hit > 0, "every kill came after the pull had finished");
+    assert_some_kills_landed_mid_run("pull", hit);
 }

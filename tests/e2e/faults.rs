@@ -7,52 +7,68 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::util::{self, Mount, Registry, Scratch};
+use crate::util::{self, ModelOnRegistry, Mount, Registry, Scratch};
 use modelpack_testkit::fault::{Fault, FaultProxy, Rule};
 
-/// A model with a `size`-byte weight; returns its folder and the weight's digest (hex).
-fn model(s: &Scratch, size: usize) -> (PathBuf, String) {
-    let dir = s.path("model");
-    fs::create_dir_all(dir.join("docs")).expect("mkdir");
-    let data = util::pseudo_random(size, 0x0bad_cafe_f00d_1234u64);
-    let digest = util::sha256_hex(&data);
-    fs::write(dir.join("model.safetensors"), data).expect("write");
-    fs::write(dir.join("config.json"), br#"{"model_type":"faults"}"#).expect("write");
-    fs::write(dir.join("docs/README.md"), b"# faults\n").expect("write");
-    (dir, digest)
+/// A model with a `size`-byte weight; returns its folder.
+fn model(s: &Scratch, size: usize) -> PathBuf {
+    util::model_with_weight(
+        s,
+        size,
+        0x0bad_cafe_f00d_1234,
+        &[
+            ("config.json", br#"{"model_type":"faults"}"#),
+            ("docs/README.md", b"# faults\n"),
+        ],
+    )
 }
 
 /// A registry holding a model pushed directly, and a fault proxy in front of it.
 struct Setup {
-    _registry: Registry,
     proxy: FaultProxy,
     source: PathBuf,
+    /// The weight's digest (hex).
     weight: String,
+    /// The path fragment of the weight's blob requests.
+    blob: String,
     /// The reference through the proxy.
     via: String,
-    _s: Scratch,
+    _pushed: ModelOnRegistry<PathBuf>,
 }
 
 fn setup(name: &str, size: usize) -> Option<Setup> {
-    let registry = Registry::start(None)?;
-    let s = Scratch::new();
-    let (source, weight) = model(&s, size);
-    let direct = format!("{}/faults/{name}:v1", registry.host());
-    s.build_and_push(source.to_str().expect("utf8"), &direct);
-    let proxy = FaultProxy::start(registry.port);
+    let pushed =
+        util::registry_with_pushed_model(&format!("faults/{name}:v1"), |s| model(s, size))?;
+    let proxy = FaultProxy::start(pushed.registry.port);
     let via = format!("{}/faults/{name}:v1", proxy.host());
+    let weight = util::sha256_file(&pushed.dir.join("model.safetensors"));
     Some(Setup {
-        _registry: registry,
         proxy,
-        source,
+        source: pushed.dir.clone(),
+        blob: format!("/blobs/sha256:{weight}"),
         weight,
         via,
-        _s: s,
+        _pushed: pushed,
     })
 }
 
-fn blob_path(weight: &str) -> String {
-    format!("/blobs/sha256:{weight}")
+impl Setup {
+    /// Adds, in order, a rule per `(times, fault)` for GETs of the weight's blob.
+    fn fault_weight_gets(&self, faults: impl IntoIterator<Item = (usize, Fault)>) {
+        add_faults(&self.proxy, "GET", &self.blob, faults);
+    }
+}
+
+/// Adds, in order, a rule per `(times, fault)` for `method` requests whose path contains `path`.
+fn add_faults(
+    proxy: &FaultProxy,
+    method: &'static str,
+    path: &str,
+    faults: impl IntoIterator<Item = (usize, Fault)>,
+) {
+    for (times, fault) in faults {
+        proxy.add(Rule::new(Some(method), path, times, fault));
+    }
 }
 
 #[test]
@@ -60,38 +76,27 @@ fn transient_faults_during_pull_end_with_the_right_bytes() {
     let Some(t) = setup("transient", 6 << 20) else {
         return;
     };
-    let blob = blob_path(&t.weight);
-    t.proxy
-        .add(Rule::new(Some("GET"), "/manifests/", 1, Fault::Status(503)));
-    t.proxy
-        .add(Rule::new(Some("GET"), "/manifests/", 1, Fault::Drop));
-    t.proxy
-        .add(Rule::new(Some("GET"), &blob, 1, Fault::ResetAfter(1 << 20)));
-    t.proxy
-        .add(Rule::new(Some("GET"), &blob, 1, Fault::Status(502)));
-    t.proxy
-        .add(Rule::new(Some("GET"), &blob, 1, Fault::TooMany(1)));
-    t.proxy.add(Rule::new(
-        Some("GET"),
-        &blob,
-        1,
-        Fault::Stall(Duration::from_secs(2)),
-    ));
+    add_faults(
+        &t.proxy,
+        "GET",
+        "/manifests/",
+        [(1, Fault::Status(503)), (1, Fault::Drop)],
+    );
+    t.fault_weight_gets([
+        (1, Fault::ResetAfter(1 << 20)),
+        (1, Fault::Status(502)),
+        (1, Fault::TooMany(1)),
+        (1, Fault::Stall(Duration::from_secs(2))),
+    ]);
     let reader = Scratch::new();
     let out = reader.path("out");
-    reader.ok(&[
-        "pull",
-        &t.via,
-        "--plain-http",
-        "-o",
-        out.to_str().expect("utf8"),
-    ]);
+    reader.ok(&util::pull_to_args(&t.via, &out));
     assert_eq!(util::tree(&out), util::tree(&t.source));
     let weight_gets = t
         .proxy
         .requests()
         .iter()
-        .filter(|r| r.starts_with("GET") && r.contains(&blob))
+        .filter(|r| r.starts_with("GET") && r.contains(&t.blob))
         .count();
     assert!(
         weight_gets >= 4,
@@ -103,8 +108,7 @@ fn transient_faults_during_pull_end_with_the_right_bytes() {
         t.proxy.pending()
     );
     // And into the store: consistent, every blob verified.
-    t.proxy
-        .add(Rule::new(Some("GET"), &blob, 1, Fault::ResetAfter(300_000)));
+    t.fault_weight_gets([(1, Fault::ResetAfter(300_000))]);
     reader.ok(&["pull", &t.via, "--plain-http"]);
     assert!(reader.ok(&["store", "check"]).contains("consistent"));
 }
@@ -114,23 +118,16 @@ fn corrupt_short_or_mislabelled_bodies_fail_naming_the_digest_and_land_nowhere()
     let Some(t) = setup("corrupt", 3 << 20) else {
         return;
     };
-    let blob = blob_path(&t.weight);
     for (what, fault) in [
         ("flipped byte", Fault::FlipByte(4096)),
         ("truncated body", Fault::Truncate(4096)),
         ("short Content-Length", Fault::WrongLength(-7)),
     ] {
         t.proxy.clear();
-        t.proxy.add(Rule::new(Some("GET"), &blob, 10_000, fault));
+        t.fault_weight_gets([(10_000, fault)]);
         let reader = Scratch::new();
         let out = reader.path("out");
-        let err = reader.fails(&[
-            "pull",
-            &t.via,
-            "--plain-http",
-            "-o",
-            out.to_str().expect("utf8"),
-        ]);
+        let err = reader.fails(&util::pull_to_args(&t.via, &out));
         assert!(
             err.contains(&t.weight[..12]),
             "{what}: the error names no digest: {err}"
@@ -165,13 +162,7 @@ fn corrupt_short_or_mislabelled_bodies_fail_naming_the_digest_and_land_nowhere()
         assert!(reader.ok(&["store", "check"]).contains("consistent"));
         // The fault clears: the same commands succeed.
         t.proxy.clear();
-        reader.ok(&[
-            "pull",
-            &t.via,
-            "--plain-http",
-            "-o",
-            out.to_str().expect("utf8"),
-        ]);
+        reader.ok(&util::pull_to_args(&t.via, &out));
         assert_eq!(util::tree(&out), util::tree(&t.source), "{what}");
     }
 }
@@ -200,11 +191,7 @@ fn ignored_ranges_and_redirects_still_give_the_right_bytes() {
     let Some(t) = setup("ranges", 5 << 20) else {
         return;
     };
-    let blob = blob_path(&t.weight);
-    t.proxy
-        .add(Rule::new(Some("GET"), &blob, 1, Fault::Redirect));
-    t.proxy
-        .add(Rule::new(Some("GET"), &blob, 10_000, Fault::IgnoreRange));
+    t.fault_weight_gets([(1, Fault::Redirect), (10_000, Fault::IgnoreRange)]);
     let reader = Scratch::new();
     let out = reader.path("out");
     reader.ok(&[
@@ -218,8 +205,7 @@ fn ignored_ranges_and_redirects_still_give_the_right_bytes() {
     ]);
     assert_eq!(util::sha256_file(&out.join("model.safetensors")), t.weight);
     if util::can_fuse() {
-        let lazy = Scratch::new();
-        let mount = Mount::start(&lazy, &t.via, &lazy.path("mnt"), &[]);
+        let mount = Mount::in_fresh_store(&t.via, &[]);
         let bytes = fs::read(mount.dir.join("model.safetensors")).expect("read");
         assert_eq!(util::sha256_hex(&bytes), t.weight);
     }
@@ -233,19 +219,12 @@ fn transient_faults_under_a_mount_are_retried_before_a_read_fails() {
     let Some(t) = setup("mount", 6 << 20) else {
         return;
     };
-    let lazy = Scratch::new();
-    let mount = Mount::start(&lazy, &t.via, &lazy.path("mnt"), &[]);
-    let blob = blob_path(&t.weight);
-    t.proxy
-        .add(Rule::new(Some("GET"), &blob, 2, Fault::Status(503)));
-    t.proxy
-        .add(Rule::new(Some("GET"), &blob, 1, Fault::ResetAfter(100_000)));
-    t.proxy.add(Rule::new(
-        Some("GET"),
-        &blob,
-        1,
-        Fault::Stall(Duration::from_secs(1)),
-    ));
+    let mount = Mount::in_fresh_store(&t.via, &[]);
+    t.fault_weight_gets([
+        (2, Fault::Status(503)),
+        (1, Fault::ResetAfter(100_000)),
+        (1, Fault::Stall(Duration::from_secs(1))),
+    ]);
     let bytes = fs::read(mount.dir.join("model.safetensors")).expect("read through faults");
     assert_eq!(util::sha256_hex(&bytes), t.weight);
     assert!(
@@ -263,29 +242,19 @@ fn push_survives_transient_upload_faults_and_resumes_chunked_uploads() {
     let proxy = FaultProxy::start(registry.port);
     for (name, chunked) in [("monolithic", false), ("chunked", true)] {
         let s = Scratch::new();
-        let (source, _) = model(&s, 3 << 20);
+        let source = model(&s, 3 << 20);
         let via = format!("{}/faults/push-{name}:v1", proxy.host());
         s.ok(&["build", source.to_str().expect("utf8"), "-t", &via]);
         proxy.clear();
-        proxy.add(Rule::new(
-            Some("POST"),
-            "/blobs/uploads/",
-            1,
-            Fault::Status(503),
-        ));
-        proxy.add(Rule::new(
-            Some("PUT"),
-            "/blobs/uploads/",
-            1,
-            Fault::Status(502),
-        ));
-        proxy.add(Rule::new(
-            Some("PATCH"),
-            "/blobs/uploads/",
-            1,
-            Fault::Status(500),
-        ));
-        proxy.add(Rule::new(Some("PUT"), "/manifests/", 1, Fault::Drop));
+        for (method, status) in [("POST", 503), ("PUT", 502), ("PATCH", 500)] {
+            add_faults(
+                &proxy,
+                method,
+                "/blobs/uploads/",
+                [(1, Fault::Status(status))],
+            );
+        }
+        add_faults(&proxy, "PUT", "/manifests/", [(1, Fault::Drop)]);
         let mut args = vec!["push", via.as_str(), "--plain-http"];
         if chunked {
             args.extend(["--chunk-size", "1"]);
@@ -305,32 +274,21 @@ fn copy_between_registries_retries_transient_faults_and_never_lands_corrupt_blob
     let Some(dest) = Registry::start(None) else {
         return;
     };
-    let blob = blob_path(&t.weight);
     let s = Scratch::new();
 
     // Transient: a reset mid-body and a 503 on the source's blob; the copy completes.
-    t.proxy
-        .add(Rule::new(Some("GET"), &blob, 1, Fault::ResetAfter(1 << 20)));
-    t.proxy
-        .add(Rule::new(Some("GET"), &blob, 1, Fault::Status(503)));
+    t.fault_weight_gets([(1, Fault::ResetAfter(1 << 20)), (1, Fault::Status(503))]);
     let target = format!("{}/copied/transient:v1", dest.host());
     s.ok(&["copy", &t.via, &target, "--plain-http"]);
     assert!(t.proxy.pending().is_empty(), "{:?}", t.proxy.pending());
     let out = s.path("transient");
-    s.ok(&[
-        "pull",
-        &target,
-        "--plain-http",
-        "-o",
-        out.to_str().expect("utf8"),
-    ]);
+    s.ok(&util::pull_to_args(&target, &out));
     assert_eq!(util::tree(&out), util::tree(&t.source));
 
     // Corrupt: a flipped byte in every response for the weight; the copy fails naming the
     // digest and the destination names nothing.
     t.proxy.clear();
-    t.proxy
-        .add(Rule::new(Some("GET"), &blob, 10_000, Fault::FlipByte(4096)));
+    t.fault_weight_gets([(10_000, Fault::FlipByte(4096))]);
     let target = format!("{}/copied/corrupt:v1", dest.host());
     let err = s.fails(&["copy", &t.via, &target, "--plain-http"]);
     assert!(
@@ -341,12 +299,6 @@ fn copy_between_registries_retries_transient_faults_and_never_lands_corrupt_blob
     t.proxy.clear();
     s.ok(&["copy", &t.via, &target, "--plain-http"]);
     let out = s.path("corrupt");
-    s.ok(&[
-        "pull",
-        &target,
-        "--plain-http",
-        "-o",
-        out.to_str().expect("utf8"),
-    ]);
+    s.ok(&util::pull_to_args(&target, &out));
     assert_eq!(util::tree(&out), util::tree(&t.source));
 }

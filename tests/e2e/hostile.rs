@@ -5,26 +5,24 @@ use std::fs;
 use std::io::{self, Read as _, Write};
 use std::path::Path;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::util::{self, Scratch};
 
+/// A raw weight layer holding `bytes` at `path`.
 fn raw_layer(store: &Path, bytes: &[u8], path: &str) -> (Value, String) {
-    let digest = util::put_blob(store, bytes);
-    (
-        json!({
-            "mediaType": "application/vnd.cncf.model.weight.v1.raw",
-            "digest": digest,
-            "size": bytes.len(),
-            "annotations": {"org.cncf.model.filepath": path},
-        }),
-        digest,
+    util::annotated_layer(
+        store,
+        "application/vnd.cncf.model.weight.v1.raw",
+        bytes,
+        path,
+        None,
     )
 }
 
 /// A tar holding `entries` (name, type, link target, data) with names written as given, even
 /// names a well-behaved tar writer would refuse.
-fn crafted_tar(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
+fn crafted_tar(entries: &[TarEntry<'_>]) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     for (name, kind, link, data) in entries {
         let mut header = tar::Header::new_old();
@@ -40,28 +38,21 @@ fn crafted_tar(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
     builder.into_inner().expect("finish")
 }
 
+/// A code layer holding the tar `bytes` at `code`.
 fn tar_layer(store: &Path, bytes: &[u8]) -> (Value, String) {
-    let digest = util::put_blob(store, bytes);
-    (
-        json!({
-            "mediaType": "application/vnd.cncf.model.code.v1.tar",
-            "digest": digest,
-            "size": bytes.len(),
-            "annotations": {"org.cncf.model.filepath": "code"},
-        }),
-        digest,
+    util::annotated_layer(
+        store,
+        "application/vnd.cncf.model.code.v1.tar",
+        bytes,
+        "code",
+        None,
     )
 }
 
 /// Tags a crafted artifact, runs extract into a fresh target inside a sandbox folder, and checks
 /// it failed with `needle` and left the sandbox exactly as it was.
 fn extract_refused(s: &Scratch, layers: &[(Value, String)], needle: &str) {
-    let store = s.store();
-    s.ok(&["ls"]); // creates the layout
-    let descs: Vec<Value> = layers.iter().map(|l| l.0.clone()).collect();
-    let diff_ids: Vec<String> = layers.iter().map(|l| l.1.clone()).collect();
-    let manifest = util::model_manifest(&store, &descs, &diff_ids);
-    util::tag_manifest(&store, "evil:v1", &manifest);
+    util::tag_crafted_model(s, "evil:v1", layers);
     let sandbox = s.path("sandbox");
     fs::create_dir_all(sandbox.join("target")).expect("mkdir");
     fs::write(sandbox.join("target/keep.txt"), b"user data").expect("write");
@@ -100,57 +91,65 @@ fn absolute_filepath_annotation_is_refused() {
     extract_refused(&s, &[layer], "absolute path");
 }
 
+/// A tar entry for [`crafted_tar`]: name, type, link target, data.
+type TarEntry<'a> = (&'a str, tar::EntryType, &'a str, &'a [u8]);
+
+/// A regular file entry.
+fn file<'a>(name: &'a str, data: &'a [u8]) -> TarEntry<'a> {
+    (name, tar::EntryType::Regular, "", data)
+}
+
+/// A symbolic link entry.
+fn symlink<'a>(name: &'a str, target: &'a str) -> TarEntry<'a> {
+    (name, tar::EntryType::Symlink, target, b"")
+}
+
+/// In a fresh store, a code layer of [`crafted_tar`] `entries` is refused by extract with
+/// `needle` and writes nothing (see [`extract_refused`]).
+fn crafted_tar_refused(entries: &[TarEntry<'_>], needle: &str) {
+    let s = Scratch::new();
+    let layer = tar_layer(&s.store(), &crafted_tar(entries));
+    extract_refused(&s, &[layer], needle);
+}
+
 #[test]
 fn tar_entry_with_dotdot_is_refused() {
-    let s = Scratch::new();
-    let tar = crafted_tar(&[
-        ("ok.py", tar::EntryType::Regular, "", b"fine"),
-        ("../../escape.txt", tar::EntryType::Regular, "", b"evil"),
-    ]);
-    let layer = tar_layer(&s.store(), &tar);
-    extract_refused(&s, &[layer], "'..' component");
+    let entries = [file("ok.py", b"fine"), file("../../escape.txt", b"evil")];
+    crafted_tar_refused(&entries, "'..' component");
 }
 
 #[test]
 fn tar_symlink_escape_then_write_through_is_refused() {
-    let s = Scratch::new();
-    let tar = crafted_tar(&[
-        ("link", tar::EntryType::Symlink, "../../..", b""),
-        ("link/escape.txt", tar::EntryType::Regular, "", b"evil"),
-    ]);
-    let layer = tar_layer(&s.store(), &tar);
-    extract_refused(&s, &[layer], "leaves the model tree");
-
-    let s = Scratch::new();
-    let tar = crafted_tar(&[
-        ("dir/link", tar::EntryType::Symlink, "../inside", b""),
-        (
-            "dir/link/file",
-            tar::EntryType::Regular,
-            "",
-            b"through a link",
-        ),
-    ]);
-    let layer = tar_layer(&s.store(), &tar);
-    extract_refused(&s, &[layer], "is a symlink");
+    // A link out of the tree, then a file written through it.
+    let escape = [
+        symlink("link", "../../.."),
+        file("link/escape.txt", b"evil"),
+    ];
+    crafted_tar_refused(&escape, "leaves the model tree");
+    // A link inside the tree, then a file written through it.
+    let through = [
+        symlink("dir/link", "../inside"),
+        file("dir/link/file", b"through a link"),
+    ];
+    crafted_tar_refused(&through, "is a symlink");
 }
 
 #[test]
 fn tar_absolute_name_and_device_nodes_are_refused() {
-    let s = Scratch::new();
-    let tar = crafted_tar(&[("/etc/evil", tar::EntryType::Regular, "", b"x")]);
-    let layer = tar_layer(&s.store(), &tar);
-    extract_refused(&s, &[layer], "absolute path");
-
-    let s = Scratch::new();
-    let tar = crafted_tar(&[("dev", tar::EntryType::Char, "", b"")]);
-    let layer = tar_layer(&s.store(), &tar);
-    extract_refused(&s, &[layer], "unsupported entry type");
-
-    let s = Scratch::new();
-    let tar = crafted_tar(&[("hard", tar::EntryType::Link, "/etc/passwd", b"")]);
-    let layer = tar_layer(&s.store(), &tar);
-    extract_refused(&s, &[layer], "hard link target");
+    let cases: [(TarEntry<'_>, &str); 3] = [
+        (file("/etc/evil", b"x"), "absolute path"),
+        (
+            ("dev", tar::EntryType::Char, "", b""),
+            "unsupported entry type",
+        ),
+        (
+            ("hard", tar::EntryType::Link, "/etc/passwd", b""),
+            "hard link target",
+        ),
+    ];
+    for (entry, needle) in cases {
+        crafted_tar_refused(&[entry], needle);
+    }
 }
 
 #[test]
@@ -192,65 +191,30 @@ fn pax_lying_tar(size: u64, data: &[u8]) -> Vec<u8> {
     pax.set_mode(0o644);
     pax.set_cksum();
     builder.append(&pax, records.as_bytes()).expect("append");
-    let mut header = tar::Header::new_ustar();
-    header.set_path("w.bin").expect("path");
-    header.set_size(data.len() as u64);
-    header.set_mode(0o644);
-    header.set_cksum();
-    builder.append(&header, data).expect("append");
+    util::append_tar_file(&mut builder, "w.bin", 0o644, data.len() as u64, data);
     builder.into_inner().expect("finish")
 }
 
 #[test]
 fn pax_headers_that_lie_about_sizes_are_refused() {
-    // Longer than the data: the entry runs off the end of the layer.
-    let s = Scratch::new();
-    let layer = tar_layer(&s.store(), &pax_lying_tar(1 << 30, b"ten bytes!"));
-    let digest = layer.1.clone();
-    extract_refused(&s, &[layer], &digest);
-
-    // Shorter than the data: the rest of the data is read as the next header.
-    let s = Scratch::new();
-    let data = vec![b'A'; 4096];
-    let layer = tar_layer(&s.store(), &pax_lying_tar(2, &data));
-    let digest = layer.1.clone();
-    extract_refused(&s, &[layer], &digest);
+    for (declared, data) in [
+        // Longer than the data: the entry runs off the end of the layer.
+        (1 << 30, b"ten bytes!".to_vec()),
+        // Shorter than the data: the rest of the data is read as the next header.
+        (2, vec![b'A'; 4096]),
+    ] {
+        let s = Scratch::new();
+        let layer = tar_layer(&s.store(), &pax_lying_tar(declared, &data));
+        let digest = layer.1.clone();
+        extract_refused(&s, &[layer], &digest);
+    }
 }
 
 /// A tar holding one file `w.bin` of `size` zero bytes, streamed (never `size` bytes in memory).
 fn zero_tar<W: Write>(size: u64, out: W) -> W {
     let mut builder = tar::Builder::new(out);
-    let mut header = tar::Header::new_ustar();
-    header.set_path("w.bin").expect("path");
-    header.set_size(size);
-    header.set_mode(0o644);
-    header.set_cksum();
-    builder
-        .append(&header, io::repeat(0).take(size))
-        .expect("append");
+    util::append_tar_file(&mut builder, "w.bin", 0o644, size, io::repeat(0).take(size));
     builder.into_inner().expect("finish")
-}
-
-fn compressed_layer(
-    store: &Path,
-    media_type: &str,
-    bytes: &[u8],
-    meta: Option<Value>,
-) -> (Value, String) {
-    let digest = util::put_blob(store, bytes);
-    let mut annotations = json!({"org.cncf.model.filepath": "w.bin"});
-    if let Some(meta) = meta {
-        annotations["org.cncf.model.file.metadata+json"] = Value::String(meta.to_string());
-    }
-    (
-        json!({
-            "mediaType": media_type,
-            "digest": digest,
-            "size": bytes.len(),
-            "annotations": annotations,
-        }),
-        digest,
-    )
 }
 
 #[test]
@@ -264,24 +228,18 @@ fn decompression_bombs_are_capped_at_the_declared_size() {
     )
     .finish()
     .expect("gzip");
-    let meta = json!({"name": "w.bin", "mode": 420, "uid": 0, "gid": 0, "size": 1024,
-        "mtime": "2025-01-02T03:04:05Z", "typeflag": 0});
-    let layer = compressed_layer(
+    let layer = util::annotated_layer(
         &s.store(),
         "application/vnd.cncf.model.weight.v1.tar+gzip",
         &gz,
-        Some(meta),
+        "w.bin",
+        Some(util::file_metadata("w.bin", 1024)),
     );
     extract_refused(&s, &[layer], "decompression bomb");
 
     // The same in zstd with no declared size: refused because it cannot fit in the target's
     // free space (a 4 MiB tmpfs), before a byte is written. Needs root for the tmpfs.
-    let root = util::is_root();
-    assert!(
-        root || !util::strict(),
-        "the bomb-into-a-small-disk test needs root under cargo xtask test"
-    );
-    if !root {
+    if !util::root_or_skip("the bomb-into-a-small-disk test") {
         return;
     }
     let s = Scratch::new();
@@ -291,21 +249,16 @@ fn decompression_bombs_are_capped_at_the_declared_size() {
     )
     .finish()
     .expect("zstd");
-    let layer = compressed_layer(
+    let layer = util::annotated_layer(
         &s.store(),
         "application/vnd.cncf.model.weight.v1.tar+zstd",
         &zst,
+        "w.bin",
         None,
     );
     let tiny = s.path("tiny");
     let _guard = util::Tmpfs::mount_small(&tiny);
-    s.ok(&["ls"]);
-    let manifest = util::model_manifest(
-        &s.store(),
-        std::slice::from_ref(&layer.0),
-        std::slice::from_ref(&layer.1),
-    );
-    util::tag_manifest(&s.store(), "bomb:v1", &manifest);
+    util::tag_crafted_model(&s, "bomb:v1", &[layer]);
     fs::write(tiny.join("keep.txt"), b"mine").expect("write");
     let before = util::listing(&tiny);
     let err = s.fails(&["extract", "bomb:v1", tiny.to_str().expect("utf8")]);
@@ -317,21 +270,11 @@ fn decompression_bombs_are_capped_at_the_declared_size() {
 fn setuid_bits_are_dropped_and_a_raw_size_lie_is_refused() {
     // setuid, setgid and sticky bits in a tar layer never reach the target.
     let s = Scratch::new();
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_ustar();
-    header.set_path("run.sh").expect("path");
-    header.set_size(3);
-    header.set_mode(0o6755);
-    header.set_cksum();
-    builder.append(&header, &b"hi\n"[..]).expect("append");
-    let layer = tar_layer(&s.store(), &builder.into_inner().expect("finish"));
-    s.ok(&["ls"]);
-    let manifest = util::model_manifest(
+    let layer = tar_layer(
         &s.store(),
-        std::slice::from_ref(&layer.0),
-        std::slice::from_ref(&layer.1),
+        &util::tar_of_one_file("run.sh", 0o6755, b"hi\n"),
     );
-    util::tag_manifest(&s.store(), "suid:v1", &manifest);
+    util::tag_crafted_model(&s, "suid:v1", &[layer]);
     let out = s.path("out");
     s.ok(&["extract", "suid:v1", out.to_str().expect("utf8")]);
     let mode = {
@@ -346,10 +289,7 @@ fn setuid_bits_are_dropped_and_a_raw_size_lie_is_refused() {
     // A raw layer whose file metadata names another size is refused before writing.
     let s = Scratch::new();
     let (mut desc, digest) = raw_layer(&s.store(), b"four", "w.bin");
-    desc["annotations"]["org.cncf.model.file.metadata+json"] = Value::String(
-        json!({"name": "w.bin", "mode": 420, "uid": 0, "gid": 0, "size": 1u64 << 40,
-            "mtime": "2025-01-02T03:04:05Z", "typeflag": 0})
-        .to_string(),
-    );
+    desc["annotations"]["org.cncf.model.file.metadata+json"] =
+        Value::String(util::file_metadata("w.bin", 1u64 << 40).to_string());
     extract_refused(&s, &[(desc, digest)], "file metadata says");
 }

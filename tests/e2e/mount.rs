@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::io::{Read as _, Seek as _, SeekFrom};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -10,17 +11,56 @@ use modelpack_testkit::process::{Signal, signal_pid};
 
 use crate::util::{self, Mount, Proxy, Registry, Scratch};
 
-fn model(s: &Scratch, weight: usize) -> std::path::PathBuf {
-    let dir = s.path("model");
-    fs::create_dir_all(dir.join("nested/deeper")).expect("mkdir");
-    let data = util::pseudo_random(weight, 0x9e37_79b9_7f4a_7c15u64);
-    fs::write(dir.join("model.safetensors"), &data).expect("write");
-    fs::write(dir.join("second.bin"), &data[..weight / 3]).expect("write");
-    fs::write(dir.join("config.json"), br#"{"model_type":"m"}"#).expect("write");
-    fs::write(dir.join("empty.bin"), b"").expect("write");
-    fs::write(dir.join("nested/deeper/notes.md"), b"deep\n").expect("write");
+fn model(s: &Scratch, weight: usize) -> PathBuf {
+    const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+    let dir = util::model_with_weight(
+        s,
+        weight,
+        SEED,
+        &[
+            // The weight's first third (the same pseudo-random stream, cut shorter).
+            ("second.bin", &util::pseudo_random(weight / 3, SEED)),
+            ("config.json", br#"{"model_type":"m"}"#),
+            ("empty.bin", b""),
+            ("nested/deeper/notes.md", b"deep\n"),
+        ],
+    );
     std::os::unix::fs::symlink("../config.json", dir.join("nested/link.json")).expect("symlink");
     dir
+}
+
+/// When this machine can mount FUSE and a registry runs: [`model`] with a `weight`-byte weight,
+/// built and pushed as `HOST/REPO:TAG`.
+fn pushed_model_to_mount(
+    repo_and_tag: &str,
+    weight: usize,
+) -> Option<util::ModelOnRegistry<PathBuf>> {
+    if !util::can_fuse() {
+        return None;
+    }
+    util::registry_with_pushed_model(repo_and_tag, |s| model(s, weight))
+}
+
+/// When this machine can mount FUSE and a registry runs: [`model`] pushed as `HOST/REPO:TAG`, a
+/// counting [`Proxy`] in front of the registry, and the model mounted through that proxy.
+fn mounted_through_proxy(
+    repo_and_tag: &str,
+    weight: usize,
+) -> Option<(util::ModelOnRegistry<PathBuf>, Proxy, Mount)> {
+    let m = pushed_model_to_mount(repo_and_tag, weight)?;
+    let (proxy, via) = m.through_proxy(None);
+    let mount = Mount::in_fresh_store(&via, &[]);
+    Some((m, proxy, mount))
+}
+
+/// Asserts that `bytes` read through a mount are the bytes of the source file `file`.
+fn assert_bytes_of(bytes: &[u8], file: &Path) {
+    assert_eq!(
+        util::sha256_hex(bytes),
+        util::sha256_file(file),
+        "{}",
+        file.display()
+    );
 }
 
 #[test]
@@ -28,12 +68,10 @@ fn mounted_files_match_for_every_layer_encoding() {
     if !util::can_fuse() {
         return;
     }
-    let Some(registry) = Registry::start(None) else {
+    let Some(m) = util::registry_and_model("mnt/raw:v1", |s| model(s, 9 << 20)) else {
         return;
     };
-    let s = Scratch::new();
-    let dir = model(&s, 9 << 20);
-    let d = dir.to_str().expect("utf8");
+    let (registry, s, dir, _) = m.parts();
     for (tag, extra) in [
         ("raw", vec![]),
         ("tar", vec!["--layer-format", "tar"]),
@@ -41,10 +79,7 @@ fn mounted_files_match_for_every_layer_encoding() {
         ("zstd", vec!["--layer-format", "tar", "--compress", "zstd"]),
     ] {
         let reference = format!("{}/mnt/{tag}:v1", registry.host());
-        let mut args = vec!["build", d, "-t", reference.as_str()];
-        args.extend(extra);
-        s.ok(&args);
-        s.ok(&["push", &reference, "--plain-http"]);
+        s.build_and_push_with(dir, &reference, &extra);
         let reader = Scratch::new();
         let cache = reader.path("private-cache");
         let cache_arg = cache.to_str().expect("utf8").to_owned();
@@ -78,12 +113,12 @@ fn mounted_files_match_for_every_layer_encoding() {
         }
         assert_eq!(
             util::tree(&mount.dir),
-            util::tree(&dir),
+            util::tree(dir),
             "{tag}: contents or modes differ"
         );
         assert_eq!(
             util::mtimes(&mount.dir),
-            util::mtimes(&dir),
+            util::mtimes(dir),
             "{tag}: mtimes differ"
         );
         let err = fs::write(mount.dir.join("new.txt"), b"x").expect_err("writable");
@@ -107,19 +142,11 @@ fn mounted_files_match_for_every_layer_encoding() {
 
 #[test]
 fn sixteen_threads_reading_random_ranges_get_the_right_bytes() {
-    if !util::can_fuse() {
-        return;
-    }
-    let Some(registry) = Registry::start(None) else {
+    let Some(m) = pushed_model_to_mount("mnt/random:v1", 24 << 20) else {
         return;
     };
-    let s = Scratch::new();
-    let dir = model(&s, 24 << 20);
-    let reference = format!("{}/mnt/random:v1", registry.host());
-    s.build_and_push(dir.to_str().expect("utf8"), &reference);
-    let reader = Scratch::new();
-    let mount = Mount::start(&reader, &reference, &reader.path("mnt"), &[]);
-    let source = std::sync::Arc::new(fs::read(dir.join("model.safetensors")).expect("read"));
+    let mount = Mount::in_fresh_store(&m.reference, &[]);
+    let source = std::sync::Arc::new(fs::read(m.dir.join("model.safetensors")).expect("read"));
     let handles: Vec<_> = (0..16u64)
         .map(|t| {
             let source = source.clone();
@@ -152,20 +179,9 @@ fn sixteen_threads_reading_random_ranges_get_the_right_bytes() {
 
 #[test]
 fn corrupt_chunk_is_never_served_and_a_clean_retry_succeeds() {
-    if !util::can_fuse() {
-        return;
-    }
-    let Some(registry) = Registry::start(None) else {
+    let Some((m, proxy, mount)) = mounted_through_proxy("mnt/corrupt:v1", 12 << 20) else {
         return;
     };
-    let s = Scratch::new();
-    let dir = model(&s, 12 << 20);
-    let direct = format!("{}/mnt/corrupt:v1", registry.host());
-    s.build_and_push(dir.to_str().expect("utf8"), &direct);
-    let proxy = Proxy::start(registry.port, None);
-    let reference = format!("{}/mnt/corrupt:v1", proxy.host());
-    let reader = Scratch::new();
-    let mount = Mount::start(&reader, &reference, &reader.path("mnt"), &[]);
     // Every response from now on has one byte flipped, inside the body of a 4 MiB chunk.
     proxy.corrupt.store(true, Ordering::SeqCst);
     let path = mount.dir.join("model.safetensors");
@@ -174,28 +190,14 @@ fn corrupt_chunk_is_never_served_and_a_clean_retry_succeeds() {
     assert!(mount.status()["verifyFailures"].as_u64().expect("count") >= 1);
     proxy.corrupt.store(false, Ordering::SeqCst);
     let bytes = fs::read(&path).expect("read after the fault cleared");
-    assert_eq!(
-        util::sha256_hex(&bytes),
-        util::sha256_file(&dir.join("model.safetensors"))
-    );
+    assert_bytes_of(&bytes, &m.dir.join("model.safetensors"));
 }
 
 #[test]
 fn registry_down_cached_files_still_read_and_the_mount_recovers() {
-    if !util::can_fuse() {
-        return;
-    }
-    let Some(registry) = Registry::start(None) else {
+    let Some((m, proxy, mount)) = mounted_through_proxy("mnt/down:v1", 6 << 20) else {
         return;
     };
-    let s = Scratch::new();
-    let dir = model(&s, 6 << 20);
-    let direct = format!("{}/mnt/down:v1", registry.host());
-    s.build_and_push(dir.to_str().expect("utf8"), &direct);
-    let proxy = Proxy::start(registry.port, None);
-    let reference = format!("{}/mnt/down:v1", proxy.host());
-    let reader = Scratch::new();
-    let mount = Mount::start(&reader, &reference, &reader.path("mnt"), &[]);
     let first = fs::read(mount.dir.join("model.safetensors")).expect("read");
     proxy.down.store(true, Ordering::SeqCst);
     // Fully read: served from the cache (the kernel's, then ours) with the registry gone.
@@ -213,34 +215,18 @@ fn registry_down_cached_files_still_read_and_the_mount_recovers() {
     assert!(mount.is_mounted(), "the mount went away");
     proxy.down.store(false, Ordering::SeqCst);
     let second = fs::read(mount.dir.join("second.bin")).expect("read after the registry returned");
-    assert_eq!(
-        util::sha256_hex(&second),
-        util::sha256_file(&dir.join("second.bin"))
-    );
+    assert_bytes_of(&second, &m.dir.join("second.bin"));
 }
 
 #[test]
 fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_index() {
-    if !util::can_fuse() {
-        return;
-    }
-    let Some(registry) = Registry::start(None) else {
+    let Some(m) = pushed_model_to_mount("mnt/foreign:ours", 10 << 20) else {
         return;
     };
-    let s = Scratch::new();
-    let dir = model(&s, 10 << 20);
-    let ours = format!("{}/mnt/foreign:ours", registry.host());
-    s.build_and_push(dir.to_str().expect("utf8"), &ours);
+    let (registry, s, dir, ours) = m.parts();
     // The same artifact as another tool would write it: no chunk-index annotation.
     let manifest_file = s.path("manifest.json");
-    s.ok(&[
-        "manifest",
-        "fetch",
-        &ours,
-        "--plain-http",
-        "-o",
-        manifest_file.to_str().expect("utf8"),
-    ]);
+    s.fetch_manifest_to(ours, &manifest_file);
     let mut manifest: serde_json::Value =
         serde_json::from_slice(&fs::read(&manifest_file).expect("read")).expect("json");
     manifest
@@ -249,20 +235,13 @@ fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_
         .remove("annotations");
     fs::write(&manifest_file, serde_json::to_vec(&manifest).expect("json")).expect("write");
     let foreign = format!("{}/mnt/foreign:theirs", registry.host());
-    s.ok(&[
-        "manifest",
-        "push",
-        &foreign,
-        manifest_file.to_str().expect("utf8"),
-        "--plain-http",
-    ]);
+    s.push_manifest_from(&foreign, &manifest_file);
     let weight_size = fs::metadata(dir.join("model.safetensors"))
         .expect("stat")
         .len();
 
     // Without an index the safe default fetches and verifies the whole layer first.
-    let reader = Scratch::new();
-    let mount = Mount::start(&reader, &foreign, &reader.path("mnt"), &[]);
+    let mount = Mount::in_fresh_store(&foreign, &[]);
     let mut head = [0u8; 4096];
     fs::File::open(mount.dir.join("model.safetensors"))
         .and_then(|mut f| f.read_exact(&mut head))
@@ -272,29 +251,21 @@ fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_
         fetched >= weight_size,
         "only {fetched} bytes fetched before serving unindexed bytes"
     );
-    assert_eq!(util::tree(&mount.dir), util::tree(&dir));
+    assert_eq!(util::tree(&mount.dir), util::tree(dir));
     drop(mount);
 
     // --verify background: served at once; the whole layer is fetched and verified behind the
     // reads, into the store.
     let weight_hex = util::sha256_file(&dir.join("model.safetensors"));
-    let reader = Scratch::new();
-    let mount = Mount::start(
-        &reader,
-        &foreign,
-        &reader.path("mnt"),
-        &["--verify", "background"],
+    let mount = Mount::in_fresh_store(&foreign, &["--verify", "background"]);
+    assert_eq!(util::tree(&mount.dir), util::tree(dir));
+    let verified = mount.store().join("blobs/sha256").join(&weight_hex);
+    util::wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || verified.exists(),
+        || "the weight was never verified whole".to_owned(),
     );
-    assert_eq!(util::tree(&mount.dir), util::tree(&dir));
-    let verified = reader.store().join("blobs/sha256").join(&weight_hex);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !verified.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the weight was never verified whole"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     drop(mount);
 
     // ... and when the registry corrupts the layer, the background check fails and every later
@@ -302,27 +273,18 @@ fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_
     let proxy = Proxy::start(registry.port, None);
     proxy.corrupt.store(true, Ordering::SeqCst);
     let via = format!("{}/mnt/foreign:theirs", proxy.host());
-    let reader = Scratch::new();
-    let mount = Mount::start(
-        &reader,
-        &via,
-        &reader.path("mnt"),
-        &["--verify", "background"],
-    );
+    let mount = Mount::in_fresh_store(&via, &["--verify", "background"]);
     let weight = mount.dir.join("model.safetensors");
     // Unverified bytes, as asked; the read starts the background check and leaves the pages in
     // the page cache. The handle stays open across the failure.
     let mut held = fs::File::open(&weight).expect("open");
     let _ = held.read_to_end(&mut Vec::new());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while mount.status()["verifyFailures"].as_u64().unwrap_or(0) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "background verification never failed: {}",
-            mount.status()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    util::wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || mount.status()["verifyFailures"].as_u64().unwrap_or(0) != 0,
+        || format!("background verification never failed: {}", mount.status()),
+    );
     let mut buf = vec![0u8; 4096];
     let opened = fs::File::open(&weight);
     let Err(err) = opened.and_then(|mut f| {
@@ -347,7 +309,7 @@ fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     drop(held);
     assert!(
-        !reader
+        !mount
             .store()
             .join("blobs/sha256")
             .join(&weight_hex)
@@ -365,8 +327,7 @@ fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_
         found["referrers"][0]["artifactType"],
         "application/vnd.modelpack.chunk-index.v1+json"
     );
-    let reader = Scratch::new();
-    let mount = Mount::start(&reader, &foreign, &reader.path("mnt"), &[]);
+    let mount = Mount::in_fresh_store(&foreign, &[]);
     // One read in the middle (a lone read starts no readahead).
     fs::File::open(mount.dir.join("model.safetensors"))
         .and_then(|mut f| {
@@ -379,7 +340,7 @@ fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_
         fetched < weight_size / 2,
         "{fetched} of {weight_size} bytes fetched for 4 KiB"
     );
-    assert_eq!(util::tree(&mount.dir), util::tree(&dir));
+    assert_eq!(util::tree(&mount.dir), util::tree(dir));
 }
 
 /// A background mount started with `--daemon`, stopped by PID and unmounted when dropped.
@@ -416,16 +377,10 @@ impl Drop for Daemon {
 
 #[test]
 fn daemon_mount_returns_once_serving_and_umount_stops_it() {
-    if !util::can_fuse() {
-        return;
-    }
-    let Some(registry) = Registry::start(None) else {
+    let Some(m) = pushed_model_to_mount("mnt/daemon:v1", 4 << 20) else {
         return;
     };
-    let s = Scratch::new();
-    let dir = model(&s, 4 << 20);
-    let reference = format!("{}/mnt/daemon:v1", registry.host());
-    s.build_and_push(dir.to_str().expect("utf8"), &reference);
+    let (registry, _, dir, reference) = m.parts();
 
     let reader = Scratch::new();
     let mnt = reader.path("mnt");
@@ -434,7 +389,7 @@ fn daemon_mount_returns_once_serving_and_umount_stops_it() {
     let out = reader.ok(&[
         "-q",
         "mount",
-        &reference,
+        reference,
         mnt_arg,
         "--plain-http",
         "--daemon",
@@ -445,7 +400,7 @@ fn daemon_mount_returns_once_serving_and_umount_stops_it() {
     };
     assert!(daemon.alive(), "the daemon is not running");
     // The command returned only once the folder serves: read it at once.
-    assert_eq!(util::tree(&mnt), util::tree(&dir));
+    assert_eq!(util::tree(&mnt), util::tree(dir));
 
     reader.ok(&["umount", mnt_arg]);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -469,21 +424,12 @@ fn daemon_mount_returns_once_serving_and_umount_stops_it() {
 
 #[test]
 fn prefetch_fetches_small_files_before_the_weights() {
-    if !util::can_fuse() {
-        return;
-    }
-    let Some(registry) = Registry::start(None) else {
+    let Some(m) = pushed_model_to_mount("mnt/prefetch:v1", 12 << 20) else {
         return;
     };
-    let s = Scratch::new();
-    let dir = model(&s, 12 << 20);
-    let reference = format!("{}/mnt/prefetch:v1", registry.host());
-    s.build_and_push(dir.to_str().expect("utf8"), &reference);
     // 2 MiB/s per connection: the 12 MiB weight takes seconds, the small files milliseconds.
-    let proxy = Proxy::start(registry.port, Some(2 << 20));
-    let slow = format!("{}/mnt/prefetch:v1", proxy.host());
-    let reader = Scratch::new();
-    let mount = Mount::start(&reader, &slow, &reader.path("mnt"), &["--prefetch"]);
+    let (_proxy, slow) = m.through_proxy(Some(2 << 20));
+    let mount = Mount::in_fresh_store(&slow, &["--prefetch"]);
     let local = |status: &serde_json::Value, path: &str| {
         status["files"]
             .as_array()
@@ -493,35 +439,28 @@ fn prefetch_fetches_small_files_before_the_weights() {
             .and_then(|f| f["local"].as_f64())
             .unwrap_or_default()
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
+    let status = util::poll_until(Duration::from_secs(20), Duration::from_millis(50), || {
         let status = mount.status();
         if local(&status, "config.json") >= 100.0
             && local(&status, "nested/deeper/notes.md") >= 100.0
         {
-            break status;
+            Ok(status)
+        } else {
+            Err(format!("small files not prefetched: {status}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "small files not prefetched: {status}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    });
     let weight = local(&status, "model.safetensors");
     assert!(
         weight < 50.0,
         "the weight ({weight}% local) was fetched before the small files"
     );
     // And everything arrives in the background.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while local(&mount.status(), "model.safetensors") < 100.0 {
-        assert!(
-            Instant::now() < deadline,
-            "prefetch did not finish: {}",
-            mount.status()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    util::wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || local(&mount.status(), "model.safetensors") >= 100.0,
+        || format!("prefetch did not finish: {}", mount.status()),
+    );
 }
 
 #[test]
@@ -529,16 +468,20 @@ fn tar_and_seekable_zstd_layers_are_read_lazily_and_gzip_on_first_read() {
     if !util::can_fuse() {
         return;
     }
-    let Some(registry) = Registry::start(None) else {
+    let weight = util::pseudo_random(48 << 20, 0x7a57_0001);
+    let Some(m) = util::registry_and_model("lazy/tar:v1", |s| {
+        util::write_model_dir(
+            s,
+            "model",
+            &[
+                ("model.safetensors", &weight),
+                ("config.json", br#"{"model_type":"lazy-tar"}"#),
+            ],
+        )
+    }) else {
         return;
     };
-    let s = Scratch::new();
-    let dir = s.path("model");
-    fs::create_dir_all(&dir).expect("mkdir");
-    let weight = util::pseudo_random(48 << 20, 0x7a57_0001);
-    fs::write(dir.join("model.safetensors"), &weight).expect("write");
-    fs::write(dir.join("config.json"), br#"{"model_type":"lazy-tar"}"#).expect("write");
-    let d = dir.to_str().expect("utf8");
+    let (registry, s, dir, _) = m.parts();
     for (tag, extra, lazy) in [
         ("tar", vec!["--layer-format", "tar"], true),
         (
@@ -553,14 +496,10 @@ fn tar_and_seekable_zstd_layers_are_read_lazily_and_gzip_on_first_read() {
         ),
     ] {
         let reference = format!("{}/lazy/{tag}:v1", registry.host());
-        let mut args = vec!["build", d, "-t", reference.as_str()];
-        args.extend(extra);
-        s.ok(&args);
-        s.ok(&["push", &reference, "--plain-http"]);
+        s.build_and_push_with(dir, &reference, &extra);
         let proxy = Proxy::start(registry.port, None);
         let via = format!("{}/lazy/{tag}:v1", proxy.host());
-        let reader = Scratch::new();
-        let mount = Mount::start(&reader, &via, &reader.path("mnt"), &[]);
+        let mount = Mount::in_fresh_store(&via, &[]);
         let at_mount = proxy.served();
         if lazy {
             assert!(
@@ -624,38 +563,23 @@ fn a_gzip_layer_that_lies_about_its_file_fails_the_read_and_shows_nothing_else()
     };
     // The annotations say the layer holds `w.bin` (10 bytes); the tar holds `evil.txt`.
     let s = Scratch::new();
-    s.ok(&["ls"]);
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_ustar();
-    header.set_path("evil.txt").expect("path");
-    header.set_size(4);
-    header.set_mode(0o644);
-    header.set_cksum();
-    builder.append(&header, &b"evil"[..]).expect("append");
-    let tar_bytes = builder.into_inner().expect("tar");
+    let tar_bytes = util::tar_of_one_file("evil.txt", 0o644, b"evil");
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     std::io::Write::write_all(&mut gz, &tar_bytes).expect("gzip");
     let gz = gz.finish().expect("gzip");
-    let digest = util::put_blob(&s.store(), &gz);
-    let meta = serde_json::json!({"name": "w.bin", "mode": 420, "uid": 0, "gid": 0, "size": 10,
-        "mtime": "2025-01-02T03:04:05Z", "typeflag": 0});
-    let layer = serde_json::json!({
-        "mediaType": "application/vnd.cncf.model.weight.v1.tar+gzip",
-        "digest": digest,
-        "size": gz.len(),
-        "annotations": {
-            "org.cncf.model.filepath": "w.bin",
-            "org.cncf.model.file.metadata+json": meta.to_string(),
-        },
-    });
+    let (layer, _) = util::annotated_layer(
+        &s.store(),
+        "application/vnd.cncf.model.weight.v1.tar+gzip",
+        &gz,
+        "w.bin",
+        Some(util::file_metadata("w.bin", 10)),
+    );
     let diff_id = format!("sha256:{}", util::sha256_hex(&tar_bytes));
-    let manifest = util::model_manifest(&s.store(), &[layer], &[diff_id]);
     let reference = format!("{}/mnt/liar:v1", registry.host());
-    util::tag_manifest(&s.store(), &reference, &manifest);
+    util::tag_crafted_model(&s, &reference, &[(layer, diff_id)]);
     s.ok(&["push", &reference, "--plain-http"]);
 
-    let reader = Scratch::new();
-    let mount = Mount::start(&reader, &reference, &reader.path("mnt"), &[]);
+    let mount = Mount::in_fresh_store(&reference, &[]);
     let names: Vec<String> = fs::read_dir(&mount.dir)
         .expect("readdir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())

@@ -3,7 +3,8 @@
 //! small oras-style commands.
 
 use std::fs;
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -14,65 +15,77 @@ use crate::util::{self, Proxy, Registry, Scratch};
 
 /// Writes a model with one weight of `weight_size` bytes plus small files.
 fn model(s: &Scratch, weight_size: usize) -> String {
-    let dir = s.path("model");
-    fs::create_dir_all(dir.join("docs")).expect("mkdir");
-    let data = util::pseudo_random(weight_size, 0x1234_5678_9abc_def1u64);
-    fs::write(dir.join("model.safetensors"), data).expect("write");
-    fs::write(dir.join("config.json"), br#"{"model_type":"t"}"#).expect("write");
-    fs::write(dir.join("docs/README.md"), b"# model\n").expect("write");
-    fs::write(dir.join("empty.bin"), b"").expect("write");
+    let dir = util::model_with_weight(
+        s,
+        weight_size,
+        0x1234_5678_9abc_def1,
+        &[
+            ("config.json", br#"{"model_type":"t"}"#),
+            ("docs/README.md", b"# model\n"),
+            ("empty.bin", b""),
+        ],
+    );
     dir.to_str().expect("utf8").to_owned()
+}
+
+/// A registry and [`model`] built and pushed (`-q`) as `HOST/REPO:TAG`, and the pushed digest.
+fn pushed_model_and_digest(
+    repo_and_tag: &str,
+    weight_size: usize,
+) -> Option<(util::ModelOnRegistry<String>, String)> {
+    let m = util::registry_and_model(repo_and_tag, |s| model(s, weight_size))?;
+    let digest = m.s.build_and_push_digest(&m.dir, &m.reference);
+    Some((m, digest))
+}
+
+/// Asserts that every file in `target` (but the `user_files` and extraction scratch) is
+/// complete: the same bytes as in `source`.
+fn assert_no_partial_files(target: &Path, source: &Path, user_files: &[&str]) {
+    for (path, (hash, _)) in util::tree(target) {
+        if user_files.contains(&path.as_str()) || path.starts_with(".modelpack-extract-") {
+            continue;
+        }
+        let want = util::sha256_file(&source.join(&path));
+        assert_eq!(hash, want, "{path} visible before it was complete");
+    }
 }
 
 #[test]
 fn push_then_pull_into_store_folder_and_fetch() {
-    let Some(registry) = Registry::start(None) else {
+    let Some((m, pushed)) = pushed_model_and_digest("team/model:v1", 3 << 20) else {
         return;
     };
-    let s = Scratch::new();
-    let dir = model(&s, 3 << 20);
-    let reference = format!("{}/team/model:v1", registry.host());
-    s.ok(&["build", &dir, "-t", &reference]);
-    let pushed = s.ok(&["-q", "push", &reference, "--plain-http"]);
+    let (_, s, dir, reference) = m.parts();
     let local: Value =
-        serde_json::from_str(&s.ok(&["inspect", &reference, "--format", "json"])).expect("json");
+        serde_json::from_str(&s.ok(&["inspect", reference, "--format", "json"])).expect("json");
     assert_eq!(
-        pushed.trim(),
+        pushed.as_str(),
         local["digest"],
         "pushed digest equals the stored one"
     );
-    assert_eq!(
-        s.ok(&["resolve", &reference, "--plain-http"]).trim(),
-        pushed.trim()
-    );
+    assert_eq!(s.ok(&["resolve", reference, "--plain-http"]).trim(), pushed);
 
     // Into another store.
     let other = Scratch::new();
-    let pulled = other.ok(&["-q", "pull", &reference, "--plain-http"]);
-    assert_eq!(pulled.trim(), pushed.trim());
+    let pulled = other.ok(&["-q", "pull", reference, "--plain-http"]);
+    assert_eq!(pulled.trim(), pushed);
     assert!(other.ok(&["store", "check"]).contains("consistent"));
     let out = other.path("from-store");
-    other.ok(&["extract", &reference, out.to_str().expect("utf8")]);
-    assert_eq!(util::tree(&out), util::tree(std::path::Path::new(&dir)));
+    other.ok(&["extract", reference, out.to_str().expect("utf8")]);
+    assert_eq!(util::tree(&out), util::tree(Path::new(dir)));
 
     // Straight into a folder: nothing lands in the store.
     let direct = other.path("direct");
     let third = Scratch::new();
-    third.ok(&[
-        "pull",
-        &reference,
-        "--plain-http",
-        "-o",
-        direct.to_str().expect("utf8"),
-    ]);
-    assert_eq!(util::tree(&direct), util::tree(std::path::Path::new(&dir)));
+    third.ok(&util::pull_to_args(reference, &direct));
+    assert_eq!(util::tree(&direct), util::tree(Path::new(dir)));
     assert_eq!(third.ok(&["ls", "--format", "json"]).trim(), "[]");
 
     // Only matching files.
     let some = other.path("some");
     other.ok(&[
         "fetch",
-        &reference,
+        reference,
         "--plain-http",
         "--pattern",
         "**/*.md",
@@ -88,7 +101,7 @@ fn push_then_pull_into_store_folder_and_fetch() {
     let remote: Value = serde_json::from_str(&s.ok(&[
         "inspect",
         "--remote",
-        &reference,
+        reference,
         "--plain-http",
         "--format",
         "json",
@@ -107,20 +120,16 @@ fn copy_within_a_registry_mounts_blobs() {
     let dir = model(&s, 4 << 20);
     let src = format!("{}/a/model:v1", proxy.host());
     let dst = format!("{}/b/model:v2", proxy.host());
-    s.ok(&["build", &dir, "-t", &src]);
-    let pushed = s.ok(&["-q", "push", &src, "--plain-http"]);
+    let pushed = s.build_and_push_digest(&dir, &src);
     let before = proxy.served();
     let copied = s.ok(&["-q", "copy", &src, &dst, "--plain-http"]);
     let moved = proxy.served() - before;
-    assert_eq!(copied.trim(), pushed.trim(), "manifest digest kept");
+    assert_eq!(copied.trim(), pushed, "manifest digest kept");
     assert!(
         moved < 64 * 1024,
         "copy moved {moved} bytes; blobs should be mounted"
     );
-    assert_eq!(
-        s.ok(&["resolve", &dst, "--plain-http"]).trim(),
-        pushed.trim()
-    );
+    assert_eq!(s.ok(&["resolve", &dst, "--plain-http"]).trim(), pushed);
     // Layout folder on either side.
     let layout = s.path("layout");
     let oci = format!("oci:{}:v1", layout.display());
@@ -128,40 +137,37 @@ fn copy_within_a_registry_mounts_blobs() {
     if util::have_tool("skopeo") {
         assert_eq!(
             util::skopeo_manifest(&format!("oci:{}:v1", layout.display())).1,
-            pushed.trim()
+            pushed
         );
     }
     let back = format!("{}/c/model:v3", registry.host());
     s.ok(&["copy", &oci, &back, "--plain-http"]);
+    assert_eq!(s.ok(&["resolve", &back, "--plain-http"]).trim(), pushed);
+    // Local to local through the same walk: layout to layout, layout to the store, and the
+    // store back to a registry; the manifest digest stays the same all the way.
+    let second = format!("oci:{}:v9", s.path("layout2").display());
+    assert_eq!(s.ok(&["-q", "copy", &oci, &second]).trim(), pushed);
     assert_eq!(
-        s.ok(&["resolve", &back, "--plain-http"]).trim(),
-        pushed.trim()
+        s.ok(&["-q", "copy", &second, "store:copied/model:v1"])
+            .trim(),
+        pushed
     );
+    let last = format!("{}/d/model:v4", registry.host());
+    s.ok(&["copy", "store:copied/model:v1", &last, "--plain-http"]);
+    assert_eq!(s.ok(&["resolve", &last, "--plain-http"]).trim(), pushed);
 }
 
 #[test]
 fn killed_pull_resumes_and_fetches_less() {
-    let Some(registry) = Registry::start(None) else {
+    let size = 160 << 20;
+    let Some(m) = util::registry_with_pushed_model("big/model:v1", |s| model(s, size)) else {
         return;
     };
-    let s = Scratch::new();
-    let size = 160 << 20;
-    let dir = model(&s, size);
-    let direct = format!("{}/big/model:v1", registry.host());
-    s.build_and_push(&dir, &direct);
 
     // Slow the pull down (8 connections x 4 MiB/s) so it can be killed half way.
-    let proxy = Proxy::start(registry.port, Some(4 << 20));
-    let via_proxy = format!("{}/big/model:v1", proxy.host());
+    let (proxy, via_proxy) = m.through_proxy(Some(4 << 20));
     let puller = Scratch::new();
-    let mut child = Command::new(util::bin())
-        .arg("--store")
-        .arg(puller.store())
-        .args(["pull", &via_proxy, "--plain-http"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = puller.spawn_silenced(&["pull", &via_proxy, "--plain-http"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while proxy.served() < (size as u64) / 3 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
@@ -179,8 +185,7 @@ fn killed_pull_resumes_and_fetches_less() {
         "a killed pull names nothing"
     );
 
-    let fast = Proxy::start(registry.port, None);
-    let again = format!("{}/big/model:v1", fast.host());
+    let (fast, again) = m.through_proxy(None);
     let out = puller.ok(&["pull", &again, "--plain-http"]);
     assert!(out.contains("resumed"), "{out}");
     let second = fast.served();
@@ -191,22 +196,15 @@ fn killed_pull_resumes_and_fetches_less() {
     assert!(puller.ok(&["store", "check"]).contains("consistent"));
     let tree = puller.path("tree");
     puller.ok(&["extract", &again, tree.to_str().expect("utf8")]);
-    assert_eq!(util::tree(&tree), util::tree(std::path::Path::new(&dir)));
+    assert_eq!(util::tree(&tree), util::tree(Path::new(&m.dir)));
 }
 
 #[test]
 fn attach_discover_and_small_commands() {
-    let Some(registry) = Registry::start(None) else {
+    let Some((m, digest)) = pushed_model_and_digest("team/model:v1", 1 << 20) else {
         return;
     };
-    let s = Scratch::new();
-    let dir = model(&s, 1 << 20);
-    let reference = format!("{}/team/model:v1", registry.host());
-    s.ok(&["build", &dir, "-t", &reference]);
-    let digest = s
-        .ok(&["-q", "push", &reference, "--plain-http"])
-        .trim()
-        .to_owned();
+    let (registry, s, _, reference) = m.parts();
 
     let sig = s.path("signature.json");
     fs::write(&sig, br#"{"signed":true}"#).expect("write");
@@ -215,13 +213,13 @@ fn attach_discover_and_small_commands() {
         "attach",
         "--plain-http",
         "--subject",
-        &reference,
+        reference,
         "--artifact-type",
         "application/vnd.example.signature",
         sig.to_str().expect("utf8"),
     ]);
     let found: Value =
-        serde_json::from_str(&s.ok(&["discover", &reference, "--plain-http", "--format", "json"]))
+        serde_json::from_str(&s.ok(&["discover", reference, "--plain-http", "--format", "json"]))
             .expect("json");
     let referrers = found["referrers"].as_array().expect("referrers");
     assert_eq!(referrers.len(), 1, "{found}");
@@ -232,14 +230,7 @@ fn attach_discover_and_small_commands() {
     );
 
     // Tags, remote tag, manifest and blob commands.
-    s.ok(&[
-        "tag",
-        "--remote",
-        &reference,
-        "v2",
-        "stable",
-        "--plain-http",
-    ]);
+    s.ok(&["tag", "--remote", reference, "v2", "stable", "--plain-http"]);
     let tags = s.ok(&[
         "repo",
         "tags",
@@ -250,26 +241,13 @@ fn attach_discover_and_small_commands() {
         assert!(tags.lines().any(|l| l == t), "{t} missing from {tags}");
     }
     let manifest_file = s.path("manifest.json");
-    s.ok(&[
-        "manifest",
-        "fetch",
-        &reference,
-        "--plain-http",
-        "-o",
-        manifest_file.to_str().expect("utf8"),
-    ]);
+    s.fetch_manifest_to(reference, &manifest_file);
     assert_eq!(
         format!("sha256:{}", util::sha256_file(&manifest_file)),
         digest
     );
     let copy_ref = format!("{}/team/model:copy", registry.host());
-    s.ok(&[
-        "manifest",
-        "push",
-        &copy_ref,
-        manifest_file.to_str().expect("utf8"),
-        "--plain-http",
-    ]);
+    s.push_manifest_from(&copy_ref, &manifest_file);
     assert_eq!(s.ok(&["resolve", &copy_ref, "--plain-http"]).trim(), digest);
 
     let blob_file = s.path("blob.bin");
@@ -282,29 +260,19 @@ fn attach_discover_and_small_commands() {
         "--plain-http",
     ]);
     let fetched = s.path("fetched.bin");
-    s.ok(&[
+    let blob_ref = format!("{}/team/model@{}", registry.host(), blob_digest.trim());
+    let fetch_blob = [
         "blob",
         "fetch",
-        &format!("{}/team/model@{}", registry.host(), blob_digest.trim()),
+        &blob_ref,
         "-o",
         fetched.to_str().expect("utf8"),
         "--plain-http",
-    ]);
+    ];
+    s.ok(&fetch_blob);
     assert_eq!(fs::read(&fetched).expect("read"), b"some blob");
-    s.ok(&[
-        "blob",
-        "delete",
-        &format!("{}/team/model@{}", registry.host(), blob_digest.trim()),
-        "--plain-http",
-    ]);
-    let err = s.fails(&[
-        "blob",
-        "fetch",
-        &format!("{}/team/model@{}", registry.host(), blob_digest.trim()),
-        "-o",
-        fetched.to_str().expect("utf8"),
-        "--plain-http",
-    ]);
+    s.ok(&["blob", "delete", &blob_ref, "--plain-http"]);
+    let err = s.fails(&fetch_blob);
     assert!(err.contains("404"), "{err}");
     s.ok(&["manifest", "delete", &copy_ref, "--plain-http"]);
     let err = s.fails(&[
@@ -330,23 +298,21 @@ fn unreachable_registry_fails_with_one_line() {
 
 #[test]
 fn build_push_keeps_no_local_copy_and_chunked_uploads_work() {
-    let Some(registry) = Registry::start(None) else {
+    let Some(m) = util::registry_and_model("direct/model:v1", |s| model(s, 5 << 20)) else {
         return;
     };
-    let s = Scratch::new();
-    let dir = model(&s, 5 << 20);
-    let reference = format!("{}/direct/model:v1", registry.host());
+    let (registry, s, dir, reference) = m.parts();
     let pushed = s.ok(&[
         "-q",
         "build",
-        &dir,
+        dir,
         "-t",
-        &reference,
+        reference,
         "--push",
         "--plain-http",
     ]);
     assert_eq!(
-        s.ok(&["resolve", &reference, "--plain-http"]).trim(),
+        s.ok(&["resolve", reference, "--plain-http"]).trim(),
         pushed.trim()
     );
     assert_eq!(
@@ -363,14 +329,11 @@ fn build_push_keeps_no_local_copy_and_chunked_uploads_work() {
         stored < 64 * 1024,
         "{stored} bytes stored; the weight was copied"
     );
-    assert_eq!(
-        util::pulled_tree(&reference),
-        util::tree(std::path::Path::new(&dir))
-    );
+    assert_eq!(util::pulled_tree(reference), util::tree(Path::new(dir)));
 
     // Chunked uploads (1 MiB PATCHes) give the same manifest.
     let local = format!("{}/chunked/model:v1", registry.host());
-    s.ok(&["build", &dir, "-t", &local, "--no-creation-time"]);
+    s.ok(&["build", dir, "-t", &local, "--no-creation-time"]);
     let chunked = s.ok(&["-q", "push", &local, "--plain-http", "--chunk-size", "1"]);
     let other = Scratch::new();
     let pulled = other.ok(&["-q", "pull", &local, "--plain-http"]);
@@ -380,25 +343,16 @@ fn build_push_keeps_no_local_copy_and_chunked_uploads_work() {
 
 #[test]
 fn interrupted_pull_into_a_folder_leaves_it_as_it_was() {
-    let Some(registry) = Registry::start(None) else {
+    let Some(m) = util::registry_with_pushed_model("ctrlc/model:v1", |s| model(s, 64 << 20)) else {
         return;
     };
-    let s = Scratch::new();
-    let dir = model(&s, 64 << 20);
-    let reference = format!("{}/ctrlc/model:v1", registry.host());
-    s.build_and_push(&dir, &reference);
-    let proxy = Proxy::start(registry.port, Some(4 << 20));
-    let slow = format!("{}/ctrlc/model:v1", proxy.host());
-    let target = s.path("target");
-    fs::create_dir_all(&target).expect("mkdir");
-    fs::write(target.join("mine.txt"), b"user file").expect("write");
+    let (proxy, slow) = m.through_proxy(Some(4 << 20));
+    let target = m.s.path("target");
+    util::write_files(&target, &[("mine.txt", b"user file")]);
     // A store without the model: `pull -o` reads blobs the store already holds from it.
     let reader = Scratch::new();
-    let child = Command::new(util::bin())
-        .arg("--store")
-        .arg(reader.store())
-        .args(["pull", &slow, "--plain-http", "-o"])
-        .arg(&target)
+    let child = reader
+        .command(&util::pull_to_args(&slow, &target))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -406,13 +360,7 @@ fn interrupted_pull_into_a_folder_leaves_it_as_it_was() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while proxy.served() < 8 << 20 && std::time::Instant::now() < deadline {
         // Never a partial file under its final name.
-        for (path, (hash, _)) in util::tree(&target) {
-            if path == "mine.txt" || path.starts_with(".modelpack-extract-") {
-                continue;
-            }
-            let want = util::sha256_file(&std::path::Path::new(&dir).join(&path));
-            assert_eq!(hash, want, "{path} visible before it was complete");
-        }
+        assert_no_partial_files(&target, Path::new(&m.dir), &["mine.txt"]);
         std::thread::sleep(Duration::from_millis(20));
     }
     signal_pid(child.id(), Signal::INT).expect("SIGINT");
@@ -433,31 +381,15 @@ fn interrupted_pull_into_a_folder_leaves_it_as_it_was() {
 
 #[test]
 fn pull_into_a_folder_killed_half_way_continues_where_it_stopped() {
-    let Some(registry) = Registry::start(None) else {
+    let size = 64usize << 20;
+    let Some(m) = util::registry_with_pushed_model("resume/folder:v1", |s| model(s, size)) else {
         return;
     };
-    let s = Scratch::new();
-    let size = 64usize << 20;
-    let dir = model(&s, size);
-    let reference = format!("{}/resume/folder:v1", registry.host());
-    s.build_and_push(&dir, &reference);
-    let slow = Proxy::start(registry.port, Some(8 << 20));
+    let dir = Path::new(&m.dir);
+    let (slow, slow_ref) = m.through_proxy(Some(8 << 20));
     let reader = Scratch::new();
     let target = reader.path("target");
-    let mut child = Command::new(util::bin())
-        .arg("--store")
-        .arg(reader.store())
-        .args([
-            "pull",
-            &format!("{}/resume/folder:v1", slow.host()),
-            "--plain-http",
-            "-o",
-        ])
-        .arg(&target)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = reader.spawn_silenced(&util::pull_to_args(&slow_ref, &target));
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while slow.served() < 32 << 20 && std::time::Instant::now() < deadline {
         // Never a partial file under its final name (the folder appears only once every
@@ -466,13 +398,7 @@ fn pull_into_a_folder_killed_half_way_continues_where_it_stopped() {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         }
-        for (path, (hash, _)) in util::tree(&target) {
-            if path.starts_with(".modelpack-extract-") {
-                continue;
-            }
-            let want = util::sha256_file(&std::path::Path::new(&dir).join(&path));
-            assert_eq!(hash, want, "{path} visible before it was complete");
-        }
+        assert_no_partial_files(&target, dir, &[]);
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(
@@ -486,16 +412,10 @@ fn pull_into_a_folder_killed_half_way_continues_where_it_stopped() {
         "a killed pull left the weight under its final name"
     );
     // Again, through a counting proxy: only what the first run had not saved moves.
-    let counting = Proxy::start(registry.port, None);
-    let out = reader.ok(&[
-        "pull",
-        &format!("{}/resume/folder:v1", counting.host()),
-        "--plain-http",
-        "-o",
-        target.to_str().expect("utf8"),
-    ]);
+    let (counting, counted_ref) = m.through_proxy(None);
+    let out = reader.ok(&util::pull_to_args(&counted_ref, &target));
     assert!(out.contains("resumed"), "{out}");
-    assert_eq!(util::tree(&target), util::tree(std::path::Path::new(&dir)));
+    assert_eq!(util::tree(&target), util::tree(dir));
     let again = counting.served();
     assert!(
         again < (size as u64) - (16 << 20),
@@ -509,18 +429,12 @@ fn pull_into_a_folder_killed_half_way_continues_where_it_stopped() {
     assert!(util::listing(&reader.store().join("scratch")).is_empty());
     // A third run finds every file in place: nothing fetched, nothing written.
     let before = counting.served();
-    let out = reader.ok(&[
-        "pull",
-        &format!("{}/resume/folder:v1", counting.host()),
-        "--plain-http",
-        "-o",
-        target.to_str().expect("utf8"),
-    ]);
+    let out = reader.ok(&util::pull_to_args(&counted_ref, &target));
     assert!(out.contains("0 files written"), "{out}");
     assert!(
         counting.served() - before < 64 << 10,
         "an up-to-date folder fetched {} bytes",
         counting.served() - before
     );
-    assert_eq!(util::tree(&target), util::tree(std::path::Path::new(&dir)));
+    assert_eq!(util::tree(&target), util::tree(dir));
 }

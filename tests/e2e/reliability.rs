@@ -11,12 +11,8 @@ use crate::util::{self, Registry, Scratch};
 use modelpack_testkit::fault::{Fault, FaultProxy, Rule};
 
 fn small_model(s: &Scratch, size: usize) -> PathBuf {
-    let dir = s.path("model");
-    fs::create_dir_all(&dir).expect("mkdir");
-    let data = util::pseudo_random(size, 0x5eed_1234_abcd_0001u64);
-    fs::write(dir.join("model.safetensors"), data).expect("write");
-    fs::write(dir.join("config.json"), br#"{"model_type":"rel"}"#).expect("write");
-    dir
+    let config: &[u8] = br#"{"model_type":"rel"}"#;
+    util::model_with_weight(s, size, 0x5eed_1234_abcd_0001, &[("config.json", config)])
 }
 
 /// A test CA and a certificate for 127.0.0.1 it signed, made with openssl:
@@ -26,15 +22,9 @@ fn test_pki(dir: &Path) -> Option<(PathBuf, PathBuf, PathBuf)> {
         return None;
     }
     let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        util::checked_output(
+            Command::new("openssl").args(args).current_dir(dir),
+            &format!("openssl {args:?}"),
         );
     };
     run(&[
@@ -139,19 +129,16 @@ fn tls_is_verified_by_default_and_a_ca_file_is_honoured() {
 
 #[test]
 fn two_processes_pulling_one_model_into_one_store_both_succeed() {
-    let Some(registry) = Registry::start(None) else {
+    let Some(m) =
+        util::registry_with_pushed_model("rel/concurrent:v1", |s| small_model(s, 24 << 20))
+    else {
         return;
     };
-    let s = Scratch::new();
-    let dir = small_model(&s, 24 << 20);
-    let reference = format!("{}/rel/concurrent:v1", registry.host());
-    s.build_and_push(dir.to_str().expect("utf8"), &reference);
+    let (_, s, dir, reference) = m.parts();
     let reader = Scratch::new();
     let spawn = || {
-        Command::new(util::bin())
-            .arg("--store")
-            .arg(reader.store())
-            .args(["-q", "pull", &reference, "--plain-http"])
+        reader
+            .command(&["-q", "pull", reference, "--plain-http"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -175,28 +162,22 @@ fn two_processes_pulling_one_model_into_one_store_both_succeed() {
     let expected = names(&s.store().join("blobs/sha256"));
     assert_eq!(blobs, expected, "one copy of each blob, no leftovers");
     let out = reader.path("out");
-    reader.ok(&["extract", &reference, out.to_str().expect("utf8")]);
-    assert_eq!(util::tree(&out), util::tree(&dir));
+    reader.ok(&["extract", reference, out.to_str().expect("utf8")]);
+    assert_eq!(util::tree(&out), util::tree(dir));
 }
 
 #[test]
 fn a_full_disk_fails_cleanly_and_leaves_the_store_consistent() {
-    let root = util::is_root();
-    assert!(
-        root || !util::strict(),
-        "the full-disk test needs root under cargo xtask test"
-    );
-    if !root {
+    if !util::root_or_skip("the full-disk test") {
         return;
     }
-    let Some(registry) = Registry::start(None) else {
+    let Some(m) =
+        util::registry_with_pushed_model("rel/disk-full:v1", |s| small_model(s, 12 << 20))
+    else {
         return;
     };
-    let s = Scratch::new();
-    let dir = small_model(&s, 12 << 20);
-    let reference = format!("{}/rel/disk-full:v1", registry.host());
-    s.build_and_push(dir.to_str().expect("utf8"), &reference);
-    let tiny = s.path("tiny");
+    let reference = &m.reference;
+    let tiny = m.s.path("tiny");
     let _guard = util::Tmpfs::mount_small(&tiny);
     let store = tiny.join("store");
     let store_text = store.to_str().expect("utf8");
@@ -204,7 +185,7 @@ fn a_full_disk_fails_cleanly_and_leaves_the_store_consistent() {
     fs::create_dir_all(&target).expect("mkdir");
     fs::write(target.join("keep.txt"), b"mine").expect("write");
     let out = Command::new(util::bin())
-        .args(["--store", store_text, "pull", &reference, "--plain-http"])
+        .args(["--store", store_text, "pull", reference, "--plain-http"])
         .output()
         .expect("run pull");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -218,9 +199,8 @@ fn a_full_disk_fails_cleanly_and_leaves_the_store_consistent() {
         .expect("store check");
     assert!(
         String::from_utf8_lossy(&check.stdout).contains("consistent"),
-        "{}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
+        "{}",
+        util::output_text(&check)
     );
     // -o into the full disk: the target folder is left as it was.
     let out = Command::new(util::bin())
@@ -228,7 +208,7 @@ fn a_full_disk_fails_cleanly_and_leaves_the_store_consistent() {
             "--store",
             store_text,
             "pull",
-            &reference,
+            reference,
             "--plain-http",
             "-o",
         ])
@@ -258,42 +238,17 @@ fn a_password_given_with_p_is_not_in_the_process_list() {
     let s = Scratch::new();
     let host = proxy.host();
     let reference = format!("{host}/rel/secret:v1");
-    let runs: [Vec<&str>; 3] = [
-        vec![
-            "login",
-            &host,
-            "-u",
-            "bob",
-            "-p",
-            "hunter2-one",
-            "--plain-http",
-        ],
-        vec![
-            "pull",
-            &reference,
-            "-u",
-            "bob",
-            "--password=hunter2-two",
-            "--plain-http",
-        ],
-        vec![
-            "pull",
-            &reference,
-            "-u",
-            "bob",
-            "-phunter2-three",
-            "--plain-http",
-        ],
+    // (command, its target, how the password is given)
+    let runs: [(&str, &str, &[&str]); 3] = [
+        ("login", &host, &["-p", "hunter2-one"]),
+        ("pull", &reference, &["--password=hunter2-two"]),
+        ("pull", &reference, &["-phunter2-three"]),
     ];
-    for args in runs {
-        let mut child = Command::new(util::bin())
-            .arg("--store")
-            .arg(s.store())
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn");
+    for (command, target, password) in runs {
+        let mut args = vec![command, target, "-u", "bob"];
+        args.extend(password);
+        args.push("--plain-http");
+        let mut child = s.spawn_silenced(&args);
         std::thread::sleep(Duration::from_millis(1000));
         let cmdline = fs::read(format!("/proc/{}/cmdline", child.id())).unwrap_or_default();
         let _ = child.kill();

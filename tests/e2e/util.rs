@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 
@@ -69,21 +70,78 @@ impl Scratch {
         self.path("store")
     }
 
-    /// Runs `modelpack --store STORE args...`.
     /// `build DIR -t REFERENCE`, then `push REFERENCE --plain-http`.
     pub fn build_and_push(&self, dir: impl AsRef<Path>, reference: &str) {
+        self.build_and_push_with(dir, reference, &[]);
+    }
+
+    /// `build DIR -t REFERENCE EXTRA...`, then `push REFERENCE --plain-http`.
+    pub fn build_and_push_with(&self, dir: impl AsRef<Path>, reference: &str, extra: &[&str]) {
         let dir = dir.as_ref().to_str().expect("utf8");
-        self.ok(&["build", dir, "-t", reference]);
+        let mut args = vec!["build", dir, "-t", reference];
+        args.extend(extra);
+        self.ok(&args);
         self.ok(&["push", reference, "--plain-http"]);
     }
 
+    /// `build DIR -t REFERENCE`, then `-q push REFERENCE --plain-http`; returns the pushed
+    /// manifest digest.
+    pub fn build_and_push_digest(&self, dir: impl AsRef<Path>, reference: &str) -> String {
+        let dir = dir.as_ref().to_str().expect("utf8");
+        self.ok(&["build", dir, "-t", reference]);
+        self.ok(&["-q", "push", reference, "--plain-http"])
+            .trim()
+            .to_owned()
+    }
+
+    /// `manifest fetch REFERENCE --plain-http -o FILE`.
+    pub fn fetch_manifest_to(&self, reference: &str, file: &Path) {
+        self.ok(&[
+            "manifest",
+            "fetch",
+            reference,
+            "--plain-http",
+            "-o",
+            file.to_str().expect("utf8"),
+        ]);
+    }
+
+    /// `manifest push REFERENCE FILE --plain-http`.
+    pub fn push_manifest_from(&self, reference: &str, file: &Path) {
+        self.ok(&[
+            "manifest",
+            "push",
+            reference,
+            file.to_str().expect("utf8"),
+            "--plain-http",
+        ]);
+    }
+
+    /// `modelpack --store STORE args...`, not started yet.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.arg("--store").arg(self.store()).args(args);
+        cmd
+    }
+
+    /// Starts `modelpack --store STORE args...` in the background with its output discarded.
+    pub fn spawn_silenced(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn")
+    }
+
+    /// Runs `modelpack --store STORE args...` to completion.
     pub fn run(&self, args: &[&str]) -> Output {
         self.run_env(args, &[])
     }
 
+    /// Runs `modelpack --store STORE args...` to completion with `env` set (and
+    /// `SOURCE_DATE_EPOCH` unset unless `env` sets it).
     pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut cmd = Command::new(bin());
-        cmd.arg("--store").arg(self.store()).args(args);
+        let mut cmd = self.command(args);
         cmd.env_remove("SOURCE_DATE_EPOCH");
         for (k, v) in env {
             cmd.env(k, v);
@@ -117,6 +175,7 @@ impl Scratch {
     }
 }
 
+/// Asserts `out` (of `modelpack args...`) succeeded, showing its output otherwise.
 pub fn assert_success(out: &Output, args: &[&str]) {
     assert!(
         out.status.success(),
@@ -125,6 +184,107 @@ pub fn assert_success(out: &Output, args: &[&str]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `["pull", REFERENCE, "--plain-http", "-o", OUT]`: the arguments that pull straight into a
+/// folder, for `Scratch::ok` or `Scratch::fails`.
+pub fn pull_to_args<'a>(reference: &'a str, out: &'a Path) -> [&'a str; 5] {
+    [
+        "pull",
+        reference,
+        "--plain-http",
+        "-o",
+        out.to_str().expect("utf8"),
+    ]
+}
+
+/// A finished command's stdout followed by its stderr, as text.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs a (non-modelpack) tool to completion and asserts it succeeded, naming it as `what` and
+/// showing its output otherwise.
+pub fn checked_output(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
+    assert!(out.status.success(), "{what} failed: {}", output_text(&out));
+    out
+}
+
+/// Writes `files` (path under `dir`, contents) into `dir`, creating `dir` and parent folders.
+pub fn write_files(dir: &Path, files: &[(&str, &[u8])]) {
+    fs::create_dir_all(dir).expect("mkdir");
+    for (rel, bytes) in files {
+        let path = dir.join(rel);
+        fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        fs::write(path, bytes).expect("write");
+    }
+}
+
+/// Writes `files` into the scratch folder `name` (see [`write_files`]) and returns the folder.
+pub fn write_model_dir(s: &Scratch, name: &str, files: &[(&str, &[u8])]) -> PathBuf {
+    let dir = s.path(name);
+    write_files(&dir, files);
+    dir
+}
+
+/// Writes a model into the scratch folder `model`: `model.safetensors` of `weight_size`
+/// pseudo-random bytes from `seed`, and `files`. Returns the folder.
+pub fn model_with_weight(
+    s: &Scratch,
+    weight_size: usize,
+    seed: u64,
+    files: &[(&str, &[u8])],
+) -> PathBuf {
+    let dir = write_model_dir(s, "model", files);
+    fs::write(
+        dir.join("model.safetensors"),
+        pseudo_random(weight_size, seed),
+    )
+    .expect("write");
+    dir
+}
+
+/// True when running as root; a test that needs root for `what` calls this and returns on
+/// false. Under `cargo xtask test` (CI runs as root) not being root fails the test.
+pub fn root_or_skip(what: &str) -> bool {
+    let root = is_root();
+    assert!(
+        root || !strict(),
+        "{what} needs root under cargo xtask test"
+    );
+    root
+}
+
+/// Calls `attempt` every `every` until it returns `Ok`, and returns that value; once `timeout`
+/// has passed, a failed attempt panics with its `Err` text.
+pub fn poll_until<T>(
+    timeout: Duration,
+    every: Duration,
+    mut attempt: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match attempt() {
+            Ok(value) => return value,
+            Err(why) => assert!(Instant::now() < deadline, "{why}"),
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Waits (polling every `every`) until `ready` is true; panics with `why()` after `timeout`.
+pub fn wait_until(
+    timeout: Duration,
+    every: Duration,
+    mut ready: impl FnMut() -> bool,
+    why: impl Fn() -> String,
+) {
+    poll_until(timeout, every, || if ready() { Ok(()) } else { Err(why()) });
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -233,6 +393,72 @@ pub fn tag_manifest(store: &Path, name: &str, manifest: &[u8]) {
     fs::write(index_path, serde_json::to_vec(&index).expect("json")).expect("write index");
 }
 
+/// The `org.cncf.model.file.metadata+json` value of a regular file `name` of `size` bytes (mode
+/// 0644, root-owned, a fixed mtime).
+pub fn file_metadata(name: &str, size: u64) -> serde_json::Value {
+    serde_json::json!({"name": name, "mode": 420, "uid": 0, "gid": 0, "size": size,
+        "mtime": "2025-01-02T03:04:05Z", "typeflag": 0})
+}
+
+/// Writes `bytes` as a blob into the store and returns its layer descriptor (of `media_type`,
+/// naming `filepath`, with `meta` as file metadata when given) and digest.
+pub fn annotated_layer(
+    store: &Path,
+    media_type: &str,
+    bytes: &[u8],
+    filepath: &str,
+    meta: Option<serde_json::Value>,
+) -> (serde_json::Value, String) {
+    let digest = put_blob(store, bytes);
+    let mut annotations = serde_json::json!({"org.cncf.model.filepath": filepath});
+    if let Some(meta) = meta {
+        annotations["org.cncf.model.file.metadata+json"] =
+            serde_json::Value::String(meta.to_string());
+    }
+    (
+        serde_json::json!({
+            "mediaType": media_type,
+            "digest": digest,
+            "size": bytes.len(),
+            "annotations": annotations,
+        }),
+        digest,
+    )
+}
+
+/// Names `name` in the scratch store a model manifest over crafted `layers` (descriptor, diff
+/// ID), creating the store's layout first.
+pub fn tag_crafted_model(s: &Scratch, name: &str, layers: &[(serde_json::Value, String)]) {
+    s.ok(&["ls"]); // creates the layout
+    let descs: Vec<serde_json::Value> = layers.iter().map(|l| l.0.clone()).collect();
+    let diff_ids: Vec<String> = layers.iter().map(|l| l.1.clone()).collect();
+    let manifest = model_manifest(&s.store(), &descs, &diff_ids);
+    tag_manifest(&s.store(), name, &manifest);
+}
+
+/// Appends a regular file `name` (mode `mode`, `size` bytes read from `data`) to a tar.
+pub fn append_tar_file<W: std::io::Write>(
+    builder: &mut tar::Builder<W>,
+    name: &str,
+    mode: u32,
+    size: u64,
+    data: impl std::io::Read,
+) {
+    let mut header = tar::Header::new_ustar();
+    header.set_path(name).expect("path");
+    header.set_size(size);
+    header.set_mode(mode);
+    header.set_cksum();
+    builder.append(&header, data).expect("append");
+}
+
+/// A tar holding one regular file `name` with `mode` and contents `data`.
+pub fn tar_of_one_file(name: &str, mode: u32, data: &[u8]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    append_tar_file(&mut builder, name, mode, data.len() as u64, data);
+    builder.into_inner().expect("tar")
+}
+
 /// A model manifest over the given layers (descriptor JSON values) with a matching config.
 pub fn model_manifest(store: &Path, layers: &[serde_json::Value], diff_ids: &[String]) -> Vec<u8> {
     let config = serde_json::json!({
@@ -327,26 +553,68 @@ impl Registry {
 pub fn pulled_tree(reference: &str) -> BTreeMap<String, (String, u32)> {
     let reader = Scratch::new();
     let out = reader.path("out");
-    reader.ok(&[
-        "pull",
-        reference,
-        "--plain-http",
-        "-o",
-        out.to_str().expect("utf8"),
-    ]);
+    reader.ok(&pull_to_args(reference, &out));
     tree(&out)
+}
+
+/// A running registry, and a scratch store with a model written into it (`dir`) that is to be
+/// (or was) pushed as `reference`, `HOST/REPO:TAG` on that registry.
+pub struct ModelOnRegistry<D> {
+    pub registry: Registry,
+    pub s: Scratch,
+    pub dir: D,
+    pub reference: String,
+}
+
+/// Starts a registry and writes a model with `write_model` into a fresh scratch; nothing is
+/// built yet. `None` when `docker-registry` is not installed.
+pub fn registry_and_model<D>(
+    repo_and_tag: &str,
+    write_model: impl FnOnce(&Scratch) -> D,
+) -> Option<ModelOnRegistry<D>> {
+    let registry = Registry::start(None)?;
+    let s = Scratch::new();
+    let dir = write_model(&s);
+    let reference = format!("{}/{repo_and_tag}", registry.host());
+    Some(ModelOnRegistry {
+        registry,
+        s,
+        dir,
+        reference,
+    })
+}
+
+impl<D> ModelOnRegistry<D> {
+    /// Borrows the parts: (registry, scratch, model folder, reference).
+    pub fn parts(&self) -> (&Registry, &Scratch, &D, &str) {
+        (&self.registry, &self.s, &self.dir, &self.reference)
+    }
+
+    /// A [`Proxy`] in front of the registry (throttled to `bytes_per_sec` per connection when
+    /// given; it counts what it serves), and `reference` as named through it.
+    pub fn through_proxy(&self, bytes_per_sec: Option<u64>) -> (Proxy, String) {
+        let proxy = Proxy::start(self.registry.port, bytes_per_sec);
+        let (_, repo_and_tag) = self.reference.split_once('/').expect("HOST/REPO:TAG");
+        let via = format!("{}/{repo_and_tag}", proxy.host());
+        (proxy, via)
+    }
+}
+
+/// [`registry_and_model`], then the model built and pushed as `HOST/REPO:TAG`.
+pub fn registry_with_pushed_model<D: AsRef<Path>>(
+    repo_and_tag: &str,
+    write_model: impl FnOnce(&Scratch) -> D,
+) -> Option<ModelOnRegistry<D>> {
+    let m = registry_and_model(repo_and_tag, write_model)?;
+    m.s.build_and_push(&m.dir, &m.reference);
+    Some(m)
 }
 
 /// The manifest `skopeo inspect --raw IMAGE` prints, and its digest (`sha256:...`).
 pub fn skopeo_manifest(image: &str) -> (Vec<u8>, String) {
-    let out = Command::new("skopeo")
-        .args(["inspect", "--raw", image])
-        .output()
-        .expect("skopeo");
-    assert!(
-        out.status.success(),
-        "skopeo: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = checked_output(
+        Command::new("skopeo").args(["inspect", "--raw", image]),
+        "skopeo",
     );
     let digest = format!("sha256:{}", sha256_hex(&out.stdout));
     (out.stdout, digest)
@@ -374,6 +642,8 @@ pub fn oras_python() -> Option<PathBuf> {
 pub struct Mount {
     pub dir: PathBuf,
     guard: Option<Guard>,
+    /// The fresh store of [`Mount::in_fresh_store`], removed after the unmount.
+    own_store: Option<Scratch>,
 }
 
 impl Mount {
@@ -381,20 +651,19 @@ impl Mount {
     /// serves.
     pub fn start(s: &Scratch, reference: &str, dir: &Path, extra: &[&str]) -> Mount {
         fs::create_dir_all(dir).expect("mkdir");
-        let child = Command::new(bin())
-            .arg("--store")
-            .arg(s.store())
-            .args(["mount", reference])
+        let child = s
+            .command(&["mount", reference])
             .arg(dir)
             .args(["--plain-http"])
             .args(extra)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
             .spawn()
             .expect("start mount");
         let mount = Mount {
             dir: dir.to_owned(),
             guard: Some(Guard::new(child)),
+            own_store: None,
         };
         for _ in 0..400 {
             if mount.is_mounted() {
@@ -403,6 +672,22 @@ impl Mount {
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
         panic!("{} did not mount", dir.display());
+    }
+
+    /// [`Mount::start`] at `mnt` in a fresh scratch store that the mount owns.
+    pub fn in_fresh_store(reference: &str, extra: &[&str]) -> Mount {
+        let s = Scratch::new();
+        let mut mount = Mount::start(&s, reference, &s.path("mnt"), extra);
+        mount.own_store = Some(s);
+        mount
+    }
+
+    /// The store of an [`Mount::in_fresh_store`] mount.
+    pub fn store(&self) -> PathBuf {
+        self.own_store
+            .as_ref()
+            .expect("a mount in a fresh store")
+            .store()
     }
 
     pub fn is_mounted(&self) -> bool {

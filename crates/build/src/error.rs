@@ -1,20 +1,15 @@
 //! The build crate's one error type.
 
-use std::io;
 use std::path::PathBuf;
+
+use modelpack_store::PathIoError;
 
 /// What went wrong building an artifact.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O error on a file of the model.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     /// A Modelfile that does not parse.
     #[error("Modelfile line {line}: {message}")]
     Modelfile {
@@ -60,16 +55,3 @@ pub enum Error {
 
 /// Result with the build crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-pub(crate) trait IoContext<T> {
-    fn at(self, path: &std::path::Path) -> Result<T>;
-}
-
-impl<T> IoContext<T> for io::Result<T> {
-    fn at(self, path: &std::path::Path) -> Result<T> {
-        self.map_err(|source| Error::Io {
-            path: path.to_owned(),
-            source,
-        })
-    }
-}

@@ -16,10 +16,10 @@ use modelpack_spec::annotations::{
 use modelpack_spec::oci_spec::image::Descriptor;
 use modelpack_spec::zstd_seek::{SeekEntry, SeekTable};
 use modelpack_spec::{Digest, Encoding, FileMetadata, LayerMediaType};
-use modelpack_store::{Ingest, LinkOutcome, Store};
+use modelpack_store::{Ingest, IoContext, LinkOutcome, Store};
 use sha2::{Digest as _, Sha256};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::plan::{PlannedFile, Source};
 
 /// Uncompressed bytes per independent zstd frame in our seekable zstd layers.

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use modelpack_spec::{LayerKind, LayerPath};
+use modelpack_store::{IoContext, PathIoError};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::modelfile::{Metadata, Modelfile, Selector};
 
 /// Files above this size with an unknown type are taken for weights, below it for code.
@@ -103,12 +104,12 @@ fn walk(context: &Path, excludes: &GlobSet) -> Result<Vec<Entry>> {
     while let Some(next) = it.next() {
         let entry = next.map_err(|e| {
             let path = e.path().map_or_else(|| context.to_owned(), Path::to_owned);
-            Error::Io {
+            Error::Io(PathIoError {
                 path,
                 source: e
                     .into_io_error()
                     .unwrap_or_else(|| std::io::Error::other("walk failed")),
-            }
+            })
         })?;
         let rel_path = entry.path().strip_prefix(context).unwrap_or(entry.path());
         let Some(rel) = rel_path.to_str().map(str::to_owned) else {
@@ -152,28 +153,11 @@ fn symlink_target(entry: &Entry) -> Result<String> {
             reason: "symlink target is not UTF-8".into(),
         });
     };
-    let escape = || Error::SymlinkEscape {
-        path: entry.rel.clone(),
-        target: text.clone(),
-    };
-    if text.starts_with('/') || text.is_empty() {
-        return Err(escape());
-    }
-    let mut depth: Vec<&str> = entry.rel.split('/').collect();
-    depth.pop();
-    for component in text.split('/') {
-        match component {
-            "" | "." => {}
-            ".." => {
-                if depth.pop().is_none() {
-                    return Err(escape());
-                }
-            }
-            other => depth.push(other),
-        }
-    }
-    if depth.is_empty() {
-        return Err(escape());
+    if !modelpack_spec::link_stays_inside(&entry.rel, &text) {
+        return Err(Error::SymlinkEscape {
+            path: entry.rel.clone(),
+            target: text,
+        });
     }
     Ok(text)
 }

@@ -97,6 +97,27 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// Pushes the manifest `digest` of `source` (the store, or a build's files) to `repo` under
+/// `reference`'s tag, through the transfer engine's one walk; returns the pushed digest.
+pub fn push_artifact<S: modelpack_transfer::Source>(
+    source: &S,
+    digest: &modelpack_spec::Digest,
+    repo: &Repository,
+    reference: &Reference,
+    opts: &TransferOptions,
+) -> anyhow::Result<modelpack_spec::Digest> {
+    let copied = runtime()?
+        .block_on(modelpack_transfer::copy(
+            source,
+            digest.as_str(),
+            &modelpack_transfer::Remote::new(repo),
+            reference.tag(),
+            opts,
+        ))
+        .with_context(|| format!("cannot push {}", reference.familiar()))?;
+    Ok(copied.digest)
+}
+
 /// Where content lives.
 #[derive(Debug, Clone)]
 pub enum Target {

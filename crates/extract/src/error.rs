@@ -1,22 +1,14 @@
 //! The extract crate's one error type.
 
-use std::io;
-use std::path::PathBuf;
-
 use modelpack_spec::Digest;
+use modelpack_store::PathIoError;
 
 /// What went wrong extracting a model.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O error on a file.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     /// An entry that would write outside the target or is not allowed in a model.
     #[error("layer {layer}: refusing {path:?}: {reason}")]
     Refused {
@@ -61,16 +53,3 @@ pub enum Error {
 
 /// Result with the extract crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-pub(crate) trait IoContext<T> {
-    fn at(self, path: &std::path::Path) -> Result<T>;
-}
-
-impl<T> IoContext<T> for io::Result<T> {
-    fn at(self, path: &std::path::Path) -> Result<T> {
-        self.map_err(|source| Error::Io {
-            path: path.to_owned(),
-            source,
-        })
-    }
-}

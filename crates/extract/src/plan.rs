@@ -198,29 +198,12 @@ fn refused(layer: &LayerBlob, path: &str, reason: impl Into<String>) -> Error {
     }
 }
 
-/// True when `target`, read from a link at `link`, stays inside the tree.
+/// True when `target`, read from a link at `link`, stays inside the tree and has no NUL bytes or
+/// backslashes.
 fn link_stays_inside(link: &LayerPath, target: &str) -> bool {
-    if target.is_empty()
-        || target.starts_with('/')
-        || target.contains('\0')
-        || target.contains('\\')
-    {
-        return false;
-    }
-    let mut dirs: Vec<&str> = link.components().collect();
-    dirs.pop();
-    for c in target.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                if dirs.pop().is_none() {
-                    return false;
-                }
-            }
-            other => dirs.push(other),
-        }
-    }
-    !dirs.is_empty()
+    !target.contains('\0')
+        && !target.contains('\\')
+        && modelpack_spec::link_stays_inside(link.as_str(), target)
 }
 
 fn file_time(meta: &modelpack_spec::FileMetadata) -> FileTime {

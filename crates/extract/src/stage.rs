@@ -3,18 +3,19 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use filetime::FileTime;
 use modelpack_spec::{Digest, Encoding, LayerPath};
+use modelpack_store::{IoContext, create_new_private};
 use sha2::{Digest as _, Sha256};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::plan::{EntryPlan, ExtractPlan, OverCap, PlannedEntry, tar_stream};
 use crate::{ExtractReport, LayerBlob, LayerSource};
 
@@ -158,15 +159,6 @@ enum Staged {
     HardLink { path: LayerPath, target: LayerPath },
 }
 
-fn create_staged(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .at(path)
-}
-
 fn finish_file(path: &Path, mode: u32, mtime: Option<FileTime>) -> Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).at(path)?;
     if let Some(t) = mtime {
@@ -300,7 +292,7 @@ pub fn extract_planned(
                         .verified_file(layer)
                         .is_some_and(|from| fs::hard_link(from, &staged_path).is_ok());
                 if !linked {
-                    let mut file = create_staged(&staged_path)?;
+                    let mut file = create_new_private(&staged_path).at(&staged_path)?;
                     let mut verifying = Verifying {
                         inner: source.open_layer(layer)?,
                         hasher: Sha256::new(),
@@ -352,7 +344,7 @@ pub fn extract_planned(
                             let final_path = target.join(e.path.as_str());
                             let staged_path = staging.path().join(counter.to_string());
                             counter += 1;
-                            let mut file = create_staged(&staged_path)?;
+                            let mut file = create_new_private(&staged_path).at(&staged_path)?;
                             let (n, same) = copy_comparing(
                                 &mut (&mut entry).take(size.saturating_add(1)),
                                 &mut file,

@@ -17,11 +17,8 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::OnceCell;
 
 use crate::background::Background;
+use crate::error::Error;
 use crate::{Counters, Verify};
-
-/// Why a read failed; becomes EIO.
-#[derive(Debug)]
-pub(crate) struct ReadError(pub String);
 
 /// A blob served lazily.
 pub(crate) struct LazyBlob {
@@ -153,7 +150,7 @@ impl LazyBlob {
         present as f64 / n as f64
     }
 
-    async fn cache_file(&self) -> Result<&std::fs::File, ReadError> {
+    async fn cache_file(&self) -> Result<&std::fs::File, Error> {
         self.cache_file
             .get_or_try_init(|| async {
                 use std::os::unix::fs::OpenOptionsExt;
@@ -165,11 +162,11 @@ impl LazyBlob {
                     .mode(0o600)
                     .open(&self.cache_path)
                     .map_err(|e| {
-                        ReadError(format!("cache file {}: {e}", self.cache_path.display()))
+                        Error::Read(format!("cache file {}: {e}", self.cache_path.display()))
                     })?;
                 if file.metadata().map(|m| m.len()).unwrap_or(0) != self.size {
                     file.set_len(self.size)
-                        .map_err(|e| ReadError(e.to_string()))?;
+                        .map_err(|e| Error::Read(e.to_string()))?;
                 }
                 Ok(file)
             })
@@ -177,7 +174,7 @@ impl LazyBlob {
     }
 
     /// Reads `len` bytes at `offset`, every one of them verified.
-    pub(crate) async fn read(&self, offset: u64, len: u64) -> Result<Bytes, ReadError> {
+    pub(crate) async fn read(&self, offset: u64, len: u64) -> Result<Bytes, Error> {
         let end = (offset + len).min(self.size);
         if offset >= end {
             return Ok(Bytes::new());
@@ -193,7 +190,7 @@ impl LazyBlob {
         }
         if self.chunks.is_none() && self.ctx.verify == Verify::Background {
             if self.poisoned.load(Ordering::SeqCst) {
-                return Err(ReadError(format!(
+                return Err(Error::Read(format!(
                     "blob {} did not match its digest (background verification)",
                     self.digest
                 )));
@@ -214,7 +211,7 @@ impl LazyBlob {
                 let file = self.cache_file().await?;
                 let mut buf = vec![0u8; (end - offset) as usize];
                 file.read_exact_at(&mut buf, offset)
-                    .map_err(|e| ReadError(format!("cache read: {e}")))?;
+                    .map_err(|e| Error::Read(format!("cache read: {e}")))?;
                 Ok(Bytes::from(buf))
             }
             (None, Verify::Full) => {
@@ -233,7 +230,7 @@ impl LazyBlob {
                         )
                         .await
                         .map(drop)
-                        .map_err(|e| ReadError(e.to_string()))
+                        .map_err(|e| Error::Read(e.to_string()))
                     })
                     .await?;
                 pread(
@@ -302,7 +299,7 @@ impl LazyBlob {
 
     /// Makes chunk `i` present; true when it already was. Readers of a chunk another task is
     /// fetching wait for that fetch instead of starting their own.
-    pub(crate) async fn ensure_chunk(&self, i: u64) -> Result<bool, ReadError> {
+    pub(crate) async fn ensure_chunk(&self, i: u64) -> Result<bool, Error> {
         let mut waited = false;
         loop {
             if self.is_present(i) {
@@ -312,7 +309,7 @@ impl LazyBlob {
                 let mut inflight = self
                     .inflight
                     .lock()
-                    .map_err(|_| ReadError("lock poisoned".into()))?;
+                    .map_err(|_| Error::Read("lock poisoned".into()))?;
                 match inflight.get(&i) {
                     Some(n) => Some(n.clone()),
                     None => {
@@ -376,7 +373,7 @@ impl LazyBlob {
 
     /// Fetches chunks `first..first+count` (already claimed in `inflight`) in one ranged GET,
     /// verifying and caching each chunk as it completes, then releases and wakes their waiters.
-    async fn fetch_run(&self, first: u64, count: u64) -> Result<(), ReadError> {
+    async fn fetch_run(&self, first: u64, count: u64) -> Result<(), Error> {
         let result = self.fetch_run_inner(first, count).await;
         // Chunks a failed run did not bring: their readers wake, find them missing and fetch
         // them themselves.
@@ -393,7 +390,7 @@ impl LazyBlob {
         }
     }
 
-    async fn fetch_run_inner(&self, first: u64, count: u64) -> Result<(), ReadError> {
+    async fn fetch_run_inner(&self, first: u64, count: u64) -> Result<(), Error> {
         self.cache_file().await?;
         let start = first * self.ctx.chunk_size;
         let end = ((first + count) * self.ctx.chunk_size).min(self.size);
@@ -403,7 +400,7 @@ impl LazyBlob {
             .repo
             .blob_stream(&self.digest, Some(start..end))
             .await
-            .map_err(|e| ReadError(e.to_string()))?;
+            .map_err(|e| Error::Read(e.to_string()))?;
         let mut chunk_index = first;
         let mut buf = Vec::with_capacity(self.ctx.chunk_size as usize);
         let mut pos = start;
@@ -411,7 +408,7 @@ impl LazyBlob {
             let Some(piece) = body
                 .next_chunk()
                 .await
-                .map_err(|e| ReadError(e.to_string()))?
+                .map_err(|e| Error::Read(e.to_string()))?
             else {
                 break;
             };
@@ -435,7 +432,7 @@ impl LazyBlob {
         }
         self.ctx.counters.record_fetch(started.elapsed());
         if pos < end {
-            return Err(ReadError(format!(
+            return Err(Error::Read(format!(
                 "blob {}: range {start}..{end} ended early at {pos}",
                 self.digest
             )));
@@ -444,7 +441,7 @@ impl LazyBlob {
     }
 
     /// Verifies one fetched chunk and writes it to the cache.
-    fn store_chunk(&self, i: u64, buf: &[u8]) -> Result<(), ReadError> {
+    fn store_chunk(&self, i: u64, buf: &[u8]) -> Result<(), Error> {
         let start = i * self.ctx.chunk_size;
         self.ctx
             .counters
@@ -455,14 +452,14 @@ impl LazyBlob {
             let actual = Digest::from_sha256(Sha256::digest(buf).into());
             let expected = chunks
                 .get(i as usize)
-                .ok_or_else(|| ReadError(format!("chunk index has no chunk {i}")))?;
+                .ok_or_else(|| Error::Read(format!("chunk index has no chunk {i}")))?;
             if &actual != expected {
                 self.ctx
                     .counters
                     .verify_failures
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(blob = %self.digest, chunk = i, %expected, %actual, "chunk failed verification; not served, not cached");
-                return Err(ReadError(format!(
+                return Err(Error::Read(format!(
                     "blob {} chunk {i}: digest mismatch",
                     self.digest
                 )));
@@ -471,14 +468,14 @@ impl LazyBlob {
         let file = self
             .cache_file
             .get()
-            .ok_or_else(|| ReadError("cache file not open".into()))?;
+            .ok_or_else(|| Error::Read("cache file not open".into()))?;
         file.write_all_at(buf, start)
-            .map_err(|e| ReadError(format!("cache write: {e}")))?;
+            .map_err(|e| Error::Read(format!("cache write: {e}")))?;
         let (snapshot, complete) = {
             let mut present = self
                 .present
                 .lock()
-                .map_err(|_| ReadError("lock poisoned".into()))?;
+                .map_err(|_| Error::Read("lock poisoned".into()))?;
             present[i as usize] = true;
             let done = present.iter().filter(|&&b| b).count();
             let complete = done == present.len();
@@ -489,7 +486,7 @@ impl LazyBlob {
         };
         if complete && self.check_whole && !tokio::task::block_in_place(|| self.whole_matches(file))
         {
-            return Err(ReadError(format!(
+            return Err(Error::Read(format!(
                 "blob {}: chunks matched the referrer index but the whole blob does not match its digest",
                 self.digest
             )));
@@ -578,12 +575,12 @@ impl LazyBlob {
     }
 }
 
-fn pread(path: &std::path::Path, offset: u64, len: u64) -> Result<Bytes, ReadError> {
+fn pread(path: &std::path::Path, offset: u64, len: u64) -> Result<Bytes, Error> {
     let file =
-        std::fs::File::open(path).map_err(|e| ReadError(format!("{}: {e}", path.display())))?;
+        std::fs::File::open(path).map_err(|e| Error::Read(format!("{}: {e}", path.display())))?;
     let mut buf = vec![0u8; len as usize];
     file.read_exact_at(&mut buf, offset)
-        .map_err(|e| ReadError(format!("{}: {e}", path.display())))?;
+        .map_err(|e| Error::Read(format!("{}: {e}", path.display())))?;
     Ok(Bytes::from(buf))
 }
 
@@ -675,7 +672,7 @@ mod tests {
             .read(1 << 20, 4096)
             .await
             .expect_err("corrupt bytes were served");
-        assert!(err.0.contains("digest mismatch"), "{}", err.0);
+        assert!(err.to_string().contains("digest mismatch"), "{err}");
         assert_eq!(f.counters.verify_failures.load(Ordering::Relaxed), 1);
         let got = f.blob.read(1 << 20, 4096).await.expect("retry");
         assert_eq!(&got[..], &f.data[1 << 20..(1 << 20) + 4096]);

@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use modelpack_registry::Repository;
 use modelpack_spec::annotations::{ANNOTATION_CHUNK_INDEX_DIGEST, ANNOTATION_CHUNK_INDEX_SIZE};
@@ -22,8 +22,9 @@ use serde_json::json;
 
 use crate::background::Background;
 use crate::blob::{BlobContext, LazyBlob};
+use crate::error::Error;
 use crate::layer::{DeferredLayer, Frames, LazyFile, TarReader};
-use crate::tree::{Content, Kind, ROOT, Timestamp, Tree, time};
+use crate::tree::{Attrs, Content, Kind, ROOT, Tree, time};
 use crate::{Counters, MountOptions, STATUS_FILE};
 
 const TTL: Duration = Duration::from_secs(3600);
@@ -153,8 +154,8 @@ impl std::fmt::Debug for ModelFs {
 }
 
 impl ModelFs {
-    fn attr(&self, ino: u64) -> Result<FileAttr, Errno> {
-        let node = self.tree.get(ino).ok_or(Errno::ENOENT)?;
+    fn attr(&self, ino: u64) -> Result<FileAttr, Error> {
+        let node = self.tree.get(ino).ok_or(Error::NotFound)?;
         let size = match &node.kind {
             Kind::File(Content::Status) => self.status_bytes().len() as u64,
             _ => node.size,
@@ -298,10 +299,10 @@ impl ModelFs {
         }
     }
 
-    fn dir_entries(&self, ino: u64) -> Result<Vec<(OsString, u64, FileType)>, Errno> {
-        let node = self.tree.get(ino).ok_or(Errno::ENOENT)?;
+    fn dir_entries(&self, ino: u64) -> Result<Vec<(OsString, u64, FileType)>, Error> {
+        let node = self.tree.get(ino).ok_or(Error::NotFound)?;
         let Kind::Dir(children) = &node.kind else {
-            return Err(Errno::ENOTDIR);
+            return Err(Error::NotDir);
         };
         let mut out = vec![
             (OsString::from("."), ino, FileType::Directory),
@@ -369,24 +370,24 @@ impl Filesystem for ModelFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(node) = self.tree.get(parent.0) else {
-            return reply.error(Errno::ENOENT);
+            return reply.error(Error::NotFound.errno());
         };
         let Kind::Dir(children) = &node.kind else {
-            return reply.error(Errno::ENOTDIR);
+            return reply.error(Error::NotDir.errno());
         };
         let Some(&ino) = children.get(name) else {
-            return reply.error(Errno::ENOENT);
+            return reply.error(Error::NotFound.errno());
         };
         match self.attr(ino) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(e.errno()),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.attr(ino.0) {
             Ok(attr) => reply.attr(&TTL, &attr),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(e.errno()),
         }
     }
 
@@ -408,23 +409,23 @@ impl Filesystem for ModelFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(Error::ReadOnly.errno());
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.tree.get(ino.0).map(|n| &n.kind) {
             Some(Kind::Symlink(target)) => reply.data(target.as_bytes()),
-            Some(_) => reply.error(Errno::EINVAL),
-            None => reply.error(Errno::ENOENT),
+            Some(_) => reply.error(Error::WrongKind.errno()),
+            None => reply.error(Error::NotFound.errno()),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
-            return reply.error(Errno::EROFS);
+            return reply.error(Error::ReadOnly.errno());
         }
         let Some(node) = self.tree.get(ino.0) else {
-            return reply.error(Errno::ENOENT);
+            return reply.error(Error::NotFound.errno());
         };
         match &node.kind {
             Kind::File(Content::Status) => {
@@ -434,7 +435,7 @@ impl Filesystem for ModelFs {
                 // Bytes of it may still sit in the page cache from reads served before the
                 // background check failed; a new open must not reach them.
                 tracing::warn!(path = %node.path, "open refused: the layer failed background verification");
-                reply.error(Errno::EIO);
+                reply.error(Error::Read("failed background verification".into()).errno());
             }
             Kind::File(content) => {
                 // A complete, verified file goes straight to its local copy (kernel
@@ -455,8 +456,8 @@ impl Filesystem for ModelFs {
                 }
                 reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE);
             }
-            Kind::Dir(_) => reply.error(Errno::EISDIR),
-            Kind::Symlink(_) => reply.error(Errno::from_i32(libc::ELOOP)),
+            Kind::Dir(_) => reply.error(Error::IsDir.errno()),
+            Kind::Symlink(_) => reply.error(Error::Symlink.errno()),
         }
     }
 
@@ -505,13 +506,13 @@ impl Filesystem for ModelFs {
     ) {
         let ino = ino.0;
         let Some(node) = self.tree.get(ino) else {
-            return reply.error(Errno::ENOENT);
+            return reply.error(Error::NotFound.errno());
         };
         let len = u64::from(size);
         match &node.kind {
             Kind::File(Content::Status) => {
                 let Ok(mut snapshot) = self.status_snapshot.lock() else {
-                    return reply.error(Errno::EIO);
+                    return reply.error(Error::Read("status lock poisoned".into()).errno());
                 };
                 if offset == 0 || snapshot.is_empty() {
                     *snapshot = self.status_bytes();
@@ -536,7 +537,7 @@ impl Filesystem for ModelFs {
                                 .fetch_add(buf.len() as u64, Ordering::Relaxed);
                             reply.data(&buf);
                         }
-                        Err(_) => reply.error(Errno::EIO),
+                        Err(e) => reply.error(Error::Read(e.to_string()).errno()),
                     }
                 });
             }
@@ -550,7 +551,7 @@ impl Filesystem for ModelFs {
                     let read = match deferred.local().await {
                         Ok(_) if offset >= end => Ok(Vec::new()),
                         Ok(local) => read_local(&local, offset, end - offset)
-                            .map_err(|e| crate::blob::ReadError(e.to_string())),
+                            .map_err(|e| Error::Read(e.to_string())),
                         Err(e) => Err(e),
                     };
                     match read {
@@ -561,8 +562,8 @@ impl Filesystem for ModelFs {
                             reply.data(&buf);
                         }
                         Err(e) => {
-                            tracing::warn!(%path, offset, size = len, error = %e.0, "read failed");
-                            reply.error(Errno::EIO);
+                            tracing::warn!(%path, offset, size = len, error = %e, "read failed");
+                            reply.error(e.errno());
                         }
                     }
                 });
@@ -573,10 +574,10 @@ impl Filesystem for ModelFs {
                 let counters = self.counters.clone();
                 self.runtime.spawn(async move {
                     let Some(node) = tree.get(ino) else {
-                        return reply.error(Errno::ENOENT);
+                        return reply.error(Error::NotFound.errno());
                     };
                     let Kind::File(Content::Lazy(file)) = &node.kind else {
-                        return reply.error(Errno::EIO);
+                        return reply.error(Error::WrongKind.errno());
                     };
                     // Only a blob that can still fail its check needs its replies counted.
                     let _serving = file.blob.verifies_in_background().then(|| file.blob.serving());
@@ -594,14 +595,14 @@ impl Filesystem for ModelFs {
                             reply.data(&data);
                         }
                         Err(e) => {
-                            tracing::warn!(path = %node.path, offset, size, error = %e.0, "read failed");
-                            reply.error(Errno::EIO);
+                            tracing::warn!(path = %node.path, offset, size, error = %e, "read failed");
+                            reply.error(e.errno());
                         }
                     }
                 });
             }
-            Kind::Dir(_) => reply.error(Errno::EISDIR),
-            Kind::Symlink(_) => reply.error(Errno::EINVAL),
+            Kind::Dir(_) => reply.error(Error::IsDir.errno()),
+            Kind::Symlink(_) => reply.error(Error::WrongKind.errno()),
         }
     }
 
@@ -624,7 +625,7 @@ impl Filesystem for ModelFs {
         _size: u32,
         reply: ReplyXattr,
     ) {
-        reply.error(Errno::NO_XATTR);
+        reply.error(Error::NoAttribute.errno());
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -647,7 +648,7 @@ impl Filesystem for ModelFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(Error::ReadOnly.errno());
     }
 
     fn mkdir(
@@ -659,7 +660,7 @@ impl Filesystem for ModelFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(Error::ReadOnly.errno());
     }
 
     fn mknod(
@@ -672,7 +673,7 @@ impl Filesystem for ModelFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(Error::ReadOnly.errno());
     }
 
     fn symlink(
@@ -683,7 +684,7 @@ impl Filesystem for ModelFs {
         _target: &Path,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(Error::ReadOnly.errno());
     }
 
     fn link(
@@ -694,15 +695,15 @@ impl Filesystem for ModelFs {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(Error::ReadOnly.errno());
     }
 
     fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+        reply.error(Error::ReadOnly.errno());
     }
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+        reply.error(Error::ReadOnly.errno());
     }
 
     fn create(
@@ -715,7 +716,7 @@ impl Filesystem for ModelFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(Error::ReadOnly.errno());
     }
 
     fn rename(
@@ -728,7 +729,7 @@ impl Filesystem for ModelFs {
         _flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(Error::ReadOnly.errno());
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -748,14 +749,14 @@ impl Filesystem for ModelFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.tree.get(ino.0).map(|n| &n.kind) {
             Some(Kind::Dir(_)) => reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR),
-            Some(_) => reply.error(Errno::ENOTDIR),
-            None => reply.error(Errno::ENOENT),
+            Some(_) => reply.error(Error::NotDir.errno()),
+            None => reply.error(Error::NotFound.errno()),
         }
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         if mask.contains(AccessFlags::W_OK) {
-            return reply.error(Errno::EROFS);
+            return reply.error(Error::ReadOnly.errno());
         }
         reply.ok();
     }
@@ -770,7 +771,7 @@ impl Filesystem for ModelFs {
     ) {
         let entries = match self.dir_entries(ino.0) {
             Ok(e) => e,
-            Err(e) => return reply.error(e),
+            Err(e) => return reply.error(e.errno()),
         };
         for (i, (name, child, kind)) in entries.into_iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
@@ -790,12 +791,12 @@ impl Filesystem for ModelFs {
     ) {
         let entries = match self.dir_entries(ino.0) {
             Ok(e) => e,
-            Err(e) => return reply.error(e),
+            Err(e) => return reply.error(e.errno()),
         };
         for (i, (name, child, _)) in entries.into_iter().enumerate().skip(offset as usize) {
             let attr = match self.attr(child) {
                 Ok(a) => a,
-                Err(e) => return reply.error(e),
+                Err(e) => return reply.error(e.errno()),
             };
             if reply.add(
                 INodeNo(child),
@@ -812,37 +813,19 @@ impl Filesystem for ModelFs {
     }
 }
 
-/// Why a mount failed.
-#[derive(Debug, thiserror::Error)]
-pub enum MountError {
-    /// The registry failed.
-    #[error(transparent)]
-    Registry(#[from] modelpack_registry::Error),
-    /// Fetching a blob failed.
-    #[error(transparent)]
-    Transfer(#[from] modelpack_transfer::Error),
-    /// Unpacking a tar layer failed.
-    #[error(transparent)]
-    Extract(#[from] modelpack_extract::Error),
-    /// The artifact is not a valid ModelPack artifact.
-    #[error("{0}")]
-    Invalid(String),
-    /// A spec-level problem.
-    #[error(transparent)]
-    Spec(#[from] modelpack_spec::Error),
-    /// The FUSE mount itself failed.
-    #[error("mounting at {path}: {source}")]
-    Mount {
-        /// The mount point.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-fn mtime_of(meta: Option<&modelpack_spec::FileMetadata>) -> Option<Timestamp> {
-    meta.map(|m| time(m.mtime.timestamp(), m.mtime.timestamp_subsec_nanos()))
+/// A file's attributes as its layer records them (mode 0644, the mount's owner and start time
+/// where it records none).
+fn recorded(size: u64, meta: Option<&modelpack_spec::FileMetadata>) -> Attrs {
+    match meta {
+        None => Attrs::new(size, 0o644),
+        Some(m) => Attrs {
+            size,
+            mode: (m.mode & 0o777) as u16,
+            uid: Some(m.uid),
+            gid: Some(m.gid),
+            mtime: Some(time(m.mtime.timestamp(), m.mtime.timestamp_subsec_nanos())),
+        },
+    }
 }
 
 fn ids() -> (u32, u32) {
@@ -887,7 +870,7 @@ pub async fn resolve(
     repo: &Repository,
     reference: &str,
     store: &modelpack_store::Store,
-) -> Result<Resolved, MountError> {
+) -> Result<Resolved, Error> {
     resolve_counted(repo, reference, store, &TransferOptions::new(4)).await
 }
 
@@ -896,10 +879,10 @@ async fn resolve_counted(
     reference: &str,
     store: &modelpack_store::Store,
     transfer: &TransferOptions,
-) -> Result<Resolved, MountError> {
+) -> Result<Resolved, Error> {
     let fetched = repo.get_manifest(reference).await?;
     let manifest = ModelManifest::from_slice(&fetched.bytes).map_err(|report| {
-        MountError::Invalid(format!(
+        Error::Invalid(format!(
             "not a valid ModelPack manifest: {}",
             report.error_summary()
         ))
@@ -926,8 +909,8 @@ async fn resolve_counted(
             modelpack_transfer::fetch_blob(repo, store, &blob, transfer).await?;
             let bytes = store
                 .read_blob(&digest, size)
-                .map_err(|e| MountError::Invalid(format!("chunk index: {e}")))?;
-            Some(ChunkIndex::from_slice(&bytes).map_err(|e| MountError::Invalid(e.to_string()))?)
+                .map_err(|e| Error::Invalid(format!("chunk index: {e}")))?;
+            Some(ChunkIndex::from_slice(&bytes).map_err(|e| Error::Invalid(e.to_string()))?)
         }
         _ => crate::index::find_referrer_index(repo, &fetched.digest).await,
     };
@@ -964,6 +947,17 @@ impl<'a> TreeBuilder<'a> {
         }
     }
 
+    /// Adds an entry to the tree; an error when its path clashes with another entry.
+    fn add(&mut self, path: &str, kind: Kind, attrs: Attrs) -> Result<(), Error> {
+        if self.tree.add(path, kind, attrs) {
+            Ok(())
+        } else {
+            Err(Error::Invalid(format!(
+                "path {path} clashes with another entry"
+            )))
+        }
+    }
+
     /// The layer's chunk digests, if the index covers it.
     fn chunks_of(&self, layer: &modelpack_spec::ModelLayer) -> Option<Vec<Digest>> {
         self.resolved.index.as_ref().and_then(|i| {
@@ -989,7 +983,7 @@ impl<'a> TreeBuilder<'a> {
     }
 
     /// Raw layers: one lazy file each.
-    fn add_raw_layers(&mut self) -> Result<(), MountError> {
+    fn add_raw_layers(&mut self) -> Result<(), Error> {
         let (opts, manifest) = (self.opts, &self.resolved.manifest);
         let wanted = |digest: &Digest| opts.layers.as_ref().is_none_or(|l| l.contains(digest));
         for layer in manifest.layers() {
@@ -1004,22 +998,11 @@ impl<'a> TreeBuilder<'a> {
                     b
                 }
             };
-            let meta = layer.metadata.as_ref();
-            let mode = meta.map_or(0o644, |m| (m.mode & 0o777) as u16);
-            if !self.tree.add(
+            self.add(
                 layer.path.as_str(),
                 Kind::File(Content::Lazy(LazyFile::raw(blob))),
-                layer.size(),
-                mode,
-                meta.map(|m| m.uid),
-                meta.map(|m| m.gid),
-                mtime_of(meta),
-            ) {
-                return Err(MountError::Invalid(format!(
-                    "path {} clashes with another entry",
-                    layer.path
-                )));
-            }
+                recorded(layer.size(), layer.metadata.as_ref()),
+            )?;
         }
 
         Ok(())
@@ -1027,7 +1010,7 @@ impl<'a> TreeBuilder<'a> {
 
     /// Tar layers: read in place where the index covers them, shown from their annotations and
     /// unpacked on first read where those describe one file, unpacked into the cache otherwise.
-    async fn add_tar_layers(&mut self) -> Result<(), MountError> {
+    async fn add_tar_layers(&mut self) -> Result<(), Error> {
         let opts = self.opts;
         let wanted = |digest: &Digest| opts.layers.as_ref().is_none_or(|l| l.contains(digest));
         let tar_layers: Vec<&'a modelpack_spec::ModelLayer> = self
@@ -1053,7 +1036,7 @@ impl<'a> TreeBuilder<'a> {
     async fn lazy_tar_layers(
         &self,
         tar_layers: &[&modelpack_spec::ModelLayer],
-    ) -> Result<LazyLayers, MountError> {
+    ) -> Result<LazyLayers, Error> {
         let opts = self.opts;
         let mut lazy_layers: HashMap<Digest, (Arc<LazyBlob>, Option<Arc<Frames>>)> = HashMap::new();
         for layer in tar_layers {
@@ -1067,7 +1050,7 @@ impl<'a> TreeBuilder<'a> {
                 Encoding::TarZstd => match Frames::load(&blob).await {
                     Ok(Some(frames)) => Some(Arc::new(frames)),
                     Ok(None) => continue,
-                    Err(e) => return Err(MountError::Invalid(e.0)),
+                    Err(e) => return Err(Error::Invalid(e.to_string())),
                 },
                 _ => continue,
             };
@@ -1104,9 +1087,7 @@ impl<'a> TreeBuilder<'a> {
         tar_layers: &[&modelpack_spec::ModelLayer],
         lazy_layers: &LazyLayers,
         trees: &Path,
-    ) -> Result<Vec<Digest>, MountError> {
-        let opts = self.opts;
-        let (repo, transfer) = (&opts.repository, self.ctx.transfer.clone());
+    ) -> Result<Vec<Digest>, Error> {
         let mut deferred: Vec<Digest> = Vec::new();
         for layer in tar_layers
             .iter()
@@ -1130,24 +1111,13 @@ impl<'a> TreeBuilder<'a> {
                 layer.path.clone(),
                 meta.size as u64,
                 trees.join("deferred").join(layer.digest.encoded()),
-                repo.clone(),
-                opts.store.clone(),
-                transfer.clone(),
+                self.ctx.clone(),
             ));
-            if !self.tree.add(
+            self.add(
                 layer.path.as_str(),
                 Kind::File(Content::Deferred(file)),
-                meta.size as u64,
-                (meta.mode & 0o777) as u16,
-                Some(meta.uid),
-                Some(meta.gid),
-                mtime_of(Some(meta)),
-            ) {
-                return Err(MountError::Invalid(format!(
-                    "path {} clashes with another entry",
-                    layer.path
-                )));
-            }
+                recorded(meta.size as u64, Some(meta)),
+            )?;
             deferred.push(layer.digest.clone());
         }
         Ok(deferred)
@@ -1161,7 +1131,7 @@ impl<'a> TreeBuilder<'a> {
         tar_layers: &[&modelpack_spec::ModelLayer],
         lazy_layers: LazyLayers,
         trees: &Path,
-    ) -> Result<(), MountError> {
+    ) -> Result<(), Error> {
         let opts = self.opts;
         let manifest = &self.resolved.manifest;
         let (repo, transfer) = (&opts.repository, self.ctx.transfer.clone());
@@ -1190,7 +1160,7 @@ impl<'a> TreeBuilder<'a> {
                 })
             })
             .await
-            .map_err(|e| MountError::Invalid(format!("planning the tar layers: {e}")))??;
+            .map_err(|e| Error::Invalid(format!("planning the tar layers: {e}")))??;
             let lazy_of = |entry: &modelpack_extract::PlannedEntry| {
                 lazy_layers.get(&plan.layers[entry.layer].digest).cloned()
             };
@@ -1230,15 +1200,11 @@ impl<'a> TreeBuilder<'a> {
                     ),
                     None => (Content::Local(trees.join(local)), size),
                 };
-                let ok = match &entry.kind {
-                    modelpack_extract::EntryPlan::Dir => {
-                        self.tree.set_dir_attrs(path, mode, mtime);
-                        true
-                    }
+                match &entry.kind {
+                    modelpack_extract::EntryPlan::Dir => self.tree.set_dir_attrs(path, mode, mtime),
                     modelpack_extract::EntryPlan::TarFile { size, offset } => {
                         let (content, size) = file(*offset, *size, path);
-                        self.tree
-                            .add(path, Kind::File(content), size, mode, None, None, mtime)
+                        self.add(path, Kind::File(content), Attrs::new(size, mode).at(mtime))?;
                     }
                     modelpack_extract::EntryPlan::HardLink { target } => {
                         let (content, size) =
@@ -1252,24 +1218,14 @@ impl<'a> TreeBuilder<'a> {
                                     (Content::Local(trees.join(target.as_str())), size)
                                 }
                             };
-                        self.tree
-                            .add(path, Kind::File(content), size, mode, None, None, mtime)
+                        self.add(path, Kind::File(content), Attrs::new(size, mode).at(mtime))?;
                     }
-                    modelpack_extract::EntryPlan::Symlink { target } => self.tree.add(
+                    modelpack_extract::EntryPlan::Symlink { target } => self.add(
                         path,
                         Kind::Symlink(target.clone()),
-                        target.len() as u64,
-                        0o777,
-                        None,
-                        None,
-                        mtime,
-                    ),
-                    modelpack_extract::EntryPlan::RawFile { .. } => true,
-                };
-                if !ok {
-                    return Err(MountError::Invalid(format!(
-                        "path {path} clashes with another entry"
-                    )));
+                        Attrs::new(target.len() as u64, 0o777).at(mtime),
+                    )?,
+                    modelpack_extract::EntryPlan::RawFile { .. } => {}
                 }
             }
             for (blob, _) in lazy_layers.into_values() {
@@ -1285,18 +1241,14 @@ impl<'a> TreeBuilder<'a> {
             self.tree.add(
                 STATUS_FILE,
                 Kind::File(Content::Status),
-                0,
-                0o444,
-                None,
-                None,
-                None,
+                Attrs::new(0, 0o444),
             );
         }
     }
 }
 
 /// Mounts the artifact `opts` names at `dir` and serves it until unmounted.
-pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, MountError> {
+pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Error> {
     let repo = &opts.repository;
     let counters = Arc::new(Counters::default());
     let mut transfer = TransferOptions::new(4);
@@ -1311,7 +1263,7 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
     // Private: cached model bytes are readable only by the mount's owner.
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
         .create(&opts.cache_dir)
-        .map_err(|source| MountError::Mount {
+        .map_err(|source| Error::Mount {
             path: opts.cache_dir.clone(),
             source,
         })?;
@@ -1324,7 +1276,7 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
             .iter()
             .find(|d| !resolved.manifest.layers().iter().any(|l| &l.digest == *d))
     {
-        return Err(MountError::Invalid(format!(
+        return Err(Error::Invalid(format!(
             "layer {missing} is not in manifest {}",
             resolved.digest
         )));
@@ -1369,7 +1321,7 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Mount
 
 /// Mounts `fs` at `dir` and starts what runs beside it: the prefetch of small (or all) files
 /// and the page-cache invalidation of blobs that fail background verification.
-async fn serve(fs: ModelFs, dir: &Path, opts: &MountOptions) -> Result<MountedModel, MountError> {
+async fn serve(fs: ModelFs, dir: &Path, opts: &MountOptions) -> Result<MountedModel, Error> {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName("modelpack".into()),
@@ -1388,7 +1340,7 @@ async fn serve(fs: ModelFs, dir: &Path, opts: &MountOptions) -> Result<MountedMo
         let dir = dir.to_owned();
         tokio::task::spawn_blocking(move || fuser::spawn_mount(fs, &dir, &config)).await
     };
-    let mount_error = |source| MountError::Mount {
+    let mount_error = |source| Error::Mount {
         path: dir.to_owned(),
         source,
     };
@@ -1589,6 +1541,113 @@ mod tests {
             Kind::File(Content::Status)
         ));
         assert_eq!(builder.blobs.len(), 2);
+    }
+
+    /// A tar layer (no annotations) holding `files`, as a manifest layer; its blob goes into
+    /// `store` when given.
+    fn tar_layer(
+        folder: &str,
+        files: &[(&str, &[u8])],
+        store: Option<&modelpack_store::Store>,
+    ) -> serde_json::Value {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, body) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(body.len() as u64);
+            header.set_mode(0o640);
+            header.set_mtime(1_700_000_000);
+            builder
+                .append_data(&mut header, path, *body)
+                .expect("tar entry");
+        }
+        let blob = builder.into_inner().expect("tar");
+        if let Some(store) = store {
+            store.put_bytes(&blob).expect("blob into the store");
+        }
+        serde_json::json!({
+            "mediaType": LayerMediaType::new(LayerKind::Weight, Encoding::Tar).to_string(),
+            "digest": Digest::sha256_of(&blob).to_string(),
+            "size": blob.len(),
+            "annotations": { ANNOTATION_FILEPATH: folder },
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tar_layer_without_an_index_is_planned_from_its_headers_and_unpacked_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = options(dir.path());
+        let r = resolved(vec![
+            layer(LayerKind::WeightConfig, "config.json", b"{}", None),
+            tar_layer(
+                "shards",
+                &[
+                    ("shards/a.bin", b"first shard"),
+                    ("shards/b.bin", b"second"),
+                ],
+                Some(&opts.store),
+            ),
+        ]);
+        let mut builder = TreeBuilder::new(&opts, &r, context(&opts));
+        builder.add_raw_layers().expect("raw layers");
+        // The blob is in the store already: nothing is fetched (the registry does not exist).
+        builder.add_tar_layers().await.expect("tar layers");
+        for (path, body) in [
+            ("shards/a.bin", &b"first shard"[..]),
+            ("shards/b.bin", b"second"),
+        ] {
+            let node = find(&builder.tree, path);
+            assert_eq!((node.size, node.mode), (body.len() as u64, 0o640));
+            let Kind::File(Content::Local(local)) = &node.kind else {
+                panic!("{path} is not served from the unpacked tree");
+            };
+            assert_eq!(std::fs::read(local).expect("unpacked file"), body);
+        }
+        assert!(matches!(find(&builder.tree, "shards").kind, Kind::Dir(_)));
+        find(&builder.tree, "config.json");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tar_layer_described_by_its_annotations_is_shown_before_any_byte_is_fetched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = options(dir.path());
+        let body = b"one file in a tar";
+        let mut described = tar_layer("model.gguf", &[("model.gguf", body)], None);
+        described["annotations"] = serde_json::json!({
+            ANNOTATION_FILEPATH: "model.gguf",
+            ANNOTATION_FILE_METADATA: serde_json::json!({
+                "name": "model.gguf", "mode": 0o600, "uid": 0, "gid": 0, "size": body.len(),
+                "mtime": "2025-01-02T03:04:05Z", "typeflag": 0
+            })
+            .to_string(),
+        });
+        let r = resolved(vec![described]);
+        let mut builder = TreeBuilder::new(&opts, &r, context(&opts));
+        // The blob is nowhere: planning must not need it.
+        builder.add_tar_layers().await.expect("tar layers");
+        let node = find(&builder.tree, "model.gguf");
+        assert_eq!((node.size, node.mode), (body.len() as u64, 0o600));
+        assert!(matches!(node.kind, Kind::File(Content::Deferred(_))));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tar_entry_that_clashes_with_a_raw_layer_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = options(dir.path());
+        let r = resolved(vec![
+            layer(LayerKind::Doc, "README.md", b"# m", None),
+            tar_layer(
+                "README.md/inner",
+                &[("README.md/inner", b"x")],
+                Some(&opts.store),
+            ),
+        ]);
+        let mut builder = TreeBuilder::new(&opts, &r, context(&opts));
+        builder.add_raw_layers().expect("raw layers");
+        let err = builder
+            .add_tar_layers()
+            .await
+            .expect_err("a tar entry under a raw file");
+        assert!(err.to_string().contains("clashes"), "{err}");
     }
 
     #[test]

@@ -10,15 +10,15 @@ use modelpack_spec::media_type::MEDIA_TYPE_CHUNK_INDEX;
 use modelpack_spec::{ChunkHasher, ChunkIndex, Digest, Encoding, ModelManifest};
 use sha2::{Digest as _, Sha256};
 
-use crate::fs::MountError;
+use crate::error::Error;
 
 /// Streams every raw, tar and tar+zstd layer once, hashing it whole and per chunk; refuses a layer whose bytes do
 /// not match its digest; pushes the index and a referrer manifest whose subject is the model.
 /// Returns the referrer manifest's digest.
-pub async fn create_index(repo: &Repository, reference: &str) -> Result<Digest, MountError> {
+pub async fn create_index(repo: &Repository, reference: &str) -> Result<Digest, Error> {
     let fetched = repo.get_manifest(reference).await?;
     let manifest = ModelManifest::from_slice(&fetched.bytes).map_err(|report| {
-        MountError::Invalid(format!(
+        Error::Invalid(format!(
             "not a valid ModelPack manifest: {}",
             report.error_summary()
         ))
@@ -46,7 +46,7 @@ pub async fn create_index(repo: &Repository, reference: &str) -> Result<Digest, 
         let chunks = chunks.finish();
         let actual = Digest::from_sha256(whole.finalize().into());
         if actual != layer.digest || total != layer.size() {
-            return Err(MountError::Invalid(format!(
+            return Err(Error::Invalid(format!(
                 "layer {}: the registry sent bytes hashing to {actual}; no index made",
                 layer.digest
             )));

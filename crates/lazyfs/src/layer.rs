@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use modelpack_spec::zstd_seek::{FOOTER_SIZE, SeekTable};
 
-use crate::blob::{LazyBlob, ReadError};
+use crate::blob::{BlobContext, LazyBlob};
+use crate::error::Error;
 
 /// Decoded frames kept per layer (a sequential reader decodes each frame once).
 const RECENT_FRAMES: usize = 4;
@@ -28,7 +29,7 @@ pub(crate) struct Frames {
 impl Frames {
     /// Reads the seek table from the end of `blob` (two small verified reads). `None` when the
     /// blob is not a seekable zstd stream whose frames cover it exactly.
-    pub(crate) async fn load(blob: &LazyBlob) -> Result<Option<Frames>, ReadError> {
+    pub(crate) async fn load(blob: &LazyBlob) -> Result<Option<Frames>, Error> {
         if blob.size < FOOTER_SIZE as u64 {
             return Ok(None);
         }
@@ -82,7 +83,7 @@ impl Frames {
     }
 
     /// Frame `index`, decompressed (from the recent ones when it was just used).
-    async fn frame(&self, blob: &LazyBlob, index: usize) -> Result<Bytes, ReadError> {
+    async fn frame(&self, blob: &LazyBlob, index: usize) -> Result<Bytes, Error> {
         if let Ok(recent) = self.recent.lock()
             && let Some((_, bytes)) = recent.iter().find(|(i, _)| *i == index)
         {
@@ -95,9 +96,9 @@ impl Frames {
         // 2 MiB in our builds, a millisecond or two of work.
         let decoded = zstd::bulk::Decompressor::new()
             .and_then(|mut d| d.decompress(&compressed, ds as usize))
-            .map_err(|e| ReadError(format!("blob {digest} frame {index}: {e}")))?;
+            .map_err(|e| Error::Read(format!("blob {digest} frame {index}: {e}")))?;
         if decoded.len() as u64 != ds {
-            return Err(ReadError(format!(
+            return Err(Error::Read(format!(
                 "blob {digest} frame {index}: {} bytes, the seek table says {ds}",
                 decoded.len()
             )));
@@ -118,14 +119,14 @@ impl Frames {
         blob: &LazyBlob,
         offset: u64,
         len: u64,
-    ) -> Result<Bytes, ReadError> {
+    ) -> Result<Bytes, Error> {
         let end = (offset + len).min(self.decompressed_size);
         let mut out = BytesMut::with_capacity(end.saturating_sub(offset) as usize);
         let mut pos = offset;
         while pos < end {
             let index = self
                 .locate(pos)
-                .ok_or_else(|| ReadError(format!("offset {pos} is past the last frame")))?;
+                .ok_or_else(|| Error::Read(format!("offset {pos} is past the last frame")))?;
             let (_, d, _, ds) = self.frames[index];
             let frame = self.frame(blob, index).await?;
             let from = (pos - d) as usize;
@@ -158,7 +159,7 @@ impl LazyFile {
     }
 
     /// Reads `len` bytes at `offset` of a file of `size` bytes, every one verified.
-    pub(crate) async fn read(&self, offset: u64, len: u64, size: u64) -> Result<Bytes, ReadError> {
+    pub(crate) async fn read(&self, offset: u64, len: u64, size: u64) -> Result<Bytes, Error> {
         let len = len.min(size.saturating_sub(offset));
         if len == 0 {
             return Ok(Bytes::new());
@@ -214,7 +215,7 @@ impl Read for TarReader {
         let bytes = self
             .runtime
             .block_on(self.file.read(self.pos, want, self.size))
-            .map_err(|e| io::Error::other(e.0))?;
+            .map_err(|e| io::Error::other(e.to_string()))?;
         buf[..bytes.len()].copy_from_slice(&bytes);
         self.pos += bytes.len() as u64;
         Ok(bytes.len())
@@ -249,23 +250,21 @@ pub(crate) struct DeferredLayer {
     pub size: u64,
     /// Where layers are unpacked.
     pub trees: PathBuf,
-    pub(crate) repo: modelpack_registry::Repository,
-    pub(crate) store: modelpack_store::Store,
-    pub(crate) transfer: modelpack_transfer::TransferOptions,
+    /// Where the layer is fetched from and into.
+    ctx: Arc<BlobContext>,
     unpacked: tokio::sync::OnceCell<PathBuf>,
 }
 
 impl DeferredLayer {
-    #[allow(clippy::too_many_arguments)]
+    /// The one file `path` of `size` bytes in the layer `blob`, unpacked under `trees` when
+    /// first read.
     pub(crate) fn new(
         blob: modelpack_transfer::BlobRef,
         encoding: modelpack_spec::Encoding,
         path: modelpack_spec::LayerPath,
         size: u64,
         trees: PathBuf,
-        repo: modelpack_registry::Repository,
-        store: modelpack_store::Store,
-        transfer: modelpack_transfer::TransferOptions,
+        ctx: Arc<BlobContext>,
     ) -> DeferredLayer {
         DeferredLayer {
             blob,
@@ -273,9 +272,7 @@ impl DeferredLayer {
             path,
             size,
             trees,
-            repo,
-            store,
-            transfer,
+            ctx,
             unpacked: tokio::sync::OnceCell::new(),
         }
     }
@@ -288,13 +285,14 @@ impl DeferredLayer {
     /// The unpacked file: on the first call, fetches the layer (verified against its digest),
     /// checks it holds exactly the annotated file at the annotated size, and unpacks it with
     /// every rule of `extract`. Concurrent callers share one fetch.
-    pub(crate) async fn local(&self) -> Result<PathBuf, ReadError> {
+    pub(crate) async fn local(&self) -> Result<PathBuf, Error> {
         self.unpacked
             .get_or_try_init(|| async {
-                modelpack_transfer::fetch_blob(&self.repo, &self.store, &self.blob, &self.transfer)
+                let ctx = &self.ctx;
+                modelpack_transfer::fetch_blob(&ctx.repo, &ctx.store, &self.blob, &ctx.transfer)
                     .await
-                    .map_err(|e| ReadError(e.to_string()))?;
-                let store = self.store.clone();
+                    .map_err(|e| Error::Read(e.to_string()))?;
+                let store = ctx.store.clone();
                 let layer = modelpack_extract::LayerBlob {
                     digest: self.blob.digest.clone(),
                     size: self.blob.size,
@@ -303,7 +301,7 @@ impl DeferredLayer {
                 let (path, size, dir) = (self.path.clone(), self.size, self.trees.clone());
                 tokio::task::spawn_blocking(move || unpack_one(&store, layer, &path, size, &dir))
                     .await
-                    .map_err(|e| ReadError(e.to_string()))?
+                    .map_err(|e| Error::Read(e.to_string()))?
             })
             .await
             .cloned()
@@ -318,11 +316,11 @@ fn unpack_one(
     path: &modelpack_spec::LayerPath,
     size: u64,
     dir: &std::path::Path,
-) -> Result<PathBuf, ReadError> {
+) -> Result<PathBuf, Error> {
     let digest = layer.digest.clone();
     let source = modelpack_extract::StoreSource(store);
     let plan = modelpack_extract::plan_tar_layer(layer, Some(size), &source)
-        .map_err(|e| ReadError(e.to_string()))?;
+        .map_err(|e| Error::Read(e.to_string()))?;
     let files: Vec<_> = plan
         .entries
         .iter()
@@ -332,11 +330,11 @@ fn unpack_one(
         && files[0].path == *path
         && matches!(files[0].kind, modelpack_extract::EntryPlan::TarFile { size: s, .. } if s == size);
     if !ok {
-        return Err(ReadError(format!(
+        return Err(Error::Read(format!(
             "layer {digest} does not hold exactly {path} ({size} bytes) as its annotations say"
         )));
     }
     modelpack_extract::extract_planned(&source, &plan, dir, None)
-        .map_err(|e| ReadError(e.to_string()))?;
+        .map_err(|e| Error::Read(e.to_string()))?;
     Ok(dir.join(path.as_str()))
 }

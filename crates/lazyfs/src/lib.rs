@@ -25,6 +25,7 @@
 
 mod background;
 mod blob;
+mod error;
 mod fs;
 mod index;
 mod layer;
@@ -37,7 +38,8 @@ use std::time::Duration;
 use modelpack_registry::Repository;
 use modelpack_store::Store;
 
-pub use fs::{MountError, MountedModel, Resolved, mount, resolve};
+pub use error::{Error, MountError};
+pub use fs::{MountedModel, Resolved, mount, resolve};
 pub use index::create_index;
 
 /// What to do when an artifact has no chunk-digest index.

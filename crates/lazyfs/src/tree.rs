@@ -14,6 +14,33 @@ use crate::layer::{DeferredLayer, LazyFile};
 /// A file time.
 pub(crate) type Timestamp = SystemTime;
 
+/// What an entry shows besides its content: size, permission bits, and owner and time where
+/// recorded (the mount's owner and start time otherwise).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Attrs {
+    pub size: u64,
+    pub mode: u16,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mtime: Option<Timestamp>,
+}
+
+impl Attrs {
+    /// `size` bytes with `mode`, owned by the mount's owner, timed at its start.
+    pub(crate) fn new(size: u64, mode: u16) -> Attrs {
+        Attrs {
+            size,
+            mode,
+            ..Attrs::default()
+        }
+    }
+
+    /// The same, with a recorded time (if any).
+    pub(crate) fn at(self, mtime: Option<Timestamp>) -> Attrs {
+        Attrs { mtime, ..self }
+    }
+}
+
 /// The time `secs` seconds and `nanos` nanoseconds from the epoch (before it when negative).
 pub(crate) fn time(secs: i64, nanos: u32) -> Timestamp {
     match u64::try_from(secs) {
@@ -127,11 +154,7 @@ impl Tree {
                     ino,
                     component,
                     Kind::Dir(BTreeMap::new()),
-                    0,
-                    0o755,
-                    None,
-                    None,
-                    None,
+                    Attrs::new(0, 0o755),
                     &path,
                 ),
             };
@@ -139,28 +162,16 @@ impl Tree {
         Some(ino)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn insert(
-        &mut self,
-        parent: u64,
-        name: &str,
-        kind: Kind,
-        size: u64,
-        mode: u16,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        mtime: Option<Timestamp>,
-        path: &str,
-    ) -> u64 {
+    fn insert(&mut self, parent: u64, name: &str, kind: Kind, attrs: Attrs, path: &str) -> u64 {
         let ino = self.nodes.len() as u64 + 1;
         self.nodes.push(Node {
             parent,
             kind,
-            size,
-            mode,
-            uid: uid.unwrap_or(self.uid),
-            gid: gid.unwrap_or(self.gid),
-            mtime: mtime.unwrap_or(self.now),
+            size: attrs.size,
+            mode: attrs.mode,
+            uid: attrs.uid.unwrap_or(self.uid),
+            gid: attrs.gid.unwrap_or(self.gid),
+            mtime: attrs.mtime.unwrap_or(self.now),
             path: path.to_owned(),
         });
         if let Some(Node {
@@ -174,17 +185,7 @@ impl Tree {
     }
 
     /// Adds a file or symlink at `path`; false when the path clashes with another entry.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn add(
-        &mut self,
-        path: &str,
-        kind: Kind,
-        size: u64,
-        mode: u16,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        mtime: Option<Timestamp>,
-    ) -> bool {
+    pub(crate) fn add(&mut self, path: &str, kind: Kind, attrs: Attrs) -> bool {
         let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
         let Some(parent) = self.ensure_dir(dir) else {
             return false;
@@ -192,7 +193,7 @@ impl Tree {
         if self.child(parent, name).is_some() {
             return false;
         }
-        self.insert(parent, name, kind, size, mode, uid, gid, mtime, path);
+        self.insert(parent, name, kind, attrs, path);
         true
     }
 

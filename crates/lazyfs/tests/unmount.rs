@@ -74,10 +74,10 @@ async fn no_registry_request_after_unmount_returns() {
         .parse()
         .expect("reference");
     let digest: Digest = built.manifest.digest().to_string().parse().expect("digest");
-    modelpack_transfer::push(
+    modelpack_transfer::copy(
         &store,
-        &digest,
-        &Repository::new(&client, &direct),
+        digest.as_str(),
+        &modelpack_transfer::Remote::new(&Repository::new(&client, &direct)),
         Some("v1"),
         &TransferOptions::new(4),
     )

@@ -194,15 +194,21 @@ fn write_config(path: &Path, config: &Value) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io)
 }
 
+/// The credential helper that keeps `registry`'s secrets: its `credHelpers` entry, else the
+/// `credsStore`.
+fn helper_for(config: &Value, registry: &str) -> Option<String> {
+    config["credHelpers"][registry]
+        .as_str()
+        .or(config["credsStore"].as_str())
+        .map(str::to_owned)
+}
+
 /// Stores credentials for `registry`: in the helper the config names, else inline in `auths`
 /// (base64, file mode 0600, as docker does).
 pub fn store(registry: &str, credential: &Credential) -> Result<()> {
     let path = docker_config_path();
     let mut config = read_config(&path)?;
-    let helper_name = config["credHelpers"][registry]
-        .as_str()
-        .or(config["credsStore"].as_str())
-        .map(str::to_owned);
+    let helper_name = helper_for(&config, registry);
     if let Some(name) = helper_name {
         let input = json!({
             "ServerURL": registry,
@@ -224,10 +230,7 @@ pub fn store(registry: &str, credential: &Credential) -> Result<()> {
 pub fn erase(registry: &str) -> Result<bool> {
     let path = docker_config_path();
     let mut config = read_config(&path)?;
-    let helper_name = config["credHelpers"][registry]
-        .as_str()
-        .or(config["credsStore"].as_str())
-        .map(str::to_owned);
+    let helper_name = helper_for(&config, registry);
     let mut removed = false;
     if let Some(auths) = config["auths"].as_object_mut() {
         for key in keys_for(registry) {

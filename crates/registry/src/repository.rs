@@ -14,8 +14,10 @@ use modelpack_spec::media_type::{
 };
 use modelpack_spec::oci_spec::image::{Descriptor, ImageIndex};
 use modelpack_spec::{Digest, Reference};
-use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE};
-use reqwest::{Body, Method, Response};
+use reqwest::header::{
+    ACCEPT, AsHeaderName, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE,
+};
+use reqwest::{Body, Method, RequestBuilder, Response};
 
 use crate::client::{Client, Scope, display_url};
 use crate::error::{Error, Result};
@@ -45,6 +47,9 @@ pub struct FetchedManifest {
     pub digest: Digest,
 }
 
+/// The content type of blob uploads.
+const OCTET_STREAM: &str = "application/octet-stream";
+
 /// A repository (`registry/name`) reached through a [`Client`].
 #[derive(Debug, Clone)]
 pub struct Repository {
@@ -53,11 +58,24 @@ pub struct Repository {
     name: String,
 }
 
+/// What a request does to the repository, which decides the token scope it asks for.
+#[derive(Debug, Clone, Copy)]
+enum Access {
+    Pull,
+    Push,
+    Delete,
+}
+
+/// Builds one attempt of a request (called again for each retry).
+type Build<'a> = dyn Fn(RequestBuilder) -> Result<RequestBuilder> + Send + Sync + 'a;
+
+/// A response header as text, when it is there and is text.
+fn header(resp: &Response, name: impl AsHeaderName) -> Option<&str> {
+    resp.headers().get(name).and_then(|h| h.to_str().ok())
+}
+
 fn location(resp: &Response, base: &str) -> Result<String> {
-    let loc = resp
-        .headers()
-        .get(LOCATION)
-        .and_then(|h| h.to_str().ok())
+    let loc = header(resp, LOCATION)
         .ok_or_else(|| Error::Protocol("upload response has no Location header".into()))?;
     Ok(
         if loc.starts_with("http://") || loc.starts_with("https://") {
@@ -134,28 +152,43 @@ impl Repository {
         )
     }
 
+    /// Sends a request to this repository with the scope `access` needs; see [`Client::send`].
+    async fn send(
+        &self,
+        access: Access,
+        method: Method,
+        url: &str,
+        accept: &[u16],
+        build: &Build<'_>,
+    ) -> Result<Response> {
+        let scope = match access {
+            Access::Pull => Scope::pull(&self.name),
+            Access::Push => Scope::push(&self.name),
+            Access::Delete => Scope::delete(&self.name),
+        };
+        self.client
+            .send(&self.registry, &scope, method, url, accept, build)
+            .await
+    }
+
+    /// DELETEs `tail` (`blobs/<digest>` or `manifests/<digest>`).
+    async fn delete(&self, tail: &str) -> Result<()> {
+        let url = self.url(tail);
+        self.send(Access::Delete, Method::DELETE, &url, &[], &Ok)
+            .await
+            .map(drop)
+    }
+
     /// Size of the blob if the repository has it.
     pub async fn blob_exists(&self, digest: &Digest) -> Result<Option<u64>> {
         let url = self.url(&format!("blobs/{digest}"));
         let resp = self
-            .client
-            .send(
-                &self.registry,
-                &Scope::pull(&self.name),
-                Method::HEAD,
-                &url,
-                &[404],
-                &Ok,
-            )
+            .send(Access::Pull, Method::HEAD, &url, &[404], &Ok)
             .await?;
         if resp.status().as_u16() == 404 {
             return Ok(None);
         }
-        Ok(resp
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|s| s.parse().ok()))
+        Ok(header(&resp, CONTENT_LENGTH).and_then(|s| s.parse().ok()))
     }
 
     /// GETs a blob from byte `start` (to `end`, exclusive, or to its end). A server that ignores
@@ -167,26 +200,18 @@ impl Repository {
         end: Option<u64>,
     ) -> Result<Response> {
         let url = self.url(&format!("blobs/{digest}"));
-        let header = match end {
+        let range = match end {
             Some(end) if end > start => Some(format!("bytes={start}-{}", end - 1)),
             None if start > 0 => Some(format!("bytes={start}-")),
             _ => None,
         };
-        self.client
-            .send(
-                &self.registry,
-                &Scope::pull(&self.name),
-                Method::GET,
-                &url,
-                &[],
-                &|rb| {
-                    Ok(match &header {
-                        Some(h) => rb.header(RANGE, h),
-                        None => rb,
-                    })
-                },
-            )
-            .await
+        self.send(Access::Pull, Method::GET, &url, &[], &|rb| {
+            Ok(match &range {
+                Some(r) => rb.header(RANGE, r),
+                None => rb,
+            })
+        })
+        .await
     }
 
     /// Tries to mount `digest` from repository `from` of the same registry. Returns `Ok(true)`
@@ -212,15 +237,7 @@ impl Repository {
         // 202: an upload session was opened instead; close it.
         if let Ok(loc) = location(&resp, &self.client.base_url(&self.registry)) {
             let _ = self
-                .client
-                .send(
-                    &self.registry,
-                    &Scope::push(&self.name),
-                    Method::DELETE,
-                    &loc,
-                    &[404],
-                    &Ok,
-                )
+                .send(Access::Push, Method::DELETE, &loc, &[404], &Ok)
                 .await;
         }
         Ok(false)
@@ -229,62 +246,46 @@ impl Repository {
     async fn start_upload(&self) -> Result<String> {
         let url = self.url("blobs/uploads/");
         let resp = self
-            .client
-            .send(
-                &self.registry,
-                &Scope::push(&self.name),
-                Method::POST,
-                &url,
-                &[],
-                &|rb| Ok(rb.header(CONTENT_LENGTH, 0)),
-            )
+            .send(Access::Push, Method::POST, &url, &[], &|rb| {
+                Ok(rb.header(CONTENT_LENGTH, 0))
+            })
             .await?;
         location(&resp, &self.client.base_url(&self.registry))
     }
 
-    /// Uploads small bytes in one request.
-    pub async fn push_blob_bytes(&self, digest: &Digest, bytes: Bytes) -> Result<()> {
+    /// Starts an upload and PUTs the whole blob in one request (POST then PUT `?digest=`).
+    /// `body` is called again for each attempt.
+    async fn push_blob_whole(
+        &self,
+        digest: &Digest,
+        len: u64,
+        body: &(dyn Fn() -> Result<Body> + Send + Sync),
+    ) -> Result<()> {
         let loc = self.start_upload().await?;
         let url = with_query(&loc, "digest", digest.as_str());
-        self.client
-            .send(
-                &self.registry,
-                &Scope::push(&self.name),
-                Method::PUT,
-                &url,
-                &[],
-                &|rb| {
-                    Ok(rb
-                        .header(CONTENT_TYPE, "application/octet-stream")
-                        .header(CONTENT_LENGTH, bytes.len())
-                        .body(bytes.clone()))
-                },
-            )
-            .await?;
-        Ok(())
+        self.send(Access::Push, Method::PUT, &url, &[], &|rb| {
+            Ok(rb
+                .header(CONTENT_TYPE, OCTET_STREAM)
+                .header(CONTENT_LENGTH, len)
+                .body(body()?))
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Uploads small bytes in one request.
+    pub async fn push_blob_bytes(&self, digest: &Digest, bytes: Bytes) -> Result<()> {
+        self.push_blob_whole(digest, bytes.len() as u64, &|| {
+            Ok(Body::from(bytes.clone()))
+        })
+        .await
     }
 
     /// Uploads a file in one streamed PUT (POST then PUT `?digest=`), re-streamed from disk on
     /// each retry; nothing is buffered.
     pub async fn push_blob_file(&self, digest: &Digest, path: &Path, size: u64) -> Result<()> {
-        let loc = self.start_upload().await?;
-        let url = with_query(&loc, "digest", digest.as_str());
-        self.client
-            .send(
-                &self.registry,
-                &Scope::push(&self.name),
-                Method::PUT,
-                &url,
-                &[],
-                &|rb| {
-                    Ok(rb
-                        .header(CONTENT_TYPE, "application/octet-stream")
-                        .header(CONTENT_LENGTH, size)
-                        .body(file_body(path, 0, size)?))
-                },
-            )
-            .await?;
-        Ok(())
+        self.push_blob_whole(digest, size, &|| file_body(path, 0, size))
+            .await
     }
 
     /// Uploads a file in PATCH chunks of `chunk_size`; after a failure it asks the registry how
@@ -305,21 +306,13 @@ impl Repository {
             let len = chunk_size.min(size - offset);
             let range = format!("{}-{}", offset, offset + len - 1);
             let result = self
-                .client
-                .send(
-                    &self.registry,
-                    &Scope::push(&self.name),
-                    Method::PATCH,
-                    &loc,
-                    &[],
-                    &|rb| {
-                        Ok(rb
-                            .header(CONTENT_TYPE, "application/octet-stream")
-                            .header(CONTENT_RANGE, &range)
-                            .header(CONTENT_LENGTH, len)
-                            .body(file_body(path, offset, len)?))
-                    },
-                )
+                .send(Access::Push, Method::PATCH, &loc, &[], &|rb| {
+                    Ok(rb
+                        .header(CONTENT_TYPE, OCTET_STREAM)
+                        .header(CONTENT_RANGE, &range)
+                        .header(CONTENT_LENGTH, len)
+                        .body(file_body(path, offset, len)?))
+                })
                 .await;
             match result {
                 Ok(resp) => {
@@ -339,21 +332,8 @@ impl Repository {
                         return Err(e);
                     }
                     // Ask where the upload stands and resume from there.
-                    let status = self
-                        .client
-                        .send(
-                            &self.registry,
-                            &Scope::push(&self.name),
-                            Method::GET,
-                            &loc,
-                            &[],
-                            &Ok,
-                        )
-                        .await?;
-                    let have = status
-                        .headers()
-                        .get(RANGE)
-                        .and_then(|h| h.to_str().ok())
+                    let status = self.send(Access::Push, Method::GET, &loc, &[], &Ok).await?;
+                    let have = header(&status, RANGE)
                         .and_then(|v| v.rsplit('-').next())
                         .and_then(|v| v.parse::<u64>().ok())
                         .map_or(0, |end| end + 1);
@@ -364,48 +344,25 @@ impl Repository {
             }
         }
         let url = with_query(&loc, "digest", digest.as_str());
-        self.client
-            .send(
-                &self.registry,
-                &Scope::push(&self.name),
-                Method::PUT,
-                &url,
-                &[],
-                &|rb| Ok(rb.header(CONTENT_LENGTH, 0)),
-            )
-            .await?;
-        Ok(())
+        self.send(Access::Push, Method::PUT, &url, &[], &|rb| {
+            Ok(rb.header(CONTENT_LENGTH, 0))
+        })
+        .await
+        .map(drop)
     }
 
     /// Deletes a blob.
     pub async fn delete_blob(&self, digest: &Digest) -> Result<()> {
-        let url = self.url(&format!("blobs/{digest}"));
-        self.client
-            .send(
-                &self.registry,
-                &Scope::delete(&self.name),
-                Method::DELETE,
-                &url,
-                &[],
-                &Ok,
-            )
-            .await
-            .map(drop)
+        self.delete(&format!("blobs/{digest}")).await
     }
 
     /// GETs a manifest by tag or digest, verifying a digest reference and capping the size.
     pub async fn get_manifest(&self, reference: &str) -> Result<FetchedManifest> {
         let url = self.url(&format!("manifests/{reference}"));
         let resp = self
-            .client
-            .send(
-                &self.registry,
-                &Scope::pull(&self.name),
-                Method::GET,
-                &url,
-                &[],
-                &|rb| Ok(rb.header(ACCEPT, manifest_accept())),
-            )
+            .send(Access::Pull, Method::GET, &url, &[], &|rb| {
+                Ok(rb.header(ACCEPT, manifest_accept()))
+            })
             .await?;
         if resp
             .content_length()
@@ -415,11 +372,8 @@ impl Repository {
                 "manifest {reference} is over {MAX_MANIFEST_SIZE} bytes"
             )));
         }
-        let content_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|h| h.to_str().ok())
-            .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned());
+        let content_type =
+            header(&resp, CONTENT_TYPE).map(|s| s.split(';').next().unwrap_or(s).trim().to_owned());
         let bytes = read_capped(resp, MAX_MANIFEST_SIZE).await?;
         let digest = Digest::sha256_of(&bytes);
         if let Ok(expected) = reference.parse::<Digest>()
@@ -446,29 +400,20 @@ impl Repository {
     pub async fn head_manifest(&self, reference: &str) -> Result<Option<(Digest, u64)>> {
         let url = self.url(&format!("manifests/{reference}"));
         let resp = self
-            .client
-            .send(
-                &self.registry,
-                &Scope::pull(&self.name),
-                Method::HEAD,
-                &url,
-                &[404],
-                &|rb| Ok(rb.header(ACCEPT, manifest_accept())),
-            )
+            .send(Access::Pull, Method::HEAD, &url, &[404], &|rb| {
+                Ok(rb.header(ACCEPT, manifest_accept()))
+            })
             .await?;
         if resp.status().as_u16() == 404 {
             return Ok(None);
         }
-        let digest = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|h| h.to_str().ok())
-            .and_then(|s| s.parse().ok());
-        let size = resp.content_length().unwrap_or(0);
-        match digest {
-            Some(d) => Ok(Some((d, size))),
-            // Without the header we must read the manifest to know its digest.
-            None => Ok(Some(self.get_manifest(reference).await.map(|m| {
+        let digest = header(&resp, "docker-content-digest").and_then(|s| s.parse().ok());
+        // A HEAD response has no body, so reqwest's content_length() is 0: read the header.
+        let size = header(&resp, "content-length").and_then(|s| s.parse::<u64>().ok());
+        match (digest, size) {
+            (Some(d), Some(size)) => Ok(Some((d, size))),
+            // Without the headers we must read the manifest to know its digest and size.
+            _ => Ok(Some(self.get_manifest(reference).await.map(|m| {
                 let n = m.bytes.len() as u64;
                 (m.digest, n)
             })?)),
@@ -484,33 +429,16 @@ impl Repository {
     ) -> Result<Digest> {
         let digest = Digest::sha256_of(&bytes);
         let url = self.url(&format!("manifests/{reference}"));
-        self.client
-            .send(
-                &self.registry,
-                &Scope::push(&self.name),
-                Method::PUT,
-                &url,
-                &[],
-                &|rb| Ok(rb.header(CONTENT_TYPE, media_type).body(bytes.clone())),
-            )
-            .await?;
+        self.send(Access::Push, Method::PUT, &url, &[], &|rb| {
+            Ok(rb.header(CONTENT_TYPE, media_type).body(bytes.clone()))
+        })
+        .await?;
         Ok(digest)
     }
 
     /// Deletes a manifest by digest.
     pub async fn delete_manifest(&self, digest: &Digest) -> Result<()> {
-        let url = self.url(&format!("manifests/{digest}"));
-        self.client
-            .send(
-                &self.registry,
-                &Scope::delete(&self.name),
-                Method::DELETE,
-                &url,
-                &[],
-                &Ok,
-            )
-            .await
-            .map(drop)
+        self.delete(&format!("manifests/{digest}")).await
     }
 
     /// Every tag, following `Link` pagination.
@@ -520,23 +448,12 @@ impl Repository {
         let mut tags = Vec::new();
         loop {
             let resp = self
-                .client
-                .send(
-                    &self.registry,
-                    &Scope::pull(&self.name),
-                    Method::GET,
-                    &url,
-                    &[404],
-                    &Ok,
-                )
+                .send(Access::Pull, Method::GET, &url, &[404], &Ok)
                 .await?;
             if resp.status().as_u16() == 404 {
                 break;
             }
-            let next = resp
-                .headers()
-                .get("link")
-                .and_then(|h| h.to_str().ok())
+            let next = header(&resp, "link")
                 .and_then(|l| l.split(';').next())
                 .map(|l| {
                     l.trim()
@@ -573,21 +490,10 @@ impl Repository {
             url = with_query(&url, "artifactType", t);
         }
         let resp = self
-            .client
-            .send(
-                &self.registry,
-                &Scope::pull(&self.name),
-                Method::GET,
-                &url,
-                &[404],
-                &Ok,
-            )
+            .send(Access::Pull, Method::GET, &url, &[404], &Ok)
             .await?;
-        let is_index = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|h| h.to_str().ok())
-            .is_some_and(|c| c.starts_with(MEDIA_TYPE_OCI_INDEX));
+        let is_index =
+            header(&resp, CONTENT_TYPE).is_some_and(|c| c.starts_with(MEDIA_TYPE_OCI_INDEX));
         let index: ImageIndex = if resp.status().is_success() && is_index {
             let body = read_capped(resp, MAX_MANIFEST_SIZE).await?;
             serde_json::from_slice(&body).map_err(|e| Error::Protocol(format!("referrers: {e}")))?
@@ -647,15 +553,7 @@ impl Repository {
     pub async fn supports_referrers(&self, digest: &Digest) -> Result<bool> {
         let url = self.url(&format!("referrers/{digest}"));
         let resp = self
-            .client
-            .send(
-                &self.registry,
-                &Scope::pull(&self.name),
-                Method::GET,
-                &url,
-                &[404, 400, 405],
-                &Ok,
-            )
+            .send(Access::Pull, Method::GET, &url, &[404, 400, 405], &Ok)
             .await?;
         Ok(resp.status().is_success())
     }

@@ -41,7 +41,7 @@ pub use digest::Digest;
 pub use error::{Error, Result};
 pub use manifest::{ModelLayer, ModelManifest, descriptor, is_model_manifest, to_canonical_json};
 pub use media_type::{Encoding, LayerKind, LayerMediaType};
-pub use path::LayerPath;
+pub use path::{LayerPath, link_stays_inside};
 pub use reference::{DEFAULT_REGISTRY, DEFAULT_TAG, Reference};
 pub use validate::{
     DocumentKind, MAX_DOCUMENT_SIZE, PRECISIONS, Problem, Report, Severity, detect_kind,

@@ -81,9 +81,43 @@ impl fmt::Debug for LayerPath {
     }
 }
 
+/// True when `target`, the text of a symbolic link at `link` (a relative `/`-separated path in
+/// the tree), resolves inside the tree and not to its root: it is relative, and its `..`
+/// components never climb above the root.
+pub fn link_stays_inside(link: &str, target: &str) -> bool {
+    if target.is_empty() || target.starts_with('/') {
+        return false;
+    }
+    let mut dirs: Vec<&str> = link.split('/').collect();
+    dirs.pop();
+    for component in target.split('/') {
+        match component {
+            "" | "." => {}
+            ".." => {
+                if dirs.pop().is_none() {
+                    return false;
+                }
+            }
+            other => dirs.push(other),
+        }
+    }
+    !dirs.is_empty()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn links_that_stay_inside() {
+        assert!(link_stays_inside("a/b/link", "../x"));
+        assert!(link_stays_inside("a/link", "c/./d"));
+        assert!(link_stays_inside("link", "x"));
+        assert!(!link_stays_inside("a/link", "../../x"));
+        assert!(!link_stays_inside("a/link", ".."));
+        assert!(!link_stays_inside("a/link", "/etc/passwd"));
+        assert!(!link_stays_inside("a/link", ""));
+    }
 
     #[test]
     fn normalises() {

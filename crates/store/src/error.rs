@@ -1,7 +1,7 @@
 //! The store's one error type.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use modelpack_spec::Digest;
 
@@ -9,14 +9,8 @@ use modelpack_spec::Digest;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O error on a path of the store.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     /// No blob with that digest.
     #[error("blob {0} is not in the store")]
     BlobNotFound(Digest),
@@ -71,14 +65,27 @@ impl Error {
 /// Result with the store's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// An I/O error with the path it happened on, as [`IoContext::at`] makes it: the `Io` variant
+/// of the store's, the build's and the extract crate's errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct PathIoError {
+    /// The file or directory.
+    pub path: PathBuf,
+    /// The OS error.
+    #[source]
+    pub source: io::Error,
+}
+
 /// Attaches a path to an I/O error.
-pub(crate) trait IoContext<T> {
-    fn at(self, path: &std::path::Path) -> Result<T>;
+pub trait IoContext<T> {
+    /// The error, if any, as a [`PathIoError`] naming `path`.
+    fn at(self, path: &Path) -> Result<T, PathIoError>;
 }
 
 impl<T> IoContext<T> for io::Result<T> {
-    fn at(self, path: &std::path::Path) -> Result<T> {
-        self.map_err(|source| Error::Io {
+    fn at(self, path: &Path) -> Result<T, PathIoError> {
+        self.map_err(|source| PathIoError {
             path: path.to_owned(),
             source,
         })

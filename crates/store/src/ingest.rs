@@ -25,10 +25,7 @@ impl Ingest {
             .prefix("blob-")
             .tempfile_in(ingest_dir)
             .at(ingest_dir)?;
-        let (file, path) = tmp.keep().map_err(|e| Error::Io {
-            path: ingest_dir.to_owned(),
-            source: e.error,
-        })?;
+        let (file, path) = tmp.keep().map_err(|e| e.error).at(ingest_dir)?;
         file.lock().at(&path)?;
         Ok(Ingest {
             file: Some(file),
@@ -121,18 +118,17 @@ pub fn sha256_reader(reader: &mut impl io::Read) -> io::Result<(Digest, u64)> {
 /// sha256 and length of a file.
 pub fn sha256_file(path: &Path) -> Result<(Digest, u64)> {
     let mut file = File::open(path).at(path)?;
-    sha256_reader(&mut file).at(path)
+    Ok(sha256_reader(&mut file).at(path)?)
 }
 
 /// Opens `path` for writing with mode 0600, failing if it exists.
-pub(crate) fn create_new_private(path: &Path) -> Result<File> {
+pub fn create_new_private(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .at(path)
 }
 
 /// A partial download kept under a name derived from its digest, so an interrupted transfer
@@ -189,7 +185,7 @@ impl Resumable {
     pub fn save_state(&self, bytes: &[u8]) -> Result<()> {
         let tmp = self.state_path.with_extension("state.tmp");
         fs::write(&tmp, bytes).at(&tmp)?;
-        fs::rename(&tmp, &self.state_path).at(&self.state_path)
+        Ok(fs::rename(&tmp, &self.state_path).at(&self.state_path)?)
     }
 
     /// Forgets the partial data (after a digest mismatch).

@@ -14,7 +14,7 @@ use modelpack_spec::oci_spec::image::{Descriptor, ImageIndex, MediaType};
 use modelpack_spec::{Digest, Reference};
 use serde_json::Value;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, IoContext, PathIoError, Result};
 use crate::ingest::{Ingest, Resumable, blob_path_in, create_new_private, sha256_file};
 
 /// Environment variable that names the store folder.
@@ -118,11 +118,11 @@ impl ScratchStore {
 }
 
 fn private_dir(path: &Path) -> Result<()> {
-    fs::DirBuilder::new()
+    Ok(fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(path)
-        .at(path)
+        .at(path)?)
 }
 
 impl Store {
@@ -176,7 +176,7 @@ impl Store {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Error::BlobNotFound(digest.clone())
             } else {
-                Error::Io { path, source: e }
+                PathIoError { path, source: e }.into()
             }
         })
     }
@@ -315,10 +315,7 @@ impl Store {
         tmp.as_file()
             .set_permissions(fs::Permissions::from_mode(0o644))
             .at(tmp.path())?;
-        tmp.persist(&target).map_err(|e| Error::Io {
-            path: target.clone(),
-            source: e.error,
-        })?;
+        tmp.persist(&target).map_err(|e| e.error).at(&target)?;
         Ok(())
     }
 
@@ -603,14 +600,14 @@ fn ref_name(d: &Descriptor) -> Option<&str> {
 
 fn open_lock_file(path: &Path) -> Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
+    Ok(OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
         .open(path)
-        .at(path)
+        .at(path)?)
 }
 
 /// Pushes every `digest` field of the descriptors in a manifest or index (config, layers,

@@ -20,8 +20,8 @@ mod error;
 mod ingest;
 mod layout;
 
-pub use error::{Error, Result};
-pub use ingest::{Ingest, Resumable, sha256_file, sha256_reader};
+pub use error::{Error, IoContext, PathIoError, Result};
+pub use ingest::{Ingest, Resumable, create_new_private, sha256_file, sha256_reader};
 pub use layout::{
     CheckReport, GcGuard, LinkOutcome, PruneReport, STORE_ENV, ScratchStore, Store, StoreEntry,
     default_root,

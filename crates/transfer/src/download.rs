@@ -12,6 +12,7 @@ use modelpack_store::{Resumable, Store};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result, io};
+use crate::target::blocking;
 use crate::{BlobRef, Event, TransferOptions};
 
 /// How a blob got into the store.
@@ -21,12 +22,6 @@ pub enum Fetched {
     Present,
     /// Downloaded (possibly continuing an earlier partial download).
     Downloaded,
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Unsupported(format!("worker thread failed: {e}")))?
 }
 
 fn mismatch(blob: &BlobRef, actual: Digest) -> Error {

@@ -1,7 +1,8 @@
-//! Registry -> plain folder (`pull -o`, `fetch`): the blobs the folder needs go through the same
-//! engine as a pull into the store (adaptive ranges, saved progress, every byte verified), into
-//! a scratch store that the next run resumes from; then the extractor writes the files, linking
-//! each verified raw blob into place instead of copying it, and the scratch store goes.
+//! A plain folder as a content target (`pull -o`, `fetch`): the blobs the folder needs go
+//! through the same walk as a pull into the store (adaptive ranges, saved progress, every byte
+//! verified), into a scratch store that the next run resumes from; then the extractor writes
+//! the files, linking each verified raw blob into place instead of copying it, and the scratch
+//! store goes.
 //!
 //! **Invariant:** the folder gets nothing before every blob it needs verified and every path
 //! was checked; a failure leaves it as it was (the scratch store keeps what was downloaded, so
@@ -10,38 +11,27 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::{Mutex, OnceLock};
 
-use futures_util::{StreamExt as _, TryStreamExt as _};
 use modelpack_extract::{EntryPlan, ExtractReport, LayerBlob, LayerSource, Patterns};
-use modelpack_registry::Repository;
 use modelpack_spec::annotations::ANNOTATION_TITLE;
 use modelpack_spec::oci_spec::image::ImageManifest;
-use modelpack_spec::{Digest, Encoding, LayerPath, ModelManifest, Reference};
-use modelpack_store::Store;
+use modelpack_spec::{Digest, Encoding, LayerPath, ModelManifest};
+use modelpack_store::{ScratchStore, Store};
 
 use crate::error::{Error, Result};
-use crate::{BlobRef, Event, TransferOptions, fetch_blob};
-
-/// What a pull into a folder did.
-#[derive(Debug, Clone)]
-pub struct FolderOutcome {
-    /// The manifest's digest.
-    pub digest: Digest,
-    /// Files written and left alone.
-    pub report: ExtractReport,
-    /// Bytes of the blobs the folder needed.
-    pub total_bytes: u64,
-}
+use crate::target::{Copied, Exists, Manifest, Push, Tag, blocking, store_file};
+use crate::{BlobRef, TransferOptions};
 
 /// The files of an artifact: a ModelPack model by its layers' paths, any other artifact by its
 /// layers' OCI titles (as `oras pull` does).
-enum Files {
+pub(crate) enum Files {
     Model(Box<ModelManifest>),
     Titled(Vec<(LayerPath, LayerBlob)>),
 }
 
 impl Files {
-    fn of(manifest: &[u8]) -> Result<Files> {
+    pub(crate) fn of(manifest: &[u8]) -> Result<Files> {
         let report = match ModelManifest::from_slice(manifest) {
             Ok(m) => return Ok(Files::Model(Box::new(m))),
             Err(report) => report,
@@ -83,7 +73,7 @@ impl Files {
     }
 
     /// Every layer as (path it restores to, blob).
-    fn layers(&self) -> Vec<(LayerPath, LayerBlob)> {
+    pub(crate) fn layers(&self) -> Vec<(LayerPath, LayerBlob)> {
         match self {
             Files::Model(m) => m
                 .layers()
@@ -104,16 +94,210 @@ impl Files {
     }
 }
 
+/// A plain folder as a destination: an artifact's files (a ModelPack model by its layers'
+/// paths, any other artifact by its layers' OCI titles), those the patterns select.
+///
+/// Blobs the folder needs are taken from `store` when it holds them, else they land in a
+/// scratch store inside it (`scratch/pull-<digest>`, locked, resumable); [`Tag::tag`] then
+/// plans and writes the files, linking each verified raw blob into place. Raw files already
+/// identical in the folder are neither fetched nor written. Call [`Folder::finish`] with the
+/// walk's result: it removes the scratch store, or keeps it after a registry failure or a
+/// cancel so the next run continues.
+pub struct Folder<'a> {
+    store: &'a Store,
+    dir: &'a Path,
+    patterns: &'a [String],
+    cancel: Option<&'static AtomicBool>,
+    plan: OnceLock<FolderPlan>,
+    report: Mutex<Option<ExtractReport>>,
+}
+
+/// What [`Folder::begin`](Push::begin) decided from the manifest.
+struct FolderPlan {
+    files: Files,
+    /// Raw files the folder already holds byte for byte.
+    identical: HashSet<LayerPath>,
+    scratch: ScratchStore,
+}
+
+impl std::fmt::Debug for Folder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Folder")
+            .field("dir", &self.dir)
+            .field("patterns", &self.patterns)
+            .finish()
+    }
+}
+
+impl<'a> Folder<'a> {
+    /// The folder `dir` (created if missing), receiving the files `patterns` select (all when
+    /// empty), with blobs `store` holds read from it and the others passing through a scratch
+    /// store inside it.
+    pub fn new(
+        store: &'a Store,
+        dir: &'a Path,
+        patterns: &'a [String],
+        cancel: Option<&'static AtomicBool>,
+    ) -> Folder<'a> {
+        Folder {
+            store,
+            dir,
+            patterns,
+            cancel,
+            plan: OnceLock::new(),
+            report: Mutex::new(None),
+        }
+    }
+
+    fn plan(&self) -> Result<&FolderPlan> {
+        self.plan
+            .get()
+            .ok_or_else(|| Error::Unsupported("folder used before its manifest was known".into()))
+    }
+
+    /// Ends a walk into this folder: on success returns what was written and removes the
+    /// scratch store; after a registry failure or a cancel keeps it for the next run; after
+    /// anything else (a refused path, a full disk) removes it, since it is of no use.
+    pub fn finish(self, walked: Result<Copied>) -> Result<(Copied, ExtractReport)> {
+        let report = self.report.lock().ok().and_then(|mut r| r.take());
+        let scratch = self.plan.into_inner().map(|p| p.scratch);
+        match (walked, report) {
+            (Ok(copied), Some(report)) => {
+                if let Some(scratch) = scratch {
+                    scratch.remove()?;
+                }
+                Ok((copied, report))
+            }
+            (Ok(_), None) => Err(Error::Unsupported(
+                "the folder was never written".to_owned(),
+            )),
+            (
+                Err(
+                    e @ (Error::Registry(_)
+                    | Error::Cancelled
+                    | Error::Extract(modelpack_extract::Error::Cancelled)),
+                ),
+                _,
+            ) => Err(e),
+            (Err(e), _) => {
+                if let Some(scratch) = scratch {
+                    let _ = scratch.remove();
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
 /// True when `path` already holds exactly the blob's bytes (a re-run need not fetch it).
 fn already_there(path: &Path, blob: &LayerBlob) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.len() == blob.size)
         && modelpack_store::sha256_file(path).is_ok_and(|(d, _)| d == blob.digest)
 }
 
-/// Returns once `flag` is set.
-async fn raised(flag: &AtomicBool) {
-    while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+impl Exists for Folder<'_> {
+    async fn exists(&self, blob: &BlobRef) -> Result<bool> {
+        // Blobs the store holds are read from it; the scratch store's own check (in the fetch)
+        // covers what an earlier run brought.
+        Ok(self.store.has_blob(&blob.digest))
+    }
+}
+
+impl Push for Folder<'_> {
+    async fn begin(&self, manifest: &Manifest, _blobs: Vec<BlobRef>) -> Result<Vec<BlobRef>> {
+        let files = Files::of(&manifest.bytes)?;
+        let selected = Patterns::new(self.patterns)?;
+        // Tar layers are always needed: their entries are known only from their headers. Raw
+        // files the folder already holds byte for byte are neither fetched nor written again
+        // (and not hashed a second time by the extractor).
+        let mut needed: Vec<BlobRef> = Vec::new();
+        let mut identical = HashSet::new();
+        for (path, blob) in files.layers() {
+            let raw = blob.encoding == Encoding::Raw;
+            if raw && !selected.matches(path.as_str()) {
+                continue;
+            }
+            if raw && already_there(&self.dir.join(path.as_str()), &blob) {
+                identical.insert(path);
+                continue;
+            }
+            if !needed.iter().any(|b| b.digest == blob.digest) {
+                needed.push(BlobRef {
+                    digest: blob.digest,
+                    size: blob.size,
+                    media_type: String::new(),
+                });
+            }
+        }
+        let scratch = {
+            let store = self.store.clone();
+            let name = format!("pull-{}", manifest.digest.encoded());
+            blocking(move || Ok(store.scratch(&name)?)).await?
+        };
+        self.plan
+            .set(FolderPlan {
+                files,
+                identical,
+                scratch,
+            })
+            .map_err(|_| Error::Unsupported("a folder takes one artifact".into()))?;
+        Ok(needed)
+    }
+
+    fn landing(&self) -> Option<&Store> {
+        self.plan.get().map(|p| p.scratch.store())
+    }
+
+    async fn push(&self, blob: &BlobRef, file: &Path, _opts: &TransferOptions) -> Result<()> {
+        let scratch = self.plan()?.scratch.store().clone();
+        let (blob, file) = (blob.clone(), file.to_owned());
+        blocking(move || store_file(&scratch, &blob, &file)).await
+    }
+}
+
+impl Tag for Folder<'_> {
+    async fn tag(&self, manifest: &Manifest, _tag: Option<&str>) -> Result<Digest> {
+        let plan = self.plan()?;
+        let layers = match &plan.files {
+            Files::Model(_) => None,
+            Files::Titled(files) => Some(files.clone()),
+        };
+        let model = match &plan.files {
+            Files::Model(m) => Some(m.clone()),
+            Files::Titled(_) => None,
+        };
+        let (store, scratch) = (self.store.clone(), plan.scratch.store().clone());
+        let (dir, patterns, cancel) = (self.dir.to_owned(), self.patterns.to_vec(), self.cancel);
+        let identical = plan.identical.clone();
+        let report = blocking(move || -> Result<ExtractReport> {
+            let source = FolderSource {
+                store: &store,
+                scratch: &scratch,
+            };
+            let mut plan = match (&model, layers) {
+                (Some(m), _) => modelpack_extract::plan(m, &source, &patterns)?,
+                (None, files) => {
+                    modelpack_extract::plan_files(files.unwrap_or_default(), &patterns)?
+                }
+            };
+            let mut skipped = 0;
+            for entry in plan.entries.iter_mut().filter(|e| e.selected) {
+                if matches!(entry.kind, EntryPlan::RawFile { .. })
+                    && identical.contains(&entry.path)
+                {
+                    entry.selected = false;
+                    skipped += 1;
+                }
+            }
+            let mut report = modelpack_extract::extract_planned(&source, &plan, &dir, cancel)?;
+            report.skipped += skipped;
+            Ok(report)
+        })
+        .await?;
+        if let Ok(mut slot) = self.report.lock() {
+            *slot = Some(report);
+        }
+        Ok(manifest.digest.clone())
     }
 }
 
@@ -141,132 +325,5 @@ impl LayerSource for FolderSource<'_> {
         self.scratch
             .has_blob(&layer.digest)
             .then(|| self.scratch.blob_path(&layer.digest))
-    }
-}
-
-/// Resolves `reference` in `repo` and writes the artifact's files (those `patterns` select; all
-/// when empty) into `dir`, created if missing. Blobs `store` already holds are read from it;
-/// the others are fetched into a scratch store inside it, which is removed once the files are
-/// in place (and kept after a registry failure or a cancel, so the next run continues).
-pub async fn pull_to_folder(
-    repo: &Repository,
-    reference: &Reference,
-    store: &Store,
-    dir: &Path,
-    patterns: &[String],
-    opts: &TransferOptions,
-    cancel: Option<&'static AtomicBool>,
-) -> Result<FolderOutcome> {
-    let manifest = repo.get_manifest(&reference.tag_or_digest()).await?;
-    let files = Files::of(&manifest.bytes)?;
-    let selected = Patterns::new(patterns)?;
-    // Tar layers are always needed: their entries are known only from their headers. Raw files
-    // the folder already holds byte for byte are neither fetched nor written again (and not
-    // hashed a second time by the extractor).
-    let mut needed: Vec<BlobRef> = Vec::new();
-    let mut identical: HashSet<LayerPath> = HashSet::new();
-    for (path, blob) in files.layers() {
-        let raw = blob.encoding == Encoding::Raw;
-        if raw && !selected.matches(path.as_str()) {
-            continue;
-        }
-        if raw && already_there(&dir.join(path.as_str()), &blob) {
-            identical.insert(path);
-            continue;
-        }
-        if !needed.iter().any(|b| b.digest == blob.digest) {
-            needed.push(BlobRef {
-                digest: blob.digest,
-                size: blob.size,
-                media_type: String::new(),
-            });
-        }
-    }
-    let total_bytes = needed.iter().map(|b| b.size).sum();
-    (opts.progress)(Event::Total { bytes: total_bytes });
-    let scratch = {
-        let store = store.clone();
-        let name = format!("pull-{}", manifest.digest.encoded());
-        tokio::task::spawn_blocking(move || store.scratch(&name))
-            .await
-            .map_err(|e| Error::Unsupported(format!("worker thread failed: {e}")))??
-    };
-    let download = futures_util::stream::iter(needed.iter().map(|b| {
-        let scratch = scratch.store();
-        async move {
-            if store.has_blob(&b.digest) {
-                (opts.progress)(Event::BlobSkipped {
-                    digest: b.digest.clone(),
-                    size: b.size,
-                });
-                return Ok(());
-            }
-            fetch_blob(repo, scratch, b, opts).await.map(|_| ())
-        }
-    }))
-    .buffer_unordered(opts.concurrency)
-    .try_collect::<Vec<()>>();
-    // Ctrl-C stops the downloads where they are (their progress is saved for the next run).
-    let fetched = match cancel {
-        Some(flag) => tokio::select! {
-            done = download => done,
-            () = raised(flag) => Err(Error::Cancelled),
-        },
-        None => download.await,
-    };
-    let result = match fetched {
-        Err(e) => Err(e),
-        Ok(_) => {
-            let (store, scratch_store, dir) =
-                (store.clone(), scratch.store().clone(), dir.to_owned());
-            let patterns = patterns.to_vec();
-            tokio::task::spawn_blocking(move || -> Result<ExtractReport> {
-                let source = FolderSource {
-                    store: &store,
-                    scratch: &scratch_store,
-                };
-                let mut plan = match &files {
-                    Files::Model(m) => modelpack_extract::plan(m, &source, &patterns)?,
-                    Files::Titled(files) => {
-                        modelpack_extract::plan_files(files.clone(), &patterns)?
-                    }
-                };
-                let mut skipped = 0;
-                for entry in plan.entries.iter_mut().filter(|e| e.selected) {
-                    if matches!(entry.kind, EntryPlan::RawFile { .. })
-                        && identical.contains(&entry.path)
-                    {
-                        entry.selected = false;
-                        skipped += 1;
-                    }
-                }
-                let mut report = modelpack_extract::extract_planned(&source, &plan, &dir, cancel)?;
-                report.skipped += skipped;
-                Ok(report)
-            })
-            .await
-            .map_err(|e| Error::Unsupported(format!("worker thread failed: {e}")))?
-        }
-    };
-    match result {
-        Ok(report) => {
-            scratch.remove()?;
-            Ok(FolderOutcome {
-                digest: manifest.digest,
-                report,
-                total_bytes,
-            })
-        }
-        // What was downloaded stays for the next run when the registry or the user stopped
-        // this one; after anything else (a refused path, a full disk) it is of no use.
-        Err(
-            e @ (Error::Registry(_)
-            | Error::Cancelled
-            | Error::Extract(modelpack_extract::Error::Cancelled)),
-        ) => Err(e),
-        Err(e) => {
-            let _ = scratch.remove();
-            Err(e)
-        }
     }
 }

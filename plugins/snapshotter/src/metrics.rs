@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
+use modelpack_proto::control::MountInfo;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 use tracing::warn;
@@ -15,71 +16,73 @@ pub fn render(service: &Service) -> String {
     let rows = mount_rows(service);
     let stats = service.stats();
     let mut out = String::new();
-    let mut counter = |name: &str, help: &str, kind: &str, value: u64| {
+    let mut metric = |name: &str, help: &str, kind: &str, value: u64| {
         let _ = writeln!(out, "# HELP modelpack_snapshotter_{name} {help}");
         let _ = writeln!(out, "# TYPE modelpack_snapshotter_{name} {kind}");
         let _ = writeln!(out, "modelpack_snapshotter_{name} {value}");
     };
-    counter(
-        "remote_prepared_total",
-        "Remote Prepares served lazily.",
-        "counter",
-        stats.remote_prepared.load(Ordering::Relaxed),
-    );
-    counter(
-        "remote_fallbacks_total",
-        "Remote Prepares that fell back to an ordinary snapshot.",
-        "counter",
-        stats.remote_fallbacks.load(Ordering::Relaxed),
-    );
-    counter(
-        "mounts_total",
-        "Remote layer mounts made, remounts on start included.",
-        "counter",
-        stats.mounts.load(Ordering::Relaxed),
-    );
-    counter(
-        "mount_micros_total",
-        "Time spent mounting remote layers, microseconds.",
-        "counter",
-        stats.mount_micros.load(Ordering::Relaxed),
-    );
-    counter(
-        "mounted",
-        "Remote snapshots currently mounted.",
-        "gauge",
-        rows.iter().filter(|r| r.state == "mounted").count() as u64,
-    );
-    counter(
-        "mount_failures",
-        "Remote snapshots that could not be mounted.",
-        "gauge",
-        rows.iter().filter(|r| r.state == "failed").count() as u64,
-    );
-    counter(
-        "fetched_bytes",
-        "Blob bytes fetched from registries, summed over the snapshots held now.",
-        "gauge",
-        rows.iter().map(|r| r.fetched_bytes).sum(),
-    );
-    counter(
-        "served_bytes",
-        "Bytes handed to readers, summed over the snapshots held now.",
-        "gauge",
-        rows.iter().map(|r| r.served_bytes).sum(),
-    );
-    counter(
-        "on_demand_fetches",
-        "Ranged fetches made on demand or by readahead, over the snapshots held now.",
-        "gauge",
-        rows.iter().map(|r| r.fetches).sum(),
-    );
-    counter(
-        "on_demand_fetch_micros",
-        "Total latency of those fetches, microseconds (divide by the count for the mean).",
-        "gauge",
-        rows.iter().map(|r| r.fetch_micros).sum(),
-    );
+    let counters = [
+        (
+            "remote_prepared_total",
+            "Remote Prepares served lazily.",
+            &stats.remote_prepared,
+        ),
+        (
+            "remote_fallbacks_total",
+            "Remote Prepares that fell back to an ordinary snapshot.",
+            &stats.remote_fallbacks,
+        ),
+        (
+            "mounts_total",
+            "Remote layer mounts made, remounts on start included.",
+            &stats.mounts,
+        ),
+        (
+            "mount_micros_total",
+            "Time spent mounting remote layers, microseconds.",
+            &stats.mount_micros,
+        ),
+    ];
+    for (name, help, value) in counters {
+        metric(name, help, "counter", value.load(Ordering::Relaxed));
+    }
+    let in_state = |state: &str| rows.iter().filter(|r| r.state == state).count() as u64;
+    let total = |field: fn(&MountInfo) -> u64| rows.iter().map(field).sum::<u64>();
+    let gauges = [
+        (
+            "mounted",
+            "Remote snapshots currently mounted.",
+            in_state("mounted"),
+        ),
+        (
+            "mount_failures",
+            "Remote snapshots that could not be mounted.",
+            in_state("failed"),
+        ),
+        (
+            "fetched_bytes",
+            "Blob bytes fetched from registries, summed over the snapshots held now.",
+            total(|r| r.fetched_bytes),
+        ),
+        (
+            "served_bytes",
+            "Bytes handed to readers, summed over the snapshots held now.",
+            total(|r| r.served_bytes),
+        ),
+        (
+            "on_demand_fetches",
+            "Ranged fetches made on demand or by readahead, over the snapshots held now.",
+            total(|r| r.fetches),
+        ),
+        (
+            "on_demand_fetch_micros",
+            "Total latency of those fetches, microseconds (divide by the count for the mean).",
+            total(|r| r.fetch_micros),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        metric(name, help, "gauge", value);
+    }
     let _ = writeln!(
         out,
         "# HELP modelpack_snapshotter_layer_fetched_bytes Blob bytes fetched, per layer.\n\

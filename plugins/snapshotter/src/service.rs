@@ -445,16 +445,6 @@ impl Service {
             held: None,
         };
         chain.held = Some(chain.chain.clone().lock_owned().await);
-        self.prepare_locked(target, parent, labels, layer).await
-    }
-
-    async fn prepare_locked(
-        &self,
-        target: &str,
-        parent: &str,
-        labels: &HashMap<String, String>,
-        layer: RemoteLayer,
-    ) -> Result<(), String> {
         let id = {
             let mut meta = self.inner.meta.lock().await;
             if let Some(existing) = meta.get(target) {
@@ -1074,21 +1064,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let svc = service(dir.path(), Arc::new(FakeMounter::default()));
         svc.prepare("a", "", HashMap::new()).await.expect("prepare");
-        assert_eq!(
+        // An existing key, a missing parent, an empty key, a view of an active snapshot.
+        let refused = [
             code(svc.prepare("a", "", HashMap::new()).await),
-            Code::AlreadyExists
-        );
-        assert_eq!(
             code(svc.prepare("b", "nope", HashMap::new()).await),
-            Code::NotFound
-        );
-        assert_eq!(
             code(svc.prepare("", "", HashMap::new()).await),
-            Code::InvalidArgument
-        );
-        assert_eq!(
             code(svc.view("v0", "a", HashMap::new()).await),
-            Code::FailedPrecondition
+        ];
+        assert_eq!(
+            refused,
+            [
+                Code::AlreadyExists,
+                Code::NotFound,
+                Code::InvalidArgument,
+                Code::FailedPrecondition
+            ]
         );
         svc.commit("c", "a", HashMap::new()).await.expect("commit");
         assert_eq!(

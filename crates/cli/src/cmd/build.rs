@@ -161,17 +161,8 @@ fn push_built(
     let repo = crate::remote::repository(&client, reference);
     let renderer = crate::remote::Renderer::new(global.quiet, "pushing");
     let opts = registry.transfer_options(concurrency.max(4), renderer.progress());
-    let rt = crate::remote::runtime()?;
-    let pushed = rt
-        .block_on(modelpack_transfer::push_with_sources(
-            store,
-            &digest,
-            &sources,
-            &repo,
-            reference.tag(),
-            &opts,
-        ))
-        .with_context(|| format!("cannot push {}", reference.familiar()))?;
+    let source = modelpack_transfer::WithFiles::new(store, &sources);
+    let pushed = crate::remote::push_artifact(&source, &digest, &repo, reference, &opts)?;
     let summary = renderer.finish();
     if global.quiet {
         println!("{pushed}");

@@ -3,10 +3,11 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context as _;
+use anyhow::bail;
 use clap::Args;
-use modelpack_spec::Digest;
+use modelpack_registry::Repository;
 use modelpack_store::Store;
+use modelpack_transfer::{Remote, copy};
 use serde_json::json;
 
 use crate::args::{GlobalArgs, OutputFormat};
@@ -26,6 +27,14 @@ pub struct CopyArgs {
     pub format: OutputFormat,
 }
 
+/// A registry side's repository.
+fn registry_of(client: &modelpack_registry::Client, target: &Target) -> Option<Repository> {
+    match target {
+        Target::Registry(r) => Some(crate::remote::repository(client, r)),
+        _ => None,
+    }
+}
+
 /// A local side: the store or layout, and the exact name inside it.
 fn local(global: &GlobalArgs, target: &Target) -> anyhow::Result<Option<(Store, String)>> {
     Ok(match target {
@@ -39,68 +48,65 @@ pub fn run(global: &GlobalArgs, args: CopyArgs) -> anyhow::Result<ExitCode> {
     let source = Target::parse(&args.source)?;
     let destination = Target::parse(&args.destination)?;
     let client = args.registry.client()?;
-    let rt = crate::remote::runtime()?;
     let renderer = Renderer::new(global.quiet, "copying");
     let opts = args.registry.transfer_options(renderer.progress());
-    let digest: Digest = match (&source, &destination) {
-        (Target::Registry(src), Target::Registry(dst)) => {
-            let scratch_root = super::open_store(global)?.root().join("ingest");
-            let scratch_dir = tempfile::Builder::new()
-                .prefix("copy-")
-                .tempdir_in(&scratch_root)
-                .with_context(|| {
-                    format!(
-                        "cannot create a scratch folder in {}",
-                        scratch_root.display()
-                    )
-                })?;
-            let scratch = Store::open(scratch_dir.path())?;
-            let src_repo = crate::remote::repository(&client, src);
-            let dst_repo = crate::remote::repository(&client, dst);
-            rt.block_on(modelpack_transfer::copy_remote(
-                &src_repo,
-                src,
-                &dst_repo,
-                dst.tag(),
-                &scratch,
-                &opts,
-            ))?
+    let rt = crate::remote::runtime()?;
+    let (src_repo, dst_repo) = (
+        registry_of(&client, &source),
+        registry_of(&client, &destination),
+    );
+    let (src_local, dst_local) = (local(global, &source)?, local(global, &destination)?);
+    // Between two registries blobs that cannot be mounted pass through a scratch store.
+    let scratch = match (&source, &destination) {
+        (Target::Registry(_), Target::Registry(_)) => {
+            Some(super::open_store(global)?.scratch(&format!("copy-{}", std::process::id()))?)
         }
-        (Target::Registry(src), _) => {
-            let (store, name) = local(global, &destination)?.context("local destination")?;
-            let _gc = store.gc_guard()?;
-            let repo = crate::remote::repository(&client, src);
-            let outcome = rt.block_on(modelpack_transfer::pull(&repo, src, &store, &opts))?;
-            store.tag_name(&name, &outcome.descriptor)?;
-            outcome.descriptor.digest().as_ref().parse()?
+        _ => None,
+    };
+    let _gc = dst_local
+        .as_ref()
+        .map(|(dst, _)| dst.gc_guard())
+        .transpose()?;
+    let reference = match (&source, &src_local) {
+        (Target::Registry(r), _) => r.tag_or_digest(),
+        (_, Some((_, name))) => name.clone(),
+        (_, None) => bail!("{}: no source", args.source),
+    };
+    let tag = match (&destination, &dst_local) {
+        (Target::Registry(r), _) => r.tag().map(str::to_owned),
+        (_, Some((_, name))) => Some(name.clone()),
+        (_, None) => None,
+    };
+    let remote_dst = dst_repo.as_ref().map(|repo| {
+        let remote = Remote::new(repo);
+        match &scratch {
+            Some(s) => remote.staging(s.store()),
+            None => remote,
         }
-        (_, Target::Registry(dst)) => {
-            let (store, name) = local(global, &source)?.context("local source")?;
-            let digest: Digest = store.resolve_name(&name)?.digest().as_ref().parse()?;
-            let repo = crate::remote::repository(&client, dst);
-            rt.block_on(modelpack_transfer::push(
-                &store,
-                &digest,
-                &repo,
-                dst.tag(),
-                &opts,
-            ))?
-        }
-        _ => {
-            let (src_store, src_name) = local(global, &source)?.context("local source")?;
-            let (dst_store, dst_name) =
-                local(global, &destination)?.context("local destination")?;
-            let _gc = dst_store.gc_guard()?;
-            let digest: Digest = src_store
-                .resolve_name(&src_name)?
-                .digest()
-                .as_ref()
-                .parse()?;
-            let descriptor = modelpack_transfer::copy_local(&src_store, &digest, &dst_store)?;
-            dst_store.tag_name(&dst_name, &descriptor)?;
-            digest
+    });
+    let walk = async {
+        let (tag, reference) = (tag.as_deref(), reference.as_str());
+        match (&src_repo, &src_local, &remote_dst, &dst_local) {
+            (Some(src), _, Some(dst), _) => {
+                copy(&Remote::new(src), reference, dst, tag, &opts).await
+            }
+            (Some(src), _, None, Some((dst, _))) => {
+                copy(&Remote::new(src), reference, dst, tag, &opts).await
+            }
+            (None, Some((src, _)), Some(dst), _) => copy(src, reference, dst, tag, &opts).await,
+            (None, Some((src, _)), None, Some((dst, _))) => {
+                copy(src, reference, dst, tag, &opts).await
+            }
+            _ => Err(modelpack_transfer::Error::Unsupported(
+                "a source and a destination are needed".into(),
+            )),
         }
     };
+    let copied = rt.block_on(walk);
+    if let Some(scratch) = scratch {
+        scratch.remove()?;
+    }
+    let digest = copied?.digest;
     let summary = renderer.finish();
     match args.format {
         OutputFormat::Json => display::print_json(&json!({

@@ -1,6 +1,7 @@
 //! `modelpack pull` (into the store, or with `--extract` straight into a folder) and
 //! `modelpack fetch` (only the files matching a pattern, straight into a folder); both folder
-//! forms go through the transfer engine's [`modelpack_transfer::pull_to_folder`].
+//! are the transfer engine's one walk ([`modelpack_transfer::copy`]) from the registry, into the
+//! store or into a [`modelpack_transfer::Folder`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +10,7 @@ use anyhow::Context as _;
 use clap::Args;
 use modelpack_spec::Reference;
 use modelpack_store::Store;
+use modelpack_transfer::Remote;
 use serde_json::json;
 
 use crate::args::{GlobalArgs, OutputFormat};
@@ -47,7 +49,8 @@ pub struct FetchArgs {
 }
 
 /// Writes an artifact's files from the registry into `dir` through the transfer engine (blobs
-/// the store already holds are read from it; nothing is added to it).
+/// the store already holds are read from it; nothing is added to it). Returns the manifest
+/// digest and what was written.
 fn pull_folder(
     global: &GlobalArgs,
     registry: &RegistryArgs,
@@ -55,17 +58,19 @@ fn pull_folder(
     dir: &std::path::Path,
     patterns: &[String],
     renderer: &Renderer,
-) -> anyhow::Result<modelpack_transfer::FolderOutcome> {
-    let p = Pulling::start(global, registry, reference, renderer)?;
-    Ok(p.rt.block_on(modelpack_transfer::pull_to_folder(
-        &p.repo,
-        reference,
-        &p.store,
-        dir,
-        patterns,
+) -> anyhow::Result<(modelpack_spec::Digest, modelpack_extract::ExtractReport)> {
+    let mut p = Pulling::start(global, registry, reference, renderer)?;
+    p.opts.cancel = Some(display::cancel_flag());
+    let folder = modelpack_transfer::Folder::new(&p.store, dir, patterns, p.opts.cancel);
+    let walked = p.rt.block_on(modelpack_transfer::copy(
+        &Remote::new(&p.repo),
+        &reference.tag_or_digest(),
+        &folder,
+        None,
         &p.opts,
-        Some(display::cancel_flag()),
-    ))?)
+    ));
+    let (copied, report) = folder.finish(walked)?;
+    Ok((copied.digest, report))
 }
 
 /// What every pull needs: the repository, a runtime, the store (held against `prune` while
@@ -101,7 +106,7 @@ pub fn run(global: &GlobalArgs, args: PullArgs) -> anyhow::Result<ExitCode> {
     let reference = super::parse_reference(&args.reference)?;
     let renderer = Renderer::new(global.quiet, "pulling");
     if let Some(dir) = &args.output {
-        let outcome = pull_folder(global, &args.registry, &reference, dir, &[], &renderer)
+        let (digest, report) = pull_folder(global, &args.registry, &reference, dir, &[], &renderer)
             .with_context(|| {
                 format!(
                     "cannot pull {} into {}",
@@ -109,7 +114,6 @@ pub fn run(global: &GlobalArgs, args: PullArgs) -> anyhow::Result<ExitCode> {
                     dir.display()
                 )
             })?;
-        let (report, digest) = (outcome.report, outcome.digest);
         let summary = renderer.finish();
         match args.format {
             OutputFormat::Json => display::print_json(&json!({
@@ -128,22 +132,25 @@ pub fn run(global: &GlobalArgs, args: PullArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let p = Pulling::start(global, &args.registry, &reference, &renderer)?;
-    let outcome =
-        p.rt.block_on(modelpack_transfer::pull(
-            &p.repo, &reference, &p.store, &p.opts,
+    let name = Store::name_of(&reference);
+    let copied =
+        p.rt.block_on(modelpack_transfer::copy(
+            &Remote::new(&p.repo),
+            &reference.tag_or_digest(),
+            &p.store,
+            Some(&name),
+            &p.opts,
         ))
         .with_context(|| format!("cannot pull {}", reference.familiar()))?;
-    let name = reference.clone();
-    p.store.tag(&name, &outcome.descriptor)?;
     let summary = renderer.finish();
-    let digest = outcome.descriptor.digest().to_string();
+    let digest = copied.digest;
     match args.format {
         OutputFormat::Json => display::print_json(&json!({
-            "reference": reference.to_string(), "name": Store::name_of(&name),
-            "digest": digest, "size": outcome.total_bytes,
+            "reference": reference.to_string(), "name": name,
+            "digest": digest.to_string(), "size": copied.total_bytes,
         }))?,
         OutputFormat::Text if global.quiet => println!("{digest}"),
-        OutputFormat::Text => println!("Pulled {} {digest} ({summary})", Store::name_of(&name)),
+        OutputFormat::Text => println!("Pulled {name} {digest} ({summary})"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -151,7 +158,7 @@ pub fn run(global: &GlobalArgs, args: PullArgs) -> anyhow::Result<ExitCode> {
 pub fn fetch(global: &GlobalArgs, args: FetchArgs) -> anyhow::Result<ExitCode> {
     let reference = super::parse_reference(&args.reference)?;
     let renderer = Renderer::new(global.quiet, "fetching");
-    let outcome = pull_folder(
+    let (digest, report) = pull_folder(
         global,
         &args.registry,
         &reference,
@@ -160,7 +167,6 @@ pub fn fetch(global: &GlobalArgs, args: FetchArgs) -> anyhow::Result<ExitCode> {
         &renderer,
     )
     .with_context(|| format!("cannot fetch from {}", reference.familiar()))?;
-    let (report, digest) = (outcome.report, outcome.digest);
     let summary = renderer.finish();
     match args.format {
         OutputFormat::Json => display::print_json(&json!({

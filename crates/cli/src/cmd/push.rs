@@ -101,16 +101,7 @@ pub fn run(global: &GlobalArgs, args: PushArgs) -> anyhow::Result<ExitCode> {
     let repo = crate::remote::repository(&client, &reference);
     let renderer = Renderer::new(global.quiet, "pushing");
     let opts = args.registry.transfer_options(renderer.progress());
-    let rt = crate::remote::runtime()?;
-    let pushed = rt
-        .block_on(modelpack_transfer::push(
-            &store,
-            &digest,
-            &repo,
-            reference.tag(),
-            &opts,
-        ))
-        .with_context(|| format!("cannot push {}", reference.familiar()))?;
+    let pushed = crate::remote::push_artifact(&store, &digest, &repo, &reference, &opts)?;
     let summary = renderer.finish();
     match args.output {
         OutputFormat::Json => display::print_json(&json!({
