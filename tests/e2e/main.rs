@@ -2,13 +2,16 @@
 
 mod auth;
 mod build_extract;
+mod cli_habits;
 mod crash;
 mod faults;
 mod fuzz_replay;
 mod hostile;
 mod interop;
 mod mount;
+mod other_writers;
 mod push_pull;
+mod readahead;
 mod reliability;
 mod store;
 mod util;

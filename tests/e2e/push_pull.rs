@@ -222,11 +222,21 @@ fn attach_discover_and_small_commands() {
         serde_json::from_str(&s.ok(&["discover", reference, "--plain-http", "--format", "json"]))
             .expect("json");
     let referrers = found["referrers"].as_array().expect("referrers");
-    assert_eq!(referrers.len(), 1, "{found}");
-    assert_eq!(referrers[0]["digest"], attached.trim());
+    // The signature, and the chunk index the push attached so that registry GC keeps it.
+    assert_eq!(referrers.len(), 2, "{found}");
+    let of_type = |t: &str| {
+        referrers
+            .iter()
+            .filter(|r| r["artifactType"] == t)
+            .collect::<Vec<_>>()
+    };
+    let signatures = of_type("application/vnd.example.signature");
+    assert_eq!(signatures.len(), 1, "{found}");
+    assert_eq!(signatures[0]["digest"], attached.trim());
     assert_eq!(
-        referrers[0]["artifactType"],
-        "application/vnd.example.signature"
+        of_type("application/vnd.modelpack.chunk-index.v1+json").len(),
+        1,
+        "{found}"
     );
 
     // Tags, remote tag, manifest and blob commands.

@@ -539,6 +539,12 @@ impl Registry {
         })
     }
 
+    /// Runs the registry's garbage collector (offline, as its documentation says) and starts
+    /// it again on the same port.
+    pub fn garbage_collect(&mut self) -> std::io::Result<()> {
+        self.0.garbage_collect()
+    }
+
     fn start_with(opts: modelpack_testkit::registry::RegistryOptions<'_>) -> Option<Registry> {
         if !have_tool("docker-registry") {
             return None;

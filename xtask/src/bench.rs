@@ -145,6 +145,45 @@ fn make_multi_model(dir: &Path, shard_mib: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `modelpack --store STORE ARGS`, quietly; fails when it does.
+fn modelpack(bin: &Path, store: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let st = Command::new(bin)
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(st.success(), "modelpack {args:?} failed");
+    Ok(())
+}
+
+/// `modelpack pull` of `reference` into `store`.
+fn pull_command(bin: &Path, store: &Path, reference: &str) -> Command {
+    let mut c = Command::new(bin);
+    c.arg("--store")
+        .arg(store)
+        .args(["pull", "--plain-http", reference]);
+    c
+}
+
+/// Writes the single-weight model (one `size_mib` MiB weight) into `dir`, builds it into
+/// `store` as `HOST/bench/single:v1` and pushes it; returns that reference.
+fn push_single(
+    bin: &Path,
+    store: &Path,
+    dir: &Path,
+    host: &str,
+    size_mib: u64,
+) -> anyhow::Result<String> {
+    fs::create_dir_all(dir)?;
+    measure::write_random(&dir.join("model.safetensors"), size_mib << 20, 11)?;
+    let reference = format!("{host}/bench/single:v1");
+    let dir = dir.to_str().unwrap_or_default();
+    modelpack(bin, store, &["build", dir, "-t", &reference])?;
+    modelpack(bin, store, &["push", &reference, "--plain-http"])?;
+    Ok(reference)
+}
+
 const ORAS_PULL: &str = "import sys, oras.client\nc = oras.client.OrasClient(hostname=sys.argv[1], insecure=True)\nc.pull(target=sys.argv[2], outdir=sys.argv[3])\n";
 
 /// Runs `cmd` once, timed, after removing `outputs` and syncing.
@@ -243,36 +282,17 @@ fn bench_transfer(
     let host = registry.host();
     let python = crate::setup::oras_venv().join("bin/python");
     let store = work.join("store");
-    let single = work.join("single");
-    fs::create_dir_all(&single)?;
-    measure::write_random(&single.join("model.safetensors"), size_mib << 20, 11)?;
+    let single_ref = push_single(bin, &store, &work.join("single"), &host, size_mib)?;
     let multi = work.join("multi");
     make_multi_model(&multi, (size_mib / 8).max(1))?;
-    let mp = |args: &[&str]| -> anyhow::Result<()> {
-        let st = Command::new(bin)
-            .arg("--store")
-            .arg(&store)
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .status()?;
-        anyhow::ensure!(st.success(), "modelpack {args:?} failed");
-        Ok(())
-    };
-    let single_ref = format!("{host}/bench/single:v1");
+    let mp = |args: &[&str]| modelpack(bin, &store, args);
     let multi_ref = format!("{host}/bench/multi:v1");
-    mp(&[
-        "build",
-        single.to_str().unwrap_or_default(),
-        "-t",
-        &single_ref,
-    ])?;
     mp(&[
         "build",
         multi.to_str().unwrap_or_default(),
         "-t",
         &multi_ref,
     ])?;
-    mp(&["push", &single_ref, "--plain-http"])?;
     mp(&["push", &multi_ref, "--plain-http"])?;
     let blob = digest_of_layer0(bin, &store, &single_ref)?;
     let blob_file = store
@@ -345,13 +365,7 @@ fn bench_transfer(
     let pulled_file = work.join("curl-blob");
     let oras_out = work.join("oras-out");
     // `modelpack pull` into the scratch store, and oras-py's pull into a folder.
-    let our_pull = |reference: &str| {
-        let mut c = Command::new(bin);
-        c.arg("--store")
-            .arg(&pull_store)
-            .args(["pull", "--plain-http", reference]);
-        c
-    };
+    let our_pull = |reference: &str| pull_command(bin, &pull_store, reference);
     let oras_pull = |host: &str, reference: &str| {
         let mut c = Command::new(&python);
         c.args(["-c", ORAS_PULL, host, reference]).arg(&oras_out);
@@ -538,16 +552,15 @@ fn bench_transfer(
     };
     rows.push(mem_row("push peak memory".into(), &push_ours, &push_big));
     rows.push(mem_row("pull peak memory".into(), &pull_ours, &pull_big));
-    rows.extend(bench_lazy(
+    rows.extend(bench_mount(
         bin,
         work,
         &registry,
         (&single_ref, size_mib),
-        &big_ref,
-        &pull_ours,
-        big_mib,
+        Some(&pull_ours),
         runs,
     )?);
+    rows.push(bench_mount_memory(bin, work, &big_ref, big_mib)?);
     Ok(rows)
 }
 
@@ -664,15 +677,12 @@ fn median_duration(mut v: Vec<std::time::Duration>) -> std::time::Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
-#[allow(clippy::too_many_arguments)]
 fn bench_lazy(
     bin: &Path,
     work: &Path,
     registry: &modelpack_testkit::registry::Registry,
     (single_ref, size_mib): (&str, u64),
-    big_ref: &str,
     full_pull: &Sample,
-    big_mib: u64,
     runs: usize,
 ) -> anyhow::Result<Vec<Row>> {
     use std::io::{Read as _, Seek as _, SeekFrom};
@@ -750,7 +760,7 @@ fn bench_lazy(
     one_mib.sort_unstable();
     let fetched = one_mib.get(one_mib.len() / 2).copied().unwrap_or(0);
     let pull = full_pull.wall.as_secs_f64();
-    let mut rows = vec![
+    Ok(vec![
         Row {
             what: format!("mount: first 4 KiB of a {size_mib} MiB weight (from starting `mount`)"),
             ours: format!("{:.3} s", first.as_secs_f64()),
@@ -793,8 +803,12 @@ fn bench_lazy(
             target: "<= 1.25 (>= 0.8x local speed)".into(),
             pass: warm.as_secs_f64() / local.as_secs_f64() <= 1.25,
         },
-    ];
-    // Peak memory of the mount process while a reader streams the big model.
+    ])
+}
+
+/// Peak memory of the mount process while a reader streams the `big_mib` MiB model.
+fn bench_mount_memory(bin: &Path, work: &Path, big_ref: &str, big_mib: u64) -> anyhow::Result<Row> {
+    let weight = "model.safetensors";
     let store = work.join("mount-store-big");
     let _ = fs::remove_dir_all(&store);
     let dir = work.join("mnt");
@@ -816,14 +830,232 @@ fn bench_lazy(
     drop(mount);
     let _ = fs::remove_dir_all(&store);
     let mib = peak as f64 / 1024.0;
-    rows.push(Row {
+    Ok(Row {
         what: format!("mount peak memory while reading a {big_mib} MiB model"),
         ours: format!("{mib:.0} MiB"),
         theirs: "-".into(),
         ratio: mib / 128.0,
         target: "<= 128 MiB".into(),
         pass: mib <= 128.0,
-    });
+    })
+}
+
+/// Shards of the header-read model, and the size of each (MiB).
+const SHARDS: u64 = 8;
+const SHARD_MIB: u64 = 128;
+
+/// Writes a model of [`SHARDS`] safetensors-shaped weights of about `shard_mib` MiB each into
+/// `dir`: an 8-byte little-endian header length, a JSON header naming 1 MiB BF16 tensors (padded
+/// with spaces to a multiple of 8, as safetensors does), then the tensors' bytes.
+fn make_shards_model(dir: &Path, shard_mib: u64) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    fs::create_dir_all(dir)?;
+    let tensors = shard_mib.saturating_sub(1).max(1);
+    for shard in 0..SHARDS {
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+        for t in 0..tensors {
+            header.insert(
+                format!("model.layers.{shard}.mlp.part_{t:03}.weight"),
+                serde_json::json!({
+                    "dtype": "BF16",
+                    "shape": [512, 1024],
+                    "data_offsets": [t << 20, (t + 1) << 20],
+                }),
+            );
+        }
+        let mut json = serde_json::to_vec(&header)?;
+        json.resize(json.len().next_multiple_of(8), b' ');
+        let path = dir.join(format!("model-{:05}-of-{SHARDS:05}.safetensors", shard + 1));
+        let size = 8 + json.len() as u64 + (tensors << 20);
+        measure::write_random(&path, size, 700 + shard)?;
+        let file = fs::OpenOptions::new().write(true).open(&path)?;
+        file.write_all_at(&(json.len() as u64).to_le_bytes(), 0)?;
+        file.write_all_at(&json, 8)?;
+    }
+    fs::write(dir.join("config.json"), br#"{"model_type":"bench"}"#)?;
+    Ok(())
+}
+
+/// Reads a safetensors header as a loader does: 8 bytes of length, then the JSON header of
+/// that length, which must parse.
+fn read_safetensors_header(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let file = fs::File::open(path)?;
+    let mut len = [0u8; 8];
+    file.read_exact_at(&mut len, 0)?;
+    let len = u64::from_le_bytes(len);
+    anyhow::ensure!(
+        len <= 100 << 20,
+        "{}: header of {len} bytes",
+        path.display()
+    );
+    let mut json = vec![0u8; usize::try_from(len)?];
+    file.read_exact_at(&mut json, 8)?;
+    serde_json::from_slice::<serde_json::Value>(&json)
+        .with_context(|| format!("{}: header is not JSON", path.display()))?;
+    Ok(())
+}
+
+/// What `proxy` has served once it has served nothing new for half a second (readahead a read
+/// started runs after its reply), waiting at most 20 s.
+fn served_when_quiet(proxy: &modelpack_testkit::link::Link) -> u64 {
+    let quiet = std::time::Duration::from_millis(500);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut seen = (proxy.served(), std::time::Instant::now());
+    while seen.1.elapsed() < quiet && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let served = proxy.served();
+        if served != seen.0 {
+            seen = (served, std::time::Instant::now());
+        }
+    }
+    seen.0
+}
+
+/// Median over `runs` fresh mounts (through a counting proxy, in fresh stores) of `reference`
+/// of the bytes fetched by `read` of the mounted folder, readahead included.
+fn fetched_by(
+    bin: &Path,
+    work: &Path,
+    registry: &modelpack_testkit::registry::Registry,
+    reference: &str,
+    runs: usize,
+    read: impl Fn(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    let proxy = modelpack_testkit::link::Link::start(registry.port, None);
+    let via = reference.replacen(&registry.host(), &proxy.host(), 1);
+    let store = work.join("headers-store");
+    let mut fetched = Vec::new();
+    for _ in 0..runs {
+        let _ = fs::remove_dir_all(&store);
+        let mount = MountProcess::start(bin, &store, &via, &work.join("mnt"))?;
+        let before = served_when_quiet(&proxy);
+        read(&mount.dir)?;
+        fetched.push(served_when_quiet(&proxy) - before);
+        drop(mount);
+    }
+    let _ = fs::remove_dir_all(&store);
+    fetched.sort_unstable();
+    Ok(fetched.get(fetched.len() / 2).copied().unwrap_or(0))
+}
+
+/// A row of bytes fetched against a limit in MiB.
+fn fetched_row(what: String, fetched: u64, limit_mib: u64) -> Row {
+    Row {
+        what,
+        ours: format!("{:.2} MiB", fetched as f64 / (1 << 20) as f64),
+        theirs: "-".into(),
+        ratio: fetched as f64 / (limit_mib << 20) as f64,
+        target: format!("<= {limit_mib} MiB"),
+        pass: fetched <= limit_mib << 20,
+    }
+}
+
+/// What a loader's first look costs through a cold mount: a 4 KiB read at offset 0 of the
+/// single weight, and the safetensors headers of [`SHARDS`] shards.
+fn bench_headers(
+    bin: &Path,
+    work: &Path,
+    registry: &modelpack_testkit::registry::Registry,
+    (single_ref, size_mib): (&str, u64),
+    runs: usize,
+) -> anyhow::Result<Vec<Row>> {
+    use std::io::Read as _;
+    println!("bench: header reads through a cold mount");
+    let weight = "model.safetensors";
+    let first_4k = fetched_by(bin, work, registry, single_ref, runs, |dir| {
+        let mut buf = vec![0u8; 4096];
+        fs::File::open(dir.join(weight))?.read_exact(&mut buf)?;
+        Ok(())
+    })?;
+    let shards = work.join("shards");
+    make_shards_model(&shards, SHARD_MIB)?;
+    let shards_ref = format!("{}/bench/shards:v1", registry.host());
+    let store = work.join("shards-store");
+    let dir = shards.to_str().unwrap_or_default();
+    modelpack(bin, &store, &["build", dir, "-t", &shards_ref])?;
+    modelpack(bin, &store, &["push", &shards_ref, "--plain-http"])?;
+    let _ = fs::remove_dir_all(&store);
+    let _ = fs::remove_dir_all(&shards);
+    let headers = fetched_by(bin, work, registry, &shards_ref, runs, |dir| {
+        (1..=SHARDS).try_for_each(|i| {
+            read_safetensors_header(&dir.join(format!("model-{i:05}-of-{SHARDS:05}.safetensors")))
+        })
+    })?;
+    Ok(vec![
+        fetched_row(
+            format!(
+                "mount: bytes fetched by a 4 KiB read at offset 0 of a cold {size_mib} MiB weight"
+            ),
+            first_4k,
+            4,
+        ),
+        fetched_row(
+            format!(
+                "mount: bytes fetched reading the safetensors headers of {SHARDS} cold {SHARD_MIB} MiB shards"
+            ),
+            headers,
+            32,
+        ),
+    ])
+}
+
+/// `--only mount` and `--only headers`: a registry with the single-weight model pushed, then
+/// the mount rows with the full pull they are compared with (`mount`), or only the header-read
+/// rows (`headers`). The big-model memory row is left to the full run.
+fn bench_mount_only(
+    bin: &Path,
+    work: &Path,
+    size_mib: u64,
+    runs: usize,
+    mount_rows: bool,
+) -> anyhow::Result<Vec<Row>> {
+    let registry = crate::services::registry(&work.join("registry"))?;
+    let store = work.join("store");
+    let single_ref = push_single(
+        bin,
+        &store,
+        &work.join("single"),
+        &registry.host(),
+        size_mib,
+    )?;
+    let pull = if mount_rows {
+        println!("bench: pull {size_mib} MiB");
+        let pull_store = work.join("pull-store");
+        let pull = timed(runs, &[&pull_store], |_| {
+            pull_command(bin, &pull_store, &single_ref)
+        })?;
+        let _ = fs::remove_dir_all(&pull_store);
+        Some(pull)
+    } else {
+        None
+    };
+    bench_mount(
+        bin,
+        work,
+        &registry,
+        (&single_ref, size_mib),
+        pull.as_ref(),
+        runs,
+    )
+}
+
+/// The lazy-mount rows of the single weight: [`bench_lazy`]'s when the full pull they are
+/// compared with is given, then the header-read rows.
+fn bench_mount(
+    bin: &Path,
+    work: &Path,
+    registry: &modelpack_testkit::registry::Registry,
+    single: (&str, u64),
+    full_pull: Option<&Sample>,
+    runs: usize,
+) -> anyhow::Result<Vec<Row>> {
+    let mut rows = match full_pull {
+        Some(pull) => bench_lazy(bin, work, registry, single, pull, runs)?,
+        None => Vec::new(),
+    };
+    rows.extend(bench_headers(bin, work, registry, single, runs)?);
     Ok(rows)
 }
 
@@ -871,8 +1103,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let (bin, work) = crate::release_build("bench")?;
     fs::create_dir_all(&work)?;
 
-    // `--only containerd` runs just those rows and prints them (the table of record is not
-    // touched).
+    // `--only containerd|mount|headers` runs just those rows and prints them (the table of
+    // record is not touched).
     let only: Option<String> = crate::flag_value(args, "--only")?;
     let mut rows = Vec::new();
     if only.is_none() {
@@ -889,7 +1121,16 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     match only.as_deref() {
         None | Some("containerd") => rows.extend(bench_containerd(size_mib, runs)?),
-        Some(other) => anyhow::bail!("--only knows containerd, not {other:?}"),
+        Some(which @ ("mount" | "headers")) => rows.extend(bench_mount_only(
+            &bin,
+            &work.join("mount"),
+            size_mib,
+            runs,
+            which == "mount",
+        )?),
+        Some(other) => {
+            anyhow::bail!("--only knows containerd, mount and headers, not {other:?}")
+        }
     }
 
     let mut table = String::new();

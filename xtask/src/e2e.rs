@@ -396,6 +396,8 @@ fn checks(rig: &mut Rig) -> anyhow::Result<()> {
         status["fetchedBytes"]
     );
 
+    other_writers_in_containerd(rig, &image)?;
+
     println!("== 4. kill -9 the snapshotter, start it again");
     rig.snapshotter.restart()?;
     rig.containerd.wait_for_snapshotter()?;
@@ -478,6 +480,62 @@ fn checks(rig: &mut Rig) -> anyhow::Result<()> {
     println!(
         "   ok: refused, then started with the failures reported; the pull failed in one line"
     );
+    Ok(())
+}
+
+/// Step 3b: artifacts in other writers' shapes go into containerd and are read by a container:
+/// modctl's legacy `cnai` names, and tar layers without any name annotation (the spec's
+/// example). They come from the registry directly, not through the link step 6 breaks.
+fn other_writers_in_containerd(rig: &mut Rig, image: &str) -> anyhow::Result<()> {
+    println!("== 3b. other writers' shapes in containerd: cnai names, tar layers without names");
+    let model = rig.path("model-foreign");
+    fs::create_dir_all(model.join("docs"))?;
+    fs::write(model.join("config.json"), br#"{"model_type":"foreign"}"#)?;
+    fs::write(model.join("docs/README.md"), b"# foreign\n")?;
+    fs::write(model.join("tokenizer.json"), br#"{"version":"1.0"}"#)?;
+    let source = tree_digests(&model)?;
+    let host = rig.registry.host();
+    let dir = model.display().to_string();
+    let cnai = format!("{host}/e2e/cnai:v1");
+    rig.modelpack(&[
+        "build",
+        "-q",
+        &dir,
+        "-t",
+        &cnai,
+        "--media-type-prefix",
+        "cnai",
+    ])?;
+    rig.modelpack(&["push", "-q", "--plain-http", &cnai])?;
+    // Tar layers, then the same manifest with every layer annotation removed.
+    let tarred = format!("{host}/e2e/tarred:v1");
+    rig.modelpack(&["build", "-q", &dir, "-t", &tarred, "--layer-format", "tar"])?;
+    rig.modelpack(&["push", "-q", "--plain-http", &tarred])?;
+    let fetched = rig.path("tarred-manifest.json");
+    let path = fetched.display().to_string();
+    rig.modelpack(&["manifest", "fetch", &tarred, "--plain-http", "-o", &path])?;
+    let mut manifest: serde_json::Value = serde_json::from_slice(&fs::read(&fetched)?)?;
+    for layer in manifest["layers"].as_array_mut().into_iter().flatten() {
+        if let Some(o) = layer.as_object_mut() {
+            o.remove("annotations");
+        }
+    }
+    fs::write(&fetched, serde_json::to_vec(&manifest)?)?;
+    let unnamed = format!("{host}/e2e/tarred:unnamed");
+    rig.modelpack(&["manifest", "push", &unnamed, &path, "--plain-http"])?;
+    for (i, reference) in [cnai, unnamed].iter().enumerate() {
+        rig.modelpack_containerd("pull", &["--plain-http", reference])?;
+        let view = rig.path(&format!("view-foreign-{i}"));
+        rig.mount_model(reference, &view)?;
+        let read = container_digests(&rig.containerd, image, &format!("e2e-foreign-{i}"), &view)?;
+        ensure!(
+            read == source,
+            "{reference}: the container read other files:\n{read:#?}\nexpected:\n{source:#?}"
+        );
+        rig.modelpack_containerd("umount", &[&view.display().to_string()])?;
+        rig.mounted.retain(|d| d != &view);
+    }
+    println!("   ok: both read by a container, digests match");
     Ok(())
 }
 

@@ -23,6 +23,7 @@
 //!     metadata: Metadata::default(),
 //!     placement: LayerPlacement::Copy,
 //!     concurrency: 2,
+//!     spelling: Default::default(),
 //! };
 //! let out = build(&store, &opts, &|_| {}).unwrap();
 //! println!("{}", out.manifest.digest());
@@ -43,12 +44,11 @@ use modelpack_spec::annotations::{
     ANNOTATION_CHUNK_INDEX_DIGEST, ANNOTATION_CHUNK_INDEX_SIZE, ANNOTATION_CREATED,
     CHUNK_INDEX_CHUNK_SIZE,
 };
-use modelpack_spec::media_type::{
-    ARTIFACT_TYPE_MODEL_MANIFEST, MEDIA_TYPE_MODEL_CONFIG, MEDIA_TYPE_OCI_MANIFEST,
-};
+use modelpack_spec::media_type::MEDIA_TYPE_OCI_MANIFEST;
 use modelpack_spec::oci_spec::image::Descriptor;
 use modelpack_spec::{
     Digest, Encoding, Model, ModelConfig, ModelDescriptor, ModelFs, ModelFsType, ModelManifest,
+    NameSpelling,
 };
 use modelpack_store::Store;
 
@@ -83,6 +83,8 @@ pub struct BuildOptions<'a> {
     pub placement: LayerPlacement,
     /// Files packed at once.
     pub concurrency: usize,
+    /// The spelling of the ModelPack names written (`cncf` unless a registry needs `cnai`).
+    pub spelling: NameSpelling,
 }
 
 /// Something that happened during a build, for progress display.
@@ -209,6 +211,9 @@ pub fn build(
     if layers.len() != files.len() {
         return Err(Error::NoFiles(opts.context.to_owned()));
     }
+    for layer in &mut layers {
+        layer.descriptor = opts.spelling.respell(&layer.descriptor)?;
+    }
 
     let config = Model {
         descriptor: ModelDescriptor {
@@ -265,9 +270,9 @@ pub fn build(
     let mut manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": MEDIA_TYPE_OCI_MANIFEST,
-        "artifactType": ARTIFACT_TYPE_MODEL_MANIFEST,
+        "artifactType": opts.spelling.artifact_type(),
         "config": modelpack_spec::descriptor(
-            MEDIA_TYPE_MODEL_CONFIG,
+            opts.spelling.config_media_type(),
             &config_digest,
             config_bytes.len() as u64,
             None,
@@ -291,7 +296,7 @@ pub fn build(
         manifest_bytes.len() as u64,
         None,
     )?;
-    descriptor.set_artifact_type(Some(ARTIFACT_TYPE_MODEL_MANIFEST.into()));
+    descriptor.set_artifact_type(Some(opts.spelling.artifact_type().into()));
     Ok(BuildOutput {
         manifest: descriptor,
         model_manifest,

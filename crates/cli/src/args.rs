@@ -102,6 +102,10 @@ pub enum Command {
     /// Ask a running modelpack-snapshotter how it is doing
     #[command(subcommand)]
     Snapshotter(crate::cmd::containerd::SnapshotterCommand),
+    /// Print a shell completion script (bash, zsh, fish) on stdout
+    Completion(crate::cmd::completion::CompletionArgs),
+    /// Print the version, the git commit and the target this binary was built for
+    Version(crate::cmd::version::VersionArgs),
 }
 
 /// Model metadata flags; they win over the Modelfile and over guesses.
@@ -178,6 +182,10 @@ pub struct BuildArgs {
     /// Compression of tar layers
     #[arg(long, value_enum, default_value_t = Compression::None)]
     pub compress: Compression,
+    /// Spelling of the ModelPack names: the spec's `cncf`, or the legacy `cnai` for registries
+    /// that only know those (as modctl writes them)
+    #[arg(long, value_enum, default_value_t = MediaTypePrefix::Cncf)]
+    pub media_type_prefix: MediaTypePrefix,
     /// Leave out paths matching this glob (repeatable)
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
@@ -198,6 +206,24 @@ pub struct BuildArgs {
     pub metadata: MetadataArgs,
     #[command(flatten)]
     pub connection: crate::remote::ConnectionArgs,
+}
+
+/// The `--media-type-prefix` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MediaTypePrefix {
+    /// application/vnd.cncf.model.*, org.cncf.model.* (the spec)
+    Cncf,
+    /// application/vnd.cnai.model.*, org.cnai.model.* (legacy)
+    Cnai,
+}
+
+impl From<MediaTypePrefix> for modelpack_spec::NameSpelling {
+    fn from(prefix: MediaTypePrefix) -> Self {
+        match prefix {
+            MediaTypePrefix::Cncf => modelpack_spec::NameSpelling::Cncf,
+            MediaTypePrefix::Cnai => modelpack_spec::NameSpelling::Cnai,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

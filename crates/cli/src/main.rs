@@ -7,6 +7,8 @@ mod display;
 mod hide_args;
 mod remote;
 
+use std::ffi::OsStr;
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -23,6 +25,13 @@ fn reset_sigpipe() {
     }
 }
 
+/// Whether log lines get terminal colours: only when stderr is a terminal, and not when
+/// `NO_COLOR` is set to anything but the empty string (<https://no-color.org>). Logs that go to a
+/// file or a pipe (`mount --daemon`'s log, journald, `2>&1 | tee`) stay plain text.
+fn colour_logs(stderr_is_terminal: bool, no_color: Option<&OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(OsStr::is_empty)
+}
+
 fn main() -> ExitCode {
     reset_sigpipe();
     let cli = Cli::parse();
@@ -30,6 +39,10 @@ fn main() -> ExitCode {
     let default_level = if cli.global.quiet { "error" } else { "warn" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colour_logs(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .with_target(false)
         .without_time()
         .with_env_filter(
@@ -66,6 +79,8 @@ fn main() -> ExitCode {
         Command::Index(a) => cmd::mount::index(&cli.global, a),
         Command::Containerd(a) => cmd::containerd::run(&cli.global, a),
         Command::Snapshotter(a) => cmd::containerd::snapshotter(&cli.global, a),
+        Command::Completion(a) => cmd::completion::run(a),
+        Command::Version(a) => cmd::version::run(&cli.global, a),
     };
     match result {
         Ok(code) => code,
@@ -88,5 +103,19 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(colour_logs(true, None));
+        assert!(colour_logs(true, Some(OsStr::new(""))));
+        assert!(!colour_logs(true, Some(OsStr::new("1"))));
+        assert!(!colour_logs(false, None));
+        assert!(!colour_logs(false, Some(OsStr::new(""))));
     }
 }

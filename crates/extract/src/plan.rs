@@ -392,6 +392,9 @@ pub fn plan_layers(
             continue;
         }
         if layer.media_type.encoding == Encoding::Raw {
+            if layer.is_unnamed_file() {
+                tracing::warn!(digest = %layer.digest, path = %layer.path, "a raw layer names no file; its bytes are written under its digest");
+            }
             entries.push(plan_raw(idx, layer)?);
         } else {
             entries.extend(plan_tar(idx, &layers[idx], declared_cap(layer), source)?);

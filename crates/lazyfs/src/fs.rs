@@ -24,14 +24,11 @@ use crate::background::Background;
 use crate::blob::{BlobContext, LazyBlob};
 use crate::error::Error;
 use crate::layer::{DeferredLayer, Frames, LazyFile, TarReader};
+use crate::readahead::{self, Ahead, Stream};
 use crate::tree::{Attrs, Content, Kind, ROOT, Tree, time};
 use crate::{Counters, MountOptions, STATUS_FILE};
 
 const TTL: Duration = Duration::from_secs(3600);
-/// Chunks fetched ahead of a sequential reader, as runs of [`READAHEAD_RUN`] chunks (one ranged
-/// GET each, in parallel).
-const READAHEAD_CHUNKS: u64 = 32;
-const READAHEAD_RUN: u64 = 16;
 /// File handles: how a file was opened (see [`OpenState`]).
 const FH_CACHED: u64 = 1;
 const FH_PASSTHROUGH: u64 = 2;
@@ -72,6 +69,12 @@ impl MountedModel {
             .sum()
     }
 
+    /// Why the chunk index the manifest pins is not used, if it is not (layers are then verified
+    /// whole before they are served).
+    pub fn index_warning(&self) -> Option<String> {
+        (*self.fs.index_warning).clone()
+    }
+
     /// The mount's live counters.
     pub fn counters(&self) -> Arc<Counters> {
         self.fs.counters.clone()
@@ -84,7 +87,7 @@ impl MountedModel {
             self.fs.tasks.shutdown().await;
             return Ok(());
         };
-        let result = tokio::task::spawn_blocking(move || session.umount_and_join())
+        let result = tokio::task::spawn_blocking(move || end_session(session))
             .await
             .map_err(std::io::Error::other);
         self.fs.tasks.shutdown().await;
@@ -93,7 +96,7 @@ impl MountedModel {
 
     /// Serves until `shutdown` completes (then unmounts) or something else unmounts it.
     pub async fn serve_until(
-        mut self,
+        self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
         tokio::pin!(shutdown);
@@ -103,16 +106,25 @@ impl MountedModel {
                 () = tokio::time::sleep(Duration::from_millis(200)) => {
                     let ended = self.session.as_ref().is_none_or(|s| s.guard.is_finished());
                     if ended {
-                        // Unmounted from outside (`umount`, `fusermount3 -u`).
-                        if let Some(session) = self.session.take() {
-                            let _ = tokio::task::spawn_blocking(move || session.join()).await;
-                        }
-                        self.fs.tasks.shutdown().await;
-                        return Ok(());
+                        // Unmounted from outside (`umount`, `fusermount3 -u`), or the session
+                        // failed (then this unmounts and reports why).
+                        return self.unmount().await;
                     }
                 }
             }
         }
+    }
+}
+
+/// Unmounts `session` and joins its thread. The session is always unmounted here rather than
+/// dropped: dropping it runs fuser's own unmount, which after an unmount from outside fails
+/// with EINVAL and logs `Unmount failed: Invalid argument`. EINVAL (or ENOENT) from umount(2)
+/// means the folder is no longer a mount point (someone else unmounted it), so it counts as
+/// success; any other failure is returned, once, to the caller.
+fn end_session(session: fuser::BackgroundSession) -> std::io::Result<()> {
+    match session.umount_and_join() {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => Ok(()),
+        other => other,
     }
 }
 
@@ -131,8 +143,11 @@ struct ModelFs {
     tree: Arc<Tree>,
     counters: Arc<Counters>,
     blobs: Arc<Vec<Arc<LazyBlob>>>,
-    last_read: Arc<Mutex<HashMap<u64, u64>>>,
+    /// Each inode's sequential reader, for readahead.
+    streams: Arc<Mutex<HashMap<u64, Stream>>>,
     reference: Arc<String>,
+    /// Why the pinned chunk index is not used, if it is not (shown in the status).
+    index_warning: Arc<Option<String>>,
     /// The status as read by the reader in progress: taken at offset 0, so one read of the
     /// file sees one consistent document.
     status_snapshot: Arc<Mutex<Vec<u8>>>,
@@ -216,6 +231,7 @@ impl ModelFs {
             "meanFetchMillis": if fetches == 0 { 0.0 } else { c.fetch_micros.load(Ordering::Relaxed) as f64 / fetches as f64 / 1000.0 },
             "verifyFailures": c.verify_failures.load(Ordering::Relaxed),
             "passthrough": self.passthrough.load(Ordering::Relaxed),
+            "chunkIndexWarning": *self.index_warning,
             "files": files,
         })
     }
@@ -247,12 +263,15 @@ impl ModelFs {
         v
     }
 
-    /// The chunk a sequential reader of `file` reads next after this read (at file `offset`),
-    /// or `None` when the reader is not sequential.
-    fn sequential_next(&self, ino: u64, file: &LazyFile, offset: u64, len: u64) -> Option<u64> {
-        let was = self.last_read.lock().ok()?.insert(ino, offset + len);
-        (offset == 0 || was == Some(offset))
-            .then(|| file.blob_offset(offset + len) / file.blob.chunk_size())
+    /// Records a read of `len` bytes at `offset` of `file` in `ino`'s stream; the chunks to
+    /// keep fetched ahead of its reader, `None` until the reader has shown it reads in sequence.
+    fn stream_read(&self, ino: u64, file: &LazyFile, offset: u64, len: u64) -> Option<Ahead> {
+        let last_byte = offset.saturating_add(len.max(1) - 1);
+        let last = file.blob_offset(last_byte) / file.blob.chunk_size();
+        let mut streams = self.streams.lock().ok()?;
+        let stream = Stream::after(streams.get(&ino).copied(), offset, len, last);
+        streams.insert(ino, stream);
+        stream.ahead()
     }
 
     /// The local file holding exactly `node`'s bytes, when they are all here and verified: a
@@ -322,24 +341,16 @@ impl ModelFs {
     }
 }
 
-/// Keeps chunks fetched ahead of a sequential reader about to read chunk `next`: when fewer than
-/// half of the [`READAHEAD_CHUNKS`] after it are here or on their way, fetches from the first
-/// missing one to the end of the window in runs of [`READAHEAD_RUN`] (one ranged GET each), so a
-/// streaming reader costs a few large requests rather than one per chunk.
-fn readahead(blob: &Arc<LazyBlob>, next: u64) {
-    let end = (next + READAHEAD_CHUNKS).min(blob.chunk_count());
-    let Some(gap) = blob.first_uncovered(next, end) else {
-        return;
-    };
-    if gap >= next + READAHEAD_CHUNKS / 2 {
-        return;
-    }
-    let mut run = gap;
-    while run < end {
+/// Keeps `ahead` filled for a sequential reader of `blob`: the runs of [`Ahead::runs`], each
+/// one ranged GET in the background.
+fn keep_ahead(blob: &Arc<LazyBlob>, ahead: Ahead) {
+    let runs = ahead.runs(blob.chunk_count(), |from, to| {
+        blob.first_uncovered(from, to)
+    });
+    for (first, count) in runs {
         let task = blob.clone();
         blob.tasks()
-            .spawn(async move { task.prefetch(run, READAHEAD_RUN).await });
-        run += READAHEAD_RUN;
+            .spawn(async move { task.prefetch(first, count).await });
     }
 }
 
@@ -569,7 +580,7 @@ impl Filesystem for ModelFs {
                 });
             }
             Kind::File(Content::Lazy(file)) => {
-                let next = self.sequential_next(ino, file, offset, len);
+                let ahead = self.stream_read(ino, file, offset, len);
                 let tree = self.tree.clone();
                 let counters = self.counters.clone();
                 self.runtime.spawn(async move {
@@ -584,8 +595,8 @@ impl Filesystem for ModelFs {
                     let read = file.read(offset, len, node.size).await;
                     // Readahead starts once this read's own chunks are in, so the first bytes
                     // do not share the link and the CPU with it.
-                    if let Some(next) = next {
-                        readahead(&file.blob, next);
+                    if let Some(ahead) = ahead {
+                        keep_ahead(&file.blob, ahead);
                     }
                     match read {
                         Ok(data) => {
@@ -862,6 +873,9 @@ pub struct Resolved {
     pub index: Option<ChunkIndex>,
     /// True when the manifest pins the index (its digest vouches for the chunk digests).
     pub index_is_pinned: bool,
+    /// Why the index the manifest pins is not used (gone, unreadable, corrupt): the mount then
+    /// verifies whole layers, and says so in its status.
+    pub index_warning: Option<String>,
 }
 
 /// Fetches and validates the manifest `reference` names in `repo`, and its chunk index (a
@@ -892,7 +906,7 @@ async fn resolve_counted(
         .annotations()
         .clone()
         .unwrap_or_default();
-    let index = match (
+    let pinned = match (
         annotations
             .get(ANNOTATION_CHUNK_INDEX_DIGEST)
             .and_then(|d| d.parse::<Digest>().ok()),
@@ -901,25 +915,65 @@ async fn resolve_counted(
             .and_then(|s| s.parse::<u64>().ok()),
     ) {
         (Some(digest), Some(size)) if size <= modelpack_spec::MAX_DOCUMENT_SIZE as u64 => {
-            let blob = BlobRef {
-                digest: digest.clone(),
+            Some(BlobRef {
+                digest,
                 size,
                 media_type: String::new(),
-            };
-            modelpack_transfer::fetch_blob(repo, store, &blob, transfer).await?;
-            let bytes = store
-                .read_blob(&digest, size)
-                .map_err(|e| Error::Invalid(format!("chunk index: {e}")))?;
-            Some(ChunkIndex::from_slice(&bytes).map_err(|e| Error::Invalid(e.to_string()))?)
+            })
         }
-        _ => crate::index::find_referrer_index(repo, &fetched.digest).await,
+        _ => None,
+    };
+    let (index, index_is_pinned, index_warning) = match pinned {
+        None => (
+            crate::index::find_referrer_index(repo, &fetched.digest, None).await,
+            false,
+            None,
+        ),
+        Some(blob) => match pinned_index(repo, store, &blob, transfer).await {
+            Ok(index) => (Some(index), true, None),
+            Err(e) => {
+                // A missing or bad index never fails a mount: the same index attached as a
+                // referrer still serves (its digest is checked against the pin), else whole
+                // layers are verified before they are served.
+                let referrer =
+                    crate::index::find_referrer_index(repo, &fetched.digest, Some(&blob.digest))
+                        .await;
+                let warning = format!(
+                    "the chunk index {} is unusable ({e}); {}",
+                    blob.digest,
+                    if referrer.is_some() {
+                        "using the copy attached as a referrer"
+                    } else {
+                        "layers are verified whole before they are served"
+                    }
+                );
+                tracing::warn!("{warning}");
+                let pinned = referrer.is_some();
+                (referrer, pinned, Some(warning))
+            }
+        },
     };
     Ok(Resolved {
         digest: fetched.digest,
         manifest,
         index,
-        index_is_pinned: annotations.contains_key(ANNOTATION_CHUNK_INDEX_DIGEST),
+        index_is_pinned,
+        index_warning,
     })
+}
+
+/// The chunk index `blob` (pinned by the manifest), fetched into `store` and checked.
+async fn pinned_index(
+    repo: &Repository,
+    store: &modelpack_store::Store,
+    blob: &BlobRef,
+    transfer: &TransferOptions,
+) -> Result<ChunkIndex, Error> {
+    modelpack_transfer::fetch_blob(repo, store, blob, transfer).await?;
+    let bytes = store
+        .read_blob(&blob.digest, blob.size)
+        .map_err(|e| Error::Invalid(format!("chunk index: {e}")))?;
+    ChunkIndex::from_slice(&bytes).map_err(|e| Error::Invalid(format!("chunk index: {e}")))
 }
 
 /// Tar layers read in place: their blob and, for seekable zstd, their frames.
@@ -989,6 +1043,9 @@ impl<'a> TreeBuilder<'a> {
         for layer in manifest.layers() {
             if layer.media_type.encoding != Encoding::Raw || !wanted(&layer.digest) {
                 continue;
+            }
+            if layer.is_unnamed_file() {
+                tracing::warn!(digest = %layer.digest, path = %layer.path, "a raw layer names no file; it is served under its digest");
             }
             let blob = match self.blobs.get(&layer.digest) {
                 Some(b) => b.clone(),
@@ -1307,8 +1364,9 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Error
         tree: Arc::new(tree),
         counters,
         blobs: Arc::new(blobs.into_values().collect()),
-        last_read: Arc::new(Mutex::new(HashMap::new())),
+        streams: Arc::new(Mutex::new(HashMap::new())),
         reference: Arc::new(opts.reference.clone()),
+        index_warning: Arc::new(resolved.index_warning.clone()),
         status_snapshot: Arc::new(Mutex::new(Vec::new())),
         runtime: tokio::runtime::Handle::current(),
         // Kernel passthrough needs CAP_SYS_ADMIN; `init` keeps it only if the kernel offers it.
@@ -1365,8 +1423,8 @@ async fn serve(fs: ModelFs, dir: &Path, opts: &MountOptions) -> Result<MountedMo
             for blob in order {
                 let mut i = 0;
                 while i < blob.chunk_count() {
-                    blob.prefetch(i, READAHEAD_RUN).await;
-                    i += READAHEAD_RUN;
+                    blob.prefetch(i, readahead::RUN).await;
+                    i += readahead::RUN;
                 }
             }
         });
@@ -1479,6 +1537,7 @@ mod tests {
             manifest: ModelManifest::from_slice(&bytes).expect("a valid manifest"),
             index: None,
             index_is_pinned: false,
+            index_warning: None,
         }
     }
 

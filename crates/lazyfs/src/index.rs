@@ -72,10 +72,12 @@ pub async fn create_index(repo: &Repository, reference: &str) -> Result<Digest, 
     Ok(referrer_digest)
 }
 
-/// The chunk index attached to `manifest_digest` as a referrer, if any.
+/// The chunk index attached to `manifest_digest` as a referrer, if any (only the one with the
+/// digest `pinned`, when given).
 pub(crate) async fn find_referrer_index(
     repo: &Repository,
     manifest_digest: &Digest,
+    pinned: Option<&Digest>,
 ) -> Option<ChunkIndex> {
     let referrers = repo
         .referrers(manifest_digest, Some(MEDIA_TYPE_CHUNK_INDEX))
@@ -94,6 +96,9 @@ pub(crate) async fn find_referrer_index(
         else {
             continue;
         };
+        if pinned.is_some_and(|p| *p != digest) {
+            continue;
+        }
         let Ok(bytes) = repo
             .read_blob_capped(&digest, modelpack_spec::MAX_DOCUMENT_SIZE)
             .await

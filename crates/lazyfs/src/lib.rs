@@ -29,6 +29,7 @@ mod error;
 mod fs;
 mod index;
 mod layer;
+mod readahead;
 mod tree;
 
 use std::path::PathBuf;

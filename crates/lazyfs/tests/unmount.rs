@@ -60,6 +60,7 @@ async fn no_registry_request_after_unmount_returns() {
             metadata: Metadata::default(),
             placement: LayerPlacement::Copy,
             concurrency: 2,
+            spelling: Default::default(),
         },
         &|_| {},
     )

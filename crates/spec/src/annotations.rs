@@ -11,11 +11,13 @@ pub const ANNOTATION_FILEPATH: &str = "org.cncf.model.filepath";
 pub const ANNOTATION_FILE_METADATA: &str = "org.cncf.model.file.metadata+json";
 /// `"true"` when the layer's kind was guessed and not checked.
 pub const ANNOTATION_MEDIATYPE_UNTESTED: &str = "org.cncf.model.file.mediatype.untested";
-/// Legacy (<= v0.0.6) key for [`ANNOTATION_FILEPATH`], read only.
+/// Legacy (<= v0.0.6) key for [`ANNOTATION_FILEPATH`] (written only with the `cnai` spelling).
 pub const LEGACY_ANNOTATION_FILEPATH: &str = "org.cnai.model.filepath";
-/// Legacy (<= v0.0.6) key for [`ANNOTATION_FILE_METADATA`], read only.
+/// Legacy (<= v0.0.6) key for [`ANNOTATION_FILE_METADATA`] (written only with the `cnai`
+/// spelling).
 pub const LEGACY_ANNOTATION_FILE_METADATA: &str = "org.cnai.model.file.metadata+json";
-/// Legacy (<= v0.0.6) key for [`ANNOTATION_MEDIATYPE_UNTESTED`], read only.
+/// Legacy (<= v0.0.6) key for [`ANNOTATION_MEDIATYPE_UNTESTED`] (written only with the `cnai`
+/// spelling).
 pub const LEGACY_ANNOTATION_MEDIATYPE_UNTESTED: &str = "org.cnai.model.file.mediatype.untested";
 /// OCI title: the file name oras writes a layer to.
 pub const ANNOTATION_TITLE: &str = "org.opencontainers.image.title";
@@ -39,9 +41,10 @@ pub const TYPEFLAG_SYMLINK: u8 = 2;
 /// tar type flag of a directory.
 pub const TYPEFLAG_DIR: u8 = 5;
 
-/// The file attributes a layer records (`org.cncf.model.file.metadata+json`).
+/// The file attributes a layer records (`org.cncf.model.file.metadata+json`). Fields this
+/// version does not know are ignored, as the spec's Go types do, so a newer writer's metadata
+/// still reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct FileMetadata {
     /// File name (last path component).
     pub name: String,

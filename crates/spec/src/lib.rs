@@ -39,8 +39,10 @@ pub use config::{
 };
 pub use digest::Digest;
 pub use error::{Error, Result};
-pub use manifest::{ModelLayer, ModelManifest, descriptor, is_model_manifest, to_canonical_json};
-pub use media_type::{Encoding, LayerKind, LayerMediaType};
+pub use manifest::{
+    ModelLayer, ModelManifest, descriptor, is_model_manifest, to_canonical_json, unnamed_layer_path,
+};
+pub use media_type::{Encoding, LayerKind, LayerMediaType, NameSpelling};
 pub use path::{LayerPath, link_stays_inside};
 pub use reference::{DEFAULT_REGISTRY, DEFAULT_TAG, Reference};
 pub use validate::{

@@ -25,8 +25,13 @@ pub struct ModelLayer {
     pub digest: Digest,
     /// Its ModelPack media type.
     pub media_type: LayerMediaType,
-    /// The file path it restores to (filepath annotation, legacy key, or OCI title).
+    /// The file path it restores to (filepath annotation, legacy key, or OCI title); for a layer
+    /// without any of them, a name derived from its digest (see [`ModelLayer::named`]).
     pub path: LayerPath,
+    /// False when the layer names no path (the spec makes the annotation optional): a tar layer's
+    /// entries then carry their own names, and a raw layer's bytes are kept under
+    /// [`unnamed_layer_path`].
+    pub named: bool,
     /// The file metadata annotation, when present.
     pub metadata: Option<FileMetadata>,
     /// True when the packager marked the kind as guessed.
@@ -38,6 +43,18 @@ impl ModelLayer {
     pub fn size(&self) -> u64 {
         self.descriptor.size()
     }
+
+    /// True for a raw layer that names no path: its file gets [`unnamed_layer_path`], which
+    /// readers say in a warning.
+    pub fn is_unnamed_file(&self) -> bool {
+        !self.named && self.media_type.encoding == crate::Encoding::Raw
+    }
+}
+
+/// The path a layer without a name annotation is kept under: `sha256-<hex>` (its digest, with
+/// the colon a file name should not carry).
+pub fn unnamed_layer_path(digest: &Digest) -> Result<LayerPath> {
+    LayerPath::new(&format!("{}-{}", digest.algorithm(), digest.encoded()))
 }
 
 /// A manifest that passed ModelPack validation, with typed layers.
@@ -107,14 +124,7 @@ impl ModelManifest {
             let annotations = descriptor.annotations().as_ref();
             let media_type: LayerMediaType = descriptor.media_type().as_ref().parse()?;
             let path_text = get(annotations, ANNOTATION_FILEPATH, LEGACY_ANNOTATION_FILEPATH)
-                .or_else(|| get(annotations, ANNOTATION_TITLE, ANNOTATION_TITLE))
-                .ok_or_else(|| Error::Invalid {
-                    what: "layer",
-                    reason: format!(
-                        "layer {} has no {ANNOTATION_FILEPATH} or title annotation",
-                        descriptor.digest()
-                    ),
-                })?;
+                .or_else(|| get(annotations, ANNOTATION_TITLE, ANNOTATION_TITLE));
             let metadata = get(
                 annotations,
                 ANNOTATION_FILE_METADATA,
@@ -129,6 +139,10 @@ impl ModelManifest {
             ) == Some("true");
             let digest: Digest = descriptor.digest().to_string().parse()?;
             sha256_only(&digest)?;
+            let path = match path_text {
+                Some(text) => LayerPath::new(text)?,
+                None => unnamed_layer_path(&digest)?,
+            };
             // A raw layer is the file itself: metadata naming another size is a lie.
             if let Some(meta) = &metadata
                 && media_type.encoding == crate::Encoding::Raw
@@ -147,7 +161,8 @@ impl ModelManifest {
             layers.push(ModelLayer {
                 digest,
                 media_type,
-                path: LayerPath::new(path_text)?,
+                path,
+                named: path_text.is_some(),
                 metadata,
                 untested,
                 descriptor: descriptor.clone(),
@@ -193,10 +208,154 @@ pub fn descriptor(
     Ok(d)
 }
 
-/// The bytes we write a manifest as: compact JSON with object keys sorted, so the same manifest
-/// always has the same digest (oci-spec keeps annotations in a `HashMap`).
+/// The bytes we write a manifest (or index, or any document) as: compact JSON in the field order
+/// of the OCI Go types (`schemaVersion`, `mediaType`, `artifactType`, `config`, `layers`,
+/// `subject`, `annotations`; inside descriptors `mediaType`, `digest`, `size`, ...), map keys
+/// sorted and `<`, `>`, `&` escaped, exactly as Go's `encoding/json` writes them. So the same
+/// manifest always has the same digest, and a tool that re-serialises it with Go's structs
+/// before hashing (modctl's `inspect` does) gets that digest too.
 pub fn to_canonical_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_value(value)
-        .and_then(|v| serde_json::to_vec(&v))
-        .unwrap_or_default()
+    let Ok(value) = serde_json::to_value(value) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    write_ordered(&mut out, &value, Fields::Document);
+    out
+}
+
+/// Which Go type an object is, for its field order.
+#[derive(Clone, Copy)]
+enum Fields {
+    /// A manifest or index (the top level).
+    Document,
+    /// An OCI descriptor.
+    Descriptor,
+    /// An OCI platform.
+    Platform,
+    /// A map: keys sorted.
+    Map,
+}
+
+impl Fields {
+    /// The Go struct's fields in declaration order (keys not listed follow, sorted).
+    fn order(self) -> &'static [&'static str] {
+        match self {
+            Fields::Document => &[
+                "schemaVersion",
+                "mediaType",
+                "artifactType",
+                "config",
+                "manifests",
+                "layers",
+                "subject",
+                "annotations",
+            ],
+            Fields::Descriptor => &[
+                "mediaType",
+                "digest",
+                "size",
+                "urls",
+                "annotations",
+                "data",
+                "platform",
+                "artifactType",
+            ],
+            Fields::Platform => &["architecture", "os", "os.version", "os.features", "variant"],
+            Fields::Map => &[],
+        }
+    }
+
+    /// The type of the value under `key` of an object of this type.
+    fn child(self, key: &str) -> Fields {
+        match (self, key) {
+            (Fields::Document, "config" | "subject" | "layers" | "manifests") => Fields::Descriptor,
+            (Fields::Descriptor, "platform") => Fields::Platform,
+            _ => Fields::Map,
+        }
+    }
+}
+
+fn write_ordered(out: &mut Vec<u8>, value: &serde_json::Value, fields: Fields) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let order = fields.order();
+            let rank = |k: &str| order.iter().position(|o| *o == k).unwrap_or(order.len());
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.cmp(b)));
+            out.push(b'{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_string(out, key);
+                out.push(b':');
+                write_ordered(out, &map[key.as_str()], fields.child(key));
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_ordered(out, item, fields);
+            }
+            out.push(b']');
+        }
+        Value::String(s) => write_string(out, s),
+        other => out.extend_from_slice(other.to_string().as_bytes()),
+    }
+}
+
+/// A JSON string as Go writes it: also `<`, `>`, `&`, U+2028 and U+2029 escaped.
+fn write_string(out: &mut Vec<u8>, s: &str) {
+    let quoted = serde_json::Value::String(s.to_owned()).to_string();
+    for c in quoted.chars() {
+        match c {
+            '<' => out.extend_from_slice(b"\\u003c"),
+            '>' => out.extend_from_slice(b"\\u003e"),
+            '&' => out.extend_from_slice(b"\\u0026"),
+            '\u{2028}' => out.extend_from_slice(b"\\u2028"),
+            '\u{2029}' => out.extend_from_slice(b"\\u2029"),
+            c => {
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_are_written_in_the_oci_field_order_with_go_escaping() {
+        let doc = serde_json::json!({
+            "annotations": {"z": "1", "a": "<b> & c"},
+            "layers": [{"size": 3, "annotations": {"k": "v"}, "digest": "sha256:x", "mediaType": "m"}],
+            "config": {"digest": "sha256:c", "mediaType": "c", "size": 2},
+            "artifactType": "t",
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "schemaVersion": 2,
+            "subject": {"size": 1, "mediaType": "s", "digest": "sha256:s"},
+        });
+        let expected = concat!(
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","#,
+            r#""artifactType":"t","config":{"mediaType":"c","digest":"sha256:c","size":2},"#,
+            r#""layers":[{"mediaType":"m","digest":"sha256:x","size":3,"annotations":{"k":"v"}}],"#,
+            r#""subject":{"mediaType":"s","digest":"sha256:s","size":1},"#,
+            r#""annotations":{"a":"\u003cb\u003e \u0026 c","z":"1"}}"#
+        );
+        assert_eq!(
+            String::from_utf8(to_canonical_json(&doc)).expect("utf-8"),
+            expected
+        );
+        // Still JSON, with the same meaning.
+        let back: serde_json::Value =
+            serde_json::from_slice(&to_canonical_json(&doc)).expect("json");
+        assert_eq!(back, doc);
+    }
 }

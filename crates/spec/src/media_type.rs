@@ -10,9 +10,10 @@ use crate::error::{Error, Result};
 pub const ARTIFACT_TYPE_MODEL_MANIFEST: &str = "application/vnd.cncf.model.manifest.v1+json";
 /// Media type of the ModelPack model config blob.
 pub const MEDIA_TYPE_MODEL_CONFIG: &str = "application/vnd.cncf.model.config.v1+json";
-/// Legacy (<= v0.0.6) artifact type, accepted on read only.
+/// Legacy (<= v0.0.6) artifact type: read, and written only when asked ([`NameSpelling::Cnai`]).
 pub const LEGACY_ARTIFACT_TYPE_MODEL_MANIFEST: &str = "application/vnd.cnai.model.manifest.v1+json";
-/// Legacy (<= v0.0.6) config media type, accepted on read only.
+/// Legacy (<= v0.0.6) config media type: read, and written only when asked
+/// ([`NameSpelling::Cnai`]).
 pub const LEGACY_MEDIA_TYPE_MODEL_CONFIG: &str = "application/vnd.cnai.model.config.v1+json";
 /// Media type of the chunk-digest index blob that pins per-chunk digests of a layer.
 pub const MEDIA_TYPE_CHUNK_INDEX: &str = "application/vnd.modelpack.chunk-index.v1+json";
@@ -175,6 +176,110 @@ impl LayerMediaType {
                 .into_iter()
                 .map(move |encoding| LayerMediaType::new(kind, encoding))
         })
+    }
+}
+
+/// Which spelling of the ModelPack names a writer uses: the spec's `cncf` names (the default),
+/// or the legacy `cnai` ones that modctl writes again for registries keyed on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NameSpelling {
+    /// `application/vnd.cncf.model.*` and `org.cncf.model.*`.
+    #[default]
+    Cncf,
+    /// `application/vnd.cnai.model.*` and `org.cnai.model.*`.
+    Cnai,
+}
+
+impl NameSpelling {
+    /// The manifest's `artifactType`.
+    pub fn artifact_type(self) -> &'static str {
+        match self {
+            NameSpelling::Cncf => ARTIFACT_TYPE_MODEL_MANIFEST,
+            NameSpelling::Cnai => LEGACY_ARTIFACT_TYPE_MODEL_MANIFEST,
+        }
+    }
+
+    /// The config's media type.
+    pub fn config_media_type(self) -> &'static str {
+        match self {
+            NameSpelling::Cncf => MEDIA_TYPE_MODEL_CONFIG,
+            NameSpelling::Cnai => LEGACY_MEDIA_TYPE_MODEL_CONFIG,
+        }
+    }
+
+    /// A layer's media type.
+    pub fn layer_media_type(self, media_type: LayerMediaType) -> String {
+        let prefix = match self {
+            NameSpelling::Cncf => PREFIX,
+            NameSpelling::Cnai => LEGACY_PREFIX,
+        };
+        format!("{prefix}{}.v1.{}", media_type.kind, media_type.encoding)
+    }
+
+    /// The layer annotation keys: file path, file metadata, untested.
+    pub fn annotation_keys(self) -> [&'static str; 3] {
+        use crate::annotations as a;
+        match self {
+            NameSpelling::Cncf => [
+                a::ANNOTATION_FILEPATH,
+                a::ANNOTATION_FILE_METADATA,
+                a::ANNOTATION_MEDIATYPE_UNTESTED,
+            ],
+            NameSpelling::Cnai => [
+                a::LEGACY_ANNOTATION_FILEPATH,
+                a::LEGACY_ANNOTATION_FILE_METADATA,
+                a::LEGACY_ANNOTATION_MEDIATYPE_UNTESTED,
+            ],
+        }
+    }
+}
+
+impl NameSpelling {
+    /// `descriptor` (a layer written with the `cncf` names) with this spelling's media type and
+    /// annotation keys.
+    pub fn respell(
+        self,
+        descriptor: &oci_spec::image::Descriptor,
+    ) -> Result<oci_spec::image::Descriptor> {
+        let mut out = descriptor.clone();
+        if self == NameSpelling::Cncf {
+            return Ok(out);
+        }
+        let media_type: LayerMediaType = descriptor.media_type().as_ref().parse()?;
+        out.set_media_type(oci_spec::image::MediaType::from(
+            self.layer_media_type(media_type).as_str(),
+        ));
+        if let Some(annotations) = descriptor.annotations() {
+            let from = NameSpelling::Cncf.annotation_keys();
+            let to = self.annotation_keys();
+            let renamed = annotations
+                .iter()
+                .map(|(k, v)| {
+                    let key = from
+                        .iter()
+                        .position(|f| f == k)
+                        .map_or(k.as_str(), |i| to[i]);
+                    (key.to_owned(), v.clone())
+                })
+                .collect();
+            out.set_annotations(Some(renamed));
+        }
+        Ok(out)
+    }
+}
+
+impl FromStr for NameSpelling {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cncf" => Ok(NameSpelling::Cncf),
+            "cnai" => Ok(NameSpelling::Cnai),
+            other => Err(Error::Invalid {
+                what: "media type prefix",
+                reason: format!("{other:?} is neither cncf nor cnai"),
+            }),
+        }
     }
 }
 

@@ -7,10 +7,9 @@ pub fn format_rfc3339(t: &DateTime<FixedOffset>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
-/// True when `s` is an RFC 3339 §5.6 `date-time` (the JSON-schema `date-time` format).
-///
-/// `T`/`Z` may be lower case (RFC 3339 §5.6 note); a leap second `60` is accepted as the format
-/// allows it; the date must exist in the calendar.
+/// True when `s` is an RFC 3339 §5.6 `date-time` as the spec's Go validator reads it (Go's
+/// `time.RFC3339`): `T` and `Z` upper case, seconds up to 59 (no leap second), a date that
+/// exists in the calendar.
 pub fn is_rfc3339(s: &str) -> bool {
     let b = s.as_bytes();
     let digits = |range: std::ops::Range<usize>| -> Option<u32> {
@@ -26,8 +25,7 @@ pub fn is_rfc3339(s: &str) -> bool {
     let (Some(year), Some(month), Some(day)) = (digits(0..4), digits(5..7), digits(8..10)) else {
         return false;
     };
-    if b.get(4) != Some(&b'-') || b.get(7) != Some(&b'-') || !matches!(b.get(10), Some(b'T' | b't'))
-    {
+    if b.get(4) != Some(&b'-') || b.get(7) != Some(&b'-') || b.get(10) != Some(&b'T') {
         return false;
     }
     let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
@@ -48,7 +46,7 @@ pub fn is_rfc3339(s: &str) -> bool {
     if b.get(13) != Some(&b':') || b.get(16) != Some(&b':') {
         return false;
     }
-    if hour > 23 || minute > 59 || second > 60 {
+    if hour > 23 || minute > 59 || second > 59 {
         return false;
     }
     let mut i = 19;
@@ -63,7 +61,7 @@ pub fn is_rfc3339(s: &str) -> bool {
         }
     }
     match b.get(i) {
-        Some(b'Z' | b'z') => i + 1 == b.len(),
+        Some(b'Z') => i + 1 == b.len(),
         Some(b'+' | b'-') => {
             let (Some(oh), Some(om)) = (digits(i + 1..i + 3), digits(i + 4..i + 6)) else {
                 return false;
@@ -128,8 +126,9 @@ mod tests {
     fn accepts_and_refuses() {
         for good in [
             "2025-01-01T00:00:00Z",
-            "2024-02-29T23:59:60.123+05:30",
-            "2025-01-01t00:00:00z",
+            "2024-02-29T23:59:59.123+05:30",
+            // modctl's file times: nanoseconds and a local offset.
+            "2025-06-03T10:11:12.123456789+08:00",
             "1999-12-31T23:59:59-00:00",
         ] {
             assert!(is_rfc3339(good), "{good}");
@@ -143,6 +142,10 @@ mod tests {
             "2025-01-01T00:00:00.Z",
             "2025-01-01T00:00:00+0100",
             "2025-13-01T00:00:00Z",
+            // Go's time.RFC3339 (the spec's validator) refuses these, which RFC 3339 allows.
+            "2025-01-01t00:00:00z",
+            "2025-01-01T00:00:00z",
+            "2016-12-31T23:59:60Z",
         ] {
             assert!(!is_rfc3339(bad), "{bad}");
         }

@@ -590,7 +590,12 @@ pub fn validate_manifest_value(doc: &Value) -> Report {
         ),
         Some(None) => report.error("$.artifactType", "expected string"),
         None => {
-            if !config_media_type.is_some_and(is_model_config) {
+            if config_media_type.is_some_and(is_model_config) {
+                report.warning(
+                    "$",
+                    "artifactType is missing; it should be the ModelPack manifest artifact type",
+                );
+            } else {
                 report.error(
                     "$",
                     "not a ModelPack manifest: no artifactType and no model config media type",
@@ -612,13 +617,15 @@ pub fn validate_manifest_value(doc: &Value) -> Report {
                     format!("{d}: only sha256 digests can be verified by modelpack"),
                 );
             }
-            if let Some(t) = config_media_type
-                && !is_model_config(t)
-            {
-                report.error(
+            match config_media_type {
+                Some(t) if !is_model_config(t) => report.error(
                     "$.config.mediaType",
                     format!("{t:?} is not the model config media type"),
-                );
+                ),
+                Some(t) if t != crate::media_type::MEDIA_TYPE_MODEL_CONFIG => {
+                    report.warning("$.config.mediaType", "legacy vnd.cnai config media type");
+                }
+                _ => {}
             }
         }
         None => report.error("$", "missing required field \"config\""),

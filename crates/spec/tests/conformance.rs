@@ -105,7 +105,9 @@ fn our_config_cases() {
     for path in json_files(&data.join("invalid")) {
         check_config(&path, false, false, &schema);
     }
-    // The schema types diffIds as plain strings; we require OCI digests.
+    // The schema types diffIds as plain strings; we require OCI digests. Its `date-time` format
+    // allows a lower-case `t`/`z` and a leap second, which the spec's Go validator (Go's
+    // time.RFC3339) refuses; we agree with the Go validator.
     for path in json_files(&data.join("schema-only-valid")) {
         check_config(&path, true, false, &schema);
     }
@@ -126,6 +128,67 @@ fn upstream_example_manifest_is_a_model_manifest() {
             .problems
             .iter()
             .any(|p| p.message.contains("has no name"))
+    );
+    // And it is usable: its tar layers' entries carry their names.
+    let manifest = ModelManifest::from_slice(&bytes).expect("the example is usable");
+    assert!(manifest.layers().iter().all(|l| !l.named));
+}
+
+/// The warning (or error) messages of a manifest case in `tests/data/manifest/valid`.
+fn valid_case(name: &str) -> (ModelManifest, Vec<String>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/manifest/valid")
+        .join(name);
+    let (bytes, report) = check_manifest(&path, true);
+    let messages = report.problems.iter().map(|p| p.message.clone()).collect();
+    let manifest =
+        ModelManifest::from_slice(&bytes).unwrap_or_else(|r| panic!("{name}: {:?}", r.problems));
+    (manifest, messages)
+}
+
+#[test]
+fn other_writers_shapes_are_usable_with_the_warnings_the_go_validator_implies() {
+    // modctl: filepath and file metadata (nanoseconds, a local offset, a field we do not know),
+    // no OCI title.
+    let (m, _) = valid_case("modctl-raw-layer-no-title.json");
+    let layer = &m.layers()[0];
+    assert_eq!(layer.path.as_str(), "model.safetensors");
+    let meta = layer.metadata.as_ref().expect("metadata");
+    assert_eq!(meta.mtime.timestamp_subsec_nanos(), 123_456_789);
+    assert_eq!(meta.mtime.offset().local_minus_utc(), 8 * 3600);
+    // modctl's newest release: the legacy cnai names everywhere, warned about.
+    let (m, warnings) = valid_case("cnai-legacy-names.json");
+    assert_eq!(m.layers()[0].path.as_str(), "model.safetensors");
+    assert!(m.layers()[0].metadata.is_some());
+    for expected in [
+        "legacy vnd.cnai artifact type",
+        "legacy vnd.cnai config media type",
+    ] {
+        assert!(
+            warnings.iter().any(|w| w == expected),
+            "{expected}: {warnings:?}"
+        );
+    }
+    // A model config but no artifactType: usable, with a warning.
+    let (_, warnings) = valid_case("no-artifact-type-but-model-config.json");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("artifactType is missing")),
+        "{warnings:?}"
+    );
+    // No name annotations at all: tar layers by their entries, the raw one by its digest.
+    let (m, _) = valid_case("unnamed-raw-and-tar-layers.json");
+    let raw = &m.layers()[0];
+    assert!(raw.is_unnamed_file());
+    assert_eq!(
+        raw.path.as_str(),
+        format!("sha256-{}", raw.digest.encoded())
+    );
+    assert!(
+        m.layers()[1..]
+            .iter()
+            .all(|l| !l.named && !l.is_unnamed_file())
     );
 }
 

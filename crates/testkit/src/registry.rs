@@ -65,20 +65,34 @@ impl Registry {
         );
         let config_path = dir.join("config.yml");
         std::fs::write(&config_path, config)?;
-        let child = Command::new("docker-registry")
-            .arg("serve")
+        let registry = Registry {
+            port,
+            guard: serve(&config_path, port)?,
+            dir,
+            _temp: temp,
+        };
+        Ok(registry)
+    }
+
+    /// Runs the registry's garbage collector as its documentation says: with the registry
+    /// stopped (`docker-registry garbage-collect CONFIG`), then starts it again on the same port
+    /// and data. Blobs no manifest references are deleted.
+    pub fn garbage_collect(&mut self) -> std::io::Result<()> {
+        self.guard.stop();
+        let config_path = self.dir.join("config.yml");
+        let status = Command::new("docker-registry")
+            .arg("garbage-collect")
             .arg(&config_path)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()?;
-        let registry = Registry {
-            port,
-            dir,
-            guard: ChildGuard::new(child),
-            _temp: temp,
-        };
-        crate::sys::wait_for_port(port)?;
-        Ok(registry)
+            .status()?;
+        if !status.success() {
+            return Err(std::io::Error::other(format!(
+                "docker-registry garbage-collect exited with {status}"
+            )));
+        }
+        self.guard = serve(&config_path, self.port)?;
+        Ok(())
     }
 
     /// `127.0.0.1:PORT`.
@@ -95,4 +109,17 @@ impl Registry {
     pub fn pid(&self) -> u32 {
         self.guard.pid()
     }
+}
+
+/// Starts `docker-registry serve CONFIG` and waits until it listens on `port`.
+fn serve(config_path: &Path, port: u16) -> std::io::Result<ChildGuard> {
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(config_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let guard = ChildGuard::new(child);
+    crate::sys::wait_for_port(port)?;
+    Ok(guard)
 }

@@ -51,6 +51,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// True when the content is not where it was looked for (a registry's 404, a blob the
+    /// store lacks).
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            Error::Registry(e) => e.is_not_found(),
+            Error::Store(e) => e.is_not_found(),
+            _ => false,
+        }
+    }
+
     /// True when bytes failed verification.
     pub fn is_digest_mismatch(&self) -> bool {
         matches!(

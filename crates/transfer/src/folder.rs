@@ -38,13 +38,26 @@ impl Files {
         };
         let doc: serde_json::Value = serde_json::from_slice(manifest)
             .map_err(|e| Error::Unsupported(format!("manifest is not JSON: {e}")))?;
-        if serde_json::from_value::<ImageManifest>(doc.clone())
-            .is_ok_and(|m| modelpack_spec::is_model_manifest(&m))
-        {
-            return Err(Error::Unsupported(format!(
-                "a ModelPack artifact that fails validation: {}",
-                report.error_summary()
-            )));
+        let says_model = serde_json::from_value::<ImageManifest>(doc.clone())
+            .is_ok_and(|m| modelpack_spec::is_model_manifest(&m));
+        let layers = doc["layers"].as_array().map_or(&[][..], Vec::as_slice);
+        let all_titled = !layers.is_empty()
+            && layers
+                .iter()
+                .all(|l| l["annotations"][ANNOTATION_TITLE].is_string());
+        if says_model {
+            // What `oras push --artifact-type <the ModelPack type>` makes: plain layers with
+            // titles. Their files are still reachable by title, as for any oras artifact.
+            if !all_titled {
+                return Err(Error::Unsupported(format!(
+                    "a ModelPack artifact that fails validation: {}",
+                    report.error_summary()
+                )));
+            }
+            tracing::warn!(
+                problems = %report.error_summary(),
+                "not a valid ModelPack artifact; writing its layers by their OCI titles"
+            );
         }
         let mut files = Vec::new();
         for layer in doc["layers"].as_array().into_iter().flatten() {

@@ -35,7 +35,7 @@ pub use artifact::Artifact;
 pub use download::{Fetched, fetch_blob};
 pub use error::{Error, Result};
 pub use folder::Folder;
-pub use referrer::attach;
+pub use referrer::{CHUNK_INDEX_FILE_NAME, attach};
 pub use target::{
     Copied, Destination, Exists, Fetch, Manifest, Push, Remote, Resolve, Source, Tag, WithFiles,
     copy,
@@ -169,20 +169,7 @@ pub fn manifest_blobs(manifest: &[u8]) -> Result<Vec<BlobRef>> {
         });
     }
     // The chunk-digest index our builds pin in the manifest travels with it.
-    let annotations = &doc["annotations"];
-    if let (Some(digest), Some(size)) = (
-        annotations[modelpack_spec::annotations::ANNOTATION_CHUNK_INDEX_DIGEST].as_str(),
-        annotations[modelpack_spec::annotations::ANNOTATION_CHUNK_INDEX_SIZE]
-            .as_str()
-            .and_then(|s| s.parse::<u64>().ok()),
-    ) && size <= modelpack_spec::MAX_DOCUMENT_SIZE as u64
-    {
-        out.push(BlobRef {
-            digest: digest.parse()?,
-            size,
-            media_type: modelpack_spec::media_type::MEDIA_TYPE_CHUNK_INDEX.to_owned(),
-        });
-    }
+    out.extend(referrer::pinned_chunk_index(manifest));
     // A blob listed twice moves once.
     let mut seen = std::collections::HashSet::new();
     out.retain(|b| seen.insert(b.digest.clone()));

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use modelpack_registry::Repository;
+use modelpack_spec::media_type::MEDIA_TYPE_CHUNK_INDEX;
 use modelpack_spec::{Digest, MAX_DOCUMENT_SIZE};
 use modelpack_store::Store;
 
@@ -195,10 +196,29 @@ fn skipped(opts: &TransferOptions, blob: &BlobRef) {
     });
 }
 
+/// Moves one blob (see [`move_blob`]). The chunk index a manifest pins is optional: the source
+/// may have lost it (a registry's garbage collection deletes a blob only an annotation names),
+/// and readers fall back to whole-blob verification without it.
+async fn copy_blob<S: Source, D: Destination>(
+    src: &S,
+    dst: &D,
+    blob: &BlobRef,
+    opts: &TransferOptions,
+) -> Result<()> {
+    match move_blob(src, dst, blob, opts).await {
+        Err(e) if blob.media_type == MEDIA_TYPE_CHUNK_INDEX && e.is_not_found() => {
+            tracing::warn!(digest = %blob.digest, "the chunk index the manifest pins is gone; copied without it (lazy reads verify whole layers)");
+            skipped(opts, blob);
+            Ok(())
+        }
+        moved => moved,
+    }
+}
+
 /// Moves one blob: nothing when the destination has it, a mount within one registry, a push
 /// from the source's own file, or a fetch into the destination's landing store and a push from
 /// there.
-async fn copy_blob<S: Source, D: Destination>(
+async fn move_blob<S: Source, D: Destination>(
     src: &S,
     dst: &D,
     blob: &BlobRef,
@@ -346,10 +366,14 @@ impl Push for Remote<'_> {
 impl Tag for Remote<'_> {
     async fn tag(&self, manifest: &Manifest, tag: Option<&str>) -> Result<Digest> {
         let reference = tag.map_or_else(|| manifest.digest.to_string(), str::to_owned);
-        Ok(self
+        let digest = self
             .repo
             .put_manifest(&reference, &manifest.media_type, manifest.bytes.clone())
-            .await?)
+            .await?;
+        if let Err(e) = crate::referrer::keep_chunk_index(self.repo, &manifest.bytes).await {
+            tracing::warn!(error = %e, "the chunk index was not attached as a referrer; the registry's garbage collection may delete it");
+        }
+        Ok(digest)
     }
 }
 

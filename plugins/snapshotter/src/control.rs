@@ -33,6 +33,7 @@ pub fn mount_rows(service: &Service) -> Vec<MountInfo> {
                         row.served_bytes = counters.served_bytes.load(Ordering::Relaxed);
                         row.fetches = counters.fetches.load(Ordering::Relaxed);
                         row.fetch_micros = counters.fetch_micros.load(Ordering::Relaxed);
+                        row.warning = model.warning().unwrap_or_default();
                     }
                     MountState::Failed(e) => {
                         row.state = "failed".into();

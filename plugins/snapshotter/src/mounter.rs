@@ -22,6 +22,10 @@ pub trait ServedLayer: Send + Sync + std::fmt::Debug {
     fn content_size(&self) -> u64;
     /// Its live counters.
     fn counters(&self) -> Arc<Counters>;
+    /// What it works around, if anything (an unusable chunk index), for the status.
+    fn warning(&self) -> Option<String> {
+        None
+    }
     /// Stops serving it.
     async fn unmount(self: Box<Self>) -> std::io::Result<()>;
 }
@@ -41,6 +45,10 @@ impl ServedLayer for MountedModel {
 
     fn counters(&self) -> Arc<Counters> {
         MountedModel::counters(self)
+    }
+
+    fn warning(&self) -> Option<String> {
+        self.index_warning()
     }
 
     async fn unmount(self: Box<Self>) -> std::io::Result<()> {

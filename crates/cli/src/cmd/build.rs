@@ -85,6 +85,7 @@ pub fn run(global: &GlobalArgs, args: BuildArgs) -> anyhow::Result<ExitCode> {
             LayerPlacement::Copy
         },
         concurrency,
+        spelling: args.media_type_prefix.into(),
     };
     let started = Instant::now();
     let bar = display::byte_bar(0, global.quiet, "building");

@@ -231,6 +231,7 @@ pub fn snapshotter(_global: &GlobalArgs, command: SnapshotterCommand) -> anyhow:
                 "mountpoint": m.mountpoint,
                 "state": m.state,
                 "error": m.error,
+                "warning": m.warning,
                 "fetchedBytes": m.fetched_bytes,
                 "servedBytes": m.served_bytes,
                 "fetches": m.fetches,
@@ -265,10 +266,10 @@ pub fn snapshotter(_global: &GlobalArgs, command: SnapshotterCommand) -> anyhow:
                     display::bytes(m.size),
                     m.path,
                     m.name,
-                    if m.error.is_empty() {
-                        String::new()
-                    } else {
-                        format!("  ({})", m.error)
+                    match (m.error.is_empty(), m.warning.is_empty()) {
+                        (false, _) => format!("  ({})", m.error),
+                        (true, false) => format!("  (warning: {})", m.warning),
+                        (true, true) => String::new(),
                     }
                 );
             }

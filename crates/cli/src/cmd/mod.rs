@@ -2,6 +2,7 @@
 
 pub mod attach;
 pub mod build;
+pub mod completion;
 pub mod containerd;
 pub mod copy;
 pub mod extract;
@@ -18,6 +19,7 @@ pub mod rm;
 pub mod store;
 pub mod tag;
 pub mod validate;
+pub mod version;
 
 use anyhow::Context as _;
 use modelpack_spec::Reference;

@@ -98,6 +98,11 @@ pub fn mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<ExitCode> {
     };
     let rt = crate::remote::runtime()?;
     rt.block_on(async {
+        // Both stop signals are taken before the folder is mounted: one that arrives the moment
+        // the mount appears must unmount it, not kill the process and leave the folder dead.
+        // Ctrl-C goes through the process's interrupt handler, which sets the cancel flag.
+        let cancel = crate::display::cancel_flag();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mounted = modelpack_lazyfs::mount(opts, dir).await.with_context(|| {
             format!("cannot mount {} at {}", reference.familiar(), dir.display())
         })?;
@@ -108,9 +113,6 @@ pub fn mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<ExitCode> {
                 dir.display()
             );
         }
-        // Ctrl-C goes through the process's interrupt handler, which sets the cancel flag.
-        let cancel = crate::display::cancel_flag();
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         mounted
             .serve_until(async move {
                 let interrupted = async {
@@ -123,7 +125,8 @@ pub fn mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<ExitCode> {
                     () = interrupted => {}
                 }
             })
-            .await?;
+            .await
+            .with_context(|| format!("cannot unmount {}", dir.display()))?;
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
@@ -202,13 +205,21 @@ fn daemonize(
 }
 
 pub fn umount(_global: &GlobalArgs, args: UmountArgs) -> anyhow::Result<ExitCode> {
-    let status = std::process::Command::new("fusermount3")
+    // fusermount3's own message becomes part of our one error line.
+    let out = std::process::Command::new("fusermount3")
         .arg("-u")
         .arg(&args.dir)
-        .status()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
         .context("cannot run fusermount3 (Debian package fuse3)")?;
-    if !status.success() {
-        bail!("{} is not mounted, or is busy", args.dir.display());
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match stderr.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+            Some(why) => bail!("{} is not mounted, or is busy ({why})", args.dir.display()),
+            None => bail!("{} is not mounted, or is busy", args.dir.display()),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
