@@ -2,12 +2,14 @@
 
 mod auth;
 mod build_extract;
+mod cache;
 mod cli_habits;
 mod crash;
 mod faults;
 mod fuzz_replay;
 mod hostile;
 mod interop;
+mod mirrors;
 mod mount;
 mod other_writers;
 mod push_pull;

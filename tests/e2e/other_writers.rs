@@ -341,6 +341,35 @@ fn an_oras_push_with_the_model_artifact_type_is_pulled_by_title_with_a_warning()
         stderr.contains("not a valid ModelPack artifact"),
         "a warning: {stderr}"
     );
+    // ModelPack tar layers are never written under a title (a tar where a file belongs): an
+    // invalid artifact that has them is refused, and the folder stays as it was.
+    let tarred = tar_of(&[("a.bin", 0o644, 0, 0, 1_700_000_000, b"a")]);
+    let titled_tar = |title: &str| {
+        layer(
+            &store,
+            "application/vnd.cncf.model.weight.v1.tar",
+            &tarred,
+            &tarred,
+            Some(json!({"org.opencontainers.image.title": title})),
+        )
+    };
+    let clash = format!("{}/foreign/oras-tar:v1", registry.host());
+    let manifest = json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.cncf.model.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.cncf.model.config.v1+json"},
+    });
+    tag_and_push(
+        &s,
+        "foreign/oras-tar:v1",
+        &clash,
+        manifest,
+        &[titled_tar("same"), titled_tar("same")],
+    );
+    let refused_dir = reader.path("refused");
+    let refused = reader.run(&util::pull_to_args(&clash, &refused_dir));
+    assert!(!refused.status.success(), "{}", util::output_text(&refused));
+    assert!(!refused_dir.join("same").exists());
     // validate still calls it invalid: exit 1, its problems listed as errors.
     let validated = s.run(&["validate", "foreign/oras:v1"]);
     assert_eq!(validated.status.code(), Some(1));
@@ -450,6 +479,19 @@ fn the_chunk_index_survives_registry_garbage_collection_and_a_lost_index_falls_b
     let status = mount.status();
     let warning = status["chunkIndexWarning"].as_str().unwrap_or_default();
     assert!(warning.contains(&index), "{status}");
+    drop(mount);
+    // `--verify none` is for artifacts that never had an index: a pinned index that is lost
+    // still gets whole-layer verification, so the first read fetches the whole layer.
+    let mount = Mount::in_fresh_store(&reference, &["--verify", "none"]);
+    std::fs::File::open(mount.dir.join("model.safetensors"))
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .expect("read the head");
+    assert_eq!(head, weight[..4096]);
+    let fetched = mount.status()["fetchedBytes"].as_u64().expect("fetched");
+    assert!(
+        fetched >= size as u64,
+        "served before the layer was verified: {fetched}"
+    );
 }
 
 #[test]

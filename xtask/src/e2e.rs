@@ -14,7 +14,11 @@
 //! 6. a registry the snapshotter cannot use: a restart that cannot remount refuses to start
 //!    (and starts, reporting the failures, when allowed); a pull it cannot serve lazily fails
 //!    in one line, logs `remote-snapshot-prepared=false` and leaves no snapshot or image;
-//! 7. everything started is stopped by PID and unmounted, also on failure (the guards' Drop).
+//! 7. a capped cache: the snapshotter restarted with `--cache-max-bytes` (256 MiB) serves a
+//!    1 GiB model to two containers in turn; its cache folder never holds more than the cap plus
+//!    one readahead window, every digest is right, evictions and refetches are counted; once
+//!    containerd no longer has the model, `modelpack snapshotter gc` removes its cache;
+//! 8. everything started is stopped by PID and unmounted, also on failure (the guards' Drop).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -181,10 +185,18 @@ impl Rig {
         let scratch = tempfile::Builder::new().prefix("mp-e2e-").tempdir()?;
         let registry = crate::services::registry(&scratch.path().join("registry"))?;
         let link = Link::start(registry.port, None);
+        // Empty: step 3c writes a hosts.toml for a registry name only it uses.
+        let hosts = scratch.path().join("certs.d");
+        fs::create_dir_all(&hosts)?;
         let snapshotter = Snapshotter::start(
             &bins.snapshotter,
             &scratch.path().join("snap"),
-            &["--log-level", "info,modelpack_snapshotter=debug"],
+            &[
+                "--log-level",
+                "info,modelpack_snapshotter=debug",
+                "--hosts-dir",
+                &hosts.display().to_string(),
+            ],
         )?;
         let containerd = Containerd::start(&scratch.path().join("ctd"), &snapshotter.socket)?;
         containerd.wait_for_snapshotter()?;
@@ -397,6 +409,7 @@ fn checks(rig: &mut Rig) -> anyhow::Result<()> {
     );
 
     other_writers_in_containerd(rig, &image)?;
+    mirror_in_containerd(rig)?;
 
     println!("== 4. kill -9 the snapshotter, start it again");
     rig.snapshotter.restart()?;
@@ -480,6 +493,120 @@ fn checks(rig: &mut Rig) -> anyhow::Result<()> {
     println!(
         "   ok: refused, then started with the failures reported; the pull failed in one line"
     );
+    capped_cache_in_containerd(rig, &image)
+}
+
+/// Step 7: a 1 GiB model read twice by containers through a snapshotter whose cache is capped
+/// at 256 MiB; then the cache of a model containerd removed is garbage collected.
+fn capped_cache_in_containerd(rig: &mut Rig, image: &str) -> anyhow::Result<()> {
+    const CAP: u64 = 256 << 20;
+    // Readahead's largest window: 32 chunks of 2 MiB.
+    const WINDOW: u64 = 64 << 20;
+    println!(
+        "== 7. a capped cache: a 1 GiB model read twice by containers, cache capped at 256 MiB"
+    );
+    rig.snapshotter.restart_with(&[
+        "--log-level",
+        "info,modelpack_snapshotter=debug",
+        "--cache-max-bytes",
+        &CAP.to_string(),
+    ])?;
+    rig.containerd.wait_for_snapshotter()?;
+    let model = rig.path("model-large");
+    make_model(&model, 1024)?;
+    let source = tree_digests(&model)?;
+    let reference = format!("{}/e2e/large:v1", rig.registry.host());
+    rig.build_and_push(&model, &reference)?;
+    rig.modelpack_containerd("pull", &["--plain-http", &reference])?;
+    let view = rig.path("view-large");
+    rig.mount_model(&reference, &view)?;
+    let cache = rig.snapshotter.root.join("cache");
+    let sampler = modelpack_testkit::disk::PeakUsage::start(cache.clone());
+    let mut reads = Vec::new();
+    for pass in 0..2 {
+        // The second container must read through the snapshotter, not the page cache.
+        let _ = fs::write("/proc/sys/vm/drop_caches", "1");
+        reads.push(container_digests(
+            &rig.containerd,
+            image,
+            &format!("e2e-large-{pass}"),
+            &view,
+        ));
+    }
+    let peak = sampler.peak();
+    drop(sampler);
+    for read in reads {
+        let read = read?;
+        ensure!(
+            read == source,
+            "under the cap a container read other bytes:\n{read:#?}"
+        );
+    }
+    ensure!(
+        peak <= CAP + WINDOW,
+        "the cache folder held {peak} bytes, over the cap {CAP} plus one readahead window"
+    );
+    let status = rig.snapshotter_status()?;
+    let stats = &status["cache"];
+    ensure!(
+        stats["maxBytes"].as_u64() == Some(CAP)
+            && stats["bytes"].as_u64().is_some_and(|b| b <= CAP)
+            && stats["evictions"].as_u64().is_some_and(|e| e >= 384)
+            && stats["refetches"].as_u64().is_some_and(|r| r > 0),
+        "the cache numbers do not show the evictions and refetches: {status}"
+    );
+    println!(
+        "   ok: both containers read every file right; cache folder peak {} MiB; {} evictions, {} refetches",
+        peak >> 20,
+        stats["evictions"],
+        stats["refetches"]
+    );
+
+    // containerd forgets the model: its cache goes, the other models' stays.
+    let weight = |dir: &Path| -> anyhow::Result<PathBuf> {
+        let digests = tree_digests(dir)?;
+        let hex = digests
+            .get("model.safetensors")
+            .context("the weight's digest")?;
+        Ok(cache.join(format!("sha256-{hex}.data")))
+    };
+    let (large, kept) = (weight(&model)?, weight(&rig.path("model"))?);
+    ensure!(large.exists() && kept.exists(), "no cache files to collect");
+    rig.modelpack_containerd("umount", &[&view.display().to_string()])?;
+    rig.mounted.retain(|d| d != &view);
+    let images = rig.containerd.ctr_ok(&["images", "ls", "-q"])?;
+    let name = images
+        .lines()
+        .find(|l| l.contains("e2e/large"))
+        .context("the large model's image is not listed")?
+        .to_owned();
+    rig.containerd.ctr_ok(&["images", "rm", "--sync", &name])?;
+    let socket = rig.snapshotter.socket.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut report = String::new();
+    while large.exists() {
+        ensure!(
+            Instant::now() < deadline,
+            "the cache of a model containerd removed is still there: {report}"
+        );
+        report = rig.modelpack(&[
+            "snapshotter",
+            "gc",
+            "--format",
+            "json",
+            "--address",
+            &socket,
+        ])?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    ensure!(
+        kept.exists(),
+        "gc removed the cache of a model containerd still has"
+    );
+    if report.is_empty() {
+        report = "by containerd's own Cleanup".into();
+    }
+    println!("   ok: once containerd removed the model, its cache was collected ({report})");
     Ok(())
 }
 
@@ -766,6 +893,63 @@ fn one_resolve_per_model_and_chains_in_parallel(
     }
     println!(
         "   ok: a model pulled in {fast_took:?} while another's resolve was stalled; one manifest fetch per model"
+    );
+    Ok(())
+}
+
+/// Step 3c: a pull-through mirror named in the hosts.toml of a registry (the snapshotter's
+/// `--hosts-dir`, the CLI's too) serves the model's lazy reads; its tag resolves at the
+/// upstream (the mirror may only pull). The model is removed again afterwards, so later
+/// restarts do not need the mirror.
+fn mirror_in_containerd(rig: &mut Rig) -> anyhow::Result<()> {
+    use modelpack_testkit::registry::{RegistryOptions, write_hosts_toml};
+    println!("== 3c. a registry mirror from hosts.toml under the snapshotter");
+    let upstream = Link::start(rig.registry.port, None);
+    let remote = format!("http://127.0.0.1:{}", rig.registry.port);
+    let mirror_dir = rig.path("mirror");
+    let mirror = Registry::start(RegistryOptions {
+        dir: Some(&mirror_dir),
+        proxy_of: Some(&remote),
+        ..RegistryOptions::default()
+    })
+    .context("cannot start the mirror registry")?;
+    let mirror_link = Link::start(mirror.port, None);
+    let hosts = rig.path("certs.d");
+    write_hosts_toml(
+        &hosts,
+        &upstream.host(),
+        &upstream.host(),
+        &mirror_link.host(),
+        "[\"pull\"]",
+    )?;
+    let dir = rig.path("model-mirror");
+    make_model(&dir, 16)?;
+    rig.build_and_push(&dir, &format!("{}/e2e/mirror:v1", rig.registry.host()))?;
+    let reference = format!("{}/e2e/mirror:v1", upstream.host());
+    let hosts_arg = hosts.display().to_string();
+    rig.modelpack_containerd("pull", &["--hosts-dir", &hosts_arg, &reference])?;
+    let view = rig.path("view-mirror");
+    rig.mount_model(&reference, &view)?;
+    let read = tree_digests(&view)?;
+    ensure!(
+        read == tree_digests(&dir)?,
+        "read through the mirror: other files:\n{read:#?}"
+    );
+    let (from_mirror, from_upstream) = (mirror_link.served(), upstream.served());
+    ensure!(
+        from_mirror >= 16 << 20,
+        "the mirror served only {from_mirror} bytes"
+    );
+    ensure!(
+        from_upstream < 1 << 20,
+        "the upstream served {from_upstream} bytes: more than manifests"
+    );
+    rig.modelpack_containerd("umount", &[&view.display().to_string()])?;
+    rig.mounted.retain(|d| d != &view);
+    rig.containerd
+        .ctr_ok(&["images", "rm", "--sync", &reference])?;
+    println!(
+        "   ok: digests match; {from_mirror} bytes from the mirror, {from_upstream} from the upstream"
     );
     Ok(())
 }

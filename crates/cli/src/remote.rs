@@ -36,7 +36,14 @@ pub struct ConnectionArgs {
     /// Upload in chunks of this many MiB (default: one streamed PUT per blob)
     #[arg(long, value_name = "MIB")]
     pub chunk_size: Option<u64>,
+    /// containerd's registry hosts folder: REGISTRY/hosts.toml names mirrors and TLS settings
+    /// [default: /etc/containerd/certs.d when it exists; "" for none]
+    #[arg(long, value_name = "DIR")]
+    pub hosts_dir: Option<String>,
 }
+
+/// containerd's usual hosts folder, used when it exists and `--hosts-dir` is not given.
+pub const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
 
 impl ConnectionArgs {
     pub fn client(&self) -> anyhow::Result<Client> {
@@ -53,8 +60,27 @@ impl ConnectionArgs {
             insecure: self.insecure,
             ca_file: self.ca_file.clone(),
             credential,
+            hosts_dir: self.hosts_dir()?,
             ..ClientOptions::new()
         })?)
+    }
+
+    /// The hosts folder to read: `--hosts-dir` (which must exist; empty: none), else
+    /// [`DEFAULT_HOSTS_DIR`] when it exists.
+    pub fn hosts_dir(&self) -> anyhow::Result<Option<PathBuf>> {
+        match self.hosts_dir.as_deref() {
+            Some("") => Ok(None),
+            Some(dir) => {
+                let dir = PathBuf::from(dir);
+                anyhow::ensure!(
+                    dir.is_dir(),
+                    "--hosts-dir {}: no such folder",
+                    dir.display()
+                );
+                Ok(Some(dir))
+            }
+            None => Ok(Some(PathBuf::from(DEFAULT_HOSTS_DIR)).filter(|d| d.is_dir())),
+        }
     }
 
     pub fn transfer_options(

@@ -1,12 +1,13 @@
 //! One layer blob read lazily: aligned chunks (2 MiB in our index) fetched by Range, verified against the
 //! chunk-digest index, cached on disk, shared by concurrent readers; or, without an index, the
-//! whole blob fetched and verified once before any byte is served.
+//! whole blob fetched and verified once before any byte is served. What is cached of a blob
+//! lives in its [`ChunkState`], shared through the cache folder's [`CacheBudget`] (which may
+//! evict chunks no read is serving: they are fetched again on demand).
 
-use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use modelpack_registry::Repository;
@@ -17,21 +18,23 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::OnceCell;
 
 use crate::background::Background;
+use crate::cache::{CacheBudget, ChunkState};
 use crate::error::Error;
 use crate::{Counters, Verify};
+
+/// How a chunk that failed verification is reported (and recognised for a retry elsewhere).
+const MISMATCH: &str = "digest mismatch";
 
 /// A blob served lazily.
 pub(crate) struct LazyBlob {
     pub digest: Digest,
     pub size: u64,
     ctx: Arc<BlobContext>,
-    cache_path: PathBuf,
-    map_path: PathBuf,
+    /// What is cached of it (shared with every other blob of this digest in the process).
+    state: Arc<ChunkState>,
     chunks: Option<Vec<Digest>>,
     /// The chunk digests come from an unpinned referrer: verify the whole blob once complete.
     check_whole: bool,
-    present: Mutex<Vec<bool>>,
-    inflight: Mutex<HashMap<u64, Arc<tokio::sync::Notify>>>,
     whole: OnceCell<()>,
     /// `Verify::Background`: the whole-blob check is running or done (reset after a transient
     /// failure, so the next read starts it again).
@@ -43,7 +46,6 @@ pub(crate) struct LazyBlob {
     on_poison: Arc<std::sync::OnceLock<PoisonHook>>,
     /// Reads of this blob between their start and their reply to the kernel.
     serving: Arc<AtomicU64>,
-    cache_file: OnceCell<std::fs::File>,
     pub fetched: AtomicU64,
 }
 
@@ -54,8 +56,9 @@ pub(crate) struct BlobContext {
     pub repo: Repository,
     /// The store whole blobs are fetched into (and served from when present).
     pub store: Store,
-    /// Where chunk caches and their maps live.
-    pub cache_dir: PathBuf,
+    /// The cache folder's accountant: where chunk caches and their maps live, and what may be
+    /// evicted.
+    pub cache: Arc<CacheBudget>,
     /// The chunk size of the index (or the default when there is none).
     pub chunk_size: u64,
     /// The verification policy for blobs without chunk digests.
@@ -80,15 +83,6 @@ impl Drop for ServingGuard {
 /// What a mount does when a blob fails background verification.
 pub(crate) type PoisonHook = Box<dyn Fn() + Send + Sync>;
 
-impl std::fmt::Debug for LazyBlob {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LazyBlob")
-            .field("digest", &self.digest)
-            .field("size", &self.size)
-            .finish()
-    }
-}
-
 impl LazyBlob {
     /// A blob of `size` bytes; `chunks` are its chunk digests from the index, if any;
     /// `check_whole` asks for a whole-blob check once every chunk is in (chunk digests from an
@@ -100,32 +94,22 @@ impl LazyBlob {
         check_whole: bool,
         ctx: Arc<BlobContext>,
     ) -> LazyBlob {
-        let (cache_dir, chunk_size) = (&ctx.cache_dir, ctx.chunk_size);
-        let stem = format!("{}-{}", digest.algorithm(), digest.encoded());
-        let n = size.div_ceil(chunk_size) as usize;
-        let map_path = cache_dir.join(format!("{stem}.chunks"));
-        // Chunks verified by an earlier mount stay valid: the map only ever records verified ones.
-        let present = match std::fs::read(&map_path) {
-            Ok(bytes) if bytes.len() == n && chunks.is_some() => {
-                bytes.iter().map(|&b| b == 1).collect()
-            }
-            _ => vec![false; n],
-        };
+        // Chunks verified by an earlier mount stay valid (the map only ever records verified
+        // ones); chunks served unverified live in a cache of their own that nothing trusts.
+        let state = ctx
+            .cache
+            .state(&digest, size, ctx.chunk_size, chunks.is_some());
         LazyBlob {
-            cache_path: cache_dir.join(format!("{stem}.data")),
-            map_path,
+            state,
             digest,
             size,
             chunks,
             check_whole,
-            present: Mutex::new(present),
-            inflight: Mutex::new(HashMap::new()),
             whole: OnceCell::new(),
             background: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             poisoned: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             on_poison: Arc::new(std::sync::OnceLock::new()),
             serving: Arc::new(AtomicU64::new(0)),
-            cache_file: OnceCell::new(),
             fetched: AtomicU64::new(0),
             ctx,
         }
@@ -141,36 +125,9 @@ impl LazyBlob {
         if self.size == 0 || self.ctx.store.has_blob(&self.digest) {
             return 1.0;
         }
-        let present = self
-            .present
-            .lock()
-            .map(|p| p.iter().filter(|&&b| b).count())
-            .unwrap_or(0);
+        let present = self.state.present_count();
         let n = self.size.div_ceil(self.ctx.chunk_size).max(1);
         present as f64 / n as f64
-    }
-
-    async fn cache_file(&self) -> Result<&std::fs::File, Error> {
-        self.cache_file
-            .get_or_try_init(|| async {
-                use std::os::unix::fs::OpenOptionsExt;
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o600)
-                    .open(&self.cache_path)
-                    .map_err(|e| {
-                        Error::Read(format!("cache file {}: {e}", self.cache_path.display()))
-                    })?;
-                if file.metadata().map(|m| m.len()).unwrap_or(0) != self.size {
-                    file.set_len(self.size)
-                        .map_err(|e| Error::Read(e.to_string()))?;
-                }
-                Ok(file)
-            })
-            .await
     }
 
     /// Reads `len` bytes at `offset`, every one of them verified.
@@ -201,6 +158,8 @@ impl LazyBlob {
             (Some(_), _) | (None, Verify::None | Verify::Background) => {
                 let first = offset / self.ctx.chunk_size;
                 let last = (end - 1) / self.ctx.chunk_size;
+                // Not evicted between being made present and being read.
+                let _pin = self.state.pin_reads(first, last);
                 let mut hit = true;
                 for i in first..=last {
                     hit &= self.ensure_chunk(i).await?;
@@ -208,7 +167,8 @@ impl LazyBlob {
                 if hit {
                     self.ctx.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
                 }
-                let file = self.cache_file().await?;
+                self.ctx.cache.touch(&self.state, first, last);
+                let file = self.state.file()?;
                 let mut buf = vec![0u8; (end - offset) as usize];
                 file.read_exact_at(&mut buf, offset)
                     .map_err(|e| Error::Read(format!("cache read: {e}")))?;
@@ -294,7 +254,11 @@ impl LazyBlob {
     }
 
     fn is_present(&self, i: u64) -> bool {
-        self.present.lock().map(|p| p[i as usize]).unwrap_or(false)
+        self.state
+            .present
+            .lock()
+            .map(|p| p[i as usize])
+            .unwrap_or(false)
     }
 
     /// Makes chunk `i` present; true when it already was. Readers of a chunk another task is
@@ -307,6 +271,7 @@ impl LazyBlob {
             }
             let waiting = {
                 let mut inflight = self
+                    .state
                     .inflight
                     .lock()
                     .map_err(|_| Error::Read("lock poisoned".into()))?;
@@ -326,6 +291,7 @@ impl LazyBlob {
             notified.as_mut().enable();
             if !self.is_present(i)
                 && self
+                    .state
                     .inflight
                     .lock()
                     .map(|m| m.contains_key(&i))
@@ -340,8 +306,8 @@ impl LazyBlob {
     /// The first chunk in `from..to` that is neither here nor being fetched.
     pub(crate) fn first_uncovered(&self, from: u64, to: u64) -> Option<u64> {
         // Same lock order as `prefetch`: inflight, then present.
-        let inflight = self.inflight.lock().ok()?;
-        let present = self.present.lock().ok()?;
+        let inflight = self.state.inflight.lock().ok()?;
+        let present = self.state.present.lock().ok()?;
         (from..to).find(|&i| !present[i as usize] && !inflight.contains_key(&i))
     }
 
@@ -352,7 +318,7 @@ impl LazyBlob {
         let mut i = first;
         while i < last {
             let claimed = {
-                let Ok(mut inflight) = self.inflight.lock() else {
+                let Ok(mut inflight) = self.state.inflight.lock() else {
                     return;
                 };
                 let mut n = 0;
@@ -374,7 +340,16 @@ impl LazyBlob {
     /// Fetches chunks `first..first+count` (already claimed in `inflight`) in one ranged GET,
     /// verifying and caching each chunk as it completes, then releases and wakes their waiters.
     async fn fetch_run(&self, first: u64, count: u64) -> Result<(), Error> {
-        let result = self.fetch_run_inner(first, count).await;
+        let mut result = self.fetch_run_inner(first, count).await;
+        // Wrong bytes from a registry mirror: that mirror is not asked for this blob again, and
+        // the rest of the run comes once more from the next host (the upstream last).
+        if matches!(&result, Err(Error::Read(m)) if m.ends_with(MISMATCH))
+            && self.ctx.repo.distrust(&self.digest)
+            && let Some(retry) = (first..first + count).find(|&i| !self.is_present(i))
+        {
+            tracing::warn!(blob = %self.digest, chunk = retry, "a mirror served wrong bytes; fetching again from the next host");
+            result = self.fetch_run_inner(retry, first + count - retry).await;
+        }
         // Chunks a failed run did not bring: their readers wake, find them missing and fetch
         // them themselves.
         (first..first + count).for_each(|i| self.release(i));
@@ -383,7 +358,7 @@ impl LazyBlob {
 
     /// Ends the claim on chunk `i` and wakes whoever waits for it.
     fn release(&self, i: u64) {
-        if let Ok(mut inflight) = self.inflight.lock()
+        if let Ok(mut inflight) = self.state.inflight.lock()
             && let Some(n) = inflight.remove(&i)
         {
             n.notify_waiters();
@@ -391,7 +366,7 @@ impl LazyBlob {
     }
 
     async fn fetch_run_inner(&self, first: u64, count: u64) -> Result<(), Error> {
-        self.cache_file().await?;
+        self.state.file()?;
         let start = first * self.ctx.chunk_size;
         let end = ((first + count) * self.ctx.chunk_size).min(self.size);
         let started = std::time::Instant::now();
@@ -460,43 +435,36 @@ impl LazyBlob {
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(blob = %self.digest, chunk = i, %expected, %actual, "chunk failed verification; not served, not cached");
                 return Err(Error::Read(format!(
-                    "blob {} chunk {i}: digest mismatch",
+                    "blob {} chunk {i}: {MISMATCH}",
                     self.digest
                 )));
             }
         }
-        let file = self
-            .cache_file
-            .get()
-            .ok_or_else(|| Error::Read("cache file not open".into()))?;
+        // Room first (a capped cache evicts the least recently used chunks no read needs).
+        let reservation = self.ctx.cache.reserve(buf.len() as u64);
+        let file = self.state.file()?;
         file.write_all_at(buf, start)
             .map_err(|e| Error::Read(format!("cache write: {e}")))?;
-        let (snapshot, complete) = {
-            let mut present = self
-                .present
-                .lock()
-                .map_err(|_| Error::Read("lock poisoned".into()))?;
-            present[i as usize] = true;
-            let done = present.iter().filter(|&&b| b).count();
-            let complete = done == present.len();
-            // Saved every 16 chunks and when complete; a crash only costs refetching.
-            let snapshot = (self.chunks.is_some() && (done % 16 == 0 || complete))
-                .then(|| present.iter().map(|&b| u8::from(b)).collect::<Vec<u8>>());
-            (snapshot, complete)
-        };
-        if complete && self.check_whole && !tokio::task::block_in_place(|| self.whole_matches(file))
-        {
-            return Err(Error::Read(format!(
-                "blob {}: chunks matched the referrer index but the whole blob does not match its digest",
-                self.digest
-            )));
+        let (refetch, save) = self.state.mark_present(i)?;
+        reservation.commit(&self.state, i);
+        if refetch {
+            self.ctx.cache.note_refetch();
+            self.ctx.counters.refetches.fetch_add(1, Ordering::Relaxed);
+        }
+        // Pinned while it is hashed: nothing of it is evicted meanwhile.
+        if self.check_whole && self.state.pin_if_complete() {
+            let matches = tokio::task::block_in_place(|| self.whole_matches(file));
+            self.state.unpin();
+            if !matches {
+                return Err(Error::Read(format!(
+                    "blob {}: chunks matched the referrer index but the whole blob does not match its digest",
+                    self.digest
+                )));
+            }
         }
         // Record verified chunks only: a later mount trusts this map.
-        if let Some(snapshot) = snapshot {
-            let tmp = self.map_path.with_extension(format!("chunks.{i}.tmp"));
-            if std::fs::write(&tmp, &snapshot).is_ok() {
-                let _ = std::fs::rename(&tmp, &self.map_path);
-            }
+        if save {
+            self.state.write_map();
         }
         Ok(())
     }
@@ -522,23 +490,27 @@ impl LazyBlob {
             .verify_failures
             .fetch_add(1, Ordering::Relaxed);
         tracing::error!(blob = %self.digest, "whole-blob check failed: the referrer index does not describe this blob; cache dropped");
-        if let Ok(mut present) = self.present.lock() {
-            present.iter_mut().for_each(|p| *p = false);
-        }
-        let _ = std::fs::remove_file(&self.map_path);
+        self.state.forget_all();
+        self.ctx.cache.forget(&self.state);
         false
     }
 
     /// The local file holding the whole blob, when every byte of it is here and verified: the
     /// store's copy, or the chunk cache once every chunk is (with a chunk index; a referrer
-    /// index's blob was also checked whole as its last chunk arrived).
-    pub(crate) fn complete_file(&self) -> Option<PathBuf> {
+    /// index's blob was also checked whole as its last chunk arrived). The bool is true when the
+    /// cache file was pinned for it (nothing evicted until [`LazyBlob::unpin`]): the kernel reads
+    /// a passthrough file directly, so no chunk of it may go while it is open.
+    pub(crate) fn pin_complete_file(&self) -> Option<(PathBuf, bool)> {
         if self.ctx.store.has_blob(&self.digest) {
-            return Some(self.ctx.store.blob_path(&self.digest));
+            return Some((self.ctx.store.blob_path(&self.digest), false));
         }
-        let complete =
-            self.chunks.is_some() && self.present.lock().is_ok_and(|p| p.iter().all(|&b| b));
-        complete.then(|| self.cache_path.clone())
+        (self.chunks.is_some() && self.state.pin_if_complete())
+            .then(|| (self.state.data_path.clone(), true))
+    }
+
+    /// Ends a pin of [`LazyBlob::pin_complete_file`].
+    pub(crate) fn unpin(&self) {
+        self.state.unpin();
     }
 
     /// True once background verification found the blob does not match its digest: nothing of
@@ -605,6 +577,10 @@ mod tests {
     }
 
     fn fixture(size: usize, script: Vec<Answer>) -> Fixture {
+        fixture_capped(size, script, None)
+    }
+
+    fn fixture_capped(size: usize, script: Vec<Answer>, cap: Option<u64>) -> Fixture {
         let data = Arc::new(modelpack_testkit::data::pseudo_random(size, 0xb10b));
         let server = BlobServer::start(data.clone(), script);
         let dir = tempfile::tempdir().expect("tempdir");
@@ -618,7 +594,7 @@ mod tests {
         let ctx = Arc::new(BlobContext {
             repo: Repository::new(&client, &reference),
             store: Store::open(&dir.path().join("store")).expect("store"),
-            cache_dir: dir.path().to_owned(),
+            cache: CacheBudget::open(&dir.path().join("cache"), cap).expect("cache"),
             chunk_size: CHUNK,
             verify: Verify::Full,
             counters: counters.clone(),
@@ -712,5 +688,31 @@ mod tests {
             .expect("the read gives up in time");
         assert!(err.is_err());
         assert_eq!(f.counters.fetched_bytes.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_capped_cache_evicts_old_chunks_and_fetches_them_again_with_the_right_bytes() {
+        let f = fixture_capped(8 << 20, vec![], Some(3 * CHUNK));
+        for pass in 0..2 {
+            for i in 0..8u64 {
+                let got = f.blob.read(i * CHUNK, CHUNK).await.expect("read");
+                let at = (i * CHUNK) as usize;
+                assert!(
+                    got[..] == f.data[at..at + CHUNK as usize],
+                    "pass {pass} chunk {i}"
+                );
+                assert!(f.blob.ctx.cache.stats().bytes <= 3 * CHUNK);
+            }
+        }
+        let stats = f.blob.ctx.cache.stats();
+        // Five evicted in the first pass, all eight in the second.
+        assert_eq!(stats.evictions, 13, "{stats:?}");
+        assert_eq!(stats.refetches, 8, "{stats:?}");
+        assert_eq!(f.counters.refetches.load(Ordering::Relaxed), 8);
+        assert_eq!(f.counters.fetched_bytes.load(Ordering::Relaxed), 16 * CHUNK);
+        // The map on disk claims none of the evicted chunks (it is saved at each eviction).
+        let map = std::fs::read(f.blob.state.data_path.with_extension("chunks")).expect("map");
+        assert_eq!(map.len(), 8);
+        assert_eq!(map[..5], [0, 0, 0, 0, 0]);
     }
 }

@@ -32,6 +32,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The cache folder cannot be used.
+    #[error("cache folder {path}: {message}")]
+    Cache {
+        /// The folder.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
     /// Bytes could not be served: a fetch, a verification or the local cache failed.
     #[error("{0}")]
     Read(String),
@@ -79,6 +87,7 @@ impl Error {
             | Error::Spec(_)
             | Error::Invalid(_)
             | Error::Mount { .. }
+            | Error::Cache { .. }
             | Error::Read(_) => Errno::EIO,
         }
     }

@@ -22,6 +22,7 @@ use serde_json::json;
 
 use crate::background::Background;
 use crate::blob::{BlobContext, LazyBlob};
+use crate::cache::CacheBudget;
 use crate::error::Error;
 use crate::layer::{DeferredLayer, Frames, LazyFile, TarReader};
 use crate::readahead::{self, Ahead, Stream};
@@ -32,6 +33,9 @@ const TTL: Duration = Duration::from_secs(3600);
 /// File handles: how a file was opened (see [`OpenState`]).
 const FH_CACHED: u64 = 1;
 const FH_PASSTHROUGH: u64 = 2;
+/// A passthrough open of a complete chunk-cache file, which stays pinned (never evicted) until
+/// the handle is released.
+const FH_PASSTHROUGH_PINNED: u64 = 3;
 
 /// A mounted model: wait for it, unmount it, read its status.
 pub struct MountedModel {
@@ -42,7 +46,7 @@ pub struct MountedModel {
 impl std::fmt::Debug for MountedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MountedModel")
-            .field("fs", &self.fs)
+            .field("reference", &self.fs.reference)
             .finish_non_exhaustive()
     }
 }
@@ -91,6 +95,7 @@ impl MountedModel {
             .await
             .map_err(std::io::Error::other);
         self.fs.tasks.shutdown().await;
+        self.fs.release_pins();
         result?
     }
 
@@ -135,6 +140,9 @@ fn end_session(session: fuser::BackgroundSession) -> std::io::Result<()> {
 struct OpenState {
     cached: u32,
     passthrough: Option<(Arc<BackingId>, u32)>,
+    /// Passthrough handles that pin the blob's cache file (released at unmount if the kernel
+    /// never released them).
+    pinned: u32,
 }
 
 /// The FUSE file system.
@@ -158,14 +166,8 @@ struct ModelFs {
     opens: Arc<Mutex<HashMap<u64, OpenState>>>,
     /// Readahead, prefetch and background verification: cancelled at unmount.
     tasks: Background,
-}
-
-impl std::fmt::Debug for ModelFs {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModelFs")
-            .field("reference", &self.reference)
-            .finish()
-    }
+    /// The cache folder's accountant (for the status).
+    cache: Arc<CacheBudget>,
 }
 
 impl ModelFs {
@@ -230,9 +232,24 @@ impl ModelFs {
             "fetches": fetches,
             "meanFetchMillis": if fetches == 0 { 0.0 } else { c.fetch_micros.load(Ordering::Relaxed) as f64 / fetches as f64 / 1000.0 },
             "verifyFailures": c.verify_failures.load(Ordering::Relaxed),
+            "refetches": c.refetches.load(Ordering::Relaxed),
+            "cache": self.cache_status(),
             "passthrough": self.passthrough.load(Ordering::Relaxed),
             "chunkIndexWarning": *self.index_warning,
+            "mirrorFallbacks": modelpack_registry::mirror_fallbacks(),
             "files": files,
+        })
+    }
+
+    /// The cache folder's numbers (shared by every mount using the folder).
+    fn cache_status(&self) -> serde_json::Value {
+        let stats = self.cache.stats();
+        json!({
+            "maxBytes": stats.max_bytes,
+            "bytes": stats.bytes,
+            "evictions": stats.evictions,
+            "evictedBytes": stats.evicted_bytes,
+            "refetches": stats.refetches,
         })
     }
 
@@ -275,15 +292,21 @@ impl ModelFs {
     }
 
     /// The local file holding exactly `node`'s bytes, when they are all here and verified: a
-    /// file unpacked from a tar layer, or a complete raw layer (in the store or the cache).
-    fn complete_file(&self, content: &Content, size: u64) -> Option<PathBuf> {
+    /// file unpacked from a tar layer, or a complete raw layer (in the store or the cache). A
+    /// chunk-cache file comes pinned (nothing of it evicted), with the blob to unpin it.
+    fn complete_file(
+        &self,
+        content: &Content,
+        size: u64,
+    ) -> Option<(PathBuf, Option<Arc<LazyBlob>>)> {
         match content {
-            Content::Local(path) => Some(path.clone()),
-            Content::Deferred(d) => d.ready(),
+            Content::Local(path) => Some((path.clone(), None)),
+            Content::Deferred(d) => d.ready().map(|p| (p, None)),
             Content::Lazy(file)
                 if file.frames.is_none() && file.start == 0 && file.blob.size == size =>
             {
-                file.blob.complete_file()
+                let (path, pinned) = file.blob.pin_complete_file()?;
+                Some((path, pinned.then(|| file.blob.clone())))
             }
             _ => None,
         }
@@ -315,6 +338,30 @@ impl ModelFs {
                 self.passthrough.store(false, Ordering::Relaxed);
                 None
             }
+        }
+    }
+
+    /// Ends one passthrough pin of `ino`'s blob.
+    fn unpin(&self, ino: u64) {
+        if let Some(node) = self.tree.get(ino)
+            && let Kind::File(Content::Lazy(file)) = &node.kind
+        {
+            file.blob.unpin();
+        }
+    }
+
+    /// Ends the pins of passthrough handles the kernel never released (a lazily detached mount):
+    /// the blobs' cache state outlives the mount (it is shared), so they must not stay pinned.
+    fn release_pins(&self) {
+        let pinned: Vec<(u64, u32)> = match self.opens.lock() {
+            Ok(mut opens) => opens
+                .iter_mut()
+                .map(|(ino, s)| (*ino, std::mem::take(&mut s.pinned)))
+                .collect(),
+            Err(_) => return,
+        };
+        for (ino, count) in pinned {
+            (0..count).for_each(|_| self.unpin(ino));
         }
     }
 
@@ -453,14 +500,22 @@ impl Filesystem for ModelFs {
                 // passthrough, as fast as a local file); anything else through FUSE reads, with
                 // the page cache kept (the content never changes).
                 if self.passthrough.load(Ordering::Relaxed)
-                    && let Some(path) = self.complete_file(content, node.size)
-                    && let Some(id) = self.open_passthrough(ino.0, &path, &reply)
+                    && let Some((path, pinned)) = self.complete_file(content, node.size)
                 {
-                    return reply.opened_passthrough(
-                        FileHandle(FH_PASSTHROUGH),
-                        FopenFlags::empty(),
-                        &id,
-                    );
+                    if let Some(id) = self.open_passthrough(ino.0, &path, &reply) {
+                        let fh = if pinned.is_some() {
+                            if let Ok(mut opens) = self.opens.lock() {
+                                opens.entry(ino.0).or_default().pinned += 1;
+                            }
+                            FH_PASSTHROUGH_PINNED
+                        } else {
+                            FH_PASSTHROUGH
+                        };
+                        return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                    }
+                    if let Some(blob) = pinned {
+                        blob.unpin();
+                    }
                 }
                 if let Ok(mut opens) = self.opens.lock() {
                     opens.entry(ino.0).or_default().cached += 1;
@@ -487,7 +542,11 @@ impl Filesystem for ModelFs {
         {
             match fh.0 {
                 FH_CACHED => state.cached = state.cached.saturating_sub(1),
-                FH_PASSTHROUGH => {
+                FH_PASSTHROUGH | FH_PASSTHROUGH_PINNED => {
+                    if fh.0 == FH_PASSTHROUGH_PINNED && state.pinned > 0 {
+                        state.pinned -= 1;
+                        self.unpin(ino.0);
+                    }
                     if let Some((_, count)) = &mut state.passthrough {
                         *count -= 1;
                         if *count == 0 {
@@ -894,13 +953,7 @@ async fn resolve_counted(
     store: &modelpack_store::Store,
     transfer: &TransferOptions,
 ) -> Result<Resolved, Error> {
-    let fetched = repo.get_manifest(reference).await?;
-    let manifest = ModelManifest::from_slice(&fetched.bytes).map_err(|report| {
-        Error::Invalid(format!(
-            "not a valid ModelPack manifest: {}",
-            report.error_summary()
-        ))
-    })?;
+    let (fetched, manifest) = crate::index::model_manifest(repo, reference).await?;
     let annotations = manifest
         .manifest()
         .annotations()
@@ -931,6 +984,9 @@ async fn resolve_counted(
         ),
         Some(blob) => match pinned_index(repo, store, &blob, transfer).await {
             Ok(index) => (Some(index), true, None),
+            // A registry that is down or refuses us fails the mount as before; only an index
+            // that is gone or wrong is worked around.
+            Err(e) if !index_is_lost(&e) => return Err(e),
             Err(e) => {
                 // A missing or bad index never fails a mount: the same index attached as a
                 // referrer still serves (its digest is checked against the pin), else whole
@@ -960,6 +1016,17 @@ async fn resolve_counted(
         index_is_pinned,
         index_warning,
     })
+}
+
+/// True when a pinned index failed because it is gone, corrupt or unreadable (not because the
+/// registry is unreachable or refuses access).
+fn index_is_lost(e: &Error) -> bool {
+    match e {
+        Error::Transfer(t) => t.is_not_found() || t.is_digest_mismatch(),
+        Error::Registry(r) => r.is_not_found(),
+        Error::Invalid(_) => true,
+        _ => false,
+    }
 }
 
 /// The chunk index `blob` (pinned by the manifest), fetched into `store` and checked.
@@ -1094,10 +1161,10 @@ impl<'a> TreeBuilder<'a> {
         &self,
         tar_layers: &[&modelpack_spec::ModelLayer],
     ) -> Result<LazyLayers, Error> {
-        let opts = self.opts;
         let mut lazy_layers: HashMap<Digest, (Arc<LazyBlob>, Option<Arc<Frames>>)> = HashMap::new();
         for layer in tar_layers {
-            let can_verify = self.chunks_of(layer).is_some() || opts.verify == crate::Verify::None;
+            let can_verify =
+                self.chunks_of(layer).is_some() || self.ctx.verify == crate::Verify::None;
             if !can_verify || lazy_layers.contains_key(&layer.digest) {
                 continue;
             }
@@ -1146,9 +1213,10 @@ impl<'a> TreeBuilder<'a> {
         trees: &Path,
     ) -> Result<Vec<Digest>, Error> {
         let mut deferred: Vec<Digest> = Vec::new();
+        // A layer without a name is planned from its tar headers instead.
         for layer in tar_layers
             .iter()
-            .filter(|l| !lazy_layers.contains_key(&l.digest))
+            .filter(|l| l.named && !lazy_layers.contains_key(&l.digest))
         {
             let Some(meta) = layer.metadata.as_ref().filter(|m| {
                 m.typeflag == modelpack_spec::annotations::TYPEFLAG_REGULAR && m.size >= 0
@@ -1339,18 +1407,34 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Error
         )));
     }
 
+    let cache = match &opts.cache {
+        Some(cache) if cache.dir() != opts.cache_dir => {
+            return Err(Error::Cache {
+                path: opts.cache_dir.clone(),
+                message: format!("the cache budget given is for {}", cache.dir().display()),
+            });
+        }
+        Some(cache) => cache.clone(),
+        None => CacheBudget::open(&opts.cache_dir, None)?,
+    };
     let tasks = Background::default();
     let ctx = Arc::new(BlobContext {
         repo: repo.clone(),
         store: opts.store.clone(),
-        cache_dir: opts.cache_dir.clone(),
+        cache: cache.clone(),
         chunk_size: resolved
             .index
             .as_ref()
             .map_or(modelpack_spec::annotations::CHUNK_INDEX_CHUNK_SIZE, |i| {
                 i.chunk_size
             }),
-        verify: opts.verify,
+        // A manifest that pins an index it cannot deliver gets no weaker check than a whole
+        // layer: the `--verify` policy is for artifacts that never had an index.
+        verify: if resolved.index.is_none() && resolved.index_warning.is_some() {
+            crate::Verify::Full
+        } else {
+            opts.verify
+        },
         counters: counters.clone(),
         transfer: transfer.clone(),
         tasks: tasks.clone(),
@@ -1373,6 +1457,7 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Error
         passthrough: Arc::new(AtomicBool::new(ids().0 == 0)),
         opens: Arc::new(Mutex::new(HashMap::new())),
         tasks,
+        cache,
     };
     serve(fs, dir, &opts).await
 }
@@ -1556,7 +1641,7 @@ mod tests {
         Arc::new(BlobContext {
             repo: opts.repository.clone(),
             store: opts.store.clone(),
-            cache_dir: opts.cache_dir.clone(),
+            cache: CacheBudget::open(&opts.cache_dir, None).expect("cache"),
             chunk_size: 2 << 20,
             verify: opts.verify,
             counters: Arc::new(Counters::default()),

@@ -16,13 +16,7 @@ use crate::error::Error;
 /// not match its digest; pushes the index and a referrer manifest whose subject is the model.
 /// Returns the referrer manifest's digest.
 pub async fn create_index(repo: &Repository, reference: &str) -> Result<Digest, Error> {
-    let fetched = repo.get_manifest(reference).await?;
-    let manifest = ModelManifest::from_slice(&fetched.bytes).map_err(|report| {
-        Error::Invalid(format!(
-            "not a valid ModelPack manifest: {}",
-            report.error_summary()
-        ))
-    })?;
+    let (fetched, manifest) = model_manifest(repo, reference).await?;
     let mut index = ChunkIndex::new(CHUNK_INDEX_CHUNK_SIZE);
     for layer in manifest.layers() {
         // Raw, tar and (seekable) tar+zstd layers can be read lazily; gzip cannot.
@@ -70,6 +64,21 @@ pub async fn create_index(repo: &Repository, reference: &str) -> Result<Digest, 
     let referrer_digest =
         modelpack_transfer::attach(repo, &fetched, MEDIA_TYPE_CHUNK_INDEX, vec![layer]).await?;
     Ok(referrer_digest)
+}
+
+/// The manifest `reference` names in `repo`, as fetched and as a validated model manifest.
+pub(crate) async fn model_manifest(
+    repo: &Repository,
+    reference: &str,
+) -> Result<(modelpack_registry::FetchedManifest, ModelManifest), Error> {
+    let fetched = repo.get_manifest(reference).await?;
+    let manifest = ModelManifest::from_slice(&fetched.bytes).map_err(|report| {
+        Error::Invalid(format!(
+            "not a valid ModelPack manifest: {}",
+            report.error_summary()
+        ))
+    })?;
+    Ok((fetched, manifest))
 }
 
 /// The chunk index attached to `manifest_digest` as a referrer, if any (only the one with the

@@ -25,6 +25,7 @@
 
 mod background;
 mod blob;
+mod cache;
 mod error;
 mod fs;
 mod index;
@@ -39,6 +40,7 @@ use std::time::Duration;
 use modelpack_registry::Repository;
 use modelpack_store::Store;
 
+pub use cache::{CacheBudget, CacheStats, GcReport};
 pub use error::{Error, MountError};
 pub use fs::{MountedModel, Resolved, mount, resolve};
 pub use index::create_index;
@@ -67,6 +69,9 @@ pub struct MountOptions {
     pub store: Store,
     /// The chunk cache folder.
     pub cache_dir: PathBuf,
+    /// The accountant of `cache_dir`, shared by every mount of the process that uses the folder
+    /// (its cap, if any, bounds them together); `None`: the mount opens its own, unbounded.
+    pub cache: Option<std::sync::Arc<CacheBudget>>,
     /// Policy without a chunk index.
     pub verify: Verify,
     /// Let other users read the mount.
@@ -100,6 +105,7 @@ impl MountOptions {
             reference: reference.into(),
             store,
             cache_dir,
+            cache: None,
             verify: Verify::Full,
             allow_other: false,
             prefetch: false,
@@ -126,6 +132,8 @@ pub struct Counters {
     pub fetch_micros: AtomicU64,
     /// Chunks that failed verification.
     pub verify_failures: AtomicU64,
+    /// Chunks fetched again after the cache evicted them.
+    pub refetches: AtomicU64,
 }
 
 impl Counters {

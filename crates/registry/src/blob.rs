@@ -10,7 +10,10 @@ use futures_util::StreamExt as _;
 use futures_util::stream::BoxStream;
 use modelpack_spec::Digest;
 
+use std::sync::Arc;
+
 use crate::client::display_url;
+use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
 use crate::repository::Repository;
 
@@ -34,6 +37,8 @@ pub struct BlobBody {
     skip: u64,
     resumes: u32,
     url: String,
+    /// The host the current body comes from.
+    host: Option<Arc<Endpoint>>,
 }
 
 impl std::fmt::Debug for BlobBody {
@@ -92,15 +97,22 @@ impl BlobBody {
     }
 
     async fn open(&mut self) -> Result<()> {
-        let resp = self.repo.get_blob(&self.digest, self.pos, self.end).await?;
+        let (resp, host) = self.repo.get_blob(&self.digest, self.pos, self.end).await?;
         self.url = display_url(resp.url().as_str());
         let (start, total) = body_bounds(&resp, self.pos);
         if start > self.pos {
-            return Err(Error::Protocol(format!(
+            let message = format!(
                 "asked for bytes from {} of {}, got from {start}",
                 self.pos, self.digest
-            )));
+            );
+            if !host.server {
+                // A mirror that answers the wrong range: the next attempt goes elsewhere.
+                self.repo.mirror_broke(&host, &message);
+            }
+            return Err(Error::Protocol(message));
         }
+        self.repo.note_served(&self.digest, &host);
+        self.host = Some(host);
         if self.end.is_none() {
             self.end = total;
         }
@@ -152,6 +164,10 @@ impl BlobBody {
             };
             self.body = None;
             self.resumes += 1;
+            if let Some(host) = self.host.take() {
+                // A mirror that cut the body is skipped by the resume (and a while after).
+                self.repo.mirror_broke(&host, &broke);
+            }
             let attempts = self.repo.client().options().retry.attempts.max(1);
             if self.resumes >= attempts {
                 return Err(Error::Protocol(format!(
@@ -190,6 +206,7 @@ impl Repository {
             skip: 0,
             resumes: 0,
             url: String::new(),
+            host: None,
         };
         if end.is_none_or(|end| end > pos) {
             body.open().await?;
@@ -199,7 +216,17 @@ impl Repository {
 
     /// A whole small blob (a config, an index), refusing more than `cap` bytes and bytes that do
     /// not hash to `digest`.
+    /// Bytes from a mirror that do not match are fetched again from the next host.
     pub async fn read_blob_capped(&self, digest: &Digest, cap: usize) -> Result<Bytes> {
+        loop {
+            match self.read_blob_capped_once(digest, cap).await {
+                Err(Error::DigestMismatch { .. }) if self.distrust(digest) => {}
+                other => return other,
+            }
+        }
+    }
+
+    async fn read_blob_capped_once(&self, digest: &Digest, cap: usize) -> Result<Bytes> {
         let mut body = self.blob_stream(digest, None).await?;
         if body.end().is_some_and(|end| end > cap as u64) {
             return Err(Error::Protocol(format!(

@@ -18,7 +18,12 @@ use reqwest::header::{AUTHORIZATION, HeaderMap, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 
 use crate::credentials::{self, Credential};
+use crate::endpoint::{self, Endpoint, Endpoints, TlsSettings};
 use crate::error::{Error, Result};
+
+/// Credentials are read again after a refusal at most this often per registry (credential
+/// helpers are programs; a wrong password must not run one per request).
+const CREDENTIAL_RELOAD_EVERY: Duration = Duration::from_secs(5);
 
 /// How hard to retry.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +46,14 @@ impl RetryPolicy {
         cap: Duration::from_secs(10),
         deadline: Duration::from_secs(120),
     };
+
+    /// One attempt: a mirror that fails sends the request on to the next host at once.
+    pub const ONCE: RetryPolicy = RetryPolicy {
+        attempts: 1,
+        base: Duration::from_millis(200),
+        cap: Duration::from_secs(10),
+        deadline: Duration::from_secs(120),
+    };
 }
 
 /// How to reach registries.
@@ -56,8 +69,13 @@ pub struct ClientOptions {
     pub io_timeout: Duration,
     /// Retry policy for every request.
     pub retry: RetryPolicy,
-    /// Credentials that override the Docker config (e.g. from `--username/--password`).
+    /// Credentials that override the Docker config (e.g. from `--username/--password`); they
+    /// go to the registry's server only, never to a mirror.
     pub credential: Option<Credential>,
+    /// containerd's hosts folder (`/etc/containerd/certs.d`): `REGISTRY/hosts.toml` names the
+    /// mirrors tried before the server, and each host's TLS settings (see `hosts.md` of
+    /// containerd). Its settings win over the ones above where both speak.
+    pub hosts_dir: Option<PathBuf>,
 }
 
 impl ClientOptions {
@@ -70,6 +88,7 @@ impl ClientOptions {
             io_timeout: Duration::from_secs(30),
             retry: RetryPolicy::STANDARD,
             credential: None,
+            hosts_dir: None,
         }
     }
 }
@@ -94,6 +113,10 @@ struct AuthCache {
     challenges: HashMap<String, Challenge>,
     tokens: HashMap<(String, String), String>,
     credentials: HashMap<String, Option<Credential>>,
+    /// Credentials from the options, for the registry's server.
+    explicit: Option<Credential>,
+    /// When each key's credentials were last read again after a refusal.
+    reloaded: HashMap<String, Instant>,
 }
 
 /// A registry client shared by every repository and task of a process.
@@ -102,6 +125,8 @@ pub struct Client {
     http: reqwest::Client,
     opts: Arc<ClientOptions>,
     auth: Arc<Mutex<AuthCache>>,
+    /// Each registry's hosts, read from its hosts file on first use.
+    endpoints: Arc<Mutex<HashMap<String, Arc<Endpoints>>>>,
 }
 
 /// What a request needs access to, as a bearer-token scope.
@@ -219,37 +244,43 @@ async fn status_error(method: &Method, url: &str, resp: Response) -> Error {
 impl Client {
     /// Builds a client.
     pub fn new(opts: ClientOptions) -> Result<Client> {
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("modelpack/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(opts.io_timeout)
-            .read_timeout(opts.io_timeout)
-            .pool_max_idle_per_host(32)
-            .redirect(reqwest::redirect::Policy::limited(5));
-        if opts.insecure {
-            builder = builder.danger_accept_invalid_certs(true);
-        }
-        if let Some(ca) = &opts.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| Error::Io {
-                context: format!("reading CA file {}", ca.display()),
-                source: e,
-            })?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| Error::Protocol(format!("CA file {}: {e}", ca.display())))?;
-            builder = builder.add_root_certificate(cert);
-        }
-        let http = builder
-            .build()
-            .map_err(|e| Error::Protocol(format!("cannot build the HTTP client: {e}")))?;
-        let mut cache = AuthCache::default();
-        if let Some(c) = &opts.credential {
-            // Explicit credentials apply to every registry this client talks to.
-            cache.credentials.insert(String::from("*"), Some(c.clone()));
-        }
+        let http = endpoint::http_client(&opts, &TlsSettings::of_options(&opts), None)?;
+        let cache = AuthCache {
+            explicit: opts.credential.clone(),
+            ..AuthCache::default()
+        };
         Ok(Client {
             http,
             opts: Arc::new(opts),
             auth: Arc::new(Mutex::new(cache)),
+            endpoints: Arc::new(Mutex::new(HashMap::new())),
         })
+    }
+
+    /// The hosts of `registry`, in the order they are tried (read once per client).
+    pub(crate) fn endpoints(&self, registry: &str) -> Result<Arc<Endpoints>> {
+        if let Some(e) = self
+            .endpoints
+            .lock()
+            .ok()
+            .and_then(|m| m.get(registry).cloned())
+        {
+            return Ok(e);
+        }
+        let resolved = Arc::new(endpoint::resolve(registry, &self.opts, &self.http)?);
+        let mut map = self
+            .endpoints
+            .lock()
+            .map_err(|_| Error::Protocol("hosts cache poisoned".into()))?;
+        Ok(map.entry(registry.to_owned()).or_insert(resolved).clone())
+    }
+
+    /// The registry's server (its hosts file's `server`, else the registry itself).
+    fn server(&self, registry: &str) -> Result<Arc<Endpoint>> {
+        self.endpoints(registry)?
+            .server()
+            .cloned()
+            .ok_or_else(|| Error::Protocol(format!("no server for {registry}")))
     }
 
     /// The options the client was built with.
@@ -257,7 +288,8 @@ impl Client {
         &self.opts
     }
 
-    /// `https://REGISTRY` or `http://REGISTRY`.
+    /// `https://REGISTRY` or `http://REGISTRY`: the registry's own server as the options name it
+    /// (a hosts file may name another; requests go to the hosts it lists).
     pub fn base_url(&self, registry: &str) -> String {
         let host = if registry == "docker.io" {
             "registry-1.docker.io"
@@ -272,36 +304,76 @@ impl Client {
         format!("{scheme}://{host}")
     }
 
-    fn credential(&self, registry: &str) -> Result<Option<Credential>> {
+    /// The credentials for `key` (a registry, or a mirror's host); `server`: the registry's own
+    /// server, which the options' explicit credentials are for.
+    fn credential(&self, key: &str, server: bool) -> Result<Option<Credential>> {
         {
             let cache = self
                 .auth
                 .lock()
                 .map_err(|_| Error::Protocol("auth cache poisoned".into()))?;
-            if let Some(c) = cache.credentials.get("*") {
-                return Ok(c.clone());
+            if server && let Some(c) = &cache.explicit {
+                return Ok(Some(c.clone()));
             }
-            if let Some(c) = cache.credentials.get(registry) {
+            if let Some(c) = cache.credentials.get(key) {
                 return Ok(c.clone());
             }
         }
-        let found = credentials::lookup(registry)?;
+        let found = credentials::lookup(key)?;
         if let Ok(mut cache) = self.auth.lock() {
-            cache.credentials.insert(registry.to_owned(), found.clone());
+            cache.credentials.insert(key.to_owned(), found.clone());
         }
         Ok(found)
     }
 
-    fn cached_authorization(&self, registry: &str, scope: &Scope) -> Result<Option<String>> {
+    /// After a refusal: reads `key`'s credentials again (Docker config, helpers), at most every
+    /// [`CREDENTIAL_RELOAD_EVERY`]. True when they changed; its tokens are then forgotten.
+    fn reload_credential(&self, key: &str, server: bool) -> Result<bool> {
+        {
+            let mut cache = self
+                .auth
+                .lock()
+                .map_err(|_| Error::Protocol("auth cache poisoned".into()))?;
+            if server && cache.explicit.is_some() {
+                return Ok(false);
+            }
+            if cache
+                .reloaded
+                .get(key)
+                .is_some_and(|at| at.elapsed() < CREDENTIAL_RELOAD_EVERY)
+            {
+                return Ok(false);
+            }
+            cache.reloaded.insert(key.to_owned(), Instant::now());
+        }
+        let found = credentials::lookup(key)?;
+        let mut cache = self
+            .auth
+            .lock()
+            .map_err(|_| Error::Protocol("auth cache poisoned".into()))?;
+        let before = cache.credentials.insert(key.to_owned(), found.clone());
+        let changed = before.flatten() != found;
+        if changed {
+            cache.tokens.retain(|(k, _), _| k != key);
+            tracing::info!(
+                registry = key,
+                "credentials changed since they were read; using the new ones"
+            );
+        }
+        Ok(changed)
+    }
+
+    fn cached_authorization(&self, ep: &Endpoint, scope: &Scope) -> Result<Option<String>> {
+        let key = ep.auth_key.as_str();
         let cache = self
             .auth
             .lock()
             .map_err(|_| Error::Protocol("auth cache poisoned".into()))?;
-        match cache.challenges.get(registry) {
+        match cache.challenges.get(key) {
             None => Ok(None),
             Some(Challenge::Basic) => {
                 drop(cache);
-                Ok(self.credential(registry)?.map(|c| {
+                Ok(self.credential(key, ep.server)?.map(|c| {
                     format!(
                         "Basic {}",
                         STANDARD.encode(format!("{}:{}", c.username, c.secret))
@@ -310,39 +382,35 @@ impl Client {
             }
             Some(Challenge::Bearer { .. }) => Ok(cache
                 .tokens
-                .get(&(registry.to_owned(), scope.0.clone()))
+                .get(&(key.to_owned(), scope.0.clone()))
                 .map(|t| format!("Bearer {t}"))),
         }
     }
 
     /// Answers a 401: remembers the challenge and, for bearer, fetches a token for `scope`.
-    async fn authenticate(
-        &self,
-        registry: &str,
-        scope: &Scope,
-        header: Option<&str>,
-    ) -> Result<()> {
+    /// Credentials the token service refuses are read again once (they may have changed).
+    async fn authenticate(&self, ep: &Endpoint, scope: &Scope, header: Option<&str>) -> Result<()> {
+        let key = ep.auth_key.as_str();
         let challenge = header
             .and_then(parse_challenge)
             .ok_or_else(|| Error::Unauthorized {
-                registry: registry.to_owned(),
+                registry: key.to_owned(),
                 reason: "the registry sent no usable WWW-Authenticate challenge".into(),
             })?;
         if let Ok(mut cache) = self.auth.lock() {
-            cache
-                .challenges
-                .insert(registry.to_owned(), challenge.clone());
+            cache.challenges.insert(key.to_owned(), challenge.clone());
         }
         let Challenge::Bearer { realm, service } = challenge else {
-            if self.credential(registry)?.is_none() {
+            if self.credential(key, ep.server)?.is_none()
+                && !self.reload_credential(key, ep.server)?
+            {
                 return Err(Error::Unauthorized {
-                    registry: registry.to_owned(),
+                    registry: key.to_owned(),
                     reason: "credentials required; run `modelpack login`".into(),
                 });
             }
             return Ok(());
         };
-        let credential = self.credential(registry)?;
         let mut query: Vec<(&str, String)> = Vec::new();
         if let Some(s) = &service {
             query.push(("service", s.clone()));
@@ -350,35 +418,46 @@ impl Client {
         if !scope.0.is_empty() {
             query.push(("scope", scope.0.clone()));
         }
-        let request = match &credential {
-            Some(c) if c.identity_token => {
-                let mut form = query.clone();
-                form.push(("grant_type", "refresh_token".into()));
-                form.push(("refresh_token", c.secret.clone()));
-                form.push(("client_id", "modelpack".into()));
-                self.http.post(&realm).form(&form)
+        let mut reloaded = false;
+        let resp = loop {
+            let credential = self.credential(key, ep.server)?;
+            let request = match &credential {
+                Some(c) if c.identity_token => {
+                    let mut form = query.clone();
+                    form.push(("grant_type", "refresh_token".into()));
+                    form.push(("refresh_token", c.secret.clone()));
+                    form.push(("client_id", "modelpack".into()));
+                    ep.http.post(&realm).form(&form)
+                }
+                Some(c) => ep
+                    .http
+                    .get(&realm)
+                    .query(&query)
+                    .basic_auth(&c.username, Some(&c.secret)),
+                None => ep.http.get(&realm).query(&query),
+            };
+            let resp = request.send().await.map_err(|error| Error::Http {
+                method: "GET".into(),
+                url: display_url(&realm),
+                error,
+            })?;
+            let refused =
+                resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN;
+            if refused && !reloaded && self.reload_credential(key, ep.server)? {
+                reloaded = true;
+                continue;
             }
-            Some(c) => self
-                .http
-                .get(&realm)
-                .query(&query)
-                .basic_auth(&c.username, Some(&c.secret)),
-            None => self.http.get(&realm).query(&query),
+            if refused {
+                return Err(Error::Unauthorized {
+                    registry: key.to_owned(),
+                    reason: format!(
+                        "the token service refused the credentials ({})",
+                        resp.status()
+                    ),
+                });
+            }
+            break resp;
         };
-        let resp = request.send().await.map_err(|error| Error::Http {
-            method: "GET".into(),
-            url: display_url(&realm),
-            error,
-        })?;
-        if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
-            return Err(Error::Unauthorized {
-                registry: registry.to_owned(),
-                reason: format!(
-                    "the token service refused the credentials ({})",
-                    resp.status()
-                ),
-            });
-        }
         if !resp.status().is_success() {
             return Err(status_error(&Method::GET, &realm, resp).await);
         }
@@ -393,13 +472,14 @@ impl Client {
         if let Ok(mut cache) = self.auth.lock() {
             cache
                 .tokens
-                .insert((registry.to_owned(), scope.0.clone()), token.to_owned());
+                .insert((key.to_owned(), scope.0.clone()), token.to_owned());
         }
         Ok(())
     }
 
-    /// Sends a request built by `build` (called again for each attempt), with auth and retries.
-    /// Returns the response when its status is a success or one of `accept`.
+    /// Sends a request to `registry`'s server, built by `build` (called again for each
+    /// attempt), with auth and retries. Returns the response when its status is a success or
+    /// one of `accept`.
     pub async fn send(
         &self,
         registry: &str,
@@ -409,35 +489,71 @@ impl Client {
         accept: &[u16],
         build: &(dyn Fn(RequestBuilder) -> Result<RequestBuilder> + Send + Sync),
     ) -> Result<Response> {
-        let policy = self.opts.retry;
+        let server = self.server(registry)?;
+        self.send_on(&server, scope, method, url, accept, build, self.opts.retry)
+            .await
+    }
+
+    /// [`Client::send`] to one host, with `policy`'s retries. A refusal (401, 403) after
+    /// authenticating reads the credentials again once, in case they changed.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn send_on(
+        &self,
+        ep: &Endpoint,
+        scope: &Scope,
+        method: Method,
+        url: &str,
+        accept: &[u16],
+        build: &(dyn Fn(RequestBuilder) -> Result<RequestBuilder> + Send + Sync),
+        policy: RetryPolicy,
+    ) -> Result<Response> {
         let started = Instant::now();
         let mut attempt = 0u32;
         let mut authenticated = false;
+        let mut reloaded = false;
         loop {
             attempt += 1;
-            let mut rb = build(self.http.request(method.clone(), url))?;
-            if let Some(auth) = self.cached_authorization(registry, scope)? {
+            let mut rb = build(ep.http.request(method.clone(), url))?;
+            if !ep.headers.is_empty() {
+                rb = rb.headers(ep.headers.clone());
+            }
+            if let Some(auth) = self.cached_authorization(ep, scope)? {
                 rb = rb.header(AUTHORIZATION, auth);
             }
             let outcome = rb.send().await;
             let error = match outcome {
-                Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && !authenticated => {
-                    authenticated = true;
-                    attempt -= 1;
+                Ok(resp)
+                    if (resp.status() == StatusCode::UNAUTHORIZED
+                        || resp.status() == StatusCode::FORBIDDEN)
+                        && !accept.contains(&resp.status().as_u16()) =>
+                {
+                    let status = resp.status();
                     let header = resp
                         .headers()
                         .get(WWW_AUTHENTICATE)
                         .and_then(|h| h.to_str().ok())
                         .map(str::to_owned);
-                    self.authenticate(registry, scope, header.as_deref())
-                        .await?;
-                    continue;
-                }
-                Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
-                    return Err(Error::Unauthorized {
-                        registry: registry.to_owned(),
-                        reason: "the registry refused the credentials (401)".into(),
-                    });
+                    if status == StatusCode::UNAUTHORIZED && !authenticated {
+                        authenticated = true;
+                        attempt -= 1;
+                        self.authenticate(ep, scope, header.as_deref()).await?;
+                        continue;
+                    }
+                    // Refused with what we hold: the credentials may have been rotated since
+                    // they were read. The next 401 fetches a token with the new ones.
+                    if !reloaded && self.reload_credential(&ep.auth_key, ep.server)? {
+                        reloaded = true;
+                        authenticated = false;
+                        attempt -= 1;
+                        continue;
+                    }
+                    if status == StatusCode::UNAUTHORIZED {
+                        return Err(Error::Unauthorized {
+                            registry: ep.auth_key.clone(),
+                            reason: "the registry refused the credentials (401)".into(),
+                        });
+                    }
+                    return Err(status_error(&method, url, resp).await);
                 }
                 Ok(resp)
                     if resp.status().is_success() || accept.contains(&resp.status().as_u16()) =>
@@ -459,7 +575,7 @@ impl Client {
                 ),
             };
             let (err, retry_after) = error;
-            if !err.is_retryable() {
+            if !err.is_retryable() || policy.attempts <= 1 {
                 return Err(err);
             }
             let backoff = retry_after.unwrap_or_else(|| {
@@ -483,12 +599,21 @@ impl Client {
         }
     }
 
-    /// Checks that the registry answers `/v2/` with these credentials.
+    /// Checks that the registry's server answers `/v2/` with these credentials.
     pub async fn ping(&self, registry: &str) -> Result<()> {
-        let url = format!("{}/v2/", self.base_url(registry));
-        self.send(registry, &Scope::registry(), Method::GET, &url, &[], &Ok)
-            .await
-            .map(drop)
+        let server = self.server(registry)?;
+        let url = format!("{}/", server.root);
+        self.send_on(
+            &server,
+            &Scope::registry(),
+            Method::GET,
+            &url,
+            &[],
+            &Ok,
+            self.opts.retry,
+        )
+        .await
+        .map(drop)
     }
 }
 

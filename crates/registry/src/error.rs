@@ -69,6 +69,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A malformed registry hosts file (`hosts.toml`), or one naming files that cannot be used.
+    #[error("hosts file {}: {reason}", path.display())]
+    HostsFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong, and where.
+        reason: String,
+    },
     /// A spec-level problem (bad digest or reference).
     #[error(transparent)]
     Spec(#[from] modelpack_spec::Error),

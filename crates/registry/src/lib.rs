@@ -6,7 +6,11 @@
 //! - [`Repository`]: blobs (HEAD, ranged reads as one resumable [`BlobBody`], streamed
 //!   monolithic and resumable chunked uploads, cross-repository mount, delete), manifests, tags
 //!   and referrers (with the tag-schema fallback);
-//! - [`credentials`]: the Docker config and credential helpers.
+//! - [`credentials`]: the Docker config and credential helpers (read again when a registry
+//!   refuses what was read before);
+//! - registry hosts as containerd configures them (`ClientOptions::hosts_dir`: mirrors tried
+//!   in order before the server, per-host TLS, capabilities, headers), with failover per
+//!   request and [`mirror_fallbacks`] counting the switches.
 //!
 //! ```no_run
 //! # async fn demo() -> modelpack_registry::Result<()> {
@@ -26,12 +30,15 @@
 mod blob;
 mod client;
 pub mod credentials;
+mod endpoint;
 mod error;
+mod hosts;
 mod repository;
 
 pub use blob::BlobBody;
 pub use client::{Client, ClientOptions, RetryPolicy, Scope};
 pub use credentials::Credential;
+pub use endpoint::mirror_fallbacks;
 pub use error::{Error, Result};
 pub use repository::{
     FetchedManifest, MAX_MANIFEST_SIZE, Repository, fallback_tag, read_small_file,

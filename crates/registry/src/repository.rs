@@ -19,8 +19,12 @@ use reqwest::header::{
 };
 use reqwest::{Body, Method, RequestBuilder, Response};
 
-use crate::client::{Client, Scope, display_url};
+use std::sync::Arc;
+
+use crate::client::{Client, RetryPolicy, Scope, display_url};
+use crate::endpoint::{Endpoint, Failure};
 use crate::error::{Error, Result};
+use crate::hosts;
 
 /// The most bytes of a manifest we read.
 pub const MAX_MANIFEST_SIZE: usize = modelpack_spec::MAX_DOCUMENT_SIZE;
@@ -58,12 +62,47 @@ pub struct Repository {
     name: String,
 }
 
-/// What a request does to the repository, which decides the token scope it asks for.
+/// What a request does to the repository, which decides the hosts it may go to (their
+/// capabilities) and the token scope it asks for.
 #[derive(Debug, Clone, Copy)]
 enum Access {
+    /// Blobs, and manifests by digest: verified by digest, so any `pull` host.
     Pull,
+    /// Tags to digests, tag lists, referrers: `resolve` hosts only.
+    Resolve,
+    /// Uploads and tags: the first `push` host.
     Push,
+    /// What the first `push` host holds (the check before an upload), with a pull scope.
+    Check,
+    /// Deletes: the first `push` host.
     Delete,
+}
+
+impl Access {
+    fn capability(self) -> u8 {
+        match self {
+            Access::Pull => hosts::PULL,
+            Access::Resolve => hosts::RESOLVE,
+            Access::Push | Access::Check | Access::Delete => hosts::PUSH,
+        }
+    }
+
+    fn scope(self, name: &str) -> Scope {
+        match self {
+            Access::Pull | Access::Resolve | Access::Check => Scope::pull(name),
+            Access::Push => Scope::push(name),
+            Access::Delete => Scope::delete(name),
+        }
+    }
+
+    /// `Pull` for a digest, `Resolve` for a tag.
+    fn of_reference(reference: &str) -> Access {
+        if reference.parse::<Digest>().is_ok() {
+            Access::Pull
+        } else {
+            Access::Resolve
+        }
+    }
 }
 
 /// Builds one attempt of a request (called again for each retry).
@@ -144,46 +183,143 @@ impl Repository {
         &self.client
     }
 
-    fn url(&self, tail: &str) -> String {
-        format!(
-            "{}/v2/{}/{tail}",
-            self.client.base_url(&self.registry),
-            self.name
-        )
+    /// `tail` of this repository on `ep` (`ROOT/NAME/TAIL`, with containerd's `ns` query for a
+    /// host other than the registry).
+    fn url_on(&self, ep: &Endpoint, tail: &str) -> String {
+        let url = format!("{}/{}/{tail}", ep.root, self.name);
+        match &ep.ns {
+            Some(ns) => with_query(&url, "ns", ns),
+            None => url,
+        }
     }
 
-    /// Sends a request to this repository with the scope `access` needs; see [`Client::send`].
+    /// Sends a request for `tail` to the hosts `access` may use, in order: a mirror that fails
+    /// (no connection, a timeout, any status but a success) sends it on to the next host at
+    /// once; the last host gets the client's retries. `digest` leaves out mirrors that served
+    /// wrong bytes of it. Returns the response and the host that gave it.
     async fn send(
         &self,
+        access: Access,
+        method: Method,
+        tail: &str,
+        accept: &[u16],
+        build: &Build<'_>,
+        digest: Option<&Digest>,
+    ) -> Result<(Response, Arc<Endpoint>)> {
+        let endpoints = self.client.endpoints(&self.registry)?;
+        let mut candidates = endpoints.candidates(access.capability(), digest)?;
+        if matches!(access, Access::Push | Access::Check | Access::Delete) {
+            // Uploads are sessions on one host: the first that may take them.
+            candidates.truncate(1);
+        }
+        let scope = access.scope(&self.name);
+        let last = candidates.len() - 1;
+        for (i, ep) in candidates.into_iter().enumerate() {
+            let url = self.url_on(&ep, tail);
+            if i == last {
+                let policy = self.client.options().retry;
+                let resp = self
+                    .client
+                    .send_on(&ep, &scope, method, &url, accept, build, policy)
+                    .await?;
+                return Ok((resp, ep));
+            }
+            let result = self
+                .client
+                .send_on(
+                    &ep,
+                    &scope,
+                    method.clone(),
+                    &url,
+                    &[],
+                    build,
+                    RetryPolicy::ONCE,
+                )
+                .await;
+            match result {
+                Ok(resp) => {
+                    endpoints.succeeded(&ep);
+                    return Ok((resp, ep));
+                }
+                Err(e) => {
+                    let failure = if e.status().is_some() || e.is_unauthorized() {
+                        Failure::Answer
+                    } else {
+                        Failure::Unreachable
+                    };
+                    endpoints.failed(&ep, failure, &e.to_string());
+                }
+            }
+        }
+        Err(Error::Protocol(format!(
+            "no host of {} answered",
+            self.registry
+        )))
+    }
+
+    /// Sends a request to `url` (an upload session's location) on the push host `ep`.
+    async fn send_url(
+        &self,
+        ep: &Endpoint,
         access: Access,
         method: Method,
         url: &str,
         accept: &[u16],
         build: &Build<'_>,
     ) -> Result<Response> {
-        let scope = match access {
-            Access::Pull => Scope::pull(&self.name),
-            Access::Push => Scope::push(&self.name),
-            Access::Delete => Scope::delete(&self.name),
-        };
+        let policy = self.client.options().retry;
         self.client
-            .send(&self.registry, &scope, method, url, accept, build)
+            .send_on(
+                ep,
+                &access.scope(&self.name),
+                method,
+                url,
+                accept,
+                build,
+                policy,
+            )
             .await
     }
 
     /// DELETEs `tail` (`blobs/<digest>` or `manifests/<digest>`).
     async fn delete(&self, tail: &str) -> Result<()> {
-        let url = self.url(tail);
-        self.send(Access::Delete, Method::DELETE, &url, &[], &Ok)
+        self.send(Access::Delete, Method::DELETE, tail, &[], &Ok, None)
             .await
             .map(drop)
     }
 
-    /// Size of the blob if the repository has it.
+    /// Bytes of `digest` this repository served failed the caller's verification: the mirrors
+    /// that served any of them are not asked for that blob again (logged, and counted in
+    /// [`crate::mirror_fallbacks`]). True when one was, so a new attempt goes to other hosts;
+    /// false when only the registry's own server served it (trying again cannot help).
+    pub fn distrust(&self, digest: &Digest) -> bool {
+        self.client
+            .endpoints(&self.registry)
+            .is_ok_and(|e| e.distrust(digest))
+    }
+
+    /// Notes that `ep` served bytes of `digest`, for [`Repository::distrust`].
+    pub(crate) fn note_served(&self, digest: &Digest, ep: &Endpoint) {
+        if let Ok(e) = self.client.endpoints(&self.registry) {
+            e.note_served(digest, ep);
+        }
+    }
+
+    /// A body from mirror `ep` broke or misbehaved: its next request goes elsewhere for a while.
+    pub(crate) fn mirror_broke(&self, ep: &Endpoint, reason: &str) {
+        if !ep.server
+            && let Ok(e) = self.client.endpoints(&self.registry)
+        {
+            e.failed(ep, Failure::Unreachable, reason);
+        }
+    }
+
+    /// Size of the blob if the repository has it, asked of the host uploads go to (a mirror's
+    /// copy says nothing about what a push there needs).
     pub async fn blob_exists(&self, digest: &Digest) -> Result<Option<u64>> {
-        let url = self.url(&format!("blobs/{digest}"));
-        let resp = self
-            .send(Access::Pull, Method::HEAD, &url, &[404], &Ok)
+        let tail = format!("blobs/{digest}");
+        let (resp, _) = self
+            .send(Access::Check, Method::HEAD, &tail, &[404], &Ok, None)
             .await?;
         if resp.status().as_u16() == 404 {
             return Ok(None);
@@ -198,59 +334,85 @@ impl Repository {
         digest: &Digest,
         start: u64,
         end: Option<u64>,
-    ) -> Result<Response> {
-        let url = self.url(&format!("blobs/{digest}"));
+    ) -> Result<(Response, Arc<Endpoint>)> {
+        let tail = format!("blobs/{digest}");
         let range = match end {
             Some(end) if end > start => Some(format!("bytes={start}-{}", end - 1)),
             None if start > 0 => Some(format!("bytes={start}-")),
             _ => None,
         };
-        self.send(Access::Pull, Method::GET, &url, &[], &|rb| {
-            Ok(match &range {
-                Some(r) => rb.header(RANGE, r),
-                None => rb,
-            })
-        })
+        self.send(
+            Access::Pull,
+            Method::GET,
+            &tail,
+            &[],
+            &|rb| {
+                Ok(match &range {
+                    Some(r) => rb.header(RANGE, r),
+                    None => rb,
+                })
+            },
+            Some(digest),
+        )
         .await
+    }
+
+    /// The host uploads go to: the first that may push.
+    fn push_host(&self) -> Result<Arc<Endpoint>> {
+        let mut hosts = self
+            .client
+            .endpoints(&self.registry)?
+            .candidates(hosts::PUSH, None)?;
+        Ok(hosts.swap_remove(0))
     }
 
     /// Tries to mount `digest` from repository `from` of the same registry. Returns `Ok(true)`
     /// when mounted; `Ok(false)` when the registry started an upload instead (it is cancelled).
     pub async fn mount_blob(&self, digest: &Digest, from: &str) -> Result<bool> {
-        let url = format!(
-            "{}?mount={}&from={}",
-            self.url("blobs/uploads/"),
-            urlencode(digest.as_str()),
-            urlencode(from)
+        let ep = self.push_host()?;
+        let url = with_query(
+            &with_query(
+                &self.url_on(&ep, "blobs/uploads/"),
+                "mount",
+                digest.as_str(),
+            ),
+            "from",
+            from,
         );
         let scope = Scope(format!(
             "repository:{}:pull,push repository:{from}:pull",
             self.name
         ));
+        let policy = self.client.options().retry;
         let resp = self
             .client
-            .send(&self.registry, &scope, Method::POST, &url, &[], &Ok)
+            .send_on(&ep, &scope, Method::POST, &url, &[], &Ok, policy)
             .await?;
         if resp.status().as_u16() == 201 {
             return Ok(true);
         }
         // 202: an upload session was opened instead; close it.
-        if let Ok(loc) = location(&resp, &self.client.base_url(&self.registry)) {
+        if let Ok(loc) = location(&resp, &ep.base) {
             let _ = self
-                .send(Access::Push, Method::DELETE, &loc, &[404], &Ok)
+                .send_url(&ep, Access::Push, Method::DELETE, &loc, &[404], &Ok)
                 .await;
         }
         Ok(false)
     }
 
-    async fn start_upload(&self) -> Result<String> {
-        let url = self.url("blobs/uploads/");
-        let resp = self
-            .send(Access::Push, Method::POST, &url, &[], &|rb| {
-                Ok(rb.header(CONTENT_LENGTH, 0))
-            })
+    /// Opens an upload session: its location, and the host it lives on.
+    async fn start_upload(&self) -> Result<(String, Arc<Endpoint>)> {
+        let (resp, ep) = self
+            .send(
+                Access::Push,
+                Method::POST,
+                "blobs/uploads/",
+                &[],
+                &|rb| Ok(rb.header(CONTENT_LENGTH, 0)),
+                None,
+            )
             .await?;
-        location(&resp, &self.client.base_url(&self.registry))
+        Ok((location(&resp, &ep.base)?, ep))
     }
 
     /// Starts an upload and PUTs the whole blob in one request (POST then PUT `?digest=`).
@@ -261,9 +423,9 @@ impl Repository {
         len: u64,
         body: &(dyn Fn() -> Result<Body> + Send + Sync),
     ) -> Result<()> {
-        let loc = self.start_upload().await?;
+        let (loc, ep) = self.start_upload().await?;
         let url = with_query(&loc, "digest", digest.as_str());
-        self.send(Access::Push, Method::PUT, &url, &[], &|rb| {
+        self.send_url(&ep, Access::Push, Method::PUT, &url, &[], &|rb| {
             Ok(rb
                 .header(CONTENT_TYPE, OCTET_STREAM)
                 .header(CONTENT_LENGTH, len)
@@ -299,14 +461,14 @@ impl Repository {
         chunk_size: u64,
         on_progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<()> {
-        let mut loc = self.start_upload().await?;
+        let (mut loc, ep) = self.start_upload().await?;
         let mut offset = 0u64;
         let mut failures = 0u32;
         while offset < size {
             let len = chunk_size.min(size - offset);
             let range = format!("{}-{}", offset, offset + len - 1);
             let result = self
-                .send(Access::Push, Method::PATCH, &loc, &[], &|rb| {
+                .send_url(&ep, Access::Push, Method::PATCH, &loc, &[], &|rb| {
                     Ok(rb
                         .header(CONTENT_TYPE, OCTET_STREAM)
                         .header(CONTENT_RANGE, &range)
@@ -316,7 +478,7 @@ impl Repository {
                 .await;
             match result {
                 Ok(resp) => {
-                    loc = location(&resp, &self.client.base_url(&self.registry)).unwrap_or(loc);
+                    loc = location(&resp, &ep.base).unwrap_or(loc);
                     offset += len;
                     on_progress(len);
                 }
@@ -332,19 +494,21 @@ impl Repository {
                         return Err(e);
                     }
                     // Ask where the upload stands and resume from there.
-                    let status = self.send(Access::Push, Method::GET, &loc, &[], &Ok).await?;
+                    let status = self
+                        .send_url(&ep, Access::Push, Method::GET, &loc, &[], &Ok)
+                        .await?;
                     let have = header(&status, RANGE)
                         .and_then(|v| v.rsplit('-').next())
                         .and_then(|v| v.parse::<u64>().ok())
                         .map_or(0, |end| end + 1);
                     tracing::debug!(have, "resuming chunked upload");
-                    loc = location(&status, &self.client.base_url(&self.registry)).unwrap_or(loc);
+                    loc = location(&status, &ep.base).unwrap_or(loc);
                     offset = have;
                 }
             }
         }
         let url = with_query(&loc, "digest", digest.as_str());
-        self.send(Access::Push, Method::PUT, &url, &[], &|rb| {
+        self.send_url(&ep, Access::Push, Method::PUT, &url, &[], &|rb| {
             Ok(rb.header(CONTENT_LENGTH, 0))
         })
         .await
@@ -356,53 +520,66 @@ impl Repository {
         self.delete(&format!("blobs/{digest}")).await
     }
 
-    /// GETs a manifest by tag or digest, verifying a digest reference and capping the size.
+    /// GETs a manifest by tag (at a host that may resolve) or digest (at any host that may
+    /// pull: a mirror whose bytes do not match is left for the next host), verifying a digest
+    /// reference and capping the size.
     pub async fn get_manifest(&self, reference: &str) -> Result<FetchedManifest> {
-        let url = self.url(&format!("manifests/{reference}"));
-        let resp = self
-            .send(Access::Pull, Method::GET, &url, &[], &|rb| {
-                Ok(rb.header(ACCEPT, manifest_accept()))
-            })
-            .await?;
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_MANIFEST_SIZE as u64)
-        {
-            return Err(Error::Protocol(format!(
-                "manifest {reference} is over {MAX_MANIFEST_SIZE} bytes"
-            )));
+        let tail = format!("manifests/{reference}");
+        let expected = reference.parse::<Digest>().ok();
+        let mut mirror_failures = 0;
+        loop {
+            let (resp, ep) = self
+                .send(
+                    Access::of_reference(reference),
+                    Method::GET,
+                    &tail,
+                    &[],
+                    &|rb| Ok(rb.header(ACCEPT, manifest_accept())),
+                    expected.as_ref(),
+                )
+                .await?;
+            match read_manifest(reference, resp).await {
+                Ok(m) => {
+                    if let Some(expected) = &expected
+                        && expected != &m.digest
+                    {
+                        if !ep.server {
+                            // Wrong bytes from a mirror: never from there again; next host.
+                            self.client.endpoints(&self.registry)?.ban(expected, &ep);
+                            continue;
+                        }
+                        return Err(Error::DigestMismatch {
+                            expected: expected.to_string(),
+                            actual: m.digest.to_string(),
+                        });
+                    }
+                    return Ok(m);
+                }
+                // A mirror's body that broke: the next host (bounded: a mirror may be the last).
+                Err(e) if !ep.server && mirror_failures < 8 => {
+                    mirror_failures += 1;
+                    self.mirror_broke(&ep, &e.to_string());
+                    if let Some(d) = &expected {
+                        self.client.endpoints(&self.registry)?.ban(d, &ep);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let content_type =
-            header(&resp, CONTENT_TYPE).map(|s| s.split(';').next().unwrap_or(s).trim().to_owned());
-        let bytes = read_capped(resp, MAX_MANIFEST_SIZE).await?;
-        let digest = Digest::sha256_of(&bytes);
-        if let Ok(expected) = reference.parse::<Digest>()
-            && expected != digest
-        {
-            return Err(Error::DigestMismatch {
-                expected: expected.to_string(),
-                actual: digest.to_string(),
-            });
-        }
-        let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v["mediaType"].as_str().map(str::to_owned))
-            .or(content_type)
-            .unwrap_or_else(|| MEDIA_TYPE_OCI_MANIFEST.to_owned());
-        Ok(FetchedManifest {
-            bytes,
-            media_type,
-            digest,
-        })
     }
 
     /// HEADs a manifest: its digest and size, or `None`.
     pub async fn head_manifest(&self, reference: &str) -> Result<Option<(Digest, u64)>> {
-        let url = self.url(&format!("manifests/{reference}"));
-        let resp = self
-            .send(Access::Pull, Method::HEAD, &url, &[404], &|rb| {
-                Ok(rb.header(ACCEPT, manifest_accept()))
-            })
+        let tail = format!("manifests/{reference}");
+        let (resp, _) = self
+            .send(
+                Access::of_reference(reference),
+                Method::HEAD,
+                &tail,
+                &[404],
+                &|rb| Ok(rb.header(ACCEPT, manifest_accept())),
+                None,
+            )
             .await?;
         if resp.status().as_u16() == 404 {
             return Ok(None);
@@ -428,10 +605,15 @@ impl Repository {
         bytes: Bytes,
     ) -> Result<Digest> {
         let digest = Digest::sha256_of(&bytes);
-        let url = self.url(&format!("manifests/{reference}"));
-        self.send(Access::Push, Method::PUT, &url, &[], &|rb| {
-            Ok(rb.header(CONTENT_TYPE, media_type).body(bytes.clone()))
-        })
+        let tail = format!("manifests/{reference}");
+        self.send(
+            Access::Push,
+            Method::PUT,
+            &tail,
+            &[],
+            &|rb| Ok(rb.header(CONTENT_TYPE, media_type).body(bytes.clone())),
+            None,
+        )
         .await?;
         Ok(digest)
     }
@@ -443,13 +625,19 @@ impl Repository {
 
     /// Every tag, following `Link` pagination.
     pub async fn tags(&self) -> Result<Vec<String>> {
-        let base = self.client.base_url(&self.registry);
-        let mut url = self.url("tags/list?n=1000");
         let mut tags = Vec::new();
+        // The first page at a host that may resolve; the next pages where it points.
+        let (mut resp, ep) = self
+            .send(
+                Access::Resolve,
+                Method::GET,
+                "tags/list?n=1000",
+                &[404],
+                &Ok,
+                None,
+            )
+            .await?;
         loop {
-            let resp = self
-                .send(Access::Pull, Method::GET, &url, &[404], &Ok)
-                .await?;
             if resp.status().as_u16() == 404 {
                 break;
             }
@@ -469,11 +657,14 @@ impl Repository {
                     tags.push(t.to_owned());
                 }
             }
-            match next {
-                Some(n) if n.starts_with('/') => url = format!("{base}{n}"),
-                Some(n) if n.starts_with("http") => url = n,
+            let url = match next {
+                Some(n) if n.starts_with('/') => format!("{}{n}", ep.base),
+                Some(n) if n.starts_with("http") => n,
                 _ => break,
-            }
+            };
+            resp = self
+                .send_url(&ep, Access::Resolve, Method::GET, &url, &[404], &Ok)
+                .await?;
         }
         Ok(tags)
     }
@@ -485,12 +676,12 @@ impl Repository {
         digest: &Digest,
         artifact_type: Option<&str>,
     ) -> Result<Vec<Descriptor>> {
-        let mut url = self.url(&format!("referrers/{digest}"));
+        let mut tail = format!("referrers/{digest}");
         if let Some(t) = artifact_type {
-            url = with_query(&url, "artifactType", t);
+            tail = with_query(&tail, "artifactType", t);
         }
-        let resp = self
-            .send(Access::Pull, Method::GET, &url, &[404], &Ok)
+        let (resp, _) = self
+            .send(Access::Resolve, Method::GET, &tail, &[404], &Ok, None)
             .await?;
         let is_index =
             header(&resp, CONTENT_TYPE).is_some_and(|c| c.starts_with(MEDIA_TYPE_OCI_INDEX));
@@ -551,12 +742,45 @@ impl Repository {
 
     /// True when the registry serves the referrers API.
     pub async fn supports_referrers(&self, digest: &Digest) -> Result<bool> {
-        let url = self.url(&format!("referrers/{digest}"));
-        let resp = self
-            .send(Access::Pull, Method::GET, &url, &[404, 400, 405], &Ok)
+        let tail = format!("referrers/{digest}");
+        let (resp, _) = self
+            .send(
+                Access::Resolve,
+                Method::GET,
+                &tail,
+                &[404, 400, 405],
+                &Ok,
+                None,
+            )
             .await?;
         Ok(resp.status().is_success())
     }
+}
+
+/// Reads a manifest response: its bytes (capped), media type and digest.
+async fn read_manifest(reference: &str, resp: Response) -> Result<FetchedManifest> {
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_MANIFEST_SIZE as u64)
+    {
+        return Err(Error::Protocol(format!(
+            "manifest {reference} is over {MAX_MANIFEST_SIZE} bytes"
+        )));
+    }
+    let content_type =
+        header(&resp, CONTENT_TYPE).map(|s| s.split(';').next().unwrap_or(s).trim().to_owned());
+    let bytes = read_capped(resp, MAX_MANIFEST_SIZE).await?;
+    let digest = Digest::sha256_of(&bytes);
+    let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v["mediaType"].as_str().map(str::to_owned))
+        .or(content_type)
+        .unwrap_or_else(|| MEDIA_TYPE_OCI_MANIFEST.to_owned());
+    Ok(FetchedManifest {
+        bytes,
+        media_type,
+        digest,
+    })
 }
 
 /// The tag that holds referrers for `digest` when the registry lacks the API.

@@ -11,13 +11,15 @@
 //! - [`mounts`]: the mount table, parsed once, correctly unescaped;
 //! - [`spec`]: where the upstream schema and vectors are (`../shared/spec`);
 //! - [`sys`]: root check, free ports;
-//! - [`data`]: incompressible test bytes.
+//! - [`data`]: incompressible test bytes;
+//! - [`disk`]: a folder's disk usage, and its peak sampled while a test runs.
 //!
 //! Everything here panics on a broken environment: it is for tests.
 #![deny(missing_docs)]
 
 pub mod blob_server;
 pub mod data;
+pub mod disk;
 pub mod fault;
 pub mod link;
 pub mod mounts;

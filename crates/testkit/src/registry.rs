@@ -15,6 +15,9 @@ pub struct RegistryOptions<'a> {
     pub tls: Option<(&'a Path, &'a Path)>,
     /// Keep config and data here (created) instead of a temporary folder.
     pub dir: Option<&'a Path>,
+    /// Run as a pull-through cache (a mirror) of the registry at this URL
+    /// (`http://127.0.0.1:PORT`): its `proxy: remoteurl:` setting. Such a registry refuses pushes.
+    pub proxy_of: Option<&'a str>,
 }
 
 /// A running registry.
@@ -59,8 +62,11 @@ impl Registry {
                 key.display()
             )
         });
+        let proxy = opts
+            .proxy_of
+            .map_or_else(String::new, |url| format!("proxy:\n  remoteurl: {url}\n"));
         let config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls}{auth}",
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls}{auth}{proxy}",
             dir.join("data").display(),
         );
         let config_path = dir.join("config.yml");
@@ -95,6 +101,15 @@ impl Registry {
         Ok(())
     }
 
+    /// Replaces the htpasswd file (the registry reads it at start only) and starts the
+    /// registry again on the same port and data: credentials rotated.
+    pub fn replace_htpasswd(&mut self, content: &str) -> std::io::Result<()> {
+        self.guard.stop();
+        std::fs::write(self.dir.join("htpasswd"), content)?;
+        self.guard = serve(&self.dir.join("config.yml"), self.port)?;
+        Ok(())
+    }
+
     /// `127.0.0.1:PORT`.
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
@@ -109,6 +124,26 @@ impl Registry {
     pub fn pid(&self) -> u32 {
         self.guard.pid()
     }
+}
+
+/// Writes containerd's `hosts.toml` for `registry` under the hosts folder `hosts_dir`: `server`
+/// as the upstream and one mirror `mirror` (both `HOST:PORT`, plain HTTP) with `capabilities`
+/// (a TOML array such as `["pull"]`).
+pub fn write_hosts_toml(
+    hosts_dir: &Path,
+    registry: &str,
+    server: &str,
+    mirror: &str,
+    capabilities: &str,
+) -> std::io::Result<()> {
+    let folder = hosts_dir.join(registry);
+    std::fs::create_dir_all(&folder)?;
+    std::fs::write(
+        folder.join("hosts.toml"),
+        format!(
+            "server = \"http://{server}\"\n\n[host.\"http://{mirror}\"]\n  capabilities = {capabilities}\n"
+        ),
+    )
 }
 
 /// Starts `docker-registry serve CONFIG` and waits until it listens on `port`.

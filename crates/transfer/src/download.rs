@@ -63,7 +63,20 @@ pub async fn fetch_blob(
         digest: blob.digest.clone(),
         size: blob.size,
     });
-    fetch_adaptive(repo, blob, opts, partial).await?;
+    let mut partial = partial;
+    // Bytes that do not match: when a registry mirror served some, it is not asked for this
+    // blob again and the fetch starts over from the next host (the partial data is gone).
+    while let Err(e) = fetch_adaptive(repo, blob, opts, partial).await {
+        if !(e.is_digest_mismatch() && repo.distrust(&blob.digest)) {
+            return Err(e);
+        }
+        tracing::warn!(blob = %blob.digest, "a registry mirror served wrong bytes; fetching again from the next host");
+        partial = {
+            let store = store.clone();
+            let digest = blob.digest.clone();
+            blocking(move || Ok(store.resumable(&digest)?)).await?
+        };
+    }
     (opts.progress)(Event::BlobDone {
         digest: blob.digest.clone(),
     });

@@ -27,6 +27,8 @@ pub struct FileConfig {
     pub address: Option<PathBuf>,
     /// Chunk cache folder (default `ROOT/cache`).
     pub cache_dir: Option<PathBuf>,
+    /// Cap of the chunk cache in bytes (unbounded when absent).
+    pub cache_max_bytes: Option<u64>,
     /// `full` (default) or `none`.
     pub verify: Option<VerifyPolicy>,
     /// Fetch whole layers in the background once mounted.
@@ -37,6 +39,9 @@ pub struct FileConfig {
     pub allow_invalid_mounts_on_restart: Option<bool>,
     /// `HOST:PORT` for Prometheus metrics (off when absent).
     pub metrics_address: Option<String>,
+    /// containerd's registry hosts folder (`REGISTRY/hosts.toml`: mirrors, TLS); default
+    /// [`DEFAULT_HOSTS_DIR`] when it exists, `""` for none.
+    pub hosts_dir: Option<PathBuf>,
     /// Per-registry settings, keyed by host (`registry.example:5000`).
     #[serde(default)]
     pub registry: BTreeMap<String, RegistryHost>,
@@ -77,6 +82,8 @@ pub struct Settings {
     pub address: PathBuf,
     /// Chunk cache folder.
     pub cache_dir: PathBuf,
+    /// Cap of the chunk cache in bytes.
+    pub cache_max_bytes: Option<u64>,
     /// Verification policy.
     pub verify: VerifyPolicy,
     /// Background prefetch.
@@ -87,6 +94,8 @@ pub struct Settings {
     pub allow_invalid_mounts_on_restart: bool,
     /// Metrics listener.
     pub metrics_address: Option<String>,
+    /// containerd's registry hosts folder, if any.
+    pub hosts_dir: Option<PathBuf>,
     /// Registry hosts.
     pub registries: BTreeMap<String, RegistryHost>,
 }
@@ -98,7 +107,9 @@ pub struct Overrides {
     pub address: Option<PathBuf>,
     pub verify: Option<VerifyPolicy>,
     pub metrics_address: Option<String>,
+    pub hosts_dir: Option<PathBuf>,
     pub allow_invalid_mounts_on_restart: bool,
+    pub cache_max_bytes: Option<u64>,
 }
 
 impl Settings {
@@ -120,6 +131,10 @@ impl Settings {
                 .or(file.address)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_ADDRESS)),
             cache_dir: file.cache_dir.unwrap_or_else(|| root.join("cache")),
+            cache_max_bytes: flags
+                .cache_max_bytes
+                .or(file.cache_max_bytes)
+                .filter(|&max| max > 0),
             root,
             verify: flags.verify.or(file.verify).unwrap_or(VerifyPolicy::Full),
             prefetch: file.prefetch.unwrap_or(false),
@@ -127,6 +142,7 @@ impl Settings {
             allow_invalid_mounts_on_restart: flags.allow_invalid_mounts_on_restart
                 || file.allow_invalid_mounts_on_restart.unwrap_or(false),
             metrics_address: flags.metrics_address.or(file.metrics_address),
+            hosts_dir: hosts_dir(flags.hosts_dir.or(file.hosts_dir))?,
             registries: file.registry,
         })
     }
@@ -141,6 +157,21 @@ impl Settings {
             plain_http: is_loopback(host),
             ..RegistryHost::default()
         }
+    }
+}
+
+/// The folder containerd reads registry hosts from (`config_path`), used when it exists.
+pub const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
+
+/// `hosts_dir` as given (must exist; empty: none), else [`DEFAULT_HOSTS_DIR`] if it exists.
+fn hosts_dir(given: Option<PathBuf>) -> anyhow::Result<Option<PathBuf>> {
+    match given {
+        Some(dir) if dir.as_os_str().is_empty() => Ok(None),
+        Some(dir) => {
+            anyhow::ensure!(dir.is_dir(), "hosts_dir {}: no such folder", dir.display());
+            Ok(Some(dir))
+        }
+        None => Ok(Some(PathBuf::from(DEFAULT_HOSTS_DIR)).filter(|d| d.is_dir())),
     }
 }
 
@@ -237,6 +268,8 @@ mod tests {
         assert_eq!(s.root, d.root);
         assert_eq!(s.address, d.address);
         assert_eq!(s.cache_dir, d.cache_dir);
+        assert_eq!(s.cache_max_bytes, None);
+        assert_eq!(s.cache_max_bytes, d.cache_max_bytes);
         assert_eq!(s.verify, d.verify);
         assert_eq!(s.prefetch, d.prefetch);
         assert_eq!(s.prefetch_small, DEFAULT_PREFETCH_SMALL);
@@ -245,6 +278,27 @@ mod tests {
             s.allow_invalid_mounts_on_restart,
             d.allow_invalid_mounts_on_restart
         );
+    }
+
+    #[test]
+    fn hosts_dir_comes_from_the_flag_or_the_file_and_must_exist() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, format!("hosts_dir = \"{}\"\n", dir.path().display()))
+            .expect("write");
+        let s = Settings::load(Some(&path), Overrides::default()).expect("load");
+        assert_eq!(s.hosts_dir.as_deref(), Some(dir.path()));
+        let off = Overrides {
+            hosts_dir: Some(PathBuf::new()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            Settings::load(Some(&path), off).expect("load").hosts_dir,
+            None
+        );
+        std::fs::write(&path, "hosts_dir = \"/nonexistent/certs.d\"\n").expect("write");
+        let err = Settings::load(Some(&path), Overrides::default()).expect_err("no folder");
+        assert!(err.to_string().contains("/nonexistent/certs.d"), "{err}");
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! The control API (`proto/modelpack/snapshotter/v1/control.proto`): status and mounts.
+//! The control API (`proto/modelpack/snapshotter/v1/control.proto`): status, mounts and the
+//! cache's garbage collection.
 
 use std::sync::atomic::Ordering;
 
 use modelpack_proto::control::control_server::Control;
 use modelpack_proto::control::{
-    ListMountsRequest, ListMountsResponse, MountInfo, StatusRequest, StatusResponse,
+    GcRequest, GcResponse, ListMountsRequest, ListMountsResponse, MountInfo, StatusRequest,
+    StatusResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -53,6 +55,7 @@ impl Control for Service {
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let rows = mount_rows(self);
+        let cache = self.cache_stats().unwrap_or_default();
         Ok(Response::new(StatusResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             root: self.settings().root.display().to_string(),
@@ -62,6 +65,12 @@ impl Control for Service {
             failed: rows.iter().filter(|r| r.state == "failed").count() as u64,
             fetched_bytes: rows.iter().map(|r| r.fetched_bytes).sum(),
             served_bytes: rows.iter().map(|r| r.served_bytes).sum(),
+            cache_bytes: cache.bytes,
+            cache_max_bytes: cache.max_bytes.unwrap_or(0),
+            cache_evictions: cache.evictions,
+            cache_evicted_bytes: cache.evicted_bytes,
+            cache_refetches: cache.refetches,
+            mirror_fallbacks: modelpack_registry::mirror_fallbacks(),
         }))
     }
 
@@ -71,6 +80,16 @@ impl Control for Service {
     ) -> Result<Response<ListMountsResponse>, Status> {
         Ok(Response::new(ListMountsResponse {
             mounts: mount_rows(self),
+        }))
+    }
+
+    async fn gc(&self, _request: Request<GcRequest>) -> Result<Response<GcResponse>, Status> {
+        let report = self.gc_cache().await;
+        Ok(Response::new(GcResponse {
+            blobs: report.blobs,
+            trees: report.trees,
+            bytes_freed: report.bytes,
+            cache_bytes: self.cache_stats().unwrap_or_default().bytes,
         }))
     }
 }

@@ -39,9 +39,16 @@ struct Args {
     /// Verification of layers without a chunk index
     #[arg(long, value_enum)]
     verify: Option<VerifyPolicy>,
+    /// Cap the chunk cache at BYTES (least recently used chunks evicted)
+    #[arg(long, value_name = "BYTES")]
+    cache_max_bytes: Option<u64>,
     /// Serve Prometheus metrics at HOST:PORT
     #[arg(long, value_name = "HOST:PORT")]
     metrics_address: Option<String>,
+    /// containerd's registry hosts folder (REGISTRY/hosts.toml: mirrors, TLS) [default:
+    /// /etc/containerd/certs.d when it exists; "" for none]
+    #[arg(long, value_name = "DIR")]
+    hosts_dir: Option<String>,
     /// Start even when some remote snapshots cannot be mounted again
     #[arg(long)]
     allow_invalid_mounts_on_restart: bool,
@@ -90,7 +97,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             address: args.address,
             verify: args.verify,
             metrics_address: args.metrics_address,
+            hosts_dir: args.hosts_dir.map(PathBuf::from),
             allow_invalid_mounts_on_restart: args.allow_invalid_mounts_on_restart,
+            cache_max_bytes: args.cache_max_bytes,
         },
     )?;
     let service = Service::open(settings.clone())?;

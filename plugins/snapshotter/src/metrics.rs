@@ -46,6 +46,33 @@ pub fn render(service: &Service) -> String {
     for (name, help, value) in counters {
         metric(name, help, "counter", value.load(Ordering::Relaxed));
     }
+    metric(
+        "mirror_fallbacks_total",
+        "Registry requests a mirror of a hosts.toml failed that went on to the next host.",
+        "counter",
+        modelpack_registry::mirror_fallbacks(),
+    );
+    let cache = service.cache_stats().unwrap_or_default();
+    let cache_counters = [
+        (
+            "cache_evictions_total",
+            "Cached chunks evicted to stay under the cache cap.",
+            cache.evictions,
+        ),
+        (
+            "cache_evicted_bytes_total",
+            "Bytes of the chunks evicted.",
+            cache.evicted_bytes,
+        ),
+        (
+            "cache_refetches_total",
+            "Evicted chunks read again, so fetched again.",
+            cache.refetches,
+        ),
+    ];
+    for (name, help, value) in cache_counters {
+        metric(name, help, "counter", value);
+    }
     let in_state = |state: &str| rows.iter().filter(|r| r.state == state).count() as u64;
     let total = |field: fn(&MountInfo) -> u64| rows.iter().map(field).sum::<u64>();
     let gauges = [
@@ -73,6 +100,16 @@ pub fn render(service: &Service) -> String {
             "on_demand_fetches",
             "Ranged fetches made on demand or by readahead, over the snapshots held now.",
             total(|r| r.fetches),
+        ),
+        (
+            "cache_bytes",
+            "Chunk bytes in the node's cache now.",
+            cache.bytes,
+        ),
+        (
+            "cache_max_bytes",
+            "The cache cap in bytes (0: unbounded).",
+            cache.max_bytes.unwrap_or(0),
         ),
         (
             "on_demand_fetch_micros",

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use modelpack_lazyfs::{Counters, MountOptions, MountedModel, Resolved, Verify};
+use modelpack_lazyfs::{CacheBudget, Counters, MountOptions, MountedModel, Resolved, Verify};
 use modelpack_registry::{Client, ClientOptions, Repository};
 use modelpack_spec::{Digest, Reference};
 use modelpack_store::Store;
@@ -61,6 +61,8 @@ impl ServedLayer for MountedModel {
 pub struct Lazyfs {
     settings: Settings,
     store: Store,
+    /// The cache folder's accountant, shared by every layer's mount (one cap for them all).
+    cache: Arc<CacheBudget>,
     clients: Mutex<HashMap<String, Client>>,
     /// Each model's manifest and chunk index, resolved once for all of its layers (keyed by
     /// manifest digest; a digest names immutable content, so an entry never goes stale).
@@ -71,11 +73,13 @@ pub struct Lazyfs {
 const RESOLVED_CACHE: usize = 64;
 
 impl Lazyfs {
-    /// A mounter with `settings`' registries and policies; whole blobs land in `store`.
-    pub fn new(settings: Settings, store: Store) -> Lazyfs {
+    /// A mounter with `settings`' registries and policies; whole blobs land in `store`, chunks
+    /// in `cache`'s folder.
+    pub fn new(settings: Settings, store: Store, cache: Arc<CacheBudget>) -> Lazyfs {
         Lazyfs {
             settings,
             store,
+            cache,
             clients: Mutex::new(HashMap::new()),
             resolved: Mutex::new(HashMap::new()),
         }
@@ -91,6 +95,7 @@ impl Lazyfs {
             plain_http: entry.plain_http,
             insecure: entry.insecure,
             ca_file: entry.ca_file,
+            hosts_dir: self.settings.hosts_dir.clone(),
             ..ClientOptions::new()
         })
         .map_err(|e| e.to_string())?;
@@ -142,6 +147,7 @@ impl LayerMounter for Lazyfs {
             self.settings.cache_dir.clone(),
         );
         opts.resolved = Some(resolved);
+        opts.cache = Some(self.cache.clone());
         opts.verify = match self.settings.verify {
             VerifyPolicy::Full => Verify::Full,
             VerifyPolicy::Background => Verify::Background,

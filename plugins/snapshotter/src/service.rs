@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use modelpack_lazyfs::Counters;
+use modelpack_lazyfs::{CacheBudget, CacheStats, Counters, GcReport};
 use modelpack_proto::containerd_client::types::Mount;
 use modelpack_proto::snapshots as pb;
 use modelpack_spec::{Digest, labels};
@@ -83,6 +83,8 @@ struct Inner {
     preparing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// What serves remote layers (lazyfs; a stand-in in the unit tests).
     mounter: Arc<dyn LayerMounter>,
+    /// The chunk cache's accountant (none with a stand-in mounter).
+    cache: Option<Arc<CacheBudget>>,
     /// Folder numbers of remote snapshots being mounted (no record names them yet).
     reserved: Mutex<std::collections::HashSet<u64>>,
     remote: Mutex<BTreeMap<String, RemoteMount>>,
@@ -214,14 +216,27 @@ impl Service {
         use anyhow::Context as _;
         let store = Store::open(&settings.root.join("store"))
             .with_context(|| format!("cannot open {}", settings.root.join("store").display()))?;
-        let mounter = Arc::new(Lazyfs::new(settings.clone(), store));
-        Service::with_mounter(settings, mounter)
+        let cache = CacheBudget::open(&settings.cache_dir, settings.cache_max_bytes)?;
+        let mounter = Arc::new(Lazyfs::new(settings.clone(), store, cache.clone()));
+        Service::build(settings, mounter, Some(cache))
     }
 
-    /// Opens the root (creating it), loads the metadata; remote layers are served by `mounter`.
+    /// Opens the root (creating it), loads the metadata; remote layers are served by `mounter`
+    /// (a stand-in: there is no chunk cache to account).
+    #[cfg(test)]
     pub fn with_mounter(
         settings: Settings,
         mounter: Arc<dyn LayerMounter>,
+    ) -> anyhow::Result<Service> {
+        Service::build(settings, mounter, None)
+    }
+
+    /// Opens the root (creating it), loads the metadata; remote layers are served by `mounter`,
+    /// whose chunk cache `cache` accounts.
+    fn build(
+        settings: Settings,
+        mounter: Arc<dyn LayerMounter>,
+        cache: Option<Arc<CacheBudget>>,
     ) -> anyhow::Result<Service> {
         use anyhow::Context as _;
         use std::os::unix::fs::DirBuilderExt as _;
@@ -246,6 +261,7 @@ impl Service {
                 meta: tokio::sync::Mutex::new(meta),
                 preparing: Mutex::new(HashMap::new()),
                 mounter,
+                cache,
                 reserved: Mutex::new(std::collections::HashSet::new()),
                 remote: Mutex::new(BTreeMap::new()),
                 started: Instant::now(),
@@ -262,6 +278,46 @@ impl Service {
     /// Daemon-wide counters.
     pub fn stats(&self) -> &Stats {
         &self.inner.stats
+    }
+
+    /// The chunk cache's numbers (none with a stand-in mounter).
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        self.inner.cache.as_ref().map(|c| c.stats())
+    }
+
+    /// Removes the cache of layers no snapshot uses any more: chunk caches of layers no record
+    /// names and no mount holds, and unpacked trees of models no record names (left alone while
+    /// a remote Prepare is mounting: it may be unpacking). The metadata lock is held throughout,
+    /// so no Prepare starts meanwhile.
+    pub async fn gc_cache(&self) -> GcReport {
+        let Some(cache) = self.inner.cache.clone() else {
+            return GcReport::default();
+        };
+        let meta = self.inner.meta.lock().await;
+        let mut layers = std::collections::HashSet::new();
+        let mut manifests = std::collections::HashSet::new();
+        for (_, rec) in meta.iter() {
+            if let Some(remote) = &rec.remote {
+                layers.insert(remote.layer_digest.clone());
+                manifests.insert(remote.manifest_digest.encoded().to_owned());
+            }
+        }
+        let mounting = self.reserved_mut(|r| !r.is_empty());
+        let live_tree = |name: &str| manifests.contains(name.split('-').next().unwrap_or(name));
+        let report = tokio::task::block_in_place(|| {
+            cache.gc(
+                &|d| layers.contains(d),
+                (!mounting).then_some(&live_tree as &dyn Fn(&str) -> bool),
+            )
+        });
+        drop(meta);
+        info!(
+            blobs = report.blobs,
+            trees = report.trees,
+            freed = report.bytes,
+            "cache garbage collected"
+        );
+        report
     }
 
     /// Time since start.
@@ -874,6 +930,7 @@ impl Snapshotter for Service {
 
     async fn cleanup(&self) -> Result<(), SnapshotError> {
         self.remove_orphans().await;
+        self.gc_cache().await;
         Ok(())
     }
 }
@@ -1038,6 +1095,56 @@ mod tests {
         assert_eq!(code(a), Code::AlreadyExists);
         assert_eq!(code(b), Code::AlreadyExists);
         assert_eq!(mounter.mounts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gc_removes_the_cache_of_layers_no_snapshot_names_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = Settings::load(
+            None,
+            Overrides {
+                root: Some(dir.path().to_owned()),
+                ..Overrides::default()
+            },
+        )
+        .expect("settings");
+        let cache = CacheBudget::open(&settings.cache_dir, None).expect("cache");
+        let svc = Service::build(
+            settings.clone(),
+            Arc::new(FakeMounter::default()),
+            Some(cache),
+        )
+        .expect("service");
+        assert_eq!(
+            code(
+                svc.prepare("extract-1", "", remote("chain-1", b"kept"))
+                    .await
+            ),
+            Code::AlreadyExists
+        );
+        let manifest = Digest::sha256_of(b"manifest");
+        let files = |layer: &[u8]| {
+            let stem = format!("sha256-{}", Digest::sha256_of(layer).encoded());
+            ["data", "chunks"].map(|ext| settings.cache_dir.join(format!("{stem}.{ext}")))
+        };
+        for path in files(b"kept").iter().chain(&files(b"gone")) {
+            std::fs::write(path, b"\x01").expect("write");
+        }
+        let trees = settings.cache_dir.join("trees");
+        let live_tree = trees.join(format!("{}-0123456789abcdef", manifest.encoded()));
+        let dead_tree = trees.join(Digest::sha256_of(b"other").encoded());
+        for tree in [&live_tree, &dead_tree] {
+            std::fs::create_dir_all(tree).expect("mkdir");
+        }
+        let report = svc.gc_cache().await;
+        assert_eq!((report.blobs, report.trees), (1, 1), "{report:?}");
+        assert!(files(b"kept").iter().all(|p| p.exists()));
+        assert!(files(b"gone").iter().all(|p| !p.exists()));
+        assert!(live_tree.exists() && !dead_tree.exists());
+        // Once containerd removed the snapshot, its cache goes too.
+        svc.remove("chain-1").await.expect("remove");
+        assert_eq!(svc.gc_cache().await.blobs, 1);
+        assert!(files(b"kept").iter().all(|p| !p.exists()));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,5 @@
-//! `modelpack containerd pull|mount|umount` and `modelpack snapshotter status`: the CLI side of
-//! the containerd integration (the logic is in `modelpack-containerd`).
+//! `modelpack containerd pull|mount|umount` and `modelpack snapshotter status|gc`: the CLI side
+//! of the containerd integration (the logic is in `modelpack-containerd`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,6 +77,8 @@ pub struct UmountArgs {
 pub enum SnapshotterCommand {
     /// Totals and every lazily served layer with its fetch progress
     Status(StatusArgs),
+    /// Remove the cache of layers containerd no longer has (chunk caches, unpacked tar layers)
+    Gc(StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -188,29 +190,21 @@ fn umount(global: &GlobalArgs, args: UmountArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn snapshotter(_global: &GlobalArgs, command: SnapshotterCommand) -> anyhow::Result<ExitCode> {
-    use modelpack_proto::control::control_client::ControlClient;
+pub fn snapshotter(global: &GlobalArgs, command: SnapshotterCommand) -> anyhow::Result<ExitCode> {
     use modelpack_proto::control::{ListMountsRequest, StatusRequest};
-    let SnapshotterCommand::Status(args) = command;
-    let rt = crate::remote::runtime()?;
-    let (status, mounts) = rt
-        .block_on(async {
-            let channel = modelpack_proto::containerd_client::connect(&args.address).await?;
-            let mut client = ControlClient::new(channel);
-            let status = client.status(StatusRequest {}).await?.into_inner();
-            let mounts = client
-                .list_mounts(ListMountsRequest {})
-                .await?
-                .into_inner()
-                .mounts;
-            anyhow::Ok((status, mounts))
-        })
-        .with_context(|| {
-            format!(
-                "cannot reach modelpack-snapshotter at {}",
-                args.address.display()
-            )
-        })?;
+    let args = match command {
+        SnapshotterCommand::Status(args) => args,
+        SnapshotterCommand::Gc(args) => return snapshotter_gc(global, &args),
+    };
+    let (status, mounts) = ask_snapshotter(&args.address, |mut client| async move {
+        let status = client.status(StatusRequest {}).await?.into_inner();
+        let mounts = client
+            .list_mounts(ListMountsRequest {})
+            .await?
+            .into_inner()
+            .mounts;
+        anyhow::Ok((status, mounts))
+    })?;
     match args.format {
         OutputFormat::Json => display::print_json(&json!({
             "version": status.version,
@@ -221,6 +215,14 @@ pub fn snapshotter(_global: &GlobalArgs, command: SnapshotterCommand) -> anyhow:
             "failed": status.failed,
             "fetchedBytes": status.fetched_bytes,
             "servedBytes": status.served_bytes,
+            "cache": {
+                "bytes": status.cache_bytes,
+                "maxBytes": status.cache_max_bytes,
+                "evictions": status.cache_evictions,
+                "evictedBytes": status.cache_evicted_bytes,
+                "refetches": status.cache_refetches,
+            },
+            "mirrorFallbacks": status.mirror_fallbacks,
             "mounts": mounts.iter().map(|m| json!({
                 "name": m.name,
                 "reference": m.reference,
@@ -250,6 +252,18 @@ pub fn snapshotter(_global: &GlobalArgs, command: SnapshotterCommand) -> anyhow:
                 display::bytes(status.fetched_bytes),
                 display::bytes(status.served_bytes)
             );
+            println!(
+                "cache: {} of {}; {} chunks evicted ({}), {} fetched again",
+                display::bytes(status.cache_bytes),
+                if status.cache_max_bytes == 0 {
+                    "no cap".to_owned()
+                } else {
+                    display::bytes(status.cache_max_bytes)
+                },
+                status.cache_evictions,
+                display::bytes(status.cache_evicted_bytes),
+                status.cache_refetches
+            );
             for m in &mounts {
                 let progress = if m.size > 0 {
                     format!(
@@ -274,6 +288,53 @@ pub fn snapshotter(_global: &GlobalArgs, command: SnapshotterCommand) -> anyhow:
                 );
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The snapshotter's control API client.
+type Control = modelpack_proto::control::control_client::ControlClient<tonic::transport::Channel>;
+
+/// Connects to the snapshotter's control API at `address` and runs `ask` with the client.
+fn ask_snapshotter<T, F: std::future::Future<Output = anyhow::Result<T>>>(
+    address: &std::path::Path,
+    ask: impl FnOnce(Control) -> F,
+) -> anyhow::Result<T> {
+    let rt = crate::remote::runtime()?;
+    rt.block_on(async {
+        let channel = modelpack_proto::containerd_client::connect(address).await?;
+        ask(Control::new(channel)).await
+    })
+    .with_context(|| {
+        format!(
+            "cannot reach modelpack-snapshotter at {}",
+            address.display()
+        )
+    })
+}
+
+/// `modelpack snapshotter gc`: asks the snapshotter to remove the cache of layers no snapshot
+/// uses any more.
+fn snapshotter_gc(global: &GlobalArgs, args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    use modelpack_proto::control::GcRequest;
+    let report = ask_snapshotter(&args.address, |mut client| async move {
+        anyhow::Ok(client.gc(GcRequest {}).await?.into_inner())
+    })?;
+    match args.format {
+        OutputFormat::Json => display::print_json(&json!({
+            "blobs": report.blobs,
+            "trees": report.trees,
+            "bytesFreed": report.bytes_freed,
+            "cacheBytes": report.cache_bytes,
+        }))?,
+        OutputFormat::Text if !global.quiet => println!(
+            "removed the cache of {} layers and {} unpacked trees: {} freed, {} cached",
+            report.blobs,
+            report.trees,
+            display::bytes(report.bytes_freed),
+            display::bytes(report.cache_bytes)
+        ),
+        OutputFormat::Text => {}
     }
     Ok(ExitCode::SUCCESS)
 }

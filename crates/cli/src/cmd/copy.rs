@@ -103,8 +103,11 @@ pub fn run(global: &GlobalArgs, args: CopyArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let copied = rt.block_on(walk);
-    if let Some(scratch) = scratch {
-        scratch.remove()?;
+    if let Some(scratch) = scratch
+        && let Err(e) = scratch.remove()
+    {
+        // The copy's own result is what the user asked for; `prune` removes what is left.
+        tracing::warn!(error = %e, "cannot remove the copy's scratch store");
     }
     let digest = copied?.digest;
     let summary = renderer.finish();

@@ -35,6 +35,10 @@ pub struct MountArgs {
     /// Chunk cache folder [default: STORE/cache]
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
+    /// Cap the chunk cache (e.g. 256MiB, 10GiB, or bytes): the least recently used chunks no
+    /// open file is reading are evicted, and fetched again when read
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub cache_max: Option<u64>,
     /// Verification without a chunk index
     #[arg(long, value_enum, default_value_t = VerifyArg::Full)]
     pub verify: VerifyArg,
@@ -76,13 +80,19 @@ pub fn mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<ExitCode> {
     if args.daemon {
         return daemonize(global, &reference.familiar(), dir, &store);
     }
+    let cache_dir = args
+        .cache
+        .clone()
+        .unwrap_or_else(|| store.root().join("cache"));
+    let cache = match args.cache_max {
+        Some(max) => Some(modelpack_lazyfs::CacheBudget::open(&cache_dir, Some(max))?),
+        None => None,
+    };
     let opts = MountOptions {
         repository: crate::remote::repository(&client, &reference),
         reference: reference.tag_or_digest(),
-        cache_dir: args
-            .cache
-            .clone()
-            .unwrap_or_else(|| store.root().join("cache")),
+        cache_dir,
+        cache,
         store,
         verify: match args.verify {
             VerifyArg::Full => Verify::Full,
@@ -103,9 +113,25 @@ pub fn mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<ExitCode> {
         // Ctrl-C goes through the process's interrupt handler, which sets the cancel flag.
         let cancel = crate::display::cancel_flag();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mounted = modelpack_lazyfs::mount(opts, dir).await.with_context(|| {
-            format!("cannot mount {} at {}", reference.familiar(), dir.display())
-        })?;
+        let mut stopped = Box::pin(async move {
+            let interrupted = async {
+                while !cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                () = interrupted => {}
+            }
+        });
+        // Setting up (resolving, planning tar layers) can take a while: a stop during it
+        // abandons the setup, which unmounts whatever it had mounted.
+        let mounted = tokio::select! {
+            mounted = modelpack_lazyfs::mount(opts, dir) => mounted.with_context(|| {
+                format!("cannot mount {} at {}", reference.familiar(), dir.display())
+            })?,
+            () = &mut stopped => anyhow::bail!("stopped before {} was mounted", dir.display()),
+        };
         if !global.quiet {
             eprintln!(
                 "Mounted {} at {} (Ctrl-C or `modelpack umount` to stop)",
@@ -114,22 +140,57 @@ pub fn mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<ExitCode> {
             );
         }
         mounted
-            .serve_until(async move {
-                let interrupted = async {
-                    while !cancel.load(std::sync::atomic::Ordering::SeqCst) {
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                };
-                tokio::select! {
-                    _ = term.recv() => {}
-                    () = interrupted => {}
-                }
-            })
+            .serve_until(stopped)
             .await
             .with_context(|| format!("cannot unmount {}", dir.display()))?;
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A size: bytes, or a number with a unit (`KiB`, `MiB`, `GiB`, `TiB`, or `K`, `M`, `G`, `T`
+/// for the same; `KB`, `MB`, `GB`, `TB` are powers of ten), e.g. `256MiB`, `10GiB`, `1.5G`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let unit = unit.trim();
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => {
+            return Err(format!(
+                "unknown size unit {unit:?} (use B, KiB, MiB, GiB, TiB)"
+            ));
+        }
+    };
+    let bytes = if number.contains('.') {
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("not a size: {text:?}"))?;
+        value * scale as f64
+    } else {
+        let value: u64 = number
+            .parse()
+            .map_err(|_| format!("not a size: {text:?}"))?;
+        return value
+            .checked_mul(scale)
+            .filter(|&b| b > 0)
+            .ok_or_else(|| format!("size out of range: {text:?}"));
+    };
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("size out of range: {text:?}"));
+    }
+    Ok(bytes as u64)
 }
 
 /// `mount --daemon`: runs this same command without `--daemon` as a background process (its own
@@ -254,4 +315,28 @@ pub fn index(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_take_binary_and_decimal_units() {
+        for (text, bytes) in [
+            ("268435456", 256u64 << 20),
+            ("256MiB", 256 << 20),
+            ("256M", 256 << 20),
+            ("10GiB", 10 << 30),
+            ("10 gib", 10 << 30),
+            ("1.5G", 3 << 29),
+            ("2GB", 2_000_000_000),
+            ("4096b", 4096),
+        ] {
+            assert_eq!(parse_size(text), Ok(bytes), "{text}");
+        }
+        for bad in ["", "MiB", "0", "12XB", "-1G", "1.2.3M"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }
