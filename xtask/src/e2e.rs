@@ -568,7 +568,17 @@ fn capped_cache_in_containerd(rig: &mut Rig, image: &str) -> anyhow::Result<()> 
         let hex = digests
             .get("model.safetensors")
             .context("the weight's digest")?;
-        Ok(cache.join(format!("sha256-{hex}.data")))
+        // `sha256-<hex>[-c..][-i<index tag>].data`: the file of that blob, whatever index.
+        let prefix = format!("sha256-{hex}");
+        fs::read_dir(&cache)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".data"))
+            })
+            .with_context(|| format!("no cache file for {prefix} in {}", cache.display()))
     };
     let (large, kept) = (weight(&model)?, weight(&rig.path("model"))?);
     ensure!(large.exists() && kept.exists(), "no cache files to collect");

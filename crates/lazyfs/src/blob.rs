@@ -96,9 +96,16 @@ impl LazyBlob {
     ) -> LazyBlob {
         // Chunks verified by an earlier mount stay valid (the map only ever records verified
         // ones); chunks served unverified live in a cache of their own that nothing trusts.
+        let index = chunks.as_ref().map(|c| {
+            let mut all = Vec::with_capacity(c.len() * 72);
+            for d in c {
+                all.extend_from_slice(d.as_str().as_bytes());
+            }
+            Digest::sha256_of(&all)
+        });
         let state = ctx
             .cache
-            .state(&digest, size, ctx.chunk_size, chunks.is_some());
+            .state(&digest, size, ctx.chunk_size, index.as_ref());
         LazyBlob {
             state,
             digest,
@@ -225,9 +232,35 @@ impl LazyBlob {
             size: self.size,
             media_type: String::new(),
         };
+        let state = self.state.clone();
         self.ctx.tasks.spawn(async move {
             match modelpack_transfer::fetch_blob(&repo, &store, &blob, &transfer).await {
-                Ok(_) => tracing::debug!(blob = %blob.digest, "verified whole in the background"),
+                Ok(_) => {
+                    // The check fetched the blob on its own (possibly from another host than the
+                    // reads, after a mirror served wrong bytes): the bytes already served must
+                    // be those bytes, or their pages are dropped (reads now come from the
+                    // verified copy).
+                    let verified = store.blob_path(&blob.digest);
+                    let differs =
+                        tokio::task::spawn_blocking(move || state.differs_from(&verified))
+                            .await
+                            .unwrap_or(true);
+                    if differs {
+                        while serving.load(Ordering::SeqCst) > 0 {
+                            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                        }
+                        let _ = tokio::task::spawn_blocking(move || {
+                            if let Some(hook) = on_poison.get() {
+                                hook();
+                            }
+                        })
+                        .await;
+                        counters.verify_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(blob = %blob.digest, "bytes served before the background check differ from the verified blob; their pages were dropped and reads now come from the verified copy");
+                    } else {
+                        tracing::debug!(blob = %blob.digest, "verified whole in the background");
+                    }
+                }
                 Err(e) if e.is_digest_mismatch() => {
                     poisoned.store(true, Ordering::SeqCst);
                     // Reads that passed the check before it failed may still be replying: once
@@ -463,8 +496,10 @@ impl LazyBlob {
             }
         }
         // Record verified chunks only: a later mount trusts this map.
-        if save {
-            self.state.write_map();
+        // A map that fails to save claims fewer chunks than are here: safe, they are fetched
+        // again.
+        if save && let Err(e) = self.state.write_map(false) {
+            tracing::debug!(blob = %self.digest, error = %e, "cannot save the chunk map");
         }
         Ok(())
     }

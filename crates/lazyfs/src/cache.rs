@@ -191,7 +191,9 @@ struct Ledger {
     lru: Lru,
     next_id: u64,
     states: HashMap<u64, Arc<ChunkState>>,
-    by_key: HashMap<(Digest, bool, u64), u64>,
+    /// (verified, file stem) -> state id: the stem names the digest, the chunk size, the index
+    /// that verified the chunks and, for a size other than the first one seen, the size.
+    by_key: HashMap<(bool, String), u64>,
 }
 
 impl CacheBudget {
@@ -301,11 +303,22 @@ impl CacheBudget {
             if !seen.insert(stem.to_owned()) {
                 continue;
             }
-            let adopted = parse_stem(stem).and_then(|(digest, chunk_size)| {
+            let adopted = parse_stem(stem).and_then(|parsed| {
+                // Only files named by the index that verified them are trusted again.
+                let index = parsed.index.as_deref()?;
                 let size = std::fs::metadata(self.dir.join(format!("{stem}.data")))
                     .ok()?
                     .len();
-                let state = self.state_locked(&mut ledger, &digest, size, chunk_size, true);
+                let state = self.state_locked(
+                    &mut ledger,
+                    &parsed.digest,
+                    size,
+                    parsed.chunk_size,
+                    Some(index),
+                );
+                if state.data_path != self.dir.join(format!("{stem}.data")) {
+                    return None;
+                }
                 let any = state.present_count() > 0;
                 if exclusive {
                     state.punch_absent();
@@ -331,32 +344,56 @@ impl CacheBudget {
         digest: &Digest,
         size: u64,
         chunk_size: u64,
-        verified: bool,
+        index: Option<&Digest>,
     ) -> Arc<ChunkState> {
         let mut ledger = self.ledger();
-        let state = self.state_locked(&mut ledger, digest, size, chunk_size, verified);
+        let tag = index.map(index_tag);
+        let state = self.state_locked(&mut ledger, digest, size, chunk_size, tag.as_deref());
         self.sync_bytes(&ledger);
         state
     }
 
+    /// The state of `digest`: verified against the index tagged `index` (see [`index_tag`]) or,
+    /// without one, unverified.
     fn state_locked(
         &self,
         ledger: &mut Ledger,
         digest: &Digest,
         size: u64,
         chunk_size: u64,
-        verified: bool,
+        index: Option<&str>,
     ) -> Arc<ChunkState> {
-        let key = (digest.clone(), verified, chunk_size);
-        if let Some(state) = ledger.by_key.get(&key).and_then(|id| ledger.states.get(id)) {
-            return state.clone();
-        }
-        let id = ledger.next_id;
-        ledger.next_id += 1;
+        let verified = index.is_some();
         let mut stem = format!("{}-{}", digest.algorithm(), digest.encoded());
         if chunk_size != CHUNK_INDEX_CHUNK_SIZE {
             stem.push_str(&format!("-c{chunk_size}"));
         }
+        // Chunks checked against one index vouch for nothing under another (another manifest
+        // may claim the same layer digest with other chunk digests).
+        if let Some(tag) = index {
+            stem.push_str(&format!("-i{tag}"));
+        }
+        let found = |ledger: &Ledger, stem: &str| {
+            ledger
+                .by_key
+                .get(&(verified, stem.to_owned()))
+                .and_then(|id| ledger.states.get(id))
+                .cloned()
+        };
+        match found(ledger, &stem) {
+            Some(state) if state.size == size => return state,
+            // A manifest declaring another size for the same digest gets files of its own.
+            Some(_) => {
+                stem.push_str(&format!("-s{size}"));
+                if let Some(state) = found(ledger, &stem).filter(|s| s.size == size) {
+                    return state;
+                }
+            }
+            None => {}
+        }
+        let key = (verified, stem.clone());
+        let id = ledger.next_id;
+        ledger.next_id += 1;
         let n = size.div_ceil(chunk_size.max(1)) as usize;
         let (data_path, map_path) = if verified {
             (
@@ -488,7 +525,7 @@ impl CacheBudget {
                     .strip_suffix(".unverified.data")
                     .or_else(|| name.strip_suffix(".data"))
                     .or_else(|| name.strip_suffix(".chunks"));
-                let Some((digest, _)) = stem.and_then(parse_stem) else {
+                let Some(digest) = stem.and_then(parse_stem).map(|s| s.digest) else {
                     continue;
                 };
                 if kept.contains(digest.encoded()) || live_blob(&digest) {
@@ -542,14 +579,38 @@ fn disk_usage(path: &Path) -> u64 {
 }
 
 /// `<alg>-<hex>` or `<alg>-<hex>-c<chunk size>`: the digest and chunk size.
-fn parse_stem(stem: &str) -> Option<(Digest, u64)> {
-    let (alg, rest) = stem.split_once('-')?;
-    let (hex, chunk) = match rest.split_once("-c") {
-        Some((hex, chunk)) => (hex, chunk.parse().ok()?),
-        None => (rest, CHUNK_INDEX_CHUNK_SIZE),
+/// What a verified file stem names: `<alg>-<hex>[-c<chunk size>][-i<index tag>][-s<size>]`.
+struct Stem {
+    digest: Digest,
+    chunk_size: u64,
+    index: Option<String>,
+}
+
+fn parse_stem(stem: &str) -> Option<Stem> {
+    let mut parts = stem.split('-');
+    let (alg, hex) = (parts.next()?, parts.next()?);
+    let mut parsed = Stem {
+        digest: format!("{alg}:{hex}").parse().ok()?,
+        chunk_size: CHUNK_INDEX_CHUNK_SIZE,
+        index: None,
     };
-    let digest = format!("{alg}:{hex}").parse().ok()?;
-    Some((digest, chunk))
+    for part in parts {
+        match part.split_at_checked(1)? {
+            ("c", n) => parsed.chunk_size = n.parse().ok()?,
+            ("i", tag) => parsed.index = Some(tag.to_owned()),
+            ("s", n) => {
+                n.parse::<u64>().ok()?;
+            }
+            _ => return None,
+        }
+    }
+    Some(parsed)
+}
+
+/// A short identity of the chunk index that verified a blob's chunks (the first 16 hex digits
+/// of its sha256), for the cache file names.
+pub(crate) fn index_tag(index: &Digest) -> String {
+    index.encoded().chars().take(16).collect()
 }
 
 /// Room made for one chunk; commit it once the chunk is stored, or drop it to give it back.
@@ -638,7 +699,7 @@ impl ChunkState {
             .saturating_sub(start)
     }
 
-    fn present_chunks(&self) -> Vec<u64> {
+    pub(crate) fn present_chunks(&self) -> Vec<u64> {
         self.present
             .lock()
             .map(|p| {
@@ -743,6 +804,24 @@ impl ChunkState {
         self.present.lock().is_ok_and(|p| p.iter().all(|&b| b))
     }
 
+    /// True when a chunk this cache holds differs from the same bytes of `verified` (the whole
+    /// blob, checked against its digest); unreadable counts as different.
+    pub(crate) fn differs_from(&self, verified: &Path) -> bool {
+        use std::os::unix::fs::FileExt as _;
+        let (Ok(ours), Ok(theirs)) = (File::open(&self.data_path), File::open(verified)) else {
+            return true;
+        };
+        let mut a = vec![0u8; self.chunk_size as usize];
+        let mut b = vec![0u8; self.chunk_size as usize];
+        self.present_chunks().into_iter().any(|i| {
+            let len = self.chunk_len(i) as usize;
+            let at = i * self.chunk_size;
+            ours.read_exact_at(&mut a[..len], at).is_err()
+                || theirs.read_exact_at(&mut b[..len], at).is_err()
+                || a[..len] != b[..len]
+        })
+    }
+
     /// Forgets every chunk (in memory and on disk).
     pub(crate) fn forget_all(&self) {
         if let Ok(mut present) = self.present.lock() {
@@ -755,22 +834,35 @@ impl ChunkState {
     }
 
     /// Writes the map of verified chunks as it is now (atomically: temporary file, rename).
-    pub(crate) fn write_map(&self) {
+    /// `durable`: synced to disk before it replaces the old map (before an eviction punches
+    /// bytes; a map that records fewer chunks than are cached needs no sync).
+    pub(crate) fn write_map(&self, durable: bool) -> std::io::Result<()> {
         let Some(map) = &self.map_path else {
-            return;
+            return Ok(());
         };
-        let Ok(_guard) = self.map_lock.lock() else {
-            return;
-        };
-        let snapshot: Vec<u8> = match self.present.lock() {
-            Ok(p) => p.iter().map(|&b| u8::from(b)).collect(),
-            Err(_) => return,
-        };
+        let _guard = self
+            .map_lock
+            .lock()
+            .map_err(|_| std::io::Error::other("map lock poisoned"))?;
+        let snapshot: Vec<u8> = self
+            .present
+            .lock()
+            .map_err(|_| std::io::Error::other("chunk map lock poisoned"))?
+            .iter()
+            .map(|&b| u8::from(b))
+            .collect();
         // Per process: two unbounded processes may share the folder.
         let tmp = map.with_extension(format!("chunks.{}.tmp", std::process::id()));
-        if std::fs::write(&tmp, &snapshot).is_ok() {
-            let _ = std::fs::rename(&tmp, map);
+        let written = std::fs::write(&tmp, &snapshot)
+            .and_then(|()| match durable {
+                true => std::fs::File::open(&tmp)?.sync_all(),
+                false => Ok(()),
+            })
+            .and_then(|()| std::fs::rename(&tmp, map));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
+        written
     }
 
     /// Evicts chunk `i` unless something uses it: claims it (fetchers wait), clears it from the
@@ -803,8 +895,21 @@ impl ChunkState {
             inflight.insert(i, notify.clone());
             notify
         };
-        // The map on disk first: it must never claim a chunk whose bytes are gone.
-        self.write_map();
+        // The map on disk first: it must never claim a chunk whose bytes are gone. When it cannot
+        // be written, the chunk stays (and counts) rather than being punched under a stale map.
+        if let Err(e) = self.write_map(true) {
+            tracing::warn!(blob = %self.digest, chunk = i, error = %e, "cannot update the chunk map; the chunk is kept");
+            if let Ok(mut present) = self.present.lock()
+                && let Some(p) = present.get_mut(i as usize)
+            {
+                *p = true;
+            }
+            if let Ok(mut inflight) = self.inflight.lock() {
+                inflight.remove(&i);
+            }
+            notify.notify_waiters();
+            return Outcome::Pinned;
+        }
         if let Err(e) = self.punch(i * self.chunk_size, self.chunk_len(i)) {
             tracing::warn!(blob = %self.digest, chunk = i, error = %e, "cannot punch an evicted chunk out of the cache file");
         }
@@ -852,6 +957,11 @@ mod tests {
     //! accounting; then chunk states over real sparse files.
 
     use super::*;
+
+    /// The identity of the index the test chunks are verified against.
+    fn test_index() -> Digest {
+        Digest::sha256_of(b"a chunk index")
+    }
 
     #[test]
     fn the_least_recently_used_goes_first_and_a_touch_saves_an_entry() {
@@ -913,7 +1023,7 @@ mod tests {
 
     fn filled(budget: &CacheBudget, chunks: u64, chunk: u64) -> Arc<ChunkState> {
         let digest = Digest::sha256_of(&chunks.to_le_bytes());
-        let state = budget.state(&digest, chunks * chunk, chunk, true);
+        let state = budget.state(&digest, chunks * chunk, chunk, Some(&test_index()));
         for i in 0..chunks {
             let reservation = budget.reserve(chunk);
             let file = state.file().expect("file");
@@ -922,7 +1032,7 @@ mod tests {
             state.mark_present(i).expect("mark");
             reservation.commit(&state, i);
         }
-        state.write_map();
+        state.write_map(false).expect("the chunk map");
         state
     }
 
@@ -967,9 +1077,9 @@ mod tests {
         {
             let budget = CacheBudget::open(dir.path(), None).expect("budget");
             let state = filled(&budget, 3, CHUNK);
-            let again = budget.state(&state.digest, 3 * CHUNK, CHUNK, true);
+            let again = budget.state(&state.digest, 3 * CHUNK, CHUNK, Some(&test_index()));
             assert!(Arc::ptr_eq(&state, &again));
-            let unverified = budget.state(&state.digest, 3 * CHUNK, CHUNK, false);
+            let unverified = budget.state(&state.digest, 3 * CHUNK, CHUNK, None);
             assert!(!Arc::ptr_eq(&state, &unverified));
             assert_ne!(state.data_path, unverified.data_path);
             // A second unbounded user is fine; a capped one is refused while this one runs.

@@ -373,7 +373,7 @@ impl Client {
             None => Ok(None),
             Some(Challenge::Basic) => {
                 drop(cache);
-                Ok(self.credential(key, ep.server)?.map(|c| {
+                Ok(self.credential(key, ep.own_registry)?.map(|c| {
                     format!(
                         "Basic {}",
                         STANDARD.encode(format!("{}:{}", c.username, c.secret))
@@ -401,8 +401,8 @@ impl Client {
             cache.challenges.insert(key.to_owned(), challenge.clone());
         }
         let Challenge::Bearer { realm, service } = challenge else {
-            if self.credential(key, ep.server)?.is_none()
-                && !self.reload_credential(key, ep.server)?
+            if self.credential(key, ep.own_registry)?.is_none()
+                && !self.reload_credential(key, ep.own_registry)?
             {
                 return Err(Error::Unauthorized {
                     registry: key.to_owned(),
@@ -420,7 +420,7 @@ impl Client {
         }
         let mut reloaded = false;
         let resp = loop {
-            let credential = self.credential(key, ep.server)?;
+            let credential = self.credential(key, ep.own_registry)?;
             let request = match &credential {
                 Some(c) if c.identity_token => {
                     let mut form = query.clone();
@@ -443,7 +443,7 @@ impl Client {
             })?;
             let refused =
                 resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN;
-            if refused && !reloaded && self.reload_credential(key, ep.server)? {
+            if refused && !reloaded && self.reload_credential(key, ep.own_registry)? {
                 reloaded = true;
                 continue;
             }
@@ -541,7 +541,7 @@ impl Client {
                     }
                     // Refused with what we hold: the credentials may have been rotated since
                     // they were read. The next 401 fetches a token with the new ones.
-                    if !reloaded && self.reload_credential(&ep.auth_key, ep.server)? {
+                    if !reloaded && self.reload_credential(&ep.auth_key, ep.own_registry)? {
                         reloaded = true;
                         authenticated = false;
                         attempt -= 1;

@@ -45,8 +45,12 @@ pub(crate) struct Endpoint {
     /// The key for credentials and tokens: the registry's name for its server, the host for a
     /// mirror.
     pub auth_key: String,
-    /// True for the registry's own server (credentials given on the command line go there only).
+    /// True for the host listed last, the `server` of the hosts file (the registry itself unless
+    /// the file names another).
     pub server: bool,
+    /// True when this host is the registry itself (whatever its place in the list): only then
+    /// do the registry's credentials, and those given on the command line, go to it.
+    pub own_registry: bool,
     /// `hosts::PULL | RESOLVE | PUSH` bits.
     pub caps: u8,
     /// `?ns=REGISTRY` for hosts other than the registry, as containerd adds.
@@ -69,6 +73,7 @@ impl std::fmt::Debug for Endpoint {
         f.debug_struct("Endpoint")
             .field("root", &self.root)
             .field("server", &self.server)
+            .field("own_registry", &self.own_registry)
             .field("caps", &self.caps)
             .finish()
     }
@@ -427,12 +432,13 @@ pub(crate) fn resolve(
         Ok(Arc::new(Endpoint {
             root: format!("{base}{}", url.path),
             base,
-            auth_key: if server {
+            auth_key: if is_registry {
                 registry.to_owned()
             } else {
                 url.authority.clone()
             },
             server,
+            own_registry: is_registry,
             caps: settings.capabilities,
             ns: (!is_registry).then(|| registry.to_owned()),
             http,

@@ -584,7 +584,11 @@ impl Repository {
         if resp.status().as_u16() == 404 {
             return Ok(None);
         }
-        let digest = header(&resp, "docker-content-digest").and_then(|s| s.parse().ok());
+        // By digest the answer is the digest asked for (a mirror's header vouches for nothing).
+        let digest = match reference.parse::<Digest>() {
+            Ok(asked) => Some(asked),
+            Err(_) => header(&resp, "docker-content-digest").and_then(|s| s.parse().ok()),
+        };
         // A HEAD response has no body, so reqwest's content_length() is 0: read the header.
         let size = header(&resp, "content-length").and_then(|s| s.parse::<u64>().ok());
         match (digest, size) {
