@@ -624,7 +624,9 @@ fn capped_cache_in_containerd(rig: &mut Rig, image: &str) -> anyhow::Result<()> 
 /// modctl's legacy `cnai` names, and tar layers without any name annotation (the spec's
 /// example). They come from the registry directly, not through the link step 6 breaks.
 fn other_writers_in_containerd(rig: &mut Rig, image: &str) -> anyhow::Result<()> {
-    println!("== 3b. other writers' shapes in containerd: cnai names, tar layers without names");
+    println!(
+        "== 3b. other writers' shapes in containerd: cnai names, modctl's (no title), tar layers without names"
+    );
     let model = rig.path("model-foreign");
     fs::create_dir_all(model.join("docs"))?;
     fs::write(model.join("config.json"), br#"{"model_type":"foreign"}"#)?;
@@ -644,23 +646,40 @@ fn other_writers_in_containerd(rig: &mut Rig, image: &str) -> anyhow::Result<()>
         "cnai",
     ])?;
     rig.modelpack(&["push", "-q", "--plain-http", &cnai])?;
+    // Another writer's manifest made from one of ours: `edit` changes each layer's annotations.
+    let respin = |from: &str,
+                  to: &str,
+                  edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)|
+     -> anyhow::Result<()> {
+        let fetched = rig.path("respun-manifest.json");
+        let path = fetched.display().to_string();
+        rig.modelpack(&["manifest", "fetch", from, "--plain-http", "-o", &path])?;
+        let mut manifest: serde_json::Value = serde_json::from_slice(&fs::read(&fetched)?)?;
+        for layer in manifest["layers"].as_array_mut().into_iter().flatten() {
+            if let Some(o) = layer.as_object_mut() {
+                edit(o);
+            }
+        }
+        fs::write(&fetched, serde_json::to_vec(&manifest)?)?;
+        rig.modelpack(&["manifest", "push", to, &path, "--plain-http"])?;
+        Ok(())
+    };
+    // modctl's newest shape: cnai names, filepath and file metadata, no OCI title.
+    let modctl = format!("{host}/e2e/cnai:modctl");
+    respin(&cnai, &modctl, &|layer| {
+        if let Some(a) = layer.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+            a.remove("org.opencontainers.image.title");
+        }
+    })?;
     // Tar layers, then the same manifest with every layer annotation removed.
     let tarred = format!("{host}/e2e/tarred:v1");
     rig.modelpack(&["build", "-q", &dir, "-t", &tarred, "--layer-format", "tar"])?;
     rig.modelpack(&["push", "-q", "--plain-http", &tarred])?;
-    let fetched = rig.path("tarred-manifest.json");
-    let path = fetched.display().to_string();
-    rig.modelpack(&["manifest", "fetch", &tarred, "--plain-http", "-o", &path])?;
-    let mut manifest: serde_json::Value = serde_json::from_slice(&fs::read(&fetched)?)?;
-    for layer in manifest["layers"].as_array_mut().into_iter().flatten() {
-        if let Some(o) = layer.as_object_mut() {
-            o.remove("annotations");
-        }
-    }
-    fs::write(&fetched, serde_json::to_vec(&manifest)?)?;
     let unnamed = format!("{host}/e2e/tarred:unnamed");
-    rig.modelpack(&["manifest", "push", &unnamed, &path, "--plain-http"])?;
-    for (i, reference) in [cnai, unnamed].iter().enumerate() {
+    respin(&tarred, &unnamed, &|layer| {
+        layer.remove("annotations");
+    })?;
+    for (i, reference) in [cnai, modctl, unnamed].iter().enumerate() {
         rig.modelpack_containerd("pull", &["--plain-http", reference])?;
         let view = rig.path(&format!("view-foreign-{i}"));
         rig.mount_model(reference, &view)?;
@@ -672,7 +691,7 @@ fn other_writers_in_containerd(rig: &mut Rig, image: &str) -> anyhow::Result<()>
         rig.modelpack_containerd("umount", &[&view.display().to_string()])?;
         rig.mounted.retain(|d| d != &view);
     }
-    println!("   ok: both read by a container, digests match");
+    println!("   ok: each read by a container, digests match");
     Ok(())
 }
 
