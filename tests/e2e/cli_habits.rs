@@ -247,6 +247,7 @@ fn mount_and_umount_are_quiet() {
     };
     let (_, s, dir, reference) = m.parts();
     let mnt = s.path("mnt");
+    let _detach = modelpack_testkit::mounts::DetachOnDrop(mnt.clone());
     let mnt_arg = mnt.to_str().expect("utf8");
 
     // `modelpack umount DIR` from another process.

@@ -22,6 +22,21 @@ use crate::cache::{CacheBudget, ChunkState};
 use crate::error::Error;
 use crate::{Counters, Verify};
 
+/// Drops the pages a blob's reads left in the page cache (the mount's hook), once the reads
+/// still replying (counted in `serving`) have replied.
+async fn drop_served_pages(serving: &AtomicU64, hook: Arc<std::sync::OnceLock<PoisonHook>>) {
+    while serving.load(Ordering::SeqCst) > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    // Off the async workers: the kernel may wait for a read one of them serves.
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Some(hook) = hook.get() {
+            hook();
+        }
+    })
+    .await;
+}
+
 /// How a chunk that failed verification is reported (and recognised for a retry elsewhere).
 const MISMATCH: &str = "digest mismatch";
 
@@ -246,15 +261,7 @@ impl LazyBlob {
                             .await
                             .unwrap_or(true);
                     if differs {
-                        while serving.load(Ordering::SeqCst) > 0 {
-                            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                        }
-                        let _ = tokio::task::spawn_blocking(move || {
-                            if let Some(hook) = on_poison.get() {
-                                hook();
-                            }
-                        })
-                        .await;
+                        drop_served_pages(&serving, on_poison).await;
                         counters.verify_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(blob = %blob.digest, "bytes served before the background check differ from the verified blob; their pages were dropped and reads now come from the verified copy");
                     } else {
@@ -263,18 +270,7 @@ impl LazyBlob {
                 }
                 Err(e) if e.is_digest_mismatch() => {
                     poisoned.store(true, Ordering::SeqCst);
-                    // Reads that passed the check before it failed may still be replying: once
-                    // they have, drop the pages they (and earlier reads) left in the page cache.
-                    while serving.load(Ordering::SeqCst) > 0 {
-                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                    }
-                    // Off the async workers: the kernel may wait for a read one of them serves.
-                    let _ = tokio::task::spawn_blocking(move || {
-                        if let Some(hook) = on_poison.get() {
-                            hook();
-                        }
-                    })
-                    .await;
+                    drop_served_pages(&serving, on_poison).await;
                     counters.verify_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(blob = %blob.digest, error = %e, "background verification failed: the blob is not served any more");
                 }

@@ -725,15 +725,8 @@ impl ChunkState {
         if let Some(file) = self.file.get() {
             return Ok(file);
         }
-        use std::os::unix::fs::OpenOptionsExt;
         let path = &self.data_path;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
+        let file = modelpack_store::open_private(path)
             .map_err(|e| Error::Read(format!("cache file {}: {e}", path.display())))?;
         if file.metadata().map(|m| m.len()).unwrap_or(0) != self.size {
             file.set_len(self.size)

@@ -131,6 +131,19 @@ pub fn create_new_private(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Opens `path` for reading and writing with mode 0600, creating it if missing and keeping
+/// what it holds (partial downloads, lock files, cache files).
+pub fn open_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+}
+
 /// A partial download kept under a name derived from its digest, so an interrupted transfer
 /// continues where it stopped. Locked while open: two processes fetching the same blob take
 /// turns, and the second finds the blob done.
@@ -144,17 +157,9 @@ pub struct Resumable {
 
 impl Resumable {
     pub(crate) fn open(ingest_dir: &Path, blobs_dir: &Path, digest: &Digest) -> Result<Resumable> {
-        use std::os::unix::fs::OpenOptionsExt;
         let stem = format!("{}-{}", digest.algorithm(), digest.encoded());
         let path = ingest_dir.join(format!("{stem}.partial"));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .at(&path)?;
+        let file = open_private(&path).at(&path)?;
         file.lock().at(&path)?;
         Ok(Resumable {
             file: Some(file),

@@ -599,15 +599,7 @@ fn ref_name(d: &Descriptor) -> Option<&str> {
 }
 
 fn open_lock_file(path: &Path) -> Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    Ok(OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .at(path)?)
+    Ok(crate::ingest::open_private(path).at(path)?)
 }
 
 /// Pushes every `digest` field of the descriptors in a manifest or index (config, layers,

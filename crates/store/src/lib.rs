@@ -21,7 +21,7 @@ mod ingest;
 mod layout;
 
 pub use error::{Error, IoContext, PathIoError, Result};
-pub use ingest::{Ingest, Resumable, create_new_private, sha256_file, sha256_reader};
+pub use ingest::{Ingest, Resumable, create_new_private, open_private, sha256_file, sha256_reader};
 pub use layout::{
     CheckReport, GcGuard, LinkOutcome, PruneReport, STORE_ENV, ScratchStore, Store, StoreEntry,
     default_root,

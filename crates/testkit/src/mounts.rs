@@ -46,6 +46,17 @@ pub fn detach_all(dir: &Path) {
     }
 }
 
+/// Detaches every mount under (and at) its folder when dropped: a test that fails half-way
+/// leaves no mount behind.
+#[derive(Debug)]
+pub struct DetachOnDrop(pub PathBuf);
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        detach_all(&self.0);
+    }
+}
+
 /// Undoes mountinfo's `\ooo` escapes.
 pub fn unescape(field: &str) -> String {
     let bytes = field.as_bytes();

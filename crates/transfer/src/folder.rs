@@ -25,6 +25,7 @@ use crate::{BlobRef, TransferOptions};
 
 /// The files of an artifact: a ModelPack model by its layers' paths, any other artifact by its
 /// layers' OCI titles (as `oras pull` does).
+#[derive(Clone)]
 pub(crate) enum Files {
     Model(Box<ModelManifest>),
     Titled(Vec<(LayerPath, LayerBlob)>),
@@ -271,14 +272,7 @@ impl Push for Folder<'_> {
 impl Tag for Folder<'_> {
     async fn tag(&self, manifest: &Manifest, _tag: Option<&str>) -> Result<Digest> {
         let plan = self.plan()?;
-        let layers = match &plan.files {
-            Files::Model(_) => None,
-            Files::Titled(files) => Some(files.clone()),
-        };
-        let model = match &plan.files {
-            Files::Model(m) => Some(m.clone()),
-            Files::Titled(_) => None,
-        };
+        let files = plan.files.clone();
         let (store, scratch) = (self.store.clone(), plan.scratch.store().clone());
         let (dir, patterns, cancel) = (self.dir.to_owned(), self.patterns.to_vec(), self.cancel);
         let identical = plan.identical.clone();
@@ -287,11 +281,9 @@ impl Tag for Folder<'_> {
                 store: &store,
                 scratch: &scratch,
             };
-            let mut plan = match (&model, layers) {
-                (Some(m), _) => modelpack_extract::plan(m, &source, &patterns)?,
-                (None, files) => {
-                    modelpack_extract::plan_files(files.unwrap_or_default(), &patterns)?
-                }
+            let mut plan = match files {
+                Files::Model(m) => modelpack_extract::plan(&m, &source, &patterns)?,
+                Files::Titled(files) => modelpack_extract::plan_files(files, &patterns)?,
             };
             let mut skipped = 0;
             for entry in plan.entries.iter_mut().filter(|e| e.selected) {
