@@ -5,6 +5,7 @@ mod build_extract;
 mod cache;
 mod cli_habits;
 mod crash;
+mod csi;
 mod faults;
 mod fuzz_replay;
 mod hostile;

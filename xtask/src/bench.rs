@@ -11,14 +11,14 @@ use anyhow::Context as _;
 
 use crate::measure::{self, Sample};
 
-/// One row of the results table.
-struct Row {
-    what: String,
-    ours: String,
-    theirs: String,
-    ratio: f64,
-    target: String,
-    pass: bool,
+/// One row of the results table, from one run of the suite.
+pub(crate) struct Row {
+    pub(crate) what: String,
+    pub(crate) ours: String,
+    pub(crate) theirs: String,
+    pub(crate) ratio: f64,
+    pub(crate) target: String,
+    pub(crate) pass: bool,
 }
 
 fn secs(s: &Sample) -> String {
@@ -124,6 +124,34 @@ fn digest_of_layer0(bin: &Path, store: &Path, name: &str) -> anyhow::Result<Stri
         .context("no layer digest")
 }
 
+/// The layer digests of `reference`, from its manifest in the registry.
+fn layer_digests(bin: &Path, reference: &str) -> anyhow::Result<Vec<String>> {
+    let out = Command::new(bin)
+        .args(["manifest", "fetch", "--plain-http", reference])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "manifest fetch {reference}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("manifest JSON")?;
+    let digests: Vec<String> = v["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["digest"].as_str().map(str::to_owned))
+        .collect();
+    anyhow::ensure!(!digests.is_empty(), "{reference} has no layers");
+    Ok(digests)
+}
+
+/// The registry URL of `digest` in the repository of `reference` (`HOST/REPO:TAG`).
+fn blob_url(reference: &str, digest: &str) -> String {
+    let (host, rest) = reference.split_once('/').unwrap_or((reference, ""));
+    let repo = rest.rsplit_once(':').map_or(rest, |(repo, _)| repo);
+    format!("http://{host}/v2/{repo}/blobs/{digest}")
+}
+
 fn make_multi_model(dir: &Path, shard_mib: u64) -> anyhow::Result<()> {
     fs::create_dir_all(dir.join("tokenizer"))?;
     for i in 0..8u64 {
@@ -146,7 +174,7 @@ fn make_multi_model(dir: &Path, shard_mib: u64) -> anyhow::Result<()> {
 }
 
 /// Runs `modelpack --store STORE ARGS`, quietly; fails when it does.
-fn modelpack(bin: &Path, store: &Path, args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn modelpack(bin: &Path, store: &Path, args: &[&str]) -> anyhow::Result<()> {
     let st = Command::new(bin)
         .arg("--store")
         .arg(store)
@@ -158,7 +186,7 @@ fn modelpack(bin: &Path, store: &Path, args: &[&str]) -> anyhow::Result<()> {
 }
 
 /// `modelpack pull` of `reference` into `store`.
-fn pull_command(bin: &Path, store: &Path, reference: &str) -> Command {
+pub(crate) fn pull_command(bin: &Path, store: &Path, reference: &str) -> Command {
     let mut c = Command::new(bin);
     c.arg("--store")
         .arg(store)
@@ -184,10 +212,10 @@ fn push_single(
     Ok(reference)
 }
 
-const ORAS_PULL: &str = "import sys, oras.client\nc = oras.client.OrasClient(hostname=sys.argv[1], insecure=True)\nc.pull(target=sys.argv[2], outdir=sys.argv[3])\n";
+pub(crate) const ORAS_PULL: &str = "import sys, oras.client\nc = oras.client.OrasClient(hostname=sys.argv[1], insecure=True)\nc.pull(target=sys.argv[2], outdir=sys.argv[3])\n";
 
 /// Runs `cmd` once, timed, after removing `outputs` and syncing.
-fn timed_once(outputs: &[&Path], mut cmd: Command) -> anyhow::Result<Sample> {
+pub(crate) fn timed_once(outputs: &[&Path], mut cmd: Command) -> anyhow::Result<Sample> {
     for o in outputs {
         let _ = fs::remove_dir_all(o);
         let _ = fs::remove_file(o);
@@ -198,7 +226,7 @@ fn timed_once(outputs: &[&Path], mut cmd: Command) -> anyhow::Result<Sample> {
 }
 
 /// Times a command `runs` times, cleaning `outputs` and syncing before each run.
-fn timed(
+pub(crate) fn timed(
     runs: usize,
     outputs: &[&Path],
     mut make: impl FnMut(usize) -> Command,
@@ -211,7 +239,7 @@ fn timed(
 
 /// Times two commands `runs` times each, interleaved (AB, BA, AB, ...) so that drift in the
 /// machine's state (page cache, writeback, the host) falls on both alike.
-fn timed_pair(
+pub(crate) fn timed_pair(
     runs: usize,
     (a_outputs, mut make_a): (&[&Path], impl FnMut(usize) -> Command),
     (b_outputs, mut make_b): (&[&Path], impl FnMut(usize) -> Command),
@@ -229,7 +257,7 @@ fn timed_pair(
     Ok((measure::median(&a), measure::median(&b)))
 }
 
-fn row(
+pub(crate) fn row(
     what: String,
     ours: &Sample,
     theirs: &Sample,
@@ -260,7 +288,7 @@ fn row(
     }
 }
 
-fn info_row(what: String, ours: &Sample, theirs: &Sample, theirs_label: &str) -> Row {
+pub(crate) fn info_row(what: String, ours: &Sample, theirs: &Sample, theirs_label: &str) -> Row {
     Row {
         what,
         ours: secs(ours),
@@ -482,6 +510,45 @@ fn bench_transfer(
         true,
     ));
 
+    // The machine's limit for the same bytes: 8 `curl -o` at a time, one per blob, no checks.
+    let curl_dir = work.join("curl-multi");
+    let list = work.join("curl-multi.list");
+    let lines: String = layer_digests(bin, &multi_ref)?
+        .iter()
+        .map(|d| {
+            format!(
+                "{} http://{host}/v2/bench/multi/blobs/{d}\n",
+                d.trim_start_matches("sha256:")
+            )
+        })
+        .collect();
+    fs::write(&list, lines)?;
+    let (multi_ours_c, multi_curl) = timed_pair(
+        runs,
+        (&[&pull_store], |_| our_pull(&multi_ref)),
+        (&[&curl_dir], |_| {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(r#"mkdir -p "$1" && cd "$1" && xargs -P 8 -n 2 curl -s -f -o < "$2""#)
+                .arg("sh")
+                .arg(&curl_dir)
+                .arg(&list);
+            c
+        }),
+    )?;
+    let _ = fs::remove_dir_all(&curl_dir);
+    rows.push(row(
+        format!(
+            "pull multi-file model (8 x {} MiB + 21 small files), against the machine's limit",
+            size_mib / 8
+        ),
+        &multi_ours_c,
+        &multi_curl,
+        "8 parallel `curl -o`, one per blob",
+        2.0,
+        true,
+    ));
+
     println!("bench: slow link (10 ms each way, 50 MB/s per connection)");
     let slow = modelpack_testkit::link::Link::slow(
         registry.port,
@@ -604,13 +671,13 @@ fn open_in_passthrough(dir: &Path, path: &str) -> anyhow::Result<bool> {
 }
 
 /// A running `modelpack mount`, stopped by PID (SIGTERM unmounts) when dropped.
-struct MountProcess {
-    child: std::process::Child,
-    dir: PathBuf,
+pub(crate) struct MountProcess {
+    pub(crate) child: std::process::Child,
+    pub(crate) dir: PathBuf,
 }
 
 impl MountProcess {
-    fn start(
+    pub(crate) fn start(
         bin: &Path,
         store: &Path,
         reference: &str,
@@ -663,7 +730,7 @@ fn mounted(dir: &Path) -> bool {
 }
 
 /// Reads a whole file in 1 MiB pieces; returns the time it took.
-fn read_all(path: &Path) -> anyhow::Result<std::time::Duration> {
+pub(crate) fn read_all(path: &Path) -> anyhow::Result<std::time::Duration> {
     use std::io::Read as _;
     let started = std::time::Instant::now();
     let mut file = fs::File::open(path)?;
@@ -696,6 +763,17 @@ fn bench_lazy(
     let mut cold = Vec::new();
     let mut warm = Vec::new();
     let mut passthrough = Vec::new();
+    // The machine's limit for the cold read: one ranged `curl` of the blob into a file.
+    let weight_url = blob_url(single_ref, &layer_digests(bin, single_ref)?[0]);
+    let curl_file = work.join("curl-ranged");
+    let ranged_curl = || {
+        let mut c = Command::new("curl");
+        c.args(["-s", "-f", "-H", "Range: bytes=0-", "-o"])
+            .arg(&curl_file)
+            .arg(&weight_url);
+        timed_once(&[&curl_file], c)
+    };
+    let mut curl = Vec::new();
     for run in 0..runs {
         let store = work.join(format!("mount-store-{run}"));
         let _ = fs::remove_dir_all(&store);
@@ -722,11 +800,18 @@ fn bench_lazy(
         one_mib.push(proxy.served() - before);
         drop(file);
         drop(mount);
-        // Cold: a fresh mount and cache, the whole weight in order.
+        // Cold: a fresh mount and cache, the whole weight in order; the ranged curl before it
+        // in odd runs, after it in even ones.
         let _ = fs::remove_dir_all(&store);
+        if run % 2 == 1 {
+            curl.push(ranged_curl()?);
+        }
         measure::sync();
         let mount = MountProcess::start(bin, &store, single_ref, &dir)?;
         cold.push(read_all(&dir.join(weight))?);
+        if run % 2 == 0 {
+            curl.push(ranged_curl()?);
+        }
         // Warm: once the mount reports the weight fully cached and the cold reader's handle
         // released, read it again (kernel passthrough when the mount offers it).
         wait_fully_local(&dir, weight)?;
@@ -759,6 +844,8 @@ fn bench_lazy(
     );
     one_mib.sort_unstable();
     let fetched = one_mib.get(one_mib.len() / 2).copied().unwrap_or(0);
+    let _ = fs::remove_file(&curl_file);
+    let curl = measure::median(&curl).wall;
     let pull = full_pull.wall.as_secs_f64();
     Ok(vec![
         Row {
@@ -787,6 +874,19 @@ fn bench_lazy(
             ratio: cold.as_secs_f64() / pull,
             target: "<= 1.3".into(),
             pass: cold.as_secs_f64() / pull <= 1.3,
+        },
+        Row {
+            what: format!(
+                "mount: cold sequential read of the {size_mib} MiB weight, against the machine's limit"
+            ),
+            ours: format!("{:.2} s", cold.as_secs_f64()),
+            theirs: format!(
+                "{:.2} s (ranged `curl -o file` of the blob, `Range: bytes=0-`)",
+                curl.as_secs_f64()
+            ),
+            ratio: cold.as_secs_f64() / curl.as_secs_f64(),
+            target: "-".into(),
+            pass: true,
         },
         Row {
             what: format!(
@@ -1065,24 +1165,35 @@ fn bench_containerd(size_mib: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
         println!("bench: not root, containerd rows skipped");
         return Ok(Vec::new());
     }
-    println!("bench: containerd, lazy vs full ({size_mib} MiB, {runs} runs)");
-    let t = crate::bench_containerd::run(&crate::e2e::Bins::of("release"), size_mib, runs)?;
-    let lazy = t.lazy.as_secs_f64();
-    let ratio = lazy / t.full.as_secs_f64();
-    Ok(vec![
-        Row {
+    let mut rows = Vec::new();
+    for version in crate::containerd::Version::ALL {
+        // The 1.6 rows keep their names (the table of record's history); 2.x says its version.
+        let name = match version {
+            crate::containerd::Version::V1_6 => "containerd".to_owned(),
+            other => format!("containerd {}.x", other.name()),
+        };
+        println!("bench: {name}, lazy vs full ({size_mib} MiB, {runs} runs)");
+        let t = crate::bench_containerd::run(
+            &crate::e2e::Bins::of("release"),
+            version,
+            size_mib,
+            runs,
+        )?;
+        let lazy = t.lazy.as_secs_f64();
+        let ratio = lazy / t.full.as_secs_f64();
+        rows.push(Row {
             what: format!(
-                "containerd: pull to a container reading config.json, {size_mib} MiB model (lazy vs `modelpack pull -o` + bind)"
+                "{name}: pull to a container reading config.json, {size_mib} MiB model (lazy vs `modelpack pull -o` + bind)"
             ),
             ours: format!("{lazy:.2} s"),
             theirs: format!("{:.2} s (full pull + bind)", t.full.as_secs_f64()),
             ratio,
             target: "<= 0.1".into(),
             pass: ratio <= 0.1,
-        },
-        Row {
+        });
+        rows.push(Row {
             what: format!(
-                "containerd: same, against `ctr content fetch` of the artifact ({size_mib} MiB)"
+                "{name}: same, against `ctr content fetch` of the artifact ({size_mib} MiB)"
             ),
             ours: format!("{lazy:.2} s"),
             theirs: format!(
@@ -1092,65 +1203,232 @@ fn bench_containerd(size_mib: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
             ratio: lazy / t.content_fetch.as_secs_f64(),
             target: "-".into(),
             pass: true,
-        },
-    ])
+        });
+        rows.push(Row {
+            what: format!(
+                "{name}: container reading config.json lazily vs the same container reading a local folder ({size_mib} MiB)"
+            ),
+            ours: format!("{lazy:.2} s"),
+            theirs: format!(
+                "{:.2} s (a local copy of the model, bind-mounted)",
+                t.local.as_secs_f64()
+            ),
+            ratio: lazy / t.local.as_secs_f64(),
+            target: "-".into(),
+            pass: true,
+        });
+    }
+    Ok(rows)
+}
+
+/// The parts `--only` can name.
+const ONLY: [&str; 5] = ["transfer", "small", "containerd", "mount", "headers"];
+
+/// What one run of the suite measures, and with what.
+struct Suite<'a> {
+    bin: &'a Path,
+    size_mib: u64,
+    runs: usize,
+    big_mib: u64,
+    /// The small-file model (generated once for every repeat) and its file count.
+    small: (&'a Path, usize),
+    only: Option<&'a str>,
+}
+
+/// Every row of one run of the suite (or of its `--only` part), working in `work`.
+fn run_suite(s: &Suite, work: &Path) -> anyhow::Result<Vec<Row>> {
+    let Suite {
+        bin,
+        size_mib,
+        runs,
+        big_mib,
+        ..
+    } = *s;
+    let mut rows = Vec::new();
+    if s.only.is_none() {
+        println!("bench: build ({size_mib} MiB, {runs} runs)");
+        rows.extend(bench_build(bin, &work.join("build"), size_mib, runs)?);
+        let _ = fs::remove_dir_all(work.join("build"));
+    }
+    if matches!(s.only, None | Some("transfer")) {
+        rows.extend(bench_transfer(
+            bin,
+            &work.join("transfer"),
+            size_mib,
+            runs,
+            big_mib,
+        )?);
+        let _ = fs::remove_dir_all(work.join("transfer"));
+    }
+    if matches!(s.only, None | Some("small")) {
+        let (model, files) = s.small;
+        rows.extend(crate::bench_small::bench(
+            bin,
+            &work.join("small"),
+            model,
+            files,
+            runs,
+        )?);
+        let _ = fs::remove_dir_all(work.join("small"));
+    }
+    match s.only {
+        None | Some("containerd") => rows.extend(bench_containerd(size_mib, runs)?),
+        Some(which @ ("mount" | "headers")) => rows.extend(bench_mount_only(
+            bin,
+            &work.join("mount"),
+            size_mib,
+            runs,
+            which == "mount",
+        )?),
+        Some(_) => {}
+    }
+    Ok(rows)
+}
+
+/// One row of the table of record: a row's runs over the repeats of the suite.
+struct Aggregate {
+    what: String,
+    ours: String,
+    theirs: String,
+    ratio: f64,
+    ratio_min: f64,
+    ratio_max: f64,
+    target: String,
+    /// Runs that met the target, of how many; `None` for a row without a target.
+    met: Option<(usize, usize)>,
+    pass: bool,
+}
+
+/// The leading number of a measured text ("1.16 s (28 MiB RSS)" is 1.16), to order the texts
+/// of one row's runs; text without one sorts first.
+fn leading_number(text: &str) -> f64 {
+    let end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    text[..end].parse().unwrap_or(f64::NEG_INFINITY)
+}
+
+/// The text whose leading number is the median of `texts` (the upper one of an even count, as
+/// [`measure::median`] takes).
+fn median_text(mut texts: Vec<&str>) -> &str {
+    texts.sort_by(|a, b| leading_number(a).total_cmp(&leading_number(b)));
+    texts.get(texts.len() / 2).copied().unwrap_or("-")
+}
+
+/// Runs of `n` that must meet a target for the row to count as met: two thirds, rounded up.
+fn needed(n: usize) -> usize {
+    (2 * n).div_ceil(3)
+}
+
+/// Groups the rows of every repeat by their `what` (the k-th row of a name in a repeat with the
+/// k-th of the others: the table has rows of one name against different comparisons), in the
+/// order they first appear. A row is met when its median-ratio run met the target and at least
+/// [`needed`] of its runs did.
+fn aggregate(repeats: &[Vec<Row>]) -> Vec<Aggregate> {
+    let mut keys: Vec<(String, usize)> = Vec::new();
+    let mut groups: Vec<Vec<&Row>> = Vec::new();
+    for rows in repeats {
+        let mut seen: Vec<&str> = Vec::new();
+        for r in rows {
+            let nth = seen.iter().filter(|w| **w == r.what).count();
+            seen.push(&r.what);
+            let key = (r.what.clone(), nth);
+            match keys.iter().position(|k| *k == key) {
+                Some(i) => groups[i].push(r),
+                None => {
+                    keys.push(key);
+                    groups.push(vec![r]);
+                }
+            }
+        }
+    }
+    groups
+        .into_iter()
+        .map(|runs| {
+            let mut by_ratio = runs.clone();
+            by_ratio.sort_by(|a, b| a.ratio.total_cmp(&b.ratio));
+            let median = by_ratio[by_ratio.len() / 2];
+            let n = runs.len();
+            let met_runs = runs.iter().filter(|r| r.pass).count();
+            let has_target = median.target != "-";
+            Aggregate {
+                what: median.what.clone(),
+                ours: median_text(runs.iter().map(|r| r.ours.as_str()).collect()).to_owned(),
+                theirs: median_text(runs.iter().map(|r| r.theirs.as_str()).collect()).to_owned(),
+                ratio: median.ratio,
+                ratio_min: by_ratio[0].ratio,
+                ratio_max: by_ratio[n - 1].ratio,
+                target: median.target.clone(),
+                met: has_target.then_some((met_runs, n)),
+                pass: median.pass && met_runs >= needed(n),
+            }
+        })
+        .collect()
+}
+
+/// The markdown table of `rows`.
+fn table(rows: &[Aggregate]) -> String {
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| what | modelpack (median) | comparison (median) | ratio median | ratio min-max | target | met (runs met / N) |"
+    );
+    let _ = writeln!(table, "|---|---|---|---|---|---|---|");
+    for r in rows {
+        let met = match r.met {
+            None => "-".to_owned(),
+            Some((m, n)) => format!("{} ({m}/{n})", if r.pass { "yes" } else { "**no**" }),
+        };
+        let _ = writeln!(
+            table,
+            "| {} | {} | {} | {:.2} | {:.2}-{:.2} | {} | {met} |",
+            r.what, r.ours, r.theirs, r.ratio, r.ratio_min, r.ratio_max, r.target
+        );
+    }
+    table
 }
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let size_mib: u64 = crate::flag_value(args, "--size-mib")?.unwrap_or(1024);
     let runs: usize = crate::flag_value(args, "--runs")?.unwrap_or(5);
     let big_mib: u64 = crate::flag_value(args, "--big-mib")?.unwrap_or(4096);
+    let repeat: usize = crate::flag_value(args, "--repeat")?.unwrap_or(1);
+    let small_files: usize =
+        crate::flag_value(args, "--small-files")?.unwrap_or(crate::bench_small::FILES);
+    anyhow::ensure!(
+        repeat >= 1 && runs >= 1,
+        "--repeat and --runs need at least 1"
+    );
+    // `--only transfer|small|containerd|mount|headers` runs just those rows and prints them
+    // (the table of record is not touched).
+    let only: Option<String> = crate::flag_value(args, "--only")?;
+    if let Some(other) = only.as_deref().filter(|o| !ONLY.contains(o)) {
+        anyhow::bail!("--only knows {}, not {other:?}", ONLY.join(", "));
+    }
     let (bin, work) = crate::release_build("bench")?;
     fs::create_dir_all(&work)?;
 
-    // `--only containerd|mount|headers` runs just those rows and prints them (the table of
-    // record is not touched).
-    let only: Option<String> = crate::flag_value(args, "--only")?;
-    let mut rows = Vec::new();
-    if only.is_none() {
-        println!("bench: build ({size_mib} MiB, {runs} runs)");
-        rows.extend(bench_build(&bin, &work.join("build"), size_mib, runs)?);
-        let _ = fs::remove_dir_all(work.join("build"));
-        rows.extend(bench_transfer(
-            &bin,
-            &work.join("transfer"),
-            size_mib,
-            runs,
-            big_mib,
-        )?);
+    let small_model = work.join("small-model");
+    if matches!(only.as_deref(), None | Some("small")) {
+        crate::bench_small::make_model(&small_model, small_files)?;
     }
-    match only.as_deref() {
-        None | Some("containerd") => rows.extend(bench_containerd(size_mib, runs)?),
-        Some(which @ ("mount" | "headers")) => rows.extend(bench_mount_only(
-            &bin,
-            &work.join("mount"),
-            size_mib,
-            runs,
-            which == "mount",
-        )?),
-        Some(other) => {
-            anyhow::bail!("--only knows containerd, mount and headers, not {other:?}")
-        }
+    let suite = Suite {
+        bin: &bin,
+        size_mib,
+        runs,
+        big_mib,
+        small: (&small_model, small_files),
+        only: only.as_deref(),
+    };
+    let mut repeats = Vec::new();
+    for k in 0..repeat {
+        println!("bench: suite run {} of {repeat}", k + 1);
+        let dir = work.join(format!("repeat-{k}"));
+        repeats.push(run_suite(&suite, &dir)?);
+        let _ = fs::remove_dir_all(&dir);
     }
 
-    let mut table = String::new();
-    let _ = writeln!(
-        table,
-        "| what | modelpack | comparison | ratio | target | met |"
-    );
-    let _ = writeln!(table, "|---|---|---|---|---|---|");
-    for r in &rows {
-        let _ = writeln!(
-            table,
-            "| {} | {} | {} | {:.2} | {} | {} |",
-            r.what,
-            r.ours,
-            r.theirs,
-            r.ratio,
-            r.target,
-            if r.pass { "yes" } else { "**no**" }
-        );
-    }
+    let table = table(&aggregate(&repeats));
     print!("{table}");
     let machine = format!(
         "{} cores, kernel {}",
@@ -1160,9 +1438,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             .trim()
     );
     let doc = format!(
-        "# Benchmarks\n\nWritten by `cargo xtask bench` (do not edit by hand). Medians of {runs} runs, \
-our command and the comparison alternating in one run, page cache warm for both, `sync` between runs. \
-Ratio = modelpack / comparison (for memory: peak RSS / target).\n\nMachine: {machine}.\n\n{table}"
+        "# Benchmarks\n\nWritten by `cargo xtask bench --repeat {repeat}` (do not edit by hand). The whole suite ran \
+{repeat} times; in each, every row is the median of {runs} runs, our command and the comparison alternating, \
+page cache warm for both, `sync` between runs. Ratio = modelpack / comparison (for memory: peak RSS / target). \
+Per row: the median of the {repeat} suite runs (times and ratio), the range of their ratios, and met = the \
+median-ratio run met the target and at least {needed} of the {repeat} runs did. Rows \"against the machine's \
+limit\" compare with plain tools moving the same bytes.\n\nMachine: {machine}.\n\n{table}",
+        needed = needed(repeat)
     );
     if only.is_some() {
         return Ok(());
@@ -1173,4 +1455,70 @@ Ratio = modelpack / comparison (for memory: peak RSS / target).\n\nMachine: {mac
     println!("bench: wrote {}", path.display());
     let _ = fs::remove_dir_all(&work);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(what: &str, ours: &str, ratio: f64, target: &str) -> Row {
+        Row {
+            what: what.into(),
+            ours: ours.into(),
+            theirs: format!("{:.2} s (x)", 1.0 / ratio),
+            ratio,
+            target: target.into(),
+            pass: target == "-" || ratio <= 0.5,
+        }
+    }
+
+    #[test]
+    fn aggregates_by_name_and_occurrence() {
+        let repeats = vec![
+            vec![
+                r("a", "1.00 s", 0.4, "<= 0.5"),
+                r("a", "9.00 s", 0.9, "-"),
+                r("b", "2.00 s", 0.6, "<= 0.5"),
+            ],
+            vec![
+                r("a", "3.00 s", 0.45, "<= 0.5"),
+                r("a", "8.00 s", 0.8, "-"),
+                r("b", "2.50 s", 0.3, "<= 0.5"),
+            ],
+            vec![
+                r("a", "2.00 s", 0.7, "<= 0.5"),
+                r("a", "7.00 s", 0.7, "-"),
+                r("b", "1.50 s", 0.2, "<= 0.5"),
+            ],
+        ];
+        let rows = aggregate(&repeats);
+        assert_eq!(rows.len(), 3);
+        let a = &rows[0];
+        assert_eq!((a.ratio, a.ratio_min, a.ratio_max), (0.45, 0.4, 0.7));
+        assert_eq!(a.ours, "2.00 s");
+        assert_eq!(a.met, Some((2, 3)));
+        assert!(a.pass);
+        assert_eq!(rows[1].met, None);
+        assert_eq!(rows[1].ours, "8.00 s");
+        // b: median 0.3 meets, and 2 of 3 runs did.
+        assert!(rows[2].pass);
+        assert_eq!(rows[2].met, Some((2, 3)));
+        let t = table(&rows);
+        assert!(t.contains("| a | 2.00 s | 2.22 s (x) | 0.45 | 0.40-0.70 | <= 0.5 | yes (2/3) |"));
+        assert!(t.contains("| 0.70-0.90 | - | - |"));
+    }
+
+    #[test]
+    fn met_needs_the_median_and_two_thirds() {
+        assert_eq!((needed(1), needed(2), needed(3), needed(5)), (1, 2, 2, 4));
+        // Median passes but only 1 of 3 runs: not met.
+        let repeats: Vec<Vec<Row>> = [0.4, 0.6, 0.7]
+            .iter()
+            .map(|&x| vec![r("c", "1 s", x, "<= 0.5")])
+            .collect();
+        assert!(!aggregate(&repeats)[0].pass);
+        let one = aggregate(&[vec![r("c", "1 s", 0.4, "<= 0.5")]]);
+        assert!(one[0].pass);
+        assert_eq!(one[0].met, Some((1, 1)));
+    }
 }

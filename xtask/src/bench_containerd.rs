@@ -1,7 +1,9 @@
 //! The containerd rows of `cargo xtask bench`: time from `modelpack containerd pull` to a
 //! container having read the model's `config.json` (lazy), against a full `modelpack pull -o`
-//! then a bind mount, and against `ctr content fetch` of the artifact. Same registry, same
-//! model, alternating, medians.
+//! then a bind mount, against `ctr content fetch` of the artifact, and against the same container
+//! reading a local copy of the model (the floor: no registry at all). Same registry, same model,
+//! alternating, medians; once per containerd version (1.6 and 2.x, each configured as
+//! docs/containerd.md shows).
 
 use std::fs;
 use std::path::Path;
@@ -9,13 +11,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 
+use crate::containerd::Version;
 use crate::e2e::{Bins, Rig};
 
-/// (lazy, full pull + bind, ctr content fetch) medians.
+/// (lazy, full pull + bind, ctr content fetch, local folder) medians.
 pub struct Times {
     pub lazy: Duration,
     pub full: Duration,
     pub content_fetch: Duration,
+    pub local: Duration,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -56,15 +60,15 @@ fn read_config_in_container(
     read_at.ok_or_else(|| anyhow::anyhow!("the container did not print config.json"))
 }
 
-/// Runs the comparison on a model whose weight is `size_mib`.
-pub fn run(bins: &Bins, size_mib: u64, runs: usize) -> anyhow::Result<Times> {
-    let mut rig = Rig::start(bins)?;
+/// Runs the comparison on containerd `version` with a model whose weight is `size_mib`.
+pub fn run(bins: &Bins, version: Version, size_mib: u64, runs: usize) -> anyhow::Result<Times> {
+    let mut rig = Rig::start_on(bins, version)?;
     let image = rig.busybox()?;
     let model = rig.path("model");
     crate::e2e::make_model(&model, size_mib)?;
     let reference = format!("{}/bench/model:v1", rig.registry.host());
     rig.build_and_push(&model, &reference)?;
-    fs::remove_dir_all(&model)?;
+    // The model stays as the local folder the last comparison binds.
     let manifest = rig.modelpack(&["manifest", "fetch", "--plain-http", &reference])?;
     let manifest: serde_json::Value = serde_json::from_str(&manifest)?;
     let mut blobs: Vec<String> = manifest["layers"]
@@ -83,7 +87,8 @@ pub fn run(bins: &Bins, size_mib: u64, runs: usize) -> anyhow::Result<Times> {
     );
     let view = rig.path("view");
     let full = rig.path("full");
-    let (mut lazy_t, mut full_t, mut fetch_t) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut lazy_t, mut full_t, mut fetch_t, mut local_t) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
         // Lazy: pull into containerd, mount the view, a container reads config.json.
         crate::measure::sync();
@@ -129,6 +134,14 @@ pub fn run(bins: &Bins, size_mib: u64, runs: usize) -> anyhow::Result<Times> {
         );
         fs::remove_dir_all(&full)?;
 
+        // The same container reading the local copy of the model: no registry, no pull.
+        crate::measure::sync();
+        let started = Instant::now();
+        let read =
+            read_config_in_container(&rig, &image, &format!("bench-local-{run}"), &model, started)?;
+        local_t.push(read);
+        println!("   local run {run}: config.json read in a container {read:.2?}");
+
         // containerd's own fetch of the artifact's blobs (no container).
         crate::measure::sync();
         let started = Instant::now();
@@ -147,5 +160,6 @@ pub fn run(bins: &Bins, size_mib: u64, runs: usize) -> anyhow::Result<Times> {
         lazy: median(lazy_t),
         full: median(full_t),
         content_fetch: median(fetch_t),
+        local: median(local_t),
     })
 }

@@ -1,7 +1,9 @@
-//! A private containerd 1.6 (own root, state and socket; CRI off) wired to a
-//! `modelpack-snapshotter` through `[proxy_plugins.modelpack]`, plus a busybox image built from
-//! Debian's `busybox-static` (no internet, no Docker). Everything is stopped by PID and every
-//! mount under the scratch folders is detached when dropped, also when a check fails.
+//! A private containerd, 1.6 (the system's, `/usr/bin`) or 2.x (Debian sid's, unpacked under
+//! `target/containerd2`), with its own root, state and socket and CRI off, wired to a
+//! `modelpack-snapshotter` by the config snippet docs/containerd.md shows for that version; plus
+//! a busybox image built from Debian's `busybox-static` (no internet, no Docker). Everything is
+//! stopped by PID and every mount under the scratch folders is detached when dropped, also when a
+//! check fails.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -117,6 +119,20 @@ impl Snapshotter {
         }
     }
 
+    /// Stops it with SIGTERM, as `systemctl stop` would, and waits for it to exit.
+    pub fn terminate(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, Duration::from_secs(30));
+        }
+        Ok(())
+    }
+
+    /// Starts it (again, after [`Snapshotter::kill9`] or [`Snapshotter::terminate`]).
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
     /// Starts it again on the same root and socket.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9();
@@ -168,59 +184,212 @@ impl Drop for Snapshotter {
             stop_child(&mut child, Duration::from_secs(10));
         }
         detach_all(&self.root);
+        // The FUSE holder it started (it would exit by itself once the mounts are gone).
+        if let Some(pid) = fs::read_to_string(self.root.join("fuse-holder.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            // Still the holder of this root (not a PID reused since it exited).
+            && fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c).contains(&*self.root.to_string_lossy())
+            })
+        {
+            let _ = signal_pid(pid, Signal::KILL);
+        }
     }
+}
+
+/// The containerd versions the checks run against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// Debian 12's containerd 1.6 in `/usr/bin` (config `version = 2`).
+    V1_6,
+    /// Debian sid's containerd 2.x, unpacked under `target/containerd2` (config `version = 3`).
+    V2,
+}
+
+/// The snapshotter socket and root the doc snippets name (the packaged defaults); the checks
+/// put their private ones in their place.
+const DOC_SOCKET: &str = "/run/modelpack-snapshotter/modelpack-snapshotter.sock";
+const DOC_ROOT: &str = "/var/lib/modelpack-snapshotter";
+
+impl Version {
+    pub const ALL: [Version; 2] = [Version::V1_6, Version::V2];
+
+    /// The name `--containerd` takes and the reports print.
+    pub fn name(self) -> &'static str {
+        match self {
+            Version::V1_6 => "1.6",
+            Version::V2 => "2",
+        }
+    }
+
+    /// `1.6`, `2` or `all`.
+    pub fn parse_list(s: &str) -> Option<Vec<Version>> {
+        match s {
+            "1.6" => Some(vec![Version::V1_6]),
+            "2" => Some(vec![Version::V2]),
+            "all" => Some(Version::ALL.to_vec()),
+            _ => None,
+        }
+    }
+
+    /// The folder holding this version's `containerd`, `ctr` and shim (fetched when missing).
+    pub fn bin_dir(self) -> anyhow::Result<PathBuf> {
+        match self {
+            Version::V1_6 => Ok(PathBuf::from("/usr/bin")),
+            Version::V2 => crate::containerd2::ensure(),
+        }
+    }
+
+    /// The marker in docs/containerd.md that precedes this version's tested config block.
+    pub fn doc_marker(self) -> &'static str {
+        match self {
+            Version::V1_6 => "<!-- tested: cargo xtask e2e --containerd 1.6 -->",
+            Version::V2 => "<!-- tested: cargo xtask e2e --containerd 2 -->",
+        }
+    }
+
+    /// The config snippet docs/containerd.md shows for this version, exactly.
+    pub fn doc_snippet(self) -> anyhow::Result<String> {
+        let path = crate::root().join("docs/containerd.md");
+        let doc = fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        fenced_block_after(&doc, self.doc_marker()).with_context(|| {
+            format!(
+                "docs/containerd.md has no ```toml block after {}",
+                self.doc_marker()
+            )
+        })
+    }
+
+    /// The config of a private containerd: the doc's snippet with our snapshotter's socket and
+    /// root in place of the defaults, then its own root, state and sockets, CRI off.
+    pub fn config(
+        self,
+        dir: &Path,
+        socket: &Path,
+        snapshotter_socket: &Path,
+        snapshotter_root: &Path,
+    ) -> anyhow::Result<String> {
+        let snippet = self.doc_snippet()?;
+        if !snippet.contains(DOC_SOCKET) {
+            bail!(
+                "the docs/containerd.md snippet for containerd {} does not name {DOC_SOCKET}",
+                self.name()
+            );
+        }
+        let snippet = snippet
+            .replace(DOC_SOCKET, &snapshotter_socket.display().to_string())
+            .replace(DOC_ROOT, &snapshotter_root.display().to_string());
+        // Top-level keys first (TOML puts keys after a table header into that table).
+        Ok(format!(
+            "root = \"{root}\"\n\
+             state = \"{state}\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             {snippet}\n\
+             [grpc]\n  address = \"{socket}\"\n\
+             [ttrpc]\n  address = \"{socket}.ttrpc\"\n",
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            socket = socket.display(),
+        ))
+    }
+}
+
+/// The body of the first ```toml block after the line holding `marker`.
+fn fenced_block_after(doc: &str, marker: &str) -> Option<String> {
+    let mut lines = doc.lines().skip_while(|l| !l.contains(marker)).skip(1);
+    lines
+        .find(|l| !l.trim().is_empty())
+        .filter(|l| l.trim() == "```toml")?;
+    let mut body = String::new();
+    for line in lines {
+        if line.trim() == "```" {
+            return Some(body);
+        }
+        body.push_str(line);
+        body.push('\n');
+    }
+    None
 }
 
 /// A private containerd.
 pub struct Containerd {
+    pub version: Version,
     pub socket: PathBuf,
     pub dir: PathBuf,
     pub log: PathBuf,
+    /// This version's `ctr`.
+    ctr: PathBuf,
     child: Child,
 }
 
 impl Containerd {
-    /// Starts containerd with everything under `dir` and our snapshotter at `snapshotter`.
-    pub fn start(dir: &Path, snapshotter: &Path) -> anyhow::Result<Containerd> {
+    /// Starts containerd `version` with everything under `dir`, wired to `snapshotter`.
+    pub fn start(
+        version: Version,
+        dir: &Path,
+        snapshotter: &Snapshotter,
+    ) -> anyhow::Result<Containerd> {
+        let bin_dir = version.bin_dir()?;
         fs::create_dir_all(dir)?;
         let socket = dir.join("containerd.sock");
-        let config = format!(
-            "version = 2\n\
-             root = \"{root}\"\n\
-             state = \"{state}\"\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = \"{socket}\"\n\
-             [ttrpc]\n  address = \"{socket}.ttrpc\"\n\
-             [proxy_plugins.{SNAPSHOTTER}]\n  type = \"snapshot\"\n  address = \"{snap}\"\n",
-            root = dir.join("root").display(),
-            state = dir.join("state").display(),
-            socket = socket.display(),
-            snap = snapshotter.display(),
-        );
         let config_path = dir.join("config.toml");
-        fs::write(&config_path, config)?;
+        fs::write(
+            &config_path,
+            version.config(dir, &socket, &snapshotter.socket, &snapshotter.root)?,
+        )?;
         let log = dir.join("containerd.log");
         let out = fs::File::create(&log)?;
-        let child = Command::new("containerd")
+        // containerd finds `containerd-shim-runc-v2` on PATH: its own version's first (runc
+        // stays the system's, in /usr/sbin).
+        let path =
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+        let mut dirs = vec![bin_dir.clone()];
+        dirs.extend(std::env::split_paths(&path));
+        let child = Command::new(bin_dir.join("containerd"))
             .arg("--config")
             .arg(&config_path)
+            .env("PATH", std::env::join_paths(dirs)?)
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
-            .context("cannot start containerd (cargo xtask setup installs it)")?;
+            .with_context(|| {
+                format!(
+                    "cannot start {} (cargo xtask setup installs it)",
+                    bin_dir.join("containerd").display()
+                )
+            })?;
         let c = Containerd {
+            version,
             socket,
             dir: dir.to_owned(),
             log,
+            ctr: bin_dir.join("ctr"),
             child,
         };
         wait_for_socket(&c.socket, "containerd", &c.log)?;
         Ok(c)
     }
 
+    /// `containerd --version` of this instance's binary, e.g. `v1.6.20~ds1` or `2.1.9+unknown`.
+    pub fn version_text(&self) -> String {
+        let bin = self.ctr.with_file_name("containerd");
+        Command::new(bin)
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .nth(2)
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| self.version.name().to_owned())
+    }
+
     /// `ctr` against this containerd, in [`NAMESPACE`].
     pub fn ctr(&self) -> Command {
-        let mut c = Command::new("ctr");
+        let mut c = Command::new(&self.ctr);
         c.arg("-a").arg(&self.socket).arg("-n").arg(NAMESPACE);
         c
     }
@@ -423,4 +592,61 @@ pub fn push_busybox(layout: &Path, registry: &str, name: &str) -> anyhow::Result
         );
     }
     Ok(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The doc's snippets are what the checks run: each is there, and the config built from it
+    /// is TOML naming our snapshotter (and, for 2.x, the transfer service's unpack entry).
+    #[test]
+    fn doc_snippets_make_the_configs() {
+        for version in Version::ALL {
+            let text = version
+                .config(
+                    Path::new("/x/ctd"),
+                    Path::new("/x/ctd.sock"),
+                    Path::new("/x/snap.sock"),
+                    Path::new("/x/snap"),
+                )
+                .expect("the doc has the snippet");
+            let config: toml::Table = toml::from_str(&text).expect("the config is TOML");
+            let plugin = &config["proxy_plugins"][SNAPSHOTTER];
+            assert_eq!(plugin["type"].as_str(), Some("snapshot"), "{text}");
+            assert_eq!(plugin["address"].as_str(), Some("/x/snap.sock"), "{text}");
+            assert_eq!(config["grpc"]["address"].as_str(), Some("/x/ctd.sock"));
+            assert_eq!(config["root"].as_str(), Some("/x/ctd/root"));
+            match version {
+                Version::V1_6 => assert_eq!(config["version"].as_integer(), Some(2)),
+                Version::V2 => {
+                    assert_eq!(config["version"].as_integer(), Some(3));
+                    assert_eq!(plugin["exports"]["root"].as_str(), Some("/x/snap"));
+                    let unpack =
+                        config["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"]
+                            .as_array()
+                            .expect("unpack_config is an array");
+                    assert!(
+                        unpack
+                            .iter()
+                            .any(|u| u["snapshotter"].as_str() == Some(SNAPSHOTTER)),
+                        "{text}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn finds_the_block_after_its_marker() {
+        let doc = "a\n<!-- m -->\n\n```toml\nx = 1\n```\n```toml\ny = 2\n```\n";
+        assert_eq!(
+            fenced_block_after(doc, "<!-- m -->").as_deref(),
+            Some("x = 1\n")
+        );
+        assert_eq!(
+            fenced_block_after("<!-- m -->\ntext\n```toml\n```\n", "<!-- m -->"),
+            None
+        );
+    }
 }

@@ -2,16 +2,21 @@
 //!
 //! - `setup`: install the Debian packages the project needs (idempotent);
 //! - `test`: setup, formatting, clippy, every test (unit, conformance, end-to-end, e2e);
-//! - `e2e`: the containerd checks against a private containerd, registry and snapshotter;
+//! - `e2e`: the containerd checks against a private containerd (1.6 and 2.x), registry and
+//!   snapshotter;
 //! - `fuzz`: the cargo-fuzz targets, a fixed time each;
 //! - `bench`: our commands and their comparisons side by side, written to docs/benchmarks.md;
 //! - `demo`: the main job end to end on a generated sample model.
 
 mod bench;
 mod bench_containerd;
+mod bench_small;
 mod containerd;
+mod containerd2;
 mod demo;
 mod e2e;
+mod e2e_csi;
+mod e2e_restart;
 mod fuzz;
 mod measure;
 mod services;
@@ -27,12 +32,19 @@ use anyhow::bail;
 const USAGE: &str = "usage: cargo xtask <setup|test|e2e|fuzz|bench|demo> [options]
 
   setup            install the Debian packages the project needs (as root; idempotent)
-  test             setup, fmt check, clippy, and every test (e2e included, as root)
-  e2e              the containerd checks: own containerd, registry, snapshotter, runc (root)
+  test [--containerd 1.6|2|all]
+                   setup, fmt check, clippy, and every test (e2e included, as root)
+  e2e [--containerd 1.6|2|all] [--no-build]
+                   the containerd checks: own containerd, registry, snapshotter, runc (root),
+                   on containerd 1.6 (Debian 12), 2.x (Debian sid, fetched into
+                   target/containerd2) or both (default); --no-build: with the
+                   debug binaries already built
   fuzz [--time SECS]
                    every cargo-fuzz target for SECS seconds (default 60)
-  bench [--size-mib N] [--runs N] [--big-mib N] [--only containerd]
-                   run the benchmarks and write docs/benchmarks.md
+  bench [--size-mib N] [--runs N] [--big-mib N] [--repeat N] [--small-files N]
+        [--only transfer|small|containerd|mount|headers]
+                   run the benchmarks and write docs/benchmarks.md (the table of record
+                   comes from --repeat 3); --only: those rows, printed, not written
   demo             build, inspect, extract and verify a sample model";
 
 fn main() -> anyhow::Result<()> {

@@ -1,4 +1,5 @@
-//! `cargo xtask setup`: install the Debian packages the project needs, only when missing.
+//! `cargo xtask setup`: install the Debian packages the project needs, only when missing, and
+//! fetch containerd 2.x into `target/containerd2` for the containerd checks.
 
 use anyhow::{Context as _, bail};
 use xshell::{Shell, cmd};
@@ -59,7 +60,12 @@ fn oras_py(sh: &Shell) -> anyhow::Result<()> {
 pub fn run() -> anyhow::Result<()> {
     let sh = Shell::new()?;
     install_packages(&sh)?;
-    oras_py(&sh)
+    oras_py(&sh)?;
+    // containerd 2.x for the containerd checks (not a system package: unpacked privately).
+    if is_root() {
+        crate::containerd2::ensure()?;
+    }
+    Ok(())
 }
 
 fn install_packages(sh: &Shell) -> anyhow::Result<()> {

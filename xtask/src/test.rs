@@ -2,7 +2,9 @@
 
 use xshell::{Shell, cmd};
 
-pub fn run(_args: &[String]) -> anyhow::Result<()> {
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    // `--containerd 1.6|2|all` as for `cargo xtask e2e`; both versions unless told.
+    let versions = crate::e2e::versions(args)?;
     crate::setup::run()?;
     let sh = Shell::new()?;
     sh.change_dir(crate::root());
@@ -23,10 +25,11 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
             crate::setup::oras_venv().join("bin/python"),
         )
         .run()?;
-    // The containerd checks (they need root: containerd, mounts, runc; CI runs as root).
+    // The containerd checks on 1.6 and 2.x (they need root: containerd, mounts, runc; CI runs
+    // as root).
     let root = modelpack_testkit::sys::is_root();
     if root {
-        crate::e2e::check(&crate::e2e::Bins::of("debug"))?;
+        crate::e2e::check(&crate::e2e::Bins::of("debug"), &versions)?;
     } else if std::env::var_os("CI").is_some() {
         anyhow::bail!("CI must run cargo xtask test as root: the containerd checks need it");
     } else {

@@ -148,6 +148,16 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "modelpack-proto",
         ],
     ),
+    (
+        "modelpack-csi",
+        &[
+            "modelpack-spec",
+            "modelpack-store",
+            "modelpack-registry",
+            "modelpack-transfer",
+            "modelpack-lazyfs",
+        ],
+    ),
     ("modelpack-testkit", &[]),
     ("modelpack-e2e", &[]),
     ("xtask", &["modelpack-testkit"]),

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +25,7 @@ use crate::background::Background;
 use crate::blob::{BlobContext, LazyBlob};
 use crate::cache::CacheBudget;
 use crate::error::Error;
+use crate::handover::{Handover, SessionState};
 use crate::layer::{DeferredLayer, Frames, LazyFile, TarReader};
 use crate::readahead::{self, Ahead, Stream};
 use crate::tree::{Attrs, Content, Kind, ROOT, Tree, time};
@@ -41,6 +43,11 @@ const FH_PASSTHROUGH_PINNED: u64 = 3;
 pub struct MountedModel {
     session: Option<fuser::BackgroundSession>,
     fs: ModelFs,
+    /// A duplicate of the connection's `/dev/fuse` descriptor and its state, for a
+    /// [`crate::Holder`] to keep across a restart.
+    connection: Option<(OwnedFd, SessionState)>,
+    /// Where an adopted connection is mounted: fuser did not mount it, so it cannot unmount it.
+    adopted_at: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for MountedModel {
@@ -91,12 +98,40 @@ impl MountedModel {
             self.fs.tasks.shutdown().await;
             return Ok(());
         };
+        if let Some(dir) = self.adopted_at.take() {
+            // The session ends once the kernel ends the connection, at unmount.
+            match rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::empty()) {
+                Ok(()) | Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => {}
+                Err(e) => {
+                    self.session = Some(session);
+                    self.adopted_at = Some(dir);
+                    return Err(e.into());
+                }
+            }
+        }
         let result = tokio::task::spawn_blocking(move || end_session(session))
             .await
             .map_err(std::io::Error::other);
         self.fs.tasks.shutdown().await;
         self.fs.release_pins();
         result?
+    }
+
+    /// The connection's `/dev/fuse` descriptor and what its INIT negotiated: what a
+    /// [`crate::Holder`] keeps so that a successor can adopt the mount
+    /// ([`crate::MountOptions::adopt`]).
+    pub fn connection(&self) -> Option<(BorrowedFd<'_>, SessionState)> {
+        self.connection
+            .as_ref()
+            .map(|(fd, state)| (fd.as_fd(), *state))
+    }
+
+    /// Abandons the mount without unmounting, for a successor to adopt its connection from a
+    /// [`crate::Holder`]; only right before the process exits. Nothing of it is dropped: a
+    /// dropped session unmounts, and a dropped read in flight answers EIO. Requests in flight
+    /// stay unanswered, and the successor has the kernel send them again.
+    pub fn leave(self) {
+        std::mem::forget(self);
     }
 
     /// Serves until `shutdown` completes (then unmounts) or something else unmounts it.
@@ -168,6 +203,9 @@ struct ModelFs {
     tasks: Background,
     /// The cache folder's accountant (for the status).
     cache: Arc<CacheBudget>,
+    /// What the kernel offered at INIT (ABI minor, capabilities, largest readahead): recorded
+    /// so that a successor can adopt the connection.
+    offered: Arc<Mutex<Option<(u32, u64, u32)>>>,
 }
 
 impl ModelFs {
@@ -411,6 +449,14 @@ fn read_local(path: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
 
 impl Filesystem for ModelFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let max_readahead = config.set_max_readahead(u32::MAX).err().unwrap_or(u32::MAX);
+        if let Ok(mut offered) = self.offered.lock() {
+            *offered = Some((
+                config.kernel_abi().1,
+                config.capabilities().bits(),
+                max_readahead,
+            ));
+        }
         // readdirplus always: `ls -l` costs one round trip per folder.
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         let _ = config
@@ -947,13 +993,43 @@ pub async fn resolve(
     resolve_counted(repo, reference, store, &TransferOptions::new(4)).await
 }
 
+/// The manifest `reference` names: a manifest named by digest is immutable, so a copy kept in
+/// `store` serves (a remount or an adoption while the registry is away); one fetched by digest
+/// is kept there.
+async fn kept_manifest(
+    repo: &Repository,
+    reference: &str,
+    store: &modelpack_store::Store,
+) -> Result<(modelpack_registry::FetchedManifest, ModelManifest), Error> {
+    let digest = reference.parse::<Digest>().ok();
+    if let Some(digest) = &digest
+        && store.has_blob(digest)
+        && let Ok(bytes) = store.read_blob(digest, modelpack_spec::MAX_DOCUMENT_SIZE as u64)
+        && let Ok(manifest) = ModelManifest::from_slice(&bytes)
+    {
+        let fetched = modelpack_registry::FetchedManifest {
+            bytes: bytes.into(),
+            media_type: modelpack_spec::media_type::MEDIA_TYPE_OCI_MANIFEST.to_owned(),
+            digest: digest.clone(),
+        };
+        return Ok((fetched, manifest));
+    }
+    let (fetched, manifest) = crate::index::model_manifest(repo, reference).await?;
+    if digest.is_some()
+        && let Err(e) = store.put_bytes(&fetched.bytes)
+    {
+        tracing::debug!(error = %e, "the manifest is not kept in the store");
+    }
+    Ok((fetched, manifest))
+}
+
 async fn resolve_counted(
     repo: &Repository,
     reference: &str,
     store: &modelpack_store::Store,
     transfer: &TransferOptions,
 ) -> Result<Resolved, Error> {
-    let (fetched, manifest) = crate::index::model_manifest(repo, reference).await?;
+    let (fetched, manifest) = kept_manifest(repo, reference, store).await?;
     let annotations = manifest
         .manifest()
         .annotations()
@@ -1458,6 +1534,7 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Error
         opens: Arc::new(Mutex::new(HashMap::new())),
         tasks,
         cache,
+        offered: Arc::new(Mutex::new(None)),
     };
     serve(fs, dir, &opts).await
 }
@@ -1478,22 +1555,25 @@ async fn serve(fs: ModelFs, dir: &Path, opts: &MountOptions) -> Result<MountedMo
         config.acl = fuser::SessionACL::All;
     }
     // Mounting runs the INIT handshake before it returns: off the async workers.
-    let session = {
+    let started = {
         let fs = fs.clone();
         let dir = dir.to_owned();
-        tokio::task::spawn_blocking(move || fuser::spawn_mount(fs, &dir, &config)).await
+        let adopt = opts.adopt.clone();
+        tokio::task::spawn_blocking(move || start_session(fs, &dir, config, adopt.as_deref())).await
     };
     let mount_error = |source| Error::Mount {
         path: dir.to_owned(),
         source,
     };
-    let session = session
+    let (session, connection) = started
         .map_err(|e| mount_error(std::io::Error::other(e)))?
         .map_err(mount_error)?;
-    // Off the async workers: a stat of the mount point waits for the FUSE INIT reply, which the
-    // session task just spawned (possibly onto this very worker) has to send.
-    let mount_point = dir.to_owned();
-    let _ = tokio::task::spawn_blocking(move || raise_readahead(&mount_point)).await;
+    if opts.adopt.is_none() {
+        // Off the async workers: a stat of the mount point waits for the FUSE INIT reply,
+        // which the session thread just started has to send.
+        let mount_point = dir.to_owned();
+        let _ = tokio::task::spawn_blocking(move || raise_readahead(&mount_point)).await;
+    }
     // Smallest first (configs and tokenizers before weights), one run of chunks at a time: one
     // connection in the background, so on-demand reads keep the rest of the link.
     let mut order: Vec<Arc<LazyBlob>> = fs
@@ -1538,7 +1618,65 @@ async fn serve(fs: ModelFs, dir: &Path, opts: &MountOptions) -> Result<MountedMo
     Ok(MountedModel {
         session: Some(session),
         fs,
+        connection,
+        adopted_at: opts.adopt.as_ref().map(|_| dir.to_owned()),
     })
+}
+
+/// Starts the FUSE session of `fs` at `dir`: a new mount, or the connection `adopt` hands over
+/// (which must be the one mounted at `dir`). Returns it with a duplicate of its descriptor and
+/// state, for a holder to keep (none when the state cannot be told).
+fn start_session(
+    fs: ModelFs,
+    dir: &Path,
+    config: fuser::Config,
+    adopt: Option<&Handover>,
+) -> std::io::Result<(fuser::BackgroundSession, Option<(OwnedFd, SessionState)>)> {
+    let offered = fs.offered.clone();
+    let session = match adopt {
+        Some(handover) => {
+            let mounted = std::path::absolute(dir)
+                .ok()
+                .and_then(|d| crate::mountinfo::at(&d));
+            let serves_it = mounted
+                .as_ref()
+                .is_some_and(|m| m.dev == handover.state.dev && m.fs_type.starts_with("fuse"));
+            if !serves_it {
+                return Err(std::io::Error::other(format!(
+                    "the connection to adopt is not the one mounted at {} (found {:?})",
+                    dir.display(),
+                    mounted.map(|m| (m.dev, m.fs_type))
+                )));
+            }
+            crate::handover::adopt(fs, handover, config)?
+        }
+        None => fuser::Session::new(fs, dir, &config)?,
+    };
+    let fd = session.as_fd().try_clone_to_owned()?;
+    let session = session.spawn()?;
+    if adopt.is_some()
+        && let Err(e) = crate::handover::resend_unanswered(fd.as_fd())
+    {
+        tracing::warn!(error = %e, "the kernel cannot resend unanswered FUSE requests (Linux < 6.9?); reads the previous server took may hang");
+    }
+    let state = offered
+        .lock()
+        .ok()
+        .and_then(|o| *o)
+        .zip(
+            std::path::absolute(dir)
+                .ok()
+                .and_then(|d| crate::mountinfo::at(&d)),
+        )
+        .map(
+            |((abi_minor, capabilities, max_readahead), m)| SessionState {
+                dev: m.dev,
+                abi_minor,
+                capabilities,
+                max_readahead,
+            },
+        );
+    Ok((session, state.map(|s| (fd, s))))
 }
 
 /// Where the tar planner reads layers from during a mount: lazily read layers through their

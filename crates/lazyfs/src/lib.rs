@@ -28,8 +28,10 @@ mod blob;
 mod cache;
 mod error;
 mod fs;
+mod handover;
 mod index;
 mod layer;
+pub mod mountinfo;
 mod readahead;
 mod tree;
 
@@ -43,6 +45,10 @@ use modelpack_store::Store;
 pub use cache::{CacheBudget, CacheStats, GcReport};
 pub use error::{Error, MountError};
 pub use fs::{MountedModel, Resolved, mount, resolve};
+pub use handover::{
+    HOLDER_IDLE_EXIT, Handover, HandoverError, Held, Holder, HolderProcess, SessionState,
+    serve_holder,
+};
 pub use index::create_index;
 
 /// What to do when an artifact has no chunk-digest index.
@@ -90,6 +96,10 @@ pub struct MountOptions {
     /// The artifact already resolved (see [`resolve`]): the mount then fetches neither the
     /// manifest nor the index. `reference` must name the same manifest.
     pub resolved: Option<std::sync::Arc<Resolved>>,
+    /// Adopt this FUSE connection, already mounted at the folder (a predecessor's, kept by a
+    /// [`Holder`]), instead of mounting anew: its open files and waiting readers carry on. The
+    /// tree must be built from the same options as the predecessor's, so inode numbers agree.
+    pub adopt: Option<std::sync::Arc<Handover>>,
 }
 
 impl MountOptions {
@@ -113,6 +123,7 @@ impl MountOptions {
             layers: None,
             status_file: true,
             resolved: None,
+            adopt: None,
         }
     }
 }

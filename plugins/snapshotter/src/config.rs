@@ -37,6 +37,9 @@ pub struct FileConfig {
     pub prefetch_small: Option<u64>,
     /// Start even when some remote snapshots cannot be mounted again.
     pub allow_invalid_mounts_on_restart: Option<bool>,
+    /// Socket of the process that keeps the FUSE connections across restarts (default
+    /// `ROOT/fuse-holder.sock`; started when none answers); `""` for none.
+    pub fuse_holder: Option<PathBuf>,
     /// `HOST:PORT` for Prometheus metrics (off when absent).
     pub metrics_address: Option<String>,
     /// containerd's registry hosts folder (`REGISTRY/hosts.toml`: mirrors, TLS); default
@@ -92,6 +95,8 @@ pub struct Settings {
     pub prefetch_small: u64,
     /// Keep going when remounting fails on start.
     pub allow_invalid_mounts_on_restart: bool,
+    /// The FUSE connection holder's socket, if one is used.
+    pub fuse_holder: Option<PathBuf>,
     /// Metrics listener.
     pub metrics_address: Option<String>,
     /// containerd's registry hosts folder, if any.
@@ -110,6 +115,7 @@ pub struct Overrides {
     pub hosts_dir: Option<PathBuf>,
     pub allow_invalid_mounts_on_restart: bool,
     pub cache_max_bytes: Option<u64>,
+    pub fuse_holder: Option<PathBuf>,
 }
 
 impl Settings {
@@ -125,7 +131,13 @@ impl Settings {
             .root
             .or(file.root)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+        let fuse_holder = match flags.fuse_holder.or(file.fuse_holder) {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p),
+            None => Some(root.join("fuse-holder.sock")),
+        };
         Ok(Settings {
+            fuse_holder,
             address: flags
                 .address
                 .or(file.address)

@@ -5,6 +5,7 @@
 mod config;
 mod control;
 mod filter;
+mod holding;
 mod metadata;
 mod metrics;
 mod mounter;
@@ -25,8 +26,14 @@ use crate::service::Service;
 
 /// containerd proxy snapshotter serving ModelPack model layers on demand.
 #[derive(Debug, Parser)]
-#[command(name = "modelpack-snapshotter", version)]
+#[command(
+    name = "modelpack-snapshotter",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Socket to serve containerd's Snapshots API (and our control API) on
     #[arg(long, value_name = "SOCKET")]
     address: Option<PathBuf>,
@@ -52,9 +59,28 @@ struct Args {
     /// Start even when some remote snapshots cannot be mounted again
     #[arg(long)]
     allow_invalid_mounts_on_restart: bool,
+    /// Socket of the process that keeps FUSE connections across restarts (started when none
+    /// answers) [default: ROOT/fuse-holder.sock; "" for none: a restart then cuts every lazy
+    /// mount]
+    #[arg(long, value_name = "SOCKET")]
+    fuse_holder: Option<PathBuf>,
     /// Log filter (also RUST_LOG), e.g. info or debug
     #[arg(long, default_value = "info")]
     log_level: String,
+}
+
+/// Other roles of the binary.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Keep FUSE connections for the daemon across its restarts (the daemon starts it)
+    FuseHolder {
+        /// Socket to listen on
+        #[arg(long, value_name = "SOCKET")]
+        socket: PathBuf,
+        /// Exit once nothing was held for SECONDS (0: never)
+        #[arg(long, value_name = "SECONDS", default_value_t = modelpack_lazyfs::HOLDER_IDLE_EXIT.as_secs())]
+        idle_exit: u64,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -70,6 +96,16 @@ fn main() -> std::process::ExitCode {
                 && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
         )
         .init();
+    if let Some(Command::FuseHolder { socket, idle_exit }) = &args.command {
+        let idle_exit = Some(std::time::Duration::from_secs(*idle_exit)).filter(|d| !d.is_zero());
+        return match modelpack_lazyfs::serve_holder(socket, idle_exit) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("modelpack-snapshotter fuse-holder: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -100,10 +136,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             hosts_dir: args.hosts_dir.map(PathBuf::from),
             allow_invalid_mounts_on_restart: args.allow_invalid_mounts_on_restart,
             cache_max_bytes: args.cache_max_bytes,
+            fuse_holder: args.fuse_holder,
         },
     )?;
     let service = Service::open(settings.clone())?;
-    service.restore().await?;
+    if let Err(e) = service.restore().await {
+        if service.shutdown().await > 0 {
+            // Adopted connections are left to the holder, undropped (see Service::shutdown).
+            eprintln!("modelpack-snapshotter: {e:#}");
+            std::process::exit(1);
+        }
+        return Err(e);
+    }
 
     let socket = &settings.address;
     if let Some(dir) = socket.parent() {
@@ -144,7 +188,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             shutdown,
         )
         .await;
-    service.shutdown().await;
+    let left = service.shutdown().await;
     let _ = std::fs::remove_file(socket);
+    if left > 0 {
+        // Nothing more is dropped (see Service::shutdown): readers wait for the next daemon.
+        info!(
+            mounts = left,
+            "left the FUSE connections to the holder for the next start"
+        );
+        std::process::exit(if served.is_ok() { 0 } else { 1 });
+    }
     served.context("serving gRPC")
 }

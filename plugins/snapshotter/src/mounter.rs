@@ -3,10 +3,13 @@
 //! tests use a stand-in, so its locking and bookkeeping are tested without FUSE or a registry.
 
 use std::collections::HashMap;
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use modelpack_lazyfs::{CacheBudget, Counters, MountOptions, MountedModel, Resolved, Verify};
+use modelpack_lazyfs::{
+    CacheBudget, Counters, Handover, MountOptions, MountedModel, Resolved, SessionState, Verify,
+};
 use modelpack_registry::{Client, ClientOptions, Repository};
 use modelpack_spec::{Digest, Reference};
 use modelpack_store::Store;
@@ -28,13 +31,26 @@ pub trait ServedLayer: Send + Sync + std::fmt::Debug {
     }
     /// Stops serving it.
     async fn unmount(self: Box<Self>) -> std::io::Result<()>;
+    /// Its FUSE connection, for the holder that keeps it across a restart.
+    fn connection(&self) -> Option<(BorrowedFd<'_>, SessionState)> {
+        None
+    }
+    /// Abandons it without unmounting, right before the process exits (a successor adopts the
+    /// connection the holder keeps).
+    fn leave(self: Box<Self>) {}
 }
 
 /// Serves remote layers.
 #[tonic::async_trait]
 pub trait LayerMounter: Send + Sync + std::fmt::Debug + 'static {
-    /// Serves `layer` at `dir` (which exists), or says why not.
-    async fn mount(&self, layer: &RemoteLayer, dir: &Path) -> Result<Box<dyn ServedLayer>, String>;
+    /// Serves `layer` at `dir` (which exists), or says why not; with `adopt`, on that
+    /// connection, already mounted at `dir` by a predecessor.
+    async fn mount(
+        &self,
+        layer: &RemoteLayer,
+        dir: &Path,
+        adopt: Option<Arc<Handover>>,
+    ) -> Result<Box<dyn ServedLayer>, String>;
 }
 
 #[tonic::async_trait]
@@ -53,6 +69,14 @@ impl ServedLayer for MountedModel {
 
     async fn unmount(self: Box<Self>) -> std::io::Result<()> {
         MountedModel::unmount(*self).await
+    }
+
+    fn connection(&self) -> Option<(BorrowedFd<'_>, SessionState)> {
+        MountedModel::connection(self)
+    }
+
+    fn leave(self: Box<Self>) {
+        MountedModel::leave(*self)
     }
 }
 
@@ -132,7 +156,12 @@ impl Lazyfs {
 
 #[tonic::async_trait]
 impl LayerMounter for Lazyfs {
-    async fn mount(&self, layer: &RemoteLayer, dir: &Path) -> Result<Box<dyn ServedLayer>, String> {
+    async fn mount(
+        &self,
+        layer: &RemoteLayer,
+        dir: &Path,
+        adopt: Option<Arc<Handover>>,
+    ) -> Result<Box<dyn ServedLayer>, String> {
         let reference: Reference = layer
             .reference
             .parse()
@@ -158,6 +187,7 @@ impl LayerMounter for Lazyfs {
         opts.prefetch_small = self.settings.prefetch_small;
         opts.layers = Some(vec![layer.layer_digest.clone()]);
         opts.status_file = false;
+        opts.adopt = adopt;
         let model = modelpack_lazyfs::mount(opts, dir)
             .await
             .map_err(|e| e.to_string())?;

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::config::Settings;
 use crate::filter;
+use crate::holding::FuseHolder;
 use crate::metadata::{Kind, Metadata, Record, RemoteLayer, now_ns};
 use crate::mounter::{LayerMounter, Lazyfs, ServedLayer};
 use crate::mounts;
@@ -52,6 +53,8 @@ pub struct RemoteMount {
     pub mountpoint: PathBuf,
     /// Mounted or failed.
     pub state: MountState,
+    /// The FUSE holder keeps its connection: it survives a restart of the daemon.
+    pub held: bool,
 }
 
 /// Daemon-wide counters (Prometheus).
@@ -85,6 +88,8 @@ struct Inner {
     mounter: Arc<dyn LayerMounter>,
     /// The chunk cache's accountant (none with a stand-in mounter).
     cache: Option<Arc<CacheBudget>>,
+    /// Keeps the FUSE connections across restarts (none when configured off).
+    holder: Option<FuseHolder>,
     /// Folder numbers of remote snapshots being mounted (no record names them yet).
     reserved: Mutex<std::collections::HashSet<u64>>,
     remote: Mutex<BTreeMap<String, RemoteMount>>,
@@ -218,7 +223,11 @@ impl Service {
             .with_context(|| format!("cannot open {}", settings.root.join("store").display()))?;
         let cache = CacheBudget::open(&settings.cache_dir, settings.cache_max_bytes)?;
         let mounter = Arc::new(Lazyfs::new(settings.clone(), store, cache.clone()));
-        Service::build(settings, mounter, Some(cache))
+        let holder = settings
+            .fuse_holder
+            .as_deref()
+            .map(|socket| crate::holding::fuse_holder(socket, &settings.root));
+        Service::build(settings, mounter, Some(cache), holder)
     }
 
     /// Opens the root (creating it), loads the metadata; remote layers are served by `mounter`
@@ -228,7 +237,7 @@ impl Service {
         settings: Settings,
         mounter: Arc<dyn LayerMounter>,
     ) -> anyhow::Result<Service> {
-        Service::build(settings, mounter, None)
+        Service::build(settings, mounter, None, None)
     }
 
     /// Opens the root (creating it), loads the metadata; remote layers are served by `mounter`,
@@ -237,6 +246,7 @@ impl Service {
         settings: Settings,
         mounter: Arc<dyn LayerMounter>,
         cache: Option<Arc<CacheBudget>>,
+        holder: Option<FuseHolder>,
     ) -> anyhow::Result<Service> {
         use anyhow::Context as _;
         use std::os::unix::fs::DirBuilderExt as _;
@@ -262,6 +272,7 @@ impl Service {
                 preparing: Mutex::new(HashMap::new()),
                 mounter,
                 cache,
+                holder,
                 reserved: Mutex::new(std::collections::HashSet::new()),
                 remote: Mutex::new(BTreeMap::new()),
                 started: Instant::now(),
@@ -456,14 +467,25 @@ impl Service {
         self.mounts_of(&meta, key)
     }
 
-    /// Mounts one remote layer at `dir` with the service's mounter, within the time limit.
-    async fn mount_layer(&self, layer: &RemoteLayer, dir: &Path) -> Result<MountState, String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    /// Mounts one remote layer at `dir` with the service's mounter, within the time limit; with
+    /// `adopt`, serves a predecessor's connection already mounted there.
+    async fn mount_layer(
+        &self,
+        layer: &RemoteLayer,
+        dir: &Path,
+        adopt: Option<Arc<modelpack_lazyfs::Handover>>,
+    ) -> Result<MountState, String> {
+        if adopt.is_none() {
+            // Not on an adopted mount point: a stat there waits for the server (this process).
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
         let started = Instant::now();
-        let model =
-            tokio::time::timeout(REMOTE_MOUNT_TIMEOUT, self.inner.mounter.mount(layer, dir))
-                .await
-                .map_err(|_| format!("mounting took longer than {REMOTE_MOUNT_TIMEOUT:?}"))??;
+        let model = tokio::time::timeout(
+            REMOTE_MOUNT_TIMEOUT,
+            self.inner.mounter.mount(layer, dir, adopt),
+        )
+        .await
+        .map_err(|_| format!("mounting took longer than {REMOTE_MOUNT_TIMEOUT:?}"))??;
         let stats = &self.inner.stats;
         stats.mounts.fetch_add(1, Ordering::Relaxed);
         stats
@@ -472,6 +494,34 @@ impl Service {
         let counters = model.counters();
         tracing::debug!(path = %layer.path, took = ?started.elapsed(), "remote layer mounted");
         Ok(MountState::Mounted { model, counters })
+    }
+
+    /// Gives the holder (if any) the connection of the layer mounted at `dir`; true when it
+    /// keeps it.
+    async fn hold(&self, dir: &Path, state: &MountState) -> bool {
+        let (Some(holder), MountState::Mounted { model, .. }) = (&self.inner.holder, state) else {
+            return false;
+        };
+        let Some((fd, session)) = model.connection() else {
+            return false;
+        };
+        match fd.try_clone_to_owned() {
+            Ok(fd) => holder.hold(dir, fd, session).await,
+            Err(e) => {
+                warn!(mountpoint = %dir.display(), error = %e, "this mount will not survive a restart");
+                false
+            }
+        }
+    }
+
+    /// Unmounts a remote layer, after the holder let go of its connection.
+    async fn unmount_remote(&self, mount: RemoteMount) {
+        if mount.held
+            && let Some(holder) = &self.inner.holder
+        {
+            holder.release(&mount.mountpoint).await;
+        }
+        unmount(mount.state, &mount.mountpoint).await;
     }
 
     /// The lock of the chain `target` (created on first use).
@@ -534,12 +584,19 @@ impl Service {
     ) -> Result<(), String> {
         let dir = self.snapshot_dir(id);
         let fs = dir.join("fs");
-        let state = match self.mount_layer(&layer, &fs).await {
+        let state = match self.mount_layer(&layer, &fs, None).await {
             Ok(state) => state,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e);
             }
+        };
+        let held = self.hold(&fs, &state).await;
+        let mount = RemoteMount {
+            layer: layer.clone(),
+            mountpoint: fs.clone(),
+            state,
+            held,
         };
         let mut labels: BTreeMap<String, String> =
             labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -549,7 +606,7 @@ impl Service {
         let parent_gone = !parent.is_empty() && meta.get(parent).is_none();
         if meta.get(target).is_some() || parent_gone {
             drop(meta);
-            unmount(state, &fs).await;
+            self.unmount_remote(mount).await;
             let _ = std::fs::remove_dir_all(&dir);
             return Err(format!(
                 "{target} or its parent changed while its layer was mounting"
@@ -570,29 +627,51 @@ impl Service {
         if let Err(e) = save(&meta) {
             meta.remove(target);
             drop(meta);
-            unmount(state, &fs).await;
+            self.unmount_remote(mount).await;
             let _ = std::fs::remove_dir_all(&dir);
             return Err(format!("cannot save the metadata: {e}"));
         }
-        self.remote_mut(|m| {
-            m.insert(
-                target.to_owned(),
-                RemoteMount {
-                    layer,
-                    mountpoint: fs,
-                    state,
-                },
-            )
-        });
+        self.remote_mut(|m| m.insert(target.to_owned(), mount));
         Ok(())
     }
 
-    /// Start-up: detaches mounts a dead predecessor left, removes folders no record names, and
-    /// mounts every remote snapshot again. Fails on the first snapshot it cannot mount unless
-    /// `allow_invalid_mounts_on_restart` is set; then it reports them and goes on.
+    /// Start-up: adopts the FUSE connections a predecessor left with the holder (those mounts
+    /// never went away: their readers only waited), detaches other mounts a dead predecessor
+    /// left, removes folders no record names, and mounts every other remote snapshot again.
+    /// Fails on the first snapshot it cannot serve unless `allow_invalid_mounts_on_restart` is
+    /// set; then it reports them and goes on.
     pub async fn restore(&self) -> anyhow::Result<()> {
         let snapshots = self.inner.settings.root.join("snapshots");
+        // Connections a predecessor left with the holder, for mounts that are still there.
+        let mut held = match &self.inner.holder {
+            Some(holder) => holder.take().await,
+            None => HashMap::new(),
+        };
+        let known: std::collections::HashSet<PathBuf> = {
+            let meta = self.inner.meta.lock().await;
+            meta.iter()
+                .filter(|(_, r)| r.remote.is_some())
+                .map(|(_, r)| self.fs_dir(r.id))
+                .collect()
+        };
+        let mut stale_held = Vec::new();
+        held.retain(|dir, handover| {
+            let mounted = modelpack_lazyfs::mountinfo::at(dir);
+            let keep = known.contains(dir) && mounted.is_some_and(|m| m.dev == handover.state.dev);
+            if !keep {
+                stale_held.push(dir.clone());
+            }
+            keep
+        });
+        if let Some(holder) = &self.inner.holder {
+            for dir in &stale_held {
+                holder.release(dir).await;
+            }
+        }
         for stale in mounts::under(&snapshots) {
+            if held.contains_key(&stale) {
+                continue;
+            }
             match mounts::detach(&stale) {
                 Ok(()) => info!(mountpoint = %stale.display(), "detached a stale mount"),
                 Err(e) => {
@@ -610,7 +689,32 @@ impl Service {
         let mut failed = 0;
         for (name, layer, id) in remote {
             let fs = self.fs_dir(id);
-            let state = match self.mount_layer(&layer, &fs).await {
+            let adopted = match held.remove(&fs) {
+                Some(handover) => {
+                    let started = Instant::now();
+                    match self.mount_layer(&layer, &fs, Some(handover)).await {
+                        Ok(state) => {
+                            info!(snapshot = %name, path = %layer.path, took = ?started.elapsed(), "adopted the FUSE connection of a remote snapshot");
+                            Some(state)
+                        }
+                        Err(e) => {
+                            // Its readers get ENOTCONN; the layer is mounted afresh below.
+                            warn!(snapshot = %name, path = %layer.path, error = %e, "cannot adopt the FUSE connection; mounting afresh");
+                            if let Some(holder) = &self.inner.holder {
+                                holder.release(&fs).await;
+                            }
+                            let _ = mounts::detach(&fs);
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
+            let mounted = match adopted {
+                Some(state) => Ok(state),
+                None => self.mount_layer(&layer, &fs, None).await,
+            };
+            let state = match mounted {
                 Ok(state) => {
                     info!(snapshot = %name, path = %layer.path, "remounted remote snapshot");
                     state
@@ -619,7 +723,6 @@ impl Service {
                     failed += 1;
                     warn!(snapshot = %name, path = %layer.path, error = %e, "cannot remount remote snapshot");
                     if !self.inner.settings.allow_invalid_mounts_on_restart {
-                        self.shutdown().await;
                         anyhow::bail!(
                             "cannot mount remote snapshot {name} ({}) again: {e} \
                              (start with --allow-invalid-mounts-on-restart to continue without it)",
@@ -629,6 +732,7 @@ impl Service {
                     MountState::Failed(e)
                 }
             };
+            let held = self.hold(&fs, &state).await;
             self.remote_mut(|m| {
                 m.insert(
                     name,
@@ -636,6 +740,7 @@ impl Service {
                         layer,
                         mountpoint: fs,
                         state,
+                        held,
                     },
                 )
             });
@@ -680,12 +785,23 @@ impl Service {
         }
     }
 
-    /// Unmounts every remote snapshot (on exit).
-    pub async fn shutdown(&self) {
+    /// On exit: unmounts the remote snapshots the holder does not keep, and abandons the
+    /// others mounted, for the next daemon to adopt (their readers wait meanwhile). Returns how
+    /// many it abandoned: the process must then exit at once, without dropping anything (a read
+    /// in flight, dropped, would answer EIO; unanswered, the next daemon has it sent again).
+    pub async fn shutdown(&self) -> usize {
         let all = self.remote_mut(std::mem::take);
+        let mut left = 0;
         for (_, mount) in all {
-            unmount(mount.state, &mount.mountpoint).await;
+            match mount.state {
+                MountState::Mounted { model, .. } if mount.held => {
+                    model.leave();
+                    left += 1;
+                }
+                _ => unmount(mount.state, &mount.mountpoint).await,
+            }
         }
+        left
     }
 }
 
@@ -839,7 +955,7 @@ impl Snapshotter for Service {
         if rec.remote.is_some()
             && let Some(mount) = self.remote_mut(|m| m.remove(key))
         {
-            unmount(mount.state, &mount.mountpoint).await;
+            self.unmount_remote(mount).await;
         }
         if mounts::is_mount_point(&dir.join("fs")) {
             let _ = mounts::detach(&dir.join("fs"));
@@ -979,6 +1095,7 @@ mod tests {
             &self,
             _layer: &RemoteLayer,
             _dir: &Path,
+            _adopt: Option<Arc<modelpack_lazyfs::Handover>>,
         ) -> Result<Box<dyn ServedLayer>, String> {
             self.mounts.fetch_add(1, Ordering::SeqCst);
             if let Some(gate) = &self.gate {
@@ -1113,6 +1230,7 @@ mod tests {
             settings.clone(),
             Arc::new(FakeMounter::default()),
             Some(cache),
+            None,
         )
         .expect("service");
         assert_eq!(

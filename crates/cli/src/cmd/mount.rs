@@ -105,6 +105,7 @@ pub fn mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<ExitCode> {
         layers: None,
         status_file: true,
         resolved: None,
+        adopt: None,
     };
     let rt = crate::remote::runtime()?;
     rt.block_on(async {

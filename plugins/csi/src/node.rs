@@ -1,0 +1,903 @@
+//! The node's volumes and the models mounted for them.
+//!
+//! One lazyfs mount per model digest, under `STATE/models/`, shared by every volume of that
+//! model on the node and bound read-only onto each volume's target path. The chunk cache is
+//! keyed by blob digest, so two pods of one model cause one download. When the last volume of
+//! a model is unpublished its mount goes (the kernel lets go once no container holds it); its
+//! verified chunks stay in the cache folder for the next pod, until the cache cap evicts them.
+//! The volumes are recorded in `STATE/volumes.json` (no secrets), so a restarted plugin knows
+//! what it published (see [`Volumes::restore`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use modelpack_lazyfs::{
+    CacheBudget, CacheStats, Handover, HolderProcess, MountOptions, MountedModel, Resolved, Verify,
+};
+use modelpack_registry::{Client, ClientOptions, Credential, Repository, RetryPolicy};
+use modelpack_spec::{Digest, Reference};
+use modelpack_store::Store;
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use tracing::{info, warn};
+
+use crate::error::Error;
+use crate::mounts;
+use crate::volume::Publish;
+
+/// How the node plugin works: where its state lives, how it reaches registries.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's ID (the Kubernetes node name), answered by NodeGetInfo.
+    pub node_id: String,
+    /// The plugin's state: model mounts, the volume records, the store of whole blobs.
+    pub state_dir: PathBuf,
+    /// The chunk cache folder (the snapshotter's, to share one cache with it).
+    pub cache_dir: PathBuf,
+    /// The cache cap in bytes (least recently used chunks are evicted beyond it).
+    pub cache_max_bytes: Option<u64>,
+    /// containerd's registry hosts folder (`REGISTRY/hosts.toml`: mirrors, TLS).
+    pub hosts_dir: Option<PathBuf>,
+    /// Registries spoken to over plain HTTP (loopback registries always are).
+    pub plain_http: Vec<String>,
+    /// Registries whose TLS certificates are not verified.
+    pub insecure: Vec<String>,
+    /// How long a publish may spend resolving a model before it answers UNAVAILABLE.
+    pub resolve_timeout: Duration,
+    /// Files of at most this many bytes are fetched as soon as a model mounts (configs,
+    /// tokenizers); 0: none.
+    pub prefetch_small: u64,
+    /// The process that keeps the models' FUSE connections while the plugin restarts (started
+    /// when none answers); `None`: a restart cuts every read in flight.
+    pub fuse_holder: Option<HolderProcess>,
+}
+
+/// One published volume, as recorded (never with its secret).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Volume {
+    /// The CO's volume ID.
+    pub volume_id: String,
+    /// The target path it is bound at.
+    pub target: PathBuf,
+    /// The reference as asked for.
+    pub reference: String,
+    /// The manifest digest it resolved to at publish (the volume never changes after).
+    pub digest: Digest,
+    /// An inline volume.
+    pub ephemeral: bool,
+    /// `namespace/name` of its pod, if known.
+    pub pod: Option<String>,
+}
+
+/// One model served on the node.
+struct Model {
+    mounted: MountedModel,
+    dir: PathBuf,
+    /// `REGISTRY/REPO@DIGEST`.
+    reference: String,
+    prefetch: bool,
+    /// The holder keeps its connection: it survives a restart of the plugin.
+    held: bool,
+}
+
+#[derive(Default)]
+struct State {
+    models: HashMap<Digest, Model>,
+    volumes: BTreeMap<PathBuf, Volume>,
+}
+
+/// Counters for the metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Publishes that succeeded (repeats included).
+    pub publishes: AtomicU64,
+    /// Publishes that failed.
+    pub publish_errors: AtomicU64,
+    /// Time spent in successful publishes, microseconds.
+    pub publish_micros: AtomicU64,
+    /// Unpublishes.
+    pub unpublishes: AtomicU64,
+    /// Lazy mounts of models made.
+    pub mounts: AtomicU64,
+}
+
+/// One model's numbers, for the metrics and the volume stats.
+#[derive(Debug, Clone)]
+pub struct ModelRow {
+    /// `REGISTRY/REPO@DIGEST`.
+    pub reference: String,
+    /// The manifest digest.
+    pub digest: Digest,
+    /// Volumes using it.
+    pub volumes: u64,
+    /// Bytes of file content.
+    pub bytes: u64,
+    /// Of which are local and verified.
+    pub local_bytes: u64,
+    /// Bytes fetched from the registry by this mount.
+    pub fetched_bytes: u64,
+    /// Whether the whole model is being prefetched.
+    pub prefetch: bool,
+}
+
+/// What NodeGetVolumeStats reports.
+#[derive(Debug, Clone)]
+pub struct VolumeStats {
+    /// Bytes of the model.
+    pub total: u64,
+    /// Bytes of it cached on the node, verified.
+    pub local: u64,
+    /// Why the volume is not healthy, if it is not.
+    pub abnormal: Option<String>,
+}
+
+#[derive(Clone)]
+struct Clients {
+    /// Short retries: a publish must answer before kubelet's deadline.
+    resolve: Client,
+    /// The standard policy: reads of a running pod ride out a registry hiccup.
+    read: Client,
+}
+
+/// Registry host and the hash of the secret (never the secret) the clients were made with.
+type ClientKey = (String, Option<[u8; 32]>);
+
+/// The node's published volumes and the models mounted for them.
+pub struct Volumes {
+    config: NodeConfig,
+    store: Store,
+    cache: Arc<CacheBudget>,
+    clients: Mutex<HashMap<ClientKey, Clients>>,
+    state: tokio::sync::Mutex<State>,
+    next_mount: AtomicU64,
+    /// Counters for the metrics.
+    pub stats: Stats,
+}
+
+impl std::fmt::Debug for Volumes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volumes")
+            .field("state_dir", &self.config.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Internal(format!("{what}: {e}"))
+}
+
+const VOLUMES_FILE: &str = "volumes.json";
+const CLIENTS_KEPT: usize = 256;
+
+impl Volumes {
+    /// Opens the state folder (created), the store in it and the cache folder. Without a FUSE
+    /// holder, mounts left by an earlier process under `STATE/models` are detached; with one,
+    /// [`Volumes::restore`] first adopts those it can.
+    pub fn open(config: NodeConfig) -> Result<Volumes, Error> {
+        let models = config.state_dir.join("models");
+        std::fs::create_dir_all(&models).map_err(|e| internal("state folder", e))?;
+        if config.fuse_holder.is_none() {
+            detach_stale(&models, &HashMap::new());
+        }
+        let store =
+            Store::open(&config.state_dir.join("store")).map_err(|e| internal("store", e))?;
+        let cache = CacheBudget::open(&config.cache_dir, config.cache_max_bytes)
+            .map_err(|e| internal("cache", e))?;
+        Ok(Volumes {
+            config,
+            store,
+            cache,
+            clients: Mutex::new(HashMap::new()),
+            state: tokio::sync::Mutex::new(State::default()),
+            next_mount: AtomicU64::new(0),
+            stats: Stats::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// The cache folder's numbers.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    fn clients(&self, host: &str, docker_config: Option<&str>) -> Result<Clients, Error> {
+        let secret_hash = docker_config.map(|c| <[u8; 32]>::from(sha2::Sha256::digest(c)));
+        let key = (host.to_owned(), secret_hash);
+        if let Some(c) = lock(&self.clients).get(&key) {
+            return Ok(c.clone());
+        }
+        let credential: Option<Credential> = match docker_config {
+            Some(config) => crate::secrets::credential_for(config, host)?,
+            None => None,
+        };
+        let base = ClientOptions {
+            plain_http: is_loopback(host) || self.config.plain_http.iter().any(|h| h == host),
+            insecure: self.config.insecure.iter().any(|h| h == host),
+            hosts_dir: self.config.hosts_dir.clone(),
+            credential,
+            ..ClientOptions::new()
+        };
+        let timeout = self.config.resolve_timeout;
+        let resolve = Client::new(ClientOptions {
+            io_timeout: timeout,
+            retry: RetryPolicy {
+                attempts: 3,
+                base: Duration::from_millis(200),
+                cap: Duration::from_secs(2),
+                deadline: timeout,
+            },
+            ..base.clone()
+        })
+        .map_err(|e| Error::InvalidArgument(format!("registry {host}: {e}")))?;
+        let read = Client::new(base)
+            .map_err(|e| Error::InvalidArgument(format!("registry {host}: {e}")))?;
+        let clients = Clients { resolve, read };
+        let mut all = lock(&self.clients);
+        if all.len() >= CLIENTS_KEPT {
+            all.clear();
+        }
+        all.insert(key, clients.clone());
+        Ok(clients)
+    }
+
+    /// Publishes a volume: resolves the model (a tag once, to its digest), mounts it lazily if
+    /// the node does not serve it yet, binds it read-only at the target. Returns once the tree
+    /// is there; file bytes arrive on first read. Publishing the same volume at the same target
+    /// again is a success.
+    pub async fn publish(&self, p: Publish) -> Result<(), Error> {
+        let started = Instant::now();
+        let result = self.publish_inner(&p).await;
+        match &result {
+            Ok(()) => {
+                self.stats.publishes.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .publish_micros
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(volume = %p.volume_id, target = %p.target.display(), "publish failed: {e}");
+            }
+        }
+        result
+    }
+
+    async fn publish_inner(&self, p: &Publish) -> Result<(), Error> {
+        let known_digest = {
+            let state = self.state.lock().await;
+            if let Some(v) = state.volumes.get(&p.target) {
+                if v.volume_id != p.volume_id {
+                    return Err(Error::AlreadyExists(format!(
+                        "{} already serves volume {}",
+                        p.target.display(),
+                        v.volume_id
+                    )));
+                }
+                if mounts::is_mount_point(&p.target) && mounts::is_alive(&p.target) {
+                    return Ok(());
+                }
+                // Recorded, but the bind is gone (or dead after a restart): bind again, the
+                // same digest as before.
+                Some(v.digest.clone())
+            } else {
+                p.reference.digest().cloned()
+            }
+        };
+        let clients = self.clients(p.reference.registry(), p.docker_config.as_deref())?;
+        let served = match &known_digest {
+            Some(d) => self.state.lock().await.models.contains_key(d),
+            None => false,
+        };
+        let resolved = if served {
+            None
+        } else {
+            let reference = match &known_digest {
+                Some(d) => p.reference.with_digest(d.clone()),
+                None => p.reference.clone(),
+            };
+            Some(self.resolve(&clients, &reference).await?)
+        };
+        let digest = match (&resolved, known_digest) {
+            (Some(r), _) => r.digest.clone(),
+            (None, Some(d)) => d,
+            (None, None) => return Err(Error::Internal("nothing resolved".into())),
+        };
+        let volume = Volume {
+            volume_id: p.volume_id.clone(),
+            target: p.target.clone(),
+            reference: p.reference.to_string(),
+            digest: digest.clone(),
+            ephemeral: p.ephemeral,
+            pod: p.pod.clone(),
+        };
+        let mut state = self.state.lock().await;
+        if let Some(v) = state.volumes.get(&p.target)
+            && v.volume_id != p.volume_id
+        {
+            return Err(Error::AlreadyExists(format!(
+                "{} already serves volume {}",
+                p.target.display(),
+                v.volume_id
+            )));
+        }
+        let mounted_now = match (state.models.contains_key(&digest), resolved) {
+            (true, _) => false,
+            (false, Some(resolved)) => {
+                let model = self
+                    .mount_model(&p.reference, resolved, &clients, p.prefetch)
+                    .await?;
+                state.models.insert(digest.clone(), model);
+                true
+            }
+            // Unmounted while we resolved nothing (the last other user went): resolve again.
+            (false, None) => {
+                drop(state);
+                let resolved = self
+                    .resolve(&clients, &p.reference.with_digest(digest.clone()))
+                    .await?;
+                state = self.state.lock().await;
+                if !state.models.contains_key(&digest) {
+                    let model = self
+                        .mount_model(&p.reference, resolved, &clients, p.prefetch)
+                        .await?;
+                    state.models.insert(digest.clone(), model);
+                }
+                true
+            }
+        };
+        let Some(model) = state.models.get(&digest) else {
+            return Err(Error::Internal("model mount vanished".into()));
+        };
+        if model.prefetch != p.prefetch && p.prefetch {
+            info!(model = %model.reference, "already mounted without prefetch; its bytes arrive on first read");
+        }
+        let bound = bind(&model.dir, &p.target);
+        if let Err(e) = bound {
+            if mounted_now
+                && !state.volumes.values().any(|v| v.digest == digest)
+                && let Some(model) = state.models.remove(&digest)
+            {
+                self.release(model);
+            }
+            return Err(e);
+        }
+        info!(
+            volume = %p.volume_id,
+            model = %model.reference,
+            target = %p.target.display(),
+            pod = p.pod.as_deref().unwrap_or("-"),
+            "published"
+        );
+        state.volumes.insert(p.target.clone(), volume);
+        self.save(&state);
+        Ok(())
+    }
+
+    /// The manifest and chunk index of `reference`, within the resolve timeout.
+    async fn resolve(&self, clients: &Clients, reference: &Reference) -> Result<Resolved, Error> {
+        let repository = Repository::new(&clients.resolve, reference);
+        let text = reference.to_string();
+        let limit = self.config.resolve_timeout + Duration::from_secs(5);
+        match tokio::time::timeout(
+            limit,
+            modelpack_lazyfs::resolve(&repository, &reference.tag_or_digest(), &self.store),
+        )
+        .await
+        {
+            Ok(Ok(resolved)) => Ok(resolved),
+            Ok(Err(e)) => Err(Error::resolving(&text, &e)),
+            Err(_) => Err(Error::Unavailable(format!(
+                "model {text}: the registry did not answer within {limit:?}"
+            ))),
+        }
+    }
+
+    async fn mount_model(
+        &self,
+        reference: &Reference,
+        resolved: Resolved,
+        clients: &Clients,
+        prefetch: bool,
+    ) -> Result<Model, Error> {
+        let digest = resolved.digest.clone();
+        let n = self.next_mount.fetch_add(1, Ordering::Relaxed);
+        // A fresh folder per mount: an old mount of the same model may still be going away.
+        let dir = self.config.state_dir.join("models").join(format!(
+            "{}-{}.{n}",
+            digest.algorithm(),
+            digest.encoded()
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| internal("model folder", e))?;
+        self.mount_model_at(reference, resolved, clients, prefetch, dir, None)
+            .await
+    }
+
+    /// Mounts the model at `dir`, or adopts `adopt`, a predecessor's connection mounted there
+    /// (the tree is built with the same options, so inode numbers agree); then gives the
+    /// connection to the holder.
+    async fn mount_model_at(
+        &self,
+        reference: &Reference,
+        resolved: Resolved,
+        clients: &Clients,
+        prefetch: bool,
+        dir: PathBuf,
+        adopt: Option<Arc<Handover>>,
+    ) -> Result<Model, Error> {
+        let digest = resolved.digest.clone();
+        let by_digest = reference.with_digest(digest.clone());
+        let adopting = adopt.is_some();
+        let mut opts = MountOptions::new(
+            Repository::new(&clients.read, &by_digest),
+            digest.to_string(),
+            self.store.clone(),
+            self.config.cache_dir.clone(),
+        );
+        opts.resolved = Some(Arc::new(resolved));
+        opts.cache = Some(self.cache.clone());
+        opts.verify = Verify::Full;
+        opts.allow_other = true;
+        opts.prefetch = prefetch;
+        opts.prefetch_small = self.config.prefetch_small;
+        opts.status_file = true;
+        opts.adopt = adopt;
+        let mounted = match modelpack_lazyfs::mount(opts, &dir).await {
+            Ok(m) => m,
+            Err(e) => {
+                if !adopting {
+                    let _ = std::fs::remove_dir(&dir);
+                }
+                return Err(Error::resolving(&by_digest.to_string(), &e));
+            }
+        };
+        self.stats.mounts.fetch_add(1, Ordering::Relaxed);
+        if adopting {
+            info!(model = %by_digest, dir = %dir.display(), "adopted the predecessor's FUSE connection");
+        } else {
+            info!(model = %by_digest, dir = %dir.display(), prefetch, "mounted");
+        }
+        let held = self.hold(&dir, &mounted).await;
+        Ok(Model {
+            mounted,
+            dir,
+            reference: by_digest.to_string(),
+            prefetch,
+            held,
+        })
+    }
+
+    /// Gives the holder (if any) the connection of the model mounted at `dir`; true when it
+    /// keeps it.
+    async fn hold(&self, dir: &Path, mounted: &MountedModel) -> bool {
+        let (Some(holder), Some((fd, session))) = (&self.config.fuse_holder, mounted.connection())
+        else {
+            return false;
+        };
+        match fd.try_clone_to_owned() {
+            Ok(fd) => holder.hold(dir, fd, session).await,
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "this mount will not survive a restart");
+                false
+            }
+        }
+    }
+
+    /// Unmounts `model` in the background, after the holder let go of its connection: the
+    /// kernel ends the session only once no container holds the mount, and nothing should wait
+    /// for that.
+    fn release(&self, model: Model) {
+        let holder = self.config.fuse_holder.clone().filter(|_| model.held);
+        tokio::spawn(async move {
+            if let Some(holder) = holder {
+                holder.release(&model.dir).await;
+            }
+            unmount_model(model).await;
+        });
+    }
+
+    /// Unpublishes the volume at `target`: removes its bind and the folder, and, when it was the
+    /// model's last volume, the model's mount (its cached chunks stay). A target that serves
+    /// nothing is a success.
+    pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), Error> {
+        if volume_id.is_empty() {
+            return Err(Error::InvalidArgument("volume_id is required".into()));
+        }
+        let mut state = self.state.lock().await;
+        mounts::detach_all_at(target).map_err(|e| internal("unmounting the target", e))?;
+        match std::fs::remove_dir(target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(target = %target.display(), "cannot remove the target folder: {e}"),
+        }
+        self.stats.unpublishes.fetch_add(1, Ordering::Relaxed);
+        let Some(volume) = state.volumes.remove(target) else {
+            return Ok(());
+        };
+        if volume.volume_id != volume_id {
+            warn!(recorded = %volume.volume_id, asked = %volume_id, "unpublish names another volume ID than publish did");
+        }
+        info!(volume = %volume.volume_id, target = %target.display(), "unpublished");
+        if !state.volumes.values().any(|v| v.digest == volume.digest)
+            && let Some(model) = state.models.remove(&volume.digest)
+        {
+            info!(model = %model.reference, "last volume gone; unmounting (cached chunks stay)");
+            self.release(model);
+        }
+        self.save(&state);
+        Ok(())
+    }
+
+    /// The numbers of the volume at `path`.
+    pub async fn volume_stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats, Error> {
+        if volume_id.is_empty() {
+            return Err(Error::InvalidArgument("volume_id is required".into()));
+        }
+        let state = self.state.lock().await;
+        let volume = state
+            .volumes
+            .get(path)
+            .filter(|v| v.volume_id == volume_id)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "no volume {volume_id} is published at {}",
+                    path.display()
+                ))
+            })?;
+        let Some(model) = state.models.get(&volume.digest) else {
+            return Ok(VolumeStats {
+                total: 0,
+                local: 0,
+                abnormal: Some("the model is not mounted (the plugin restarted)".into()),
+            });
+        };
+        let (total, local) = model_bytes(&model.mounted);
+        let abnormal = if !mounts::is_mount_point(path) {
+            Some(format!("{} is no longer mounted", path.display()))
+        } else if !mounts::is_alive(path) {
+            Some("the lazy file system does not answer".into())
+        } else {
+            None
+        };
+        Ok(VolumeStats {
+            total,
+            local,
+            abnormal,
+        })
+    }
+
+    /// Every model served, with its numbers.
+    pub async fn model_rows(&self) -> Vec<ModelRow> {
+        let state = self.state.lock().await;
+        let mut rows: Vec<ModelRow> = state
+            .models
+            .iter()
+            .map(|(digest, model)| {
+                let (bytes, local_bytes) = model_bytes(&model.mounted);
+                ModelRow {
+                    reference: model.reference.clone(),
+                    digest: digest.clone(),
+                    volumes: state
+                        .volumes
+                        .values()
+                        .filter(|v| &v.digest == digest)
+                        .count() as u64,
+                    bytes,
+                    local_bytes,
+                    fetched_bytes: model
+                        .mounted
+                        .counters()
+                        .fetched_bytes
+                        .load(Ordering::Relaxed),
+                    prefetch: model.prefetch,
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| a.reference.cmp(&b.reference));
+        rows
+    }
+
+    /// Volumes published now.
+    pub async fn volume_count(&self) -> usize {
+        self.state.lock().await.volumes.len()
+    }
+
+    /// Writes the volume records (temporary file, then rename); a failure is logged: the
+    /// records serve a restart, not the volumes themselves.
+    fn save(&self, state: &State) {
+        let path = self.config.state_dir.join(VOLUMES_FILE);
+        let tmp = path.with_extension("json.tmp");
+        let volumes: Vec<&Volume> = state.volumes.values().collect();
+        let written = serde_json::to_vec_pretty(&volumes)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            warn!(path = %path.display(), "cannot record the volumes: {e}");
+        }
+    }
+
+    /// After a restart: takes back the volumes an earlier process published. A model whose
+    /// FUSE connection the holder kept, still mounted under `STATE/models`, is adopted: its
+    /// binds at the targets never died, running containers only waited and read on, and
+    /// reads the predecessor left unanswered are sent again. Every other model's mount died
+    /// with that process, so each recorded target's dead bind is detached and the model is
+    /// mounted again (by the digest recorded at publish, with the node's credentials) and
+    /// bound again: new containers of those pods read again, and unpublish works. A volume
+    /// that cannot be restored stays recorded (so its unpublish succeeds) and is reported.
+    pub async fn restore(&self) -> (usize, usize) {
+        let models_dir = self.config.state_dir.join("models");
+        let path = self.config.state_dir.join(VOLUMES_FILE);
+        let volumes: Vec<Volume> = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                warn!(path = %path.display(), "unreadable volume records, ignored: {e}");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        };
+        // Connections a predecessor left with the holder, for models still mounted and used.
+        // No mount point is stat'ed before it is adopted: that would wait for its server.
+        let mut held = match &self.config.fuse_holder {
+            Some(holder) => holder.take().await,
+            None => HashMap::new(),
+        };
+        let mut stale = Vec::new();
+        let mut digests = std::collections::HashSet::new();
+        held.retain(|dir, handover| {
+            let keep = dir.parent() == Some(models_dir.as_path())
+                && modelpack_lazyfs::mountinfo::at(dir)
+                    .is_some_and(|m| m.dev == handover.state.dev)
+                && parse_model_dir(dir).is_some_and(|(d, _)| {
+                    volumes.iter().any(|v| v.digest == d) && digests.insert(d)
+                });
+            if !keep {
+                stale.push(dir.clone());
+            }
+            keep
+        });
+        if let Some(holder) = &self.config.fuse_holder {
+            for dir in &stale {
+                holder.release(dir).await;
+            }
+            detach_stale(&models_dir, &held);
+        }
+        // Mount numbers go on past the adopted folders'.
+        for dir in held.keys() {
+            if let Some((_, n)) = parse_model_dir(dir) {
+                self.next_mount.fetch_max(n + 1, Ordering::Relaxed);
+            }
+        }
+        let mut adopted: HashMap<Digest, (u32, u32)> = HashMap::new();
+        for (dir, handover) in held {
+            let Some((digest, _)) = parse_model_dir(&dir) else {
+                continue;
+            };
+            let dev = handover.state.dev;
+            let started = Instant::now();
+            match self.adopt(&volumes, &digest, dir.clone(), handover).await {
+                Ok(model) => {
+                    info!(model = %model.reference, took = ?started.elapsed(), "model taken over");
+                    self.state.lock().await.models.insert(digest.clone(), model);
+                    adopted.insert(digest, dev);
+                }
+                Err(e) => {
+                    // Its readers get ENOTCONN; the model is mounted afresh below.
+                    warn!(dir = %dir.display(), "cannot adopt the FUSE connection; mounting afresh: {e}");
+                    if let Some(holder) = &self.config.fuse_holder {
+                        holder.release(&dir).await;
+                    }
+                    let _ = mounts::detach(&dir);
+                    let _ = std::fs::remove_dir(&dir);
+                }
+            }
+        }
+        let (mut restored, mut failed) = (0, 0);
+        for volume in volumes {
+            // A bind of an adopted model: it never died.
+            if let Some(dev) = adopted.get(&volume.digest)
+                && modelpack_lazyfs::mountinfo::at(&volume.target).is_some_and(|m| m.dev == *dev)
+            {
+                info!(volume = %volume.volume_id, target = %volume.target.display(), "volume kept");
+                let mut state = self.state.lock().await;
+                state.volumes.insert(volume.target.clone(), volume);
+                self.save(&state);
+                restored += 1;
+                continue;
+            }
+            if !mounts::is_alive(&volume.target) {
+                let _ = mounts::detach_all_at(&volume.target);
+            }
+            let again = volume
+                .reference
+                .parse::<Reference>()
+                .map_err(|e| Error::InvalidArgument(e.to_string()))
+                .map(|r| Publish {
+                    volume_id: volume.volume_id.clone(),
+                    target: volume.target.clone(),
+                    reference: r.with_digest(volume.digest.clone()),
+                    prefetch: false,
+                    ephemeral: volume.ephemeral,
+                    pod: volume.pod.clone(),
+                    docker_config: None,
+                });
+            let result = match again {
+                Ok(p) => {
+                    let _ = mounts::detach_all_at(&p.target);
+                    self.publish(p).await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => restored += 1,
+                Err(e) => {
+                    failed += 1;
+                    warn!(volume = %volume.volume_id, target = %volume.target.display(), "cannot restore the volume: {e}");
+                    let mut state = self.state.lock().await;
+                    state.volumes.insert(volume.target.clone(), volume);
+                    self.save(&state);
+                }
+            }
+        }
+        (restored, failed)
+    }
+
+    /// Adopts `handover`, the connection of model `digest` mounted at `dir`, as recorded by
+    /// `volumes` (resolved by digest, with the node's credentials).
+    async fn adopt(
+        &self,
+        volumes: &[Volume],
+        digest: &Digest,
+        dir: PathBuf,
+        handover: Arc<Handover>,
+    ) -> Result<Model, Error> {
+        let volume = volumes
+            .iter()
+            .find(|v| &v.digest == digest)
+            .ok_or_else(|| Error::Internal(format!("no volume uses {digest}")))?;
+        let reference = volume
+            .reference
+            .parse::<Reference>()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?
+            .with_digest(digest.clone());
+        let clients = self.clients(reference.registry(), None)?;
+        let resolved = self.resolve(&clients, &reference).await?;
+        self.mount_model_at(&reference, resolved, &clients, false, dir, Some(handover))
+            .await
+    }
+
+    /// At shutdown: abandons the models whose connection the holder keeps, for the next
+    /// process to adopt (their readers wait meanwhile), and unmounts the others (their binds at
+    /// the targets stay, dead, until kubelet unpublishes them or a restarted plugin restores
+    /// them). Returns how many it abandoned: the process must then exit at once, dropping
+    /// nothing (a read in flight, dropped, would answer EIO; unanswered, the next process has
+    /// the kernel send it again).
+    pub async fn shutdown(&self) -> usize {
+        let models: Vec<Model> = {
+            let mut state = self.state.lock().await;
+            state.models.drain().map(|(_, m)| m).collect()
+        };
+        let mut left = 0;
+        for model in models {
+            if model.held {
+                model.mounted.leave();
+                left += 1;
+            } else {
+                unmount_model(model).await;
+            }
+        }
+        left
+    }
+}
+
+/// Creates `target` if needed and binds `dir` at it read-only (replacing a dead bind).
+fn bind(dir: &Path, target: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(target).map_err(|e| internal("creating the target folder", e))?;
+    if mounts::is_mount_point(target) {
+        mounts::detach_all_at(target).map_err(|e| internal("clearing the target", e))?;
+    }
+    mounts::bind_read_only(dir, target).map_err(|e| {
+        internal(
+            &format!("binding {} at {}", dir.display(), target.display()),
+            e,
+        )
+    })
+}
+
+/// Unmounts `model` (detaches it when that fails) and removes its folder.
+async fn unmount_model(model: Model) {
+    let Model { mounted, dir, .. } = model;
+    if let Err(e) = mounted.unmount().await {
+        warn!(dir = %dir.display(), "unmount failed, detaching: {e}");
+        let _ = mounts::detach(&dir);
+    }
+    let _ = std::fs::remove_dir(&dir);
+}
+
+/// Detaches the mounts under `models` (a predecessor's) but those in `keep`, and removes the
+/// empty folders there.
+fn detach_stale(models: &Path, keep: &HashMap<PathBuf, Arc<Handover>>) {
+    for stale in mounts::under(models) {
+        if keep.contains_key(&stale) || stale == models {
+            continue;
+        }
+        warn!(path = %stale.display(), "detaching a mount left by an earlier run");
+        let _ = mounts::detach(&stale);
+    }
+    if let Ok(entries) = std::fs::read_dir(models) {
+        for entry in entries.flatten() {
+            if !keep.contains_key(&entry.path()) {
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+    }
+}
+
+/// The digest and mount number of a model folder's name (`ALGORITHM-HEX.N`).
+fn parse_model_dir(dir: &Path) -> Option<(Digest, u64)> {
+    let name = dir.file_name()?.to_str()?;
+    let (digest, n) = name.rsplit_once('.')?;
+    let (algorithm, encoded) = digest.rsplit_once('-')?;
+    let digest = format!("{algorithm}:{encoded}").parse::<Digest>().ok()?;
+    Some((digest, n.parse().ok()?))
+}
+
+/// (content bytes, local verified bytes) of a mount, from its per-file status.
+fn model_bytes(mounted: &MountedModel) -> (u64, u64) {
+    let status = mounted.status();
+    let mut total = 0u64;
+    let mut local = 0u64;
+    for file in status["files"].as_array().into_iter().flatten() {
+        let size = file["size"].as_u64().unwrap_or(0);
+        let percent = file["local"].as_f64().unwrap_or(0.0);
+        total += size;
+        local += if percent >= 100.0 {
+            size
+        } else {
+            (size as f64 * percent / 100.0) as u64
+        };
+    }
+    (total, local)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `localhost`, 127.0.0.0/8 and ::1, with or without a port (plain HTTP, as Docker treats them).
+pub fn is_loopback(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else if host.matches(':').count() == 1 {
+        host.split(':').next().unwrap_or(host)
+    } else {
+        host
+    };
+    name == "localhost"
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts_are_recognised() {
+        for host in [
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "[::1]:5000",
+            "127.1.2.3",
+        ] {
+            assert!(is_loopback(host), "{host}");
+        }
+        assert!(!is_loopback("registry.example:5000"));
+    }
+}

@@ -1,0 +1,762 @@
+//! `modelpack-csi`, the CSI node plugin, driven over its unix socket exactly as kubelet drives
+//! it (GetPluginInfo, NodeGetInfo, NodePublishVolume with kubelet's volume context and target
+//! paths, NodeUnpublishVolume), against a real registry behind a counting proxy: publish is
+//! fast and fetches no model bytes, two pods of one model fetch it once, every file reads
+//! byte-identical, and the CSI error and idempotence rules hold.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use modelpack_testkit::mounts::DetachOnDrop;
+use serde_json::{Value, json};
+
+use crate::util::{self, Guard, Proxy, Scratch};
+
+/// The `modelpack-csi` binary: `$MODELPACK_CSI_BIN`, else beside the `modelpack` under test.
+fn csi_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MODELPACK_CSI_BIN") {
+        return PathBuf::from(p);
+    }
+    let path = util::bin().with_file_name("modelpack-csi");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p modelpack-csi`",
+        path.display()
+    );
+    path
+}
+
+/// A running plugin, stopped by PID on drop (the scratch's mounts are detached after it).
+struct Plugin {
+    socket: PathBuf,
+    state: PathBuf,
+    guard: Guard,
+}
+
+impl Plugin {
+    fn start(dir: &Path, extra: &[&str]) -> Plugin {
+        let socket = dir.join("csi/csi.sock");
+        let state = dir.join("state");
+        let child = Command::new(csi_bin())
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .args([
+                "--node-id",
+                "node-a",
+                "--hosts-dir",
+                "",
+                "--log-level",
+                "info",
+            ])
+            .arg("--state-dir")
+            .arg(&state)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start modelpack-csi");
+        let plugin = Plugin {
+            socket,
+            state,
+            guard: Guard::new(child),
+        };
+        util::wait_until(
+            Duration::from_secs(20),
+            Duration::from_millis(25),
+            || plugin.socket.exists(),
+            || "the plugin did not open its socket".into(),
+        );
+        plugin
+    }
+
+    /// One RPC: `Ok(response)` or `Err((code, message))`.
+    fn call(&self, method: &str, request: &Value) -> Result<Value, (String, String)> {
+        let out = Command::new(csi_bin())
+            .arg("--endpoint")
+            .arg(&self.socket)
+            .args(["call", method, &request.to_string()])
+            .output()
+            .expect("run modelpack-csi call");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let answer: Value = serde_json::from_str(text.trim()).unwrap_or_else(|_| {
+            panic!(
+                "{method}: no JSON answer: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        if out.status.success() {
+            Ok(answer)
+        } else {
+            assert_eq!(out.status.code(), Some(1), "{method}: {answer}");
+            Err((
+                answer["code"].as_str().unwrap_or_default().to_owned(),
+                answer["message"].as_str().unwrap_or_default().to_owned(),
+            ))
+        }
+    }
+
+    fn ok(&self, method: &str, request: &Value) -> Value {
+        self.call(method, request)
+            .unwrap_or_else(|(code, message)| panic!("{method}: {code}: {message}"))
+    }
+
+    fn fails(&self, method: &str, request: &Value) -> (String, String) {
+        match self.call(method, request) {
+            Ok(answer) => panic!("{method} succeeded: {answer}"),
+            Err(e) => e,
+        }
+    }
+
+    /// Sends `signal` and waits (up to 10 s) for the plugin to exit; its exit status.
+    fn stop_with(
+        &mut self,
+        signal: modelpack_testkit::process::Signal,
+    ) -> std::process::ExitStatus {
+        self.guard.signal(signal);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = self.guard.child.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the plugin did not exit on {signal:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The lazy mounts of models the plugin holds now.
+    fn model_mounts(&self) -> Vec<PathBuf> {
+        modelpack_testkit::mounts::mounts_under(&self.state.join("models"))
+    }
+}
+
+/// A kubelet-shaped target path for pod `uid`'s volume `name` (kubelet makes the parent).
+fn target(root: &Path, uid: &str, name: &str) -> PathBuf {
+    let dir = root.join(format!("pods/{uid}/volumes/kubernetes.io~csi/{name}"));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    dir.join("mount")
+}
+
+/// NodePublishVolume as kubelet sends it for a CSI ephemeral inline volume.
+fn inline_publish(volume_id: &str, target: &Path, attributes: &[(&str, &str)]) -> Value {
+    let mut context = json!({
+        "csi.storage.k8s.io/ephemeral": "true",
+        "csi.storage.k8s.io/pod.name": "loader",
+        "csi.storage.k8s.io/pod.namespace": "ml",
+        "csi.storage.k8s.io/pod.uid": "uid",
+        "csi.storage.k8s.io/serviceAccount.name": "default",
+    });
+    for (k, v) in attributes {
+        context[*k] = json!(v);
+    }
+    json!({
+        "volume_id": volume_id,
+        "target_path": target,
+        // kubelet gives inline volumes ReadWriteOnce, whatever the pod says.
+        "volume_capability": {"access_type": {"Mount": {}}, "access_mode": {"mode": 1}},
+        "readonly": true,
+        "volume_context": context,
+    })
+}
+
+fn unpublish(volume_id: &str, target: &Path) -> Value {
+    json!({"volume_id": volume_id, "target_path": target})
+}
+
+/// Every regular file under `dir` (the hidden status file left out): relative path -> sha256.
+fn file_hashes(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .map(|e| e.expect("walk"))
+        .filter(|e| e.file_type().is_file() && e.file_name() != ".modelpack-status")
+        .map(|e| {
+            let rel = e
+                .path()
+                .strip_prefix(dir)
+                .expect("under")
+                .to_string_lossy()
+                .into_owned();
+            (rel, util::sha256_file(e.path()))
+        })
+        .collect()
+}
+
+const MIB: u64 = 1 << 20;
+
+/// A 1 GiB model: publish returns in under a second having fetched under 1 MiB; two pods of
+/// the model on the node fetch it once; both read every file byte-identical; stats say when
+/// it is all local; the last unpublish unmounts the model and a later pod reads from the cache.
+#[test]
+fn csi_publish_is_lazy_shared_and_byte_identical() {
+    if !util::can_fuse() {
+        return;
+    }
+    const WEIGHT: usize = 1 << 30;
+    let Some(m) = util::registry_with_pushed_model("models/big:v1", |s: &Scratch| {
+        util::model_with_weight(
+            s,
+            WEIGHT,
+            0x5eed,
+            &[
+                ("config.json", br#"{"model_type":"m"}"#),
+                ("tokenizer/vocab.txt", b"a\nb\n"),
+            ],
+        )
+    }) else {
+        return;
+    };
+    let (proxy, via): (Proxy, String) = m.through_proxy(None);
+    let expected = file_hashes(&m.dir);
+    let scratch = Scratch::new();
+    let _detach = DetachOnDrop(scratch.dir.path().to_owned());
+    let _holder = HolderGuard(scratch.path("state"));
+    let plugin = Plugin::start(scratch.dir.path(), &[]);
+
+    let info = plugin.ok("GetPluginInfo", &json!({}));
+    assert_eq!(info["name"], "model.csi.modelpack.io");
+    assert_eq!(plugin.ok("NodeGetInfo", &json!({}))["node_id"], "node-a");
+    assert_eq!(plugin.ok("Probe", &json!({}))["ready"]["value"], true);
+    let caps = plugin.ok("NodeGetCapabilities", &json!({})).to_string();
+    assert!(
+        caps.contains("\"type\":2") && caps.contains("\"type\":4"),
+        "{caps}"
+    );
+
+    let pod_a = target(scratch.dir.path(), "uid-a", "model");
+    let before = proxy.served();
+    let started = Instant::now();
+    plugin.ok(
+        "NodePublishVolume",
+        &inline_publish("csi-aaaa", &pod_a, &[("reference", &via)]),
+    );
+    let publish_latency = started.elapsed();
+    let fetched_at_publish = proxy.served() - before;
+    eprintln!(
+        "csi: publish of a 1 GiB model took {publish_latency:?}, fetched {fetched_at_publish} bytes"
+    );
+    assert!(
+        publish_latency < Duration::from_secs(1),
+        "publish took {publish_latency:?}"
+    );
+    assert!(
+        fetched_at_publish < MIB,
+        "publish fetched {fetched_at_publish} bytes"
+    );
+    // The tree is there before any byte of the weight.
+    let size = std::fs::metadata(pod_a.join("model.safetensors"))
+        .expect("stat")
+        .len();
+    assert_eq!(size, WEIGHT as u64);
+    assert!(proxy.served() - before < MIB, "a stat fetched model bytes");
+    // Read-only, whatever kubelet's access mode said.
+    let write = std::fs::write(pod_a.join("new.txt"), b"x").expect_err("read-only");
+    assert_eq!(write.raw_os_error(), Some(libc::EROFS), "{write}");
+
+    // A second pod of the same model on the node: its own target, the same lazy mount.
+    let pod_b = target(scratch.dir.path(), "uid-b", "weights");
+    plugin.ok(
+        "NodePublishVolume",
+        &inline_publish("csi-bbbb", &pod_b, &[("reference", &via)]),
+    );
+    assert_eq!(plugin.model_mounts().len(), 1, "one lazy mount per model");
+    // Publishing the same volume again at the same target is a success (kubelet retries).
+    plugin.ok(
+        "NodePublishVolume",
+        &inline_publish("csi-aaaa", &pod_a, &[("reference", &via)]),
+    );
+    // Another volume at a target in use is refused.
+    let (code, message) = plugin.fails(
+        "NodePublishVolume",
+        &inline_publish("csi-cccc", &pod_a, &[("reference", &via)]),
+    );
+    assert_eq!(code, "AlreadyExists", "{message}");
+
+    assert_eq!(
+        file_hashes(&pod_a),
+        expected,
+        "pod a reads the model byte-identical"
+    );
+    assert_eq!(
+        file_hashes(&pod_b),
+        expected,
+        "pod b reads the model byte-identical"
+    );
+    let fetched = proxy.served() - before;
+    eprintln!(
+        "csi: two pods read the model, {fetched} bytes fetched ({} weight)",
+        WEIGHT
+    );
+    assert!(
+        fetched >= WEIGHT as u64,
+        "{fetched} bytes cannot hold the model"
+    );
+    assert!(
+        fetched < WEIGHT as u64 + 8 * MIB,
+        "two pods fetched {fetched} bytes: more than once"
+    );
+
+    // Stats: everything read is local now.
+    let stats = plugin.ok(
+        "NodeGetVolumeStats",
+        &json!({"volume_id": "csi-aaaa", "volume_path": pod_a}),
+    );
+    let usage = &stats["usage"][0];
+    assert_eq!(usage["unit"], 1, "{stats}");
+    assert_eq!(usage["total"], usage["used"], "fully local: {stats}");
+    assert!(
+        usage["total"].as_u64().unwrap_or(0) >= WEIGHT as u64,
+        "{stats}"
+    );
+    assert_eq!(stats["volume_condition"]["abnormal"], false, "{stats}");
+    let (code, _) = plugin.fails(
+        "NodeGetVolumeStats",
+        &json!({"volume_id": "csi-zzzz", "volume_path": pod_a}),
+    );
+    assert_eq!(code, "NotFound");
+
+    // Unpublish: idempotent; the model stays mounted while pod b uses it.
+    plugin.ok("NodeUnpublishVolume", &unpublish("csi-aaaa", &pod_a));
+    plugin.ok("NodeUnpublishVolume", &unpublish("csi-aaaa", &pod_a));
+    assert!(!pod_a.exists(), "the target folder is removed");
+    assert_eq!(plugin.model_mounts().len(), 1);
+    assert_eq!(file_hashes(&pod_b), expected);
+    plugin.ok("NodeUnpublishVolume", &unpublish("csi-bbbb", &pod_b));
+    util::wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || plugin.model_mounts().is_empty(),
+        || "the model's mount outlived its last volume".into(),
+    );
+
+    // The next pod: mounted again, served from the node cache, nothing fetched but metadata.
+    let pod_c = target(scratch.dir.path(), "uid-c", "model");
+    let before = proxy.served();
+    plugin.ok(
+        "NodePublishVolume",
+        &inline_publish("csi-dddd", &pod_c, &[("reference", &via)]),
+    );
+    assert_eq!(file_hashes(&pod_c), expected);
+    let refetched = proxy.served() - before;
+    assert!(
+        refetched < MIB,
+        "the cache was not reused: {refetched} bytes fetched"
+    );
+    plugin.ok("NodeUnpublishVolume", &unpublish("csi-dddd", &pod_c));
+    // An unknown target is a success too.
+    plugin.ok(
+        "NodeUnpublishVolume",
+        &unpublish("csi-eeee", &scratch.path("nowhere/mount")),
+    );
+}
+
+/// The CSI rules for bad requests, each with one clear message; a static PersistentVolume
+/// naming the model by its volumeHandle; a registry that is down answers UNAVAILABLE.
+#[test]
+fn csi_errors_and_static_volumes() {
+    if !util::can_fuse() {
+        return;
+    }
+    let Some(m) = util::registry_with_pushed_model("models/small:v1", |s: &Scratch| {
+        util::model_with_weight(s, 3 * MIB as usize, 7, &[("config.json", b"{}")])
+    }) else {
+        return;
+    };
+    let expected = file_hashes(&m.dir);
+    let scratch = Scratch::new();
+    let _detach = DetachOnDrop(scratch.dir.path().to_owned());
+    let _holder = HolderGuard(scratch.path("state"));
+    let plugin = Plugin::start(scratch.dir.path(), &["--resolve-timeout", "3"]);
+    let t = target(scratch.dir.path(), "uid-x", "model");
+    let check = |request: Value, want_code: &str, want_text: &str| {
+        let (code, message) = plugin.fails("NodePublishVolume", &request);
+        assert_eq!(code, want_code, "{message}");
+        assert!(
+            message.contains(want_text),
+            "{message:?} lacks {want_text:?}"
+        );
+    };
+    check(
+        inline_publish("csi-1", &t, &[("reference", "Not A Reference!")]),
+        "InvalidArgument",
+        "is not a model reference",
+    );
+    check(
+        inline_publish("csi-1", &t, &[]),
+        "InvalidArgument",
+        "volumeAttributes.reference is required",
+    );
+    let mut r = inline_publish("", &t, &[("reference", &m.reference)]);
+    check(r.clone(), "InvalidArgument", "volume_id is required");
+    r["volume_id"] = json!("csi-1");
+    r["target_path"] = json!("");
+    check(r.clone(), "InvalidArgument", "target_path is required");
+    r["target_path"] = json!(t);
+    r["volume_capability"] = Value::Null;
+    check(
+        r.clone(),
+        "InvalidArgument",
+        "volume_capability is required",
+    );
+    r["volume_capability"] = json!({"access_type": {"Block": {}}, "access_mode": {"mode": 1}});
+    check(
+        r.clone(),
+        "InvalidArgument",
+        "block volumes are not supported",
+    );
+    r["volume_capability"] = json!({"access_type": {"Mount": {}}, "access_mode": {"mode": 1}});
+    r["secrets"] = json!({"username": "u", "password": "hunter2"});
+    let (code, message) = plugin.fails("NodePublishVolume", &r);
+    assert_eq!(code, "InvalidArgument");
+    assert!(
+        !message.contains("hunter2"),
+        "a secret in an error: {message}"
+    );
+    check(
+        inline_publish(
+            "csi-1",
+            &t,
+            &[(
+                "reference",
+                &format!("{}/models/small:nope", m.registry.host()),
+            )],
+        ),
+        "NotFound",
+        "models/small:nope",
+    );
+    // A registry that is down: UNAVAILABLE, so kubelet tries again.
+    let down = format!("127.0.0.1:{}/models/small:v1", util::free_port());
+    let started = Instant::now();
+    check(
+        inline_publish("csi-1", &t, &[("reference", &down)]),
+        "Unavailable",
+        &down,
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        plugin.model_mounts().is_empty(),
+        "a failed publish left a mount"
+    );
+
+    // A static PersistentVolume: volumeHandle names the model, ReadOnlyMany.
+    let pv = json!({
+        "volume_id": m.reference,
+        "target_path": t,
+        "volume_capability": {"access_type": {"Mount": {}}, "access_mode": {"mode": 3}},
+        "volume_context": {"csi.storage.k8s.io/pod.name": "p", "csi.storage.k8s.io/pod.namespace": "d"},
+    });
+    let mut writable = pv.clone();
+    writable["volume_capability"]["access_mode"]["mode"] = json!(1);
+    check(writable, "InvalidArgument", "read-only");
+    plugin.ok("NodePublishVolume", &pv);
+    assert_eq!(file_hashes(&t), expected);
+    // The tag was resolved once: the volume record holds the digest.
+    let records = std::fs::read_to_string(plugin.state.join("volumes.json")).expect("records");
+    assert!(records.contains("\"digest\": \"sha256:"), "{records}");
+    plugin.ok(
+        "NodeUnpublishVolume",
+        &json!({"volume_id": m.reference, "target_path": t}),
+    );
+    let (code, _) = plugin.fails(
+        "NodeUnpublishVolume",
+        &json!({"volume_id": "", "target_path": t}),
+    );
+    assert_eq!(code, "InvalidArgument");
+}
+
+/// `deploy/kubernetes/` parses as Kubernetes objects (kubectl reads it offline: `kubectl label
+/// --local --dry-run=client`; `apply --dry-run=client` needs an API server for its REST
+/// mapping, so the fields the plugin relies on are checked here).
+#[test]
+fn csi_deployment_manifests_hold_what_the_plugin_needs() {
+    if !util::have_tool("kubectl") {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    let out = Command::new("kubectl")
+        .args(["label", "--local", "--dry-run=client", "-o", "json", "-f"])
+        .arg(&dir)
+        .arg("modelpack.io/checked=true")
+        .output()
+        .expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objects: Vec<Value> = serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter::<Value>()
+        .map(|o| o.expect("JSON from kubectl"))
+        .collect();
+    let find = |kind: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} in deploy/kubernetes"))
+    };
+    let driver = find("CSIDriver");
+    assert_eq!(driver["metadata"]["name"], "model.csi.modelpack.io");
+    assert_eq!(driver["spec"]["podInfoOnMountMode"], true);
+    assert_eq!(driver["spec"]["attachRequired"], false);
+    assert_eq!(driver["spec"]["fsGroupPolicy"], "None");
+    assert_eq!(
+        driver["spec"]["volumeLifecycleModes"],
+        json!(["Ephemeral", "Persistent"])
+    );
+
+    let pod_spec = &find("DaemonSet")["spec"]["template"]["spec"];
+    let containers = pod_spec["containers"].as_array().expect("containers");
+    let registrar = containers
+        .iter()
+        .find(|c| {
+            c["image"]
+                .as_str()
+                .is_some_and(|i| i.contains("csi-node-driver-registrar"))
+        })
+        .expect("the node-driver-registrar sidecar");
+    let args = registrar["args"].to_string();
+    assert!(
+        args.contains("/var/lib/kubelet/plugins/model.csi.modelpack.io/csi.sock"),
+        "{args}"
+    );
+    let plugin = containers
+        .iter()
+        .find(|c| c["name"] == "modelpack-csi")
+        .expect("plugin");
+    assert_eq!(plugin["securityContext"]["privileged"], true);
+    let mounts = plugin["volumeMounts"].as_array().expect("mounts");
+    let kubelet = mounts
+        .iter()
+        .find(|m| m["mountPath"] == "/var/lib/kubelet")
+        .expect("kubelet's folder");
+    assert_eq!(kubelet["mountPropagation"], "Bidirectional");
+    assert!(mounts.iter().any(|m| m["mountPath"] == "/dev/fuse"));
+    assert!(plugin["env"].to_string().contains("spec.nodeName"));
+    // The FUSE holder in a sidecar, on a socket both containers see; model mounts on the host.
+    let holder = containers
+        .iter()
+        .find(|c| c["name"] == "fuse-holder")
+        .expect("the fuse-holder sidecar");
+    let holder_args = holder["args"].to_string();
+    assert!(
+        holder_args.contains("\"fuse-holder\"") && holder_args.contains("--idle-exit=0"),
+        "{holder_args}"
+    );
+    let plugin_args = plugin["args"].to_string();
+    assert!(
+        plugin_args.contains("--fuse-holder=/run/modelpack-holder/fuse-holder.sock")
+            && plugin_args.contains("--fuse-holder-external")
+            && holder_args.contains("--socket=/run/modelpack-holder/fuse-holder.sock"),
+        "{plugin_args}"
+    );
+    let mounted_at = |c: &Value, path: &str| {
+        c["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["mountPath"] == path)
+    };
+    assert!(
+        mounted_at(holder, "/run/modelpack-holder") && mounted_at(plugin, "/run/modelpack-holder")
+    );
+    let state = mounts
+        .iter()
+        .find(|m| m["mountPath"] == "/var/lib/modelpack-csi")
+        .expect("the state folder");
+    assert_eq!(state["mountPropagation"], "Bidirectional");
+
+    let pod = find("Pod");
+    let csi = &pod["spec"]["volumes"][0]["csi"];
+    assert_eq!(csi["driver"], "model.csi.modelpack.io");
+    assert!(csi["volumeAttributes"]["reference"].is_string());
+    let pv = find("PersistentVolume");
+    assert_eq!(pv["spec"]["csi"]["driver"], "model.csi.modelpack.io");
+    assert_eq!(pv["spec"]["accessModes"], json!(["ReadOnlyMany"]));
+}
+
+/// Kills the FUSE holder a plugin started (its PID file under the state folder) when dropped.
+struct HolderGuard(PathBuf);
+
+impl HolderGuard {
+    fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.0.join("fuse-holder.pid"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+    }
+}
+
+impl Drop for HolderGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = modelpack_testkit::process::signal_pid(
+                pid,
+                modelpack_testkit::process::Signal::KILL,
+            );
+        }
+    }
+}
+
+/// A reader of one file (`sha256sum`, as a pod's loader would read it), killed on drop.
+struct Reader {
+    guard: Guard,
+    started: Instant,
+}
+
+impl Reader {
+    fn start(path: &Path) -> Reader {
+        let child = Command::new("sha256sum")
+            .arg(path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start sha256sum");
+        Reader {
+            guard: Guard::new(child),
+            started: Instant::now(),
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.guard.child.try_wait(), Ok(None))
+    }
+
+    /// Waits (up to `limit`) for the reader: its hash, or what went wrong.
+    fn finish(&mut self, limit: Duration) -> Result<String, String> {
+        util::wait_until(
+            limit,
+            Duration::from_millis(20),
+            || !self.running(),
+            || "the reader never finished".into(),
+        );
+        let mut out = String::new();
+        let mut err = String::new();
+        use std::io::Read as _;
+        if let Some(o) = self.guard.child.stdout.as_mut() {
+            let _ = o.read_to_string(&mut out);
+        }
+        if let Some(e) = self.guard.child.stderr.as_mut() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let status = self.guard.child.wait().expect("wait");
+        if !status.success() {
+            return Err(format!("{status}: {err}"));
+        }
+        out.split_whitespace()
+            .next()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no hash in {out:?}"))
+    }
+}
+
+/// Issue 16: the plugin restarts (kill -9, then SIGTERM) while a pod reads a 256 MiB file
+/// lazily over a slow link: the holder keeps the FUSE connection, the next plugin adopts it,
+/// and the reader waits and then finishes with the right bytes and no error; the binds at the
+/// targets never change.
+#[test]
+fn csi_restart_while_a_pod_reads_loses_no_read() {
+    if !util::can_fuse() {
+        return;
+    }
+    const WEIGHT: usize = 256 << 20;
+    let second = util::pseudo_random(WEIGHT, 0x5ec0);
+    let Some(m) = util::registry_with_pushed_model("models/restart:v1", |s: &Scratch| {
+        util::model_with_weight(
+            s,
+            WEIGHT,
+            0x16,
+            &[("config.json", b"{}"), ("shard-2.safetensors", &second)],
+        )
+    }) else {
+        return;
+    };
+    drop(second);
+    let expected = file_hashes(&m.dir);
+    // Per connection: a 256 MiB file takes several seconds.
+    let (proxy, via) = m.through_proxy(Some(24 * MIB));
+    let scratch = Scratch::new();
+    let _detach = DetachOnDrop(scratch.dir.path().to_owned());
+    let holder = HolderGuard(scratch.path("state"));
+    let mut plugin = Plugin::start(scratch.dir.path(), &[]);
+    let pod = target(scratch.dir.path(), "uid-r", "model");
+    plugin.ok(
+        "NodePublishVolume",
+        &inline_publish("csi-rrrr", &pod, &[("reference", &via)]),
+    );
+    let model_dirs = plugin.model_mounts();
+    assert_eq!(model_dirs.len(), 1);
+
+    for (round, file, signal) in [
+        (
+            "kill -9",
+            "model.safetensors",
+            modelpack_testkit::process::Signal::KILL,
+        ),
+        (
+            "SIGTERM",
+            "shard-2.safetensors",
+            modelpack_testkit::process::Signal::TERM,
+        ),
+    ] {
+        let before = proxy.served();
+        let mut reader = Reader::start(&pod.join(file));
+        util::wait_until(
+            Duration::from_secs(60),
+            Duration::from_millis(10),
+            || proxy.served() - before >= 16 * MIB,
+            || "the reader fetched nothing".into(),
+        );
+        let status = plugin.stop_with(signal);
+        let stopped = Instant::now();
+        let fetched_before = proxy.served() - before;
+        assert!(holder.pid().is_some(), "no FUSE holder was started");
+        assert!(reader.running(), "{round}: the read ended with the plugin");
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            reader.running(),
+            "{round}: the read failed while the plugin was away"
+        );
+        // A killed plugin leaves its socket file; the next start waits for a fresh one.
+        let _ = std::fs::remove_file(&plugin.socket);
+        drop(plugin);
+        plugin = Plugin::start(scratch.dir.path(), &[]);
+        let back = stopped.elapsed();
+        let hash = reader
+            .finish(Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{round}: the reader failed: {e}"));
+        eprintln!(
+            "csi restart ({round}, plugin exit {status}): {fetched_before} bytes fetched before; \
+             plugin back after {back:?}; the read took {:?} in all, {:?} after the stop",
+            reader.started.elapsed(),
+            stopped.elapsed()
+        );
+        assert_eq!(Some(&hash), expected.get(file), "{round}: wrong bytes");
+        assert_eq!(
+            plugin.model_mounts(),
+            model_dirs,
+            "{round}: the model's mount was replaced, not adopted"
+        );
+        let stats = plugin.ok(
+            "NodeGetVolumeStats",
+            &json!({"volume_id": "csi-rrrr", "volume_path": pod}),
+        );
+        assert_eq!(stats["volume_condition"]["abnormal"], false, "{stats}");
+    }
+    assert_eq!(
+        file_hashes(&pod),
+        expected,
+        "the volume reads whole after both restarts"
+    );
+    plugin.ok("NodeUnpublishVolume", &unpublish("csi-rrrr", &pod));
+    util::wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || plugin.model_mounts().is_empty(),
+        || "the model's mount outlived its last volume".into(),
+    );
+}

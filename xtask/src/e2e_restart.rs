@@ -1,0 +1,182 @@
+//! The containerd check that reads survive the snapshotter: a container hashes a 256 MiB weight
+//! read lazily through a throttled link, and in the middle of the read the snapshotter is killed
+//! (`kill -9`), stopped (SIGTERM), or killed and kept down for 10 s, then started again. The
+//! container's read waits and completes: its exit code is 0 and its digest the source's. How
+//! long the read stalled (from the stop until bytes flow again) is printed for
+//! docs/reliability.md.
+
+use std::fs;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+
+use crate::e2e::{Rig, tree_digests};
+use modelpack_testkit::link::Link;
+
+/// Each connection's rate through the link: the read takes several seconds.
+const RATE: u64 = 24 << 20;
+/// The weight's size.
+const WEIGHT: u64 = 256 << 20;
+/// Bytes fetched before the snapshotter is stopped.
+const STOP_AFTER: u64 = 48 << 20;
+
+/// How the snapshotter goes away.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    Kill,
+    Graceful,
+    KillAndWait(Duration),
+}
+
+impl Stop {
+    fn name(self) -> String {
+        match self {
+            Stop::Kill => "kill -9, started again at once".into(),
+            Stop::Graceful => "SIGTERM (graceful stop), started again at once".into(),
+            Stop::KillAndWait(d) => format!("kill -9, down for {} s", d.as_secs()),
+        }
+    }
+}
+
+/// One scenario's outcome.
+#[derive(Debug)]
+pub struct Stall {
+    /// What was done.
+    pub scenario: String,
+    /// From the stop until the new snapshotter answered.
+    pub daemon_away: Duration,
+    /// From the stop until the read moved again.
+    pub read_stalled: Duration,
+    /// The whole read, as the container saw it.
+    pub read_took: Duration,
+}
+
+/// Runs the three scenarios on `rig` with the runnable `image`. Returns the link the models are
+/// served through: it must outlive the rig's later restarts, which remount them.
+pub fn reads_survive_restarts(rig: &mut Rig, image: &str) -> anyhow::Result<(Link, Vec<Stall>)> {
+    println!("== 8. a container's read survives the snapshotter's restart");
+    let link = Link::start(rig.registry.port, Some(RATE));
+    let mut stalls = Vec::new();
+    for (n, stop) in [
+        Stop::Kill,
+        Stop::Graceful,
+        Stop::KillAndWait(Duration::from_secs(10)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let stall =
+            one(rig, image, &link, n, stop).with_context(|| format!("scenario {}", stop.name()))?;
+        println!(
+            "   ok: {}: daemon away {:.2} s, read stalled {:.2} s, read took {:.2} s; right digest, exit 0",
+            stall.scenario,
+            stall.daemon_away.as_secs_f64(),
+            stall.read_stalled.as_secs_f64(),
+            stall.read_took.as_secs_f64()
+        );
+        stalls.push(stall);
+    }
+    Ok((link, stalls))
+}
+
+fn one(rig: &mut Rig, image: &str, link: &Link, n: usize, stop: Stop) -> anyhow::Result<Stall> {
+    let model = rig.path(&format!("model-restart-{n}"));
+    fs::create_dir_all(&model)?;
+    crate::measure::write_random(&model.join("model.safetensors"), WEIGHT, 100 + n as u64)?;
+    fs::write(model.join("config.json"), br#"{"model_type":"restart"}"#)?;
+    let source = tree_digests(&model)?;
+    let want = source
+        .get("model.safetensors")
+        .context("the weight's digest")?
+        .clone();
+    let reference = format!("{}/e2e/restart-{n}:v1", link.host());
+    rig.build_and_push(&model, &reference)?;
+    rig.modelpack_containerd("pull", &["--plain-http", &reference])?;
+    let view = rig.path(&format!("view-restart-{n}"));
+    rig.mount_model(&reference, &view)?;
+
+    let before = link.served();
+    let started = Instant::now();
+    let container = rig
+        .containerd
+        .run_with_models(
+            image,
+            &format!("e2e-restart-{n}"),
+            &view,
+            &["sha256sum", "/models/model.safetensors"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start the container")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while link.served() - before < STOP_AFTER {
+        ensure!(
+            Instant::now() < deadline,
+            "the container read only {} bytes in 60 s",
+            link.served() - before
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    let stopped = Instant::now();
+    match stop {
+        Stop::Kill => rig.snapshotter.kill9(),
+        Stop::Graceful => rig.snapshotter.terminate()?,
+        Stop::KillAndWait(d) => {
+            rig.snapshotter.kill9();
+            std::thread::sleep(d);
+        }
+    }
+    let fetched_while_stopped = link.served();
+    rig.snapshotter.start_again()?;
+    let daemon_away = stopped.elapsed();
+    // Bytes flowing again (a little more than what was in flight when it stopped).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while link.served() < fetched_while_stopped + (1 << 20) {
+        ensure!(
+            Instant::now() < deadline,
+            "the read did not resume within 60 s of the restart"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let read_stalled = stopped.elapsed();
+
+    let out = container.wait_with_output()?;
+    let read_took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!(
+            "the container failed ({}): {stdout}{stderr}\nsnapshotter log:\n{}",
+            out.status,
+            tail(&rig.snapshotter.log_text(), 30)
+        );
+    }
+    let got = stdout.split_whitespace().next().unwrap_or_default();
+    ensure!(
+        got == want,
+        "the container read other bytes: {got} (want {want})"
+    );
+    ensure!(
+        rig.snapshotter
+            .log_text()
+            .contains("adopted the FUSE connection"),
+        "the new snapshotter did not adopt the FUSE connections"
+    );
+    rig.containerd.wait_for_snapshotter()?;
+    rig.modelpack_containerd("umount", &[&view.display().to_string()])?;
+    rig.mounted.retain(|d| d != &view);
+    Ok(Stall {
+        scenario: stop.name(),
+        daemon_away,
+        read_stalled,
+        read_took,
+    })
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
