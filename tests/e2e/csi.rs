@@ -52,6 +52,8 @@ impl Plugin {
             .arg("--state-dir")
             .arg(&state)
             .args(extra)
+            // The node's own Docker config: empty (tests give credentials by secret).
+            .env("DOCKER_CONFIG", dir.join("node-docker"))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -71,13 +73,30 @@ impl Plugin {
     }
 
     /// One RPC: `Ok(response)` or `Err((code, message))`.
+    /// A request with secrets goes on stdin (`call METHOD -`), never on the command line.
     fn call(&self, method: &str, request: &Value) -> Result<Value, (String, String)> {
-        let out = Command::new(csi_bin())
+        let on_stdin = request.get("secrets").is_some();
+        let mut child = Command::new(csi_bin())
             .arg("--endpoint")
             .arg(&self.socket)
-            .args(["call", method, &request.to_string()])
-            .output()
+            .args(["call", method])
+            .arg(if on_stdin {
+                "-".to_owned()
+            } else {
+                request.to_string()
+            })
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("run modelpack-csi call");
+        if let Some(mut stdin) = child.stdin.take()
+            && on_stdin
+        {
+            std::io::Write::write_all(&mut stdin, request.to_string().as_bytes())
+                .expect("write the request");
+        }
+        let out = child.wait_with_output().expect("run modelpack-csi call");
         let text = String::from_utf8_lossy(&out.stdout);
         let answer: Value = serde_json::from_str(text.trim()).unwrap_or_else(|_| {
             panic!(
@@ -502,13 +521,27 @@ fn csi_deployment_manifests_hold_what_the_plugin_needs() {
     };
     let driver = find("CSIDriver");
     assert_eq!(driver["metadata"]["name"], "model.csi.modelpack.io");
-    assert_eq!(driver["spec"]["podInfoOnMountMode"], true);
+    assert_eq!(driver["spec"]["podInfoOnMount"], true);
+    // kubelet publishes again periodically: a restarted plugin gets the secrets back.
+    assert_eq!(driver["spec"]["requiresRepublish"], true);
     assert_eq!(driver["spec"]["attachRequired"], false);
     assert_eq!(driver["spec"]["fsGroupPolicy"], "None");
     assert_eq!(
         driver["spec"]["volumeLifecycleModes"],
         json!(["Ephemeral", "Persistent"])
     );
+
+    // A rolling update would replace the pod and its FUSE holder: upgrades are in place.
+    assert_eq!(
+        find("DaemonSet")["spec"]["updateStrategy"]["type"],
+        "OnDelete"
+    );
+    // kubectl checks no field names offline (`--validate` needs an API server's OpenAPI):
+    // every key is checked against the Kubernetes API's field names here.
+    for object in &objects {
+        let kind = object["kind"].as_str().expect("kind");
+        check_fields(kind, kind, object);
+    }
 
     let pod_spec = &find("DaemonSet")["spec"]["template"]["spec"];
     let containers = pod_spec["containers"].as_array().expect("containers");
@@ -578,6 +611,219 @@ fn csi_deployment_manifests_hold_what_the_plugin_needs() {
     let pv = find("PersistentVolume");
     assert_eq!(pv["spec"]["csi"]["driver"], "model.csi.modelpack.io");
     assert_eq!(pv["spec"]["accessModes"], json!(["ReadOnlyMany"]));
+}
+
+/// The fields (name, type) of the Kubernetes API types `deploy/kubernetes/` uses, as in the
+/// API reference (core/v1, apps/v1, storage.k8s.io/v1); type `""` is a scalar or a list of
+/// scalars, `"map"` a free-form map (labels, quantities, attributes).
+fn fields_of(t: &str) -> &'static [(&'static str, &'static str)] {
+    const TOP: [(&str, &str); 2] = [("apiVersion", ""), ("kind", "")];
+    match t {
+        "CSIDriver" => &[
+            TOP[0],
+            TOP[1],
+            ("metadata", "ObjectMeta"),
+            ("spec", "CSIDriverSpec"),
+        ],
+        "CSIDriverSpec" => &[
+            ("attachRequired", ""),
+            ("podInfoOnMount", ""),
+            ("fsGroupPolicy", ""),
+            ("requiresRepublish", ""),
+            ("volumeLifecycleModes", ""),
+            ("storageCapacity", ""),
+            ("seLinuxMount", ""),
+            ("tokenRequests", "TokenRequest"),
+        ],
+        "TokenRequest" => &[("audience", ""), ("expirationSeconds", "")],
+        "Namespace" => &[TOP[0], TOP[1], ("metadata", "ObjectMeta")],
+        "ObjectMeta" => &[
+            ("name", ""),
+            ("namespace", ""),
+            ("labels", "map"),
+            ("annotations", "map"),
+        ],
+        "DaemonSet" => &[
+            TOP[0],
+            TOP[1],
+            ("metadata", "ObjectMeta"),
+            ("spec", "DaemonSetSpec"),
+        ],
+        "DaemonSetSpec" => &[
+            ("selector", "LabelSelector"),
+            ("updateStrategy", "DaemonSetUpdateStrategy"),
+            ("template", "PodTemplateSpec"),
+            ("minReadySeconds", ""),
+            ("revisionHistoryLimit", ""),
+        ],
+        "LabelSelector" => &[("matchLabels", "map"), ("matchExpressions", "map")],
+        "DaemonSetUpdateStrategy" => &[("type", ""), ("rollingUpdate", "map")],
+        "PodTemplateSpec" => &[("metadata", "ObjectMeta"), ("spec", "PodSpec")],
+        "Pod" => &[
+            TOP[0],
+            TOP[1],
+            ("metadata", "ObjectMeta"),
+            ("spec", "PodSpec"),
+        ],
+        "PodSpec" => &[
+            ("containers", "Container"),
+            ("initContainers", "Container"),
+            ("volumes", "Volume"),
+            ("tolerations", "Toleration"),
+            ("priorityClassName", ""),
+            ("serviceAccountName", ""),
+            ("nodeSelector", "map"),
+            ("hostNetwork", ""),
+            ("terminationGracePeriodSeconds", ""),
+        ],
+        "Toleration" => &[
+            ("key", ""),
+            ("operator", ""),
+            ("value", ""),
+            ("effect", ""),
+            ("tolerationSeconds", ""),
+        ],
+        "Container" => &[
+            ("name", ""),
+            ("image", ""),
+            ("imagePullPolicy", ""),
+            ("command", ""),
+            ("args", ""),
+            ("env", "EnvVar"),
+            ("ports", "ContainerPort"),
+            ("resources", "ResourceRequirements"),
+            ("securityContext", "SecurityContext"),
+            ("volumeMounts", "VolumeMount"),
+            ("livenessProbe", "map"),
+            ("readinessProbe", "map"),
+        ],
+        "EnvVar" => &[("name", ""), ("value", ""), ("valueFrom", "EnvVarSource")],
+        "EnvVarSource" => &[
+            ("fieldRef", "ObjectFieldSelector"),
+            ("secretKeyRef", "map"),
+            ("configMapKeyRef", "map"),
+        ],
+        "ObjectFieldSelector" => &[("fieldPath", ""), ("apiVersion", "")],
+        "ContainerPort" => &[
+            ("name", ""),
+            ("containerPort", ""),
+            ("hostPort", ""),
+            ("protocol", ""),
+        ],
+        "ResourceRequirements" => &[("requests", "map"), ("limits", "map")],
+        "SecurityContext" => &[
+            ("privileged", ""),
+            ("capabilities", "map"),
+            ("runAsUser", ""),
+            ("readOnlyRootFilesystem", ""),
+            ("allowPrivilegeEscalation", ""),
+        ],
+        "VolumeMount" => &[
+            ("name", ""),
+            ("mountPath", ""),
+            ("mountPropagation", ""),
+            ("readOnly", ""),
+            ("subPath", ""),
+        ],
+        "Volume" => &[
+            ("name", ""),
+            ("emptyDir", "EmptyDirVolumeSource"),
+            ("hostPath", "HostPathVolumeSource"),
+            ("csi", "CSIVolumeSource"),
+            ("persistentVolumeClaim", "map"),
+            ("secret", "map"),
+            ("configMap", "map"),
+        ],
+        "EmptyDirVolumeSource" => &[("medium", ""), ("sizeLimit", "")],
+        "HostPathVolumeSource" => &[("path", ""), ("type", "")],
+        "CSIVolumeSource" => &[
+            ("driver", ""),
+            ("readOnly", ""),
+            ("fsType", ""),
+            ("volumeAttributes", "map"),
+            ("nodePublishSecretRef", "LocalObjectReference"),
+        ],
+        "LocalObjectReference" => &[("name", "")],
+        "SecretReference" => &[("name", ""), ("namespace", "")],
+        "PersistentVolume" => &[
+            TOP[0],
+            TOP[1],
+            ("metadata", "ObjectMeta"),
+            ("spec", "PersistentVolumeSpec"),
+        ],
+        "PersistentVolumeSpec" => &[
+            ("capacity", "map"),
+            ("accessModes", ""),
+            ("persistentVolumeReclaimPolicy", ""),
+            ("storageClassName", ""),
+            ("volumeMode", ""),
+            ("mountOptions", ""),
+            ("claimRef", "map"),
+            ("nodeAffinity", "map"),
+            ("csi", "CSIPersistentVolumeSource"),
+        ],
+        "CSIPersistentVolumeSource" => &[
+            ("driver", ""),
+            ("volumeHandle", ""),
+            ("readOnly", ""),
+            ("fsType", ""),
+            ("volumeAttributes", "map"),
+            ("nodePublishSecretRef", "SecretReference"),
+            ("nodeStageSecretRef", "SecretReference"),
+            ("controllerPublishSecretRef", "SecretReference"),
+            ("controllerExpandSecretRef", "SecretReference"),
+            ("nodeExpandSecretRef", "SecretReference"),
+        ],
+        "PersistentVolumeClaim" => &[
+            TOP[0],
+            TOP[1],
+            ("metadata", "ObjectMeta"),
+            ("spec", "PersistentVolumeClaimSpec"),
+        ],
+        "PersistentVolumeClaimSpec" => &[
+            ("accessModes", ""),
+            ("storageClassName", ""),
+            ("volumeName", ""),
+            ("volumeMode", ""),
+            ("resources", "ResourceRequirements"),
+            ("selector", "LabelSelector"),
+        ],
+        _ => &[],
+    }
+}
+
+/// Every key of `value` (of API type `t`, at `at`) is a field of that type.
+fn check_fields(t: &str, at: &str, value: &Value) {
+    match value {
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                check_fields(t, &format!("{at}[{i}]"), item);
+            }
+        }
+        Value::Object(_) if t == "map" => {}
+        Value::Object(map) => {
+            let fields = fields_of(t);
+            assert!(
+                !fields.is_empty(),
+                "{at}: an object where {t:?} is expected"
+            );
+            for (key, child) in map {
+                let Some((_, child_type)) = fields.iter().find(|(f, _)| f == key) else {
+                    panic!("{at}.{key}: {t} has no field {key:?} in the Kubernetes API");
+                };
+                check_fields(child_type, &format!("{at}.{key}"), child);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn csi_field_check_catches_a_misspelt_field() {
+    let driver = json!({"kind": "CSIDriver", "spec": {"podInfoOnMount": true}});
+    check_fields("CSIDriver", "CSIDriver", &driver);
+    let typo = json!({"kind": "CSIDriver", "spec": {"podInfoOnMountMode": true}});
+    assert!(std::panic::catch_unwind(|| check_fields("CSIDriver", "CSIDriver", &typo)).is_err());
 }
 
 /// Kills the FUSE holder a plugin started (its PID file under the state folder) when dropped.
@@ -758,5 +1004,197 @@ fn csi_restart_while_a_pod_reads_loses_no_read() {
         Duration::from_millis(50),
         || plugin.model_mounts().is_empty(),
         || "the model's mount outlived its last volume".into(),
+    );
+}
+
+const USER: &str = "modeluser";
+const PASSWORD: &str = "s3cret-Pa55word";
+
+/// A `.dockerconfigjson` secret for `host` (the `username`/`password` form).
+fn docker_secret(host: &str, password: &str) -> Value {
+    let config = json!({"auths": {host: {"username": USER, "password": password}}});
+    json!({".dockerconfigjson": config.to_string()})
+}
+
+/// A private model (htpasswd registry): every publish is checked at the registry with its own
+/// credentials, even of a digest the node serves or has stored; a restarted plugin reports the
+/// model abnormal until kubelet's republish brings the secret back, which its reads then use;
+/// a restart drops the records of targets whose folders kubelet removed and creates none.
+#[test]
+fn csi_private_models_are_checked_per_publish_and_get_credentials_back_after_a_restart() {
+    if !util::can_fuse() || !util::have_tool("htpasswd") {
+        return;
+    }
+    let out = Command::new("htpasswd")
+        .args(["-Bbn", USER, PASSWORD])
+        .output()
+        .expect("htpasswd");
+    let htpasswd = String::from_utf8_lossy(&out.stdout).trim().to_owned() + "\n";
+    let Some(registry) = util::Registry::start(Some(&htpasswd)) else {
+        return;
+    };
+    let host = registry.host().to_owned();
+    let s = Scratch::new();
+    // 4 MiB: above the plugin's small-file prefetch, so it stays uncached until read.
+    let dir = util::model_with_weight(&s, 4 * MIB as usize, 0xa11, &[("config.json", b"{}")]);
+    let expected = file_hashes(&dir);
+    let tagged = format!("{host}/private/model:v1");
+    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &tagged]);
+    let push_config = s.path("push-docker");
+    std::fs::create_dir_all(&push_config).expect("mkdir");
+    std::fs::write(
+        push_config.join("config.json"),
+        json!({"auths": {&host: {"username": USER, "password": PASSWORD}}}).to_string(),
+    )
+    .expect("docker config");
+    let out = s.run_env(
+        &["-q", "push", &tagged, "--plain-http"],
+        &[("DOCKER_CONFIG", push_config.to_str().expect("utf8"))],
+    );
+    util::assert_success(&out, &["push"]);
+    let digest = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let by_digest = format!("{host}/private/model@{digest}");
+
+    let scratch = Scratch::new();
+    let _detach = DetachOnDrop(scratch.dir.path().to_owned());
+    let _holder = HolderGuard(scratch.path("state"));
+    let mut plugin = Plugin::start(scratch.dir.path(), &["--resolve-timeout", "5"]);
+    let with_secret = |id: &str, t: &Path, password: Option<&str>| {
+        let mut r = inline_publish(id, t, &[("reference", &by_digest)]);
+        if let Some(password) = password {
+            r["secrets"] = docker_secret(&host, password);
+        }
+        r
+    };
+    let pod_a = target(scratch.dir.path(), "uid-a", "model");
+    plugin.ok(
+        "NodePublishVolume",
+        &with_secret("csi-a", &pod_a, Some(PASSWORD)),
+    );
+    // The model is served: another pod's wrong secret, or none, still gets nothing.
+    let pod_b = target(scratch.dir.path(), "uid-b", "model");
+    let (code, message) = plugin.fails(
+        "NodePublishVolume",
+        &with_secret("csi-b", &pod_b, Some("wrong")),
+    );
+    assert_eq!(code, "PermissionDenied", "{message}");
+    assert!(
+        message.contains("nodePublishSecretRef") && !message.contains("wrong"),
+        "{message}"
+    );
+    let (code, message) = plugin.fails("NodePublishVolume", &with_secret("csi-b", &pod_b, None));
+    assert_eq!(code, "PermissionDenied", "{message}");
+    assert!(!modelpack_testkit::mounts::is_mounted(&pod_b));
+
+    // A second volume, whose pod folder kubelet removes while the plugin is away.
+    let pod_gone = target(scratch.dir.path(), "uid-gone", "model");
+    plugin.ok(
+        "NodePublishVolume",
+        &with_secret("csi-g", &pod_gone, Some(PASSWORD)),
+    );
+    let status = plugin.stop_with(modelpack_testkit::process::Signal::TERM);
+    assert!(status.success(), "{status}");
+    let gone_parent = pod_gone.parent().expect("parent").to_owned();
+    modelpack_testkit::mounts::detach_all(&pod_gone);
+    std::fs::remove_dir_all(&gone_parent).expect("kubelet removes the pod's folder");
+
+    plugin = Plugin::start(scratch.dir.path(), &["--resolve-timeout", "5"]);
+    assert!(
+        !gone_parent.exists(),
+        "restore created a removed target folder"
+    );
+    let records = std::fs::read_to_string(plugin.state.join("volumes.json")).expect("records");
+    assert!(!records.contains("csi-g"), "{records}");
+    assert!(
+        records.contains("csi-a") && !records.contains(PASSWORD),
+        "{records}"
+    );
+    // No secret yet: abnormal, and the stats say why.
+    let stats_of_a = || {
+        plugin.ok(
+            "NodeGetVolumeStats",
+            &json!({"volume_id": "csi-a", "volume_path": pod_a}),
+        )
+    };
+    let stats = stats_of_a();
+    assert_eq!(stats["volume_condition"]["abnormal"], true, "{stats}");
+    assert!(
+        stats["volume_condition"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nodePublishSecretRef")),
+        "{stats}"
+    );
+    assert_eq!(stats["usage"][0]["available"], 0, "{stats}");
+    // kubelet's republish (the same request) hands the credentials back; reads work.
+    plugin.ok(
+        "NodePublishVolume",
+        &with_secret("csi-a", &pod_a, Some(PASSWORD)),
+    );
+    let stats = stats_of_a();
+    assert_eq!(stats["volume_condition"]["abnormal"], false, "{stats}");
+    assert_eq!(file_hashes(&pod_a), expected);
+
+    // Unpublished (the mount goes, the manifest stays stored): a wrong secret is refused still.
+    plugin.ok("NodeUnpublishVolume", &unpublish("csi-a", &pod_a));
+    let pod_c = target(scratch.dir.path(), "uid-c", "model");
+    let (code, message) = plugin.fails(
+        "NodePublishVolume",
+        &with_secret("csi-c", &pod_c, Some("wrong")),
+    );
+    assert_eq!(code, "PermissionDenied", "{message}");
+    plugin.ok(
+        "NodePublishVolume",
+        &with_secret("csi-c", &pod_c, Some(PASSWORD)),
+    );
+    assert_eq!(file_hashes(&pod_c), expected);
+    plugin.ok("NodeUnpublishVolume", &unpublish("csi-c", &pod_c));
+    let status = plugin.stop_with(modelpack_testkit::process::Signal::TERM);
+    assert!(status.success(), "{status}");
+}
+
+/// A model mount that died (here: unmounted behind the plugin's back) is not reused: the next
+/// publish of the model mounts it again; the first volume's republish serves.
+#[test]
+fn csi_a_dead_model_mount_is_replaced() {
+    if !util::can_fuse() {
+        return;
+    }
+    let Some(m) = util::registry_with_pushed_model("models/dead:v1", |s: &Scratch| {
+        util::model_with_weight(s, 3 * MIB as usize, 9, &[("config.json", b"{}")])
+    }) else {
+        return;
+    };
+    let expected = file_hashes(&m.dir);
+    let scratch = Scratch::new();
+    let _detach = DetachOnDrop(scratch.dir.path().to_owned());
+    let _holder = HolderGuard(scratch.path("state"));
+    let plugin = Plugin::start(scratch.dir.path(), &[]);
+    let pod_a = target(scratch.dir.path(), "uid-a", "model");
+    let publish_a = inline_publish("csi-a", &pod_a, &[("reference", &m.reference)]);
+    plugin.ok("NodePublishVolume", &publish_a);
+    let before = plugin.model_mounts();
+    assert_eq!(before.len(), 1);
+    modelpack_testkit::mounts::detach(&before[0]).expect("detach the model mount");
+
+    let pod_b = target(scratch.dir.path(), "uid-b", "model");
+    plugin.ok(
+        "NodePublishVolume",
+        &inline_publish("csi-b", &pod_b, &[("reference", &m.reference)]),
+    );
+    let after = plugin.model_mounts();
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(after, before, "the dead mount was reused");
+    assert_eq!(file_hashes(&pod_b), expected);
+    // kubelet's republish of the first volume (its bind still reaches the old connection,
+    // or is bound again): it reads right.
+    plugin.ok("NodePublishVolume", &publish_a);
+    assert_eq!(file_hashes(&pod_a), expected);
+    plugin.ok("NodeUnpublishVolume", &unpublish("csi-a", &pod_a));
+    plugin.ok("NodeUnpublishVolume", &unpublish("csi-b", &pod_b));
+    util::wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || plugin.model_mounts().is_empty(),
+        || "the model stayed mounted".into(),
     );
 }

@@ -119,12 +119,32 @@ impl Snapshotter {
         }
     }
 
-    /// Stops it with SIGTERM, as `systemctl stop` would, and waits for it to exit.
+    /// Stops it with SIGTERM, as `systemctl stop` would, and waits for it to exit by itself
+    /// (an error when it does not within 30 s, or fails).
     pub fn terminate(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            stop_child(&mut child, Duration::from_secs(30));
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        signal_pid(child.id(), Signal::TERM)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                anyhow::ensure!(
+                    status.success(),
+                    "the snapshotter exited with {status} on SIGTERM"
+                );
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(())
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the snapshotter did not exit within 30 s of SIGTERM")
+    }
+
+    /// Runs `bin` from its next start on (an upgrade).
+    pub fn set_binary(&mut self, bin: &Path) {
+        self.bin = bin.to_owned();
     }
 
     /// Starts it (again, after [`Snapshotter::kill9`] or [`Snapshotter::terminate`]).

@@ -1,6 +1,7 @@
 //! The containerd check that reads survive the snapshotter: a container hashes a 256 MiB weight
 //! read lazily through a throttled link, and in the middle of the read the snapshotter is killed
-//! (`kill -9`), stopped (SIGTERM), or killed and kept down for 10 s, then started again. The
+//! (`kill -9`), stopped (SIGTERM), killed and kept down for 10 s, or upgraded (stopped, then
+//! started from another copy of the binary), then started again. The
 //! container's read waits and completes: its exit code is 0 and its digest the source's. How
 //! long the read stalled (from the stop until bytes flow again) is printed for
 //! docs/reliability.md.
@@ -9,7 +10,7 @@ use std::fs;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 
 use crate::e2e::{Rig, tree_digests};
 use modelpack_testkit::link::Link;
@@ -27,6 +28,7 @@ enum Stop {
     Kill,
     Graceful,
     KillAndWait(Duration),
+    Upgrade,
 }
 
 impl Stop {
@@ -35,6 +37,7 @@ impl Stop {
             Stop::Kill => "kill -9, started again at once".into(),
             Stop::Graceful => "SIGTERM (graceful stop), started again at once".into(),
             Stop::KillAndWait(d) => format!("kill -9, down for {} s", d.as_secs()),
+            Stop::Upgrade => "upgrade: SIGTERM, started from a new copy of the binary".into(),
         }
     }
 }
@@ -62,6 +65,7 @@ pub fn reads_survive_restarts(rig: &mut Rig, image: &str) -> anyhow::Result<(Lin
         Stop::Kill,
         Stop::Graceful,
         Stop::KillAndWait(Duration::from_secs(10)),
+        Stop::Upgrade,
     ]
     .into_iter()
     .enumerate()
@@ -98,18 +102,28 @@ fn one(rig: &mut Rig, image: &str, link: &Link, n: usize, stop: Stop) -> anyhow:
 
     let before = link.served();
     let started = Instant::now();
-    let container = rig
+    // The container keeps the weight open (fd 3) from before the stop until after a second
+    // container opened it again once it is complete: the kernel then holds the inode in
+    // page-cache mode, and the new snapshotter must not answer that second open with kernel
+    // passthrough (the kernel would refuse it with EIO).
+    let mut container = rig
         .containerd
         .run_with_models(
             image,
             &format!("e2e-restart-{n}"),
             &view,
-            &["sha256sum", "/models/model.safetensors"],
+            &[
+                "sh",
+                "-c",
+                "exec 3</models/model.safetensors; sha256sum /models/model.safetensors; sleep 6",
+            ],
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .context("cannot start the container")?;
+    let lines = lines_of(container.stdout.take());
+    let errors = lines_of(container.stderr.take());
     let deadline = Instant::now() + Duration::from_secs(60);
     while link.served() - before < STOP_AFTER {
         ensure!(
@@ -120,6 +134,7 @@ fn one(rig: &mut Rig, image: &str, link: &Link, n: usize, stop: Stop) -> anyhow:
         std::thread::sleep(Duration::from_millis(5));
     }
 
+    let log_before = rig.snapshotter.log_text().len();
     let stopped = Instant::now();
     match stop {
         Stop::Kill => rig.snapshotter.kill9(),
@@ -127,6 +142,13 @@ fn one(rig: &mut Rig, image: &str, link: &Link, n: usize, stop: Stop) -> anyhow:
         Stop::KillAndWait(d) => {
             rig.snapshotter.kill9();
             std::thread::sleep(d);
+        }
+        Stop::Upgrade => {
+            rig.snapshotter.terminate()?;
+            let new = rig.path("upgraded/modelpack-snapshotter");
+            fs::create_dir_all(rig.path("upgraded"))?;
+            fs::copy(&rig.bins.snapshotter, &new)?;
+            rig.snapshotter.set_binary(&new);
         }
     }
     let fetched_while_stopped = link.served();
@@ -143,28 +165,75 @@ fn one(rig: &mut Rig, image: &str, link: &Link, n: usize, stop: Stop) -> anyhow:
     }
     let read_stalled = stopped.elapsed();
 
-    let out = container.wait_with_output()?;
-    let read_took = started.elapsed();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        bail!(
-            "the container failed ({}): {stdout}{stderr}\nsnapshotter log:\n{}",
-            out.status,
+    let failed = |what: &str| {
+        anyhow::anyhow!(
+            "{what}; container output: {}\nsnapshotter log:\n{}",
+            errors.try_iter().collect::<Vec<_>>().join("\n"),
             tail(&rig.snapshotter.log_text(), 30)
-        );
-    }
-    let got = stdout.split_whitespace().next().unwrap_or_default();
+        )
+    };
+    let got = lines
+        .recv_timeout(Duration::from_secs(120))
+        .map_err(|_| failed("the container printed no digest within 120 s of the restart"))?;
+    let read_took = started.elapsed();
+    let got = got.split_whitespace().next().unwrap_or_default().to_owned();
     ensure!(
         got == want,
         "the container read other bytes: {got} (want {want})"
     );
+    // The second open, while the first container still holds the file open.
+    let again = rig.containerd.run_with_models_ok(
+        image,
+        &format!("e2e-restart-{n}-again"),
+        &view,
+        &["sha256sum", "/models/model.safetensors"],
+    )?;
     ensure!(
-        rig.snapshotter
-            .log_text()
-            .contains("adopted the FUSE connection"),
-        "the new snapshotter did not adopt the FUSE connections"
+        again.split_whitespace().next() == Some(want.as_str()),
+        "a second container opening the weight after the restart read {again:?}"
     );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = container.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = container.kill();
+            let _ = container.wait();
+            return Err(failed("the first container did not exit"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if !status.success() {
+        return Err(failed(&format!("the container failed ({status})")));
+    }
+
+    let log = rig.snapshotter.log_text();
+    let log = log.get(log_before..).unwrap_or_default();
+    ensure!(
+        log.contains("adopted the FUSE connection"),
+        "the new snapshotter did not adopt the FUSE connections:\n{}",
+        tail(log, 30)
+    );
+    for bad in [
+        "cannot adopt",
+        "mounting afresh",
+        "cannot resend",
+        "Reply not sent",
+    ] {
+        ensure!(
+            !log.contains(bad),
+            "the restart logged {bad:?}:\n{}",
+            tail(log, 30)
+        );
+    }
+    if matches!(stop, Stop::Graceful | Stop::Upgrade) {
+        ensure!(
+            log.contains("left the FUSE connections to the holder"),
+            "the stopped snapshotter did not leave its connections to the holder:\n{}",
+            tail(log, 30)
+        );
+    }
     rig.containerd.wait_for_snapshotter()?;
     rig.modelpack_containerd("umount", &[&view.display().to_string()])?;
     rig.mounted.retain(|d| d != &view);
@@ -174,6 +243,24 @@ fn one(rig: &mut Rig, image: &str, link: &Link, n: usize, stop: Stop) -> anyhow:
         read_stalled,
         read_took,
     })
+}
+
+/// The lines `pipe` gives, as they come (read on a thread of their own).
+fn lines_of(
+    pipe: Option<impl std::io::Read + Send + 'static>,
+) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    if let Some(pipe) = pipe {
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)).map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    rx
 }
 
 fn tail(text: &str, lines: usize) -> String {

@@ -68,12 +68,26 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Installed only when no `kubectl` is on PATH (another package may provide one): the CSI
+/// deployment manifests are checked with `kubectl label --local`.
+const KUBECTL_PACKAGE: &str = "kubernetes-client";
+
+fn have_command(name: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 fn install_packages(sh: &Shell) -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    let mut missing: Vec<&str> = PACKAGES
         .iter()
         .copied()
         .filter(|p| !installed(sh, p))
         .collect();
+    if !have_command("kubectl") {
+        missing.push(KUBECTL_PACKAGE);
+    }
     if missing.is_empty() {
         println!("setup: every package is installed");
         return Ok(());

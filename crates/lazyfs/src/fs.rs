@@ -112,6 +112,9 @@ impl MountedModel {
         let result = tokio::task::spawn_blocking(move || end_session(session))
             .await
             .map_err(std::io::Error::other);
+        if let Some(path) = self.fs.opens_file.lock().ok().and_then(|mut p| p.take()) {
+            let _ = std::fs::remove_file(path);
+        }
         self.fs.tasks.shutdown().await;
         self.fs.release_pins();
         result?
@@ -171,14 +174,34 @@ fn end_session(session: fuser::BackgroundSession) -> std::io::Result<()> {
 /// How an inode is open right now. The kernel refuses to mix page-cache opens and passthrough
 /// opens of one inode, so passthrough is used only when no page-cache open is outstanding, and
 /// while a passthrough open is, later opens share its backing file.
+///
+/// A successor that adopts the connection inherits the kernel's view: the open state is saved
+/// (`ModelFs::opens_file`) at every open and release while passthrough is on, and loaded at
+/// adoption, so the successor keeps using the predecessor's backing file for an inode the kernel
+/// holds in passthrough mode, and no passthrough for one it holds in page-cache mode (the kernel
+/// answers either mistake with EIO).
 #[derive(Default)]
 struct OpenState {
     cached: u32,
-    passthrough: Option<(Arc<BackingId>, u32)>,
+    /// The backing file, its raw id (what a successor needs), and the handles open on it.
+    passthrough: Option<(Arc<BackingId>, u32, u32)>,
+    /// A predecessor's backing file (raw id) and its handles still open: wrapped at the next
+    /// passthrough open (the kernel takes no other backing file for the inode); if none comes,
+    /// it stays registered until the connection ends.
+    inherited: Option<(u32, u32)>,
     /// Passthrough handles that pin the blob's cache file (released at unmount if the kernel
     /// never released them).
     pinned: u32,
 }
+
+impl OpenState {
+    fn idle(&self) -> bool {
+        self.cached == 0 && self.passthrough.is_none() && self.inherited.is_none()
+    }
+}
+
+/// One inode's saved open state: `[ino, cached, raw backing id, passthrough handles, pinned]`.
+type SavedOpen = [u64; 5];
 
 /// The FUSE file system.
 #[derive(Clone)]
@@ -206,6 +229,9 @@ struct ModelFs {
     /// What the kernel offered at INIT (ABI minor, capabilities, largest readahead): recorded
     /// so that a successor can adopt the connection.
     offered: Arc<Mutex<Option<(u32, u64, u32)>>>,
+    /// Where the open state is saved for a successor (see [`OpenState`]); set once the mount's
+    /// device is known.
+    opens_file: Arc<Mutex<Option<PathBuf>>>,
 }
 
 impl ModelFs {
@@ -247,7 +273,11 @@ impl ModelFs {
             .lock()
             .map(|o| {
                 o.iter()
-                    .map(|(ino, s)| (*ino, (s.cached, s.passthrough.as_ref().map_or(0, |p| p.1))))
+                    .map(|(ino, s)| {
+                        let passthrough = s.passthrough.as_ref().map_or(0, |p| p.2)
+                            + s.inherited.map_or(0, |p| p.1);
+                        (*ino, (s.cached, passthrough))
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -355,9 +385,17 @@ impl ModelFs {
     fn open_passthrough(&self, ino: u64, path: &Path, reply: &ReplyOpen) -> Option<Arc<BackingId>> {
         let mut opens = self.opens.lock().ok()?;
         let state = opens.entry(ino).or_default();
-        if let Some((id, count)) = &mut state.passthrough {
+        if let Some((id, _, count)) = &mut state.passthrough {
             *count += 1;
             return Some(id.clone());
+        }
+        if let Some((raw, count)) = state.inherited.take() {
+            // SAFETY: `raw` is a backing id the predecessor registered on this very connection
+            // and never closed; from here the wrapper owns it (closed with its last handle).
+            #[allow(unsafe_code)]
+            let id = Arc::new(unsafe { reply.wrap_backing(raw) });
+            state.passthrough = Some((id.clone(), raw, count + 1));
+            return Some(id);
         }
         if state.cached > 0 {
             return None;
@@ -365,8 +403,12 @@ impl ModelFs {
         let file = std::fs::File::open(path).ok()?;
         match reply.open_backing(&file) {
             Ok(id) => {
-                let id = Arc::new(id);
-                state.passthrough = Some((id.clone(), 1));
+                let raw = id.into_raw();
+                // SAFETY: `raw` was registered on this connection just now and is owned by
+                // nothing else; the wrapper closes it with its last handle.
+                #[allow(unsafe_code)]
+                let id = Arc::new(unsafe { reply.wrap_backing(raw) });
+                state.passthrough = Some((id.clone(), raw, 1));
                 Some(id)
             }
             Err(e) => {
@@ -377,6 +419,90 @@ impl ModelFs {
                 None
             }
         }
+    }
+
+    /// Saves the open state for a successor (only while passthrough is on: page-cache opens
+    /// alone need nothing). Written before the reply, so an open the kernel saw is saved; one
+    /// saved but never answered (the process died in between) is sent again by the kernel and
+    /// counted twice, which only keeps its backing file and pin until the connection ends.
+    fn save_opens(&self) {
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(path) = self.opens_file.lock().ok().and_then(|p| p.clone()) else {
+            return;
+        };
+        let saved: Vec<SavedOpen> = match self.opens.lock() {
+            Ok(opens) => opens
+                .iter()
+                .map(|(ino, s)| {
+                    let (raw, count) = match (&s.passthrough, s.inherited) {
+                        (Some((_, raw, count)), _) => (*raw, *count),
+                        (None, Some((raw, count))) => (raw, count),
+                        (None, None) => (0, 0),
+                    };
+                    [
+                        *ino,
+                        u64::from(s.cached),
+                        u64::from(raw),
+                        u64::from(count),
+                        u64::from(s.pinned),
+                    ]
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        let tmp = path.with_extension("tmp");
+        let written = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot save the open files for a successor");
+        }
+    }
+
+    /// Where the open state of the connection mounted with device `dev` is saved.
+    fn opens_path(&self, dev: (u32, u32)) -> PathBuf {
+        self.cache
+            .dir()
+            .join(format!(".opens-{}-{}.json", dev.0, dev.1))
+    }
+
+    /// Takes over the open state a predecessor saved at `path` (see [`OpenState`]): its
+    /// page-cache opens, its backing files, and its pins of complete cache files.
+    fn load_opens(&self, path: &Path) {
+        let saved: Vec<SavedOpen> = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            Err(_) => return,
+        };
+        let Ok(mut opens) = self.opens.lock() else {
+            return;
+        };
+        for [ino, cached, raw, count, pinned] in saved {
+            if self.tree.get(ino).is_none() {
+                continue;
+            }
+            let state = opens.entry(ino).or_default();
+            state.cached = u32::try_from(cached).unwrap_or(u32::MAX);
+            if count > 0
+                && let Ok(raw) = u32::try_from(raw)
+            {
+                state.inherited = Some((raw, u32::try_from(count).unwrap_or(u32::MAX)));
+            }
+            // The predecessor's pins of complete cache files: held again, or eviction could
+            // punch holes under the kernel's passthrough reads.
+            if let Some(node) = self.tree.get(ino)
+                && let Kind::File(content) = &node.kind
+            {
+                for _ in 0..pinned {
+                    if let Some((_, Some(_))) = self.complete_file(content, node.size) {
+                        state.pinned += 1;
+                    }
+                }
+            }
+        }
+        opens.retain(|_, s| !s.idle() || s.pinned > 0);
     }
 
     /// Ends one passthrough pin of `ino`'s blob.
@@ -557,6 +683,7 @@ impl Filesystem for ModelFs {
                         } else {
                             FH_PASSTHROUGH
                         };
+                        self.save_opens();
                         return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
                     }
                     if let Some(blob) = pinned {
@@ -566,6 +693,7 @@ impl Filesystem for ModelFs {
                 if let Ok(mut opens) = self.opens.lock() {
                     opens.entry(ino.0).or_default().cached += 1;
                 }
+                self.save_opens();
                 reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE);
             }
             Kind::Dir(_) => reply.error(Error::IsDir.errno()),
@@ -593,19 +721,25 @@ impl Filesystem for ModelFs {
                         state.pinned -= 1;
                         self.unpin(ino.0);
                     }
-                    if let Some((_, count)) = &mut state.passthrough {
+                    if let Some((_, _, count)) = &mut state.passthrough {
                         *count -= 1;
                         if *count == 0 {
                             state.passthrough = None;
+                        }
+                    } else if let Some((_, count)) = &mut state.inherited {
+                        *count -= 1;
+                        if *count == 0 {
+                            state.inherited = None;
                         }
                     }
                 }
                 _ => {}
             }
-            if state.cached == 0 && state.passthrough.is_none() {
+            if state.idle() {
                 opens.remove(&ino.0);
             }
         }
+        self.save_opens();
         reply.ok();
     }
 
@@ -1139,7 +1273,18 @@ impl<'a> TreeBuilder<'a> {
             opts,
             resolved,
             ctx,
-            tree: Tree::new(uid, gid, SystemTime::now()),
+            // An adopted connection's tree shows the times its predecessor's showed.
+            tree: Tree::new(
+                uid,
+                gid,
+                opts.adopt
+                    .as_ref()
+                    .map(|h| h.state.created_ns)
+                    .filter(|&ns| ns > 0)
+                    .map_or_else(SystemTime::now, |ns| {
+                        SystemTime::UNIX_EPOCH + Duration::from_nanos(ns)
+                    }),
+            ),
             blobs: HashMap::new(),
         }
     }
@@ -1535,6 +1680,7 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Error
         tasks,
         cache,
         offered: Arc::new(Mutex::new(None)),
+        opens_file: Arc::new(Mutex::new(None)),
     };
     serve(fs, dir, &opts).await
 }
@@ -1632,12 +1778,15 @@ fn start_session(
     config: fuser::Config,
     adopt: Option<&Handover>,
 ) -> std::io::Result<(fuser::BackgroundSession, Option<(OwnedFd, SessionState)>)> {
-    let offered = fs.offered.clone();
+    let shared = fs.clone();
+    let mounted_at = || {
+        std::path::absolute(dir)
+            .ok()
+            .and_then(|d| crate::mountinfo::at(&d))
+    };
     let session = match adopt {
         Some(handover) => {
-            let mounted = std::path::absolute(dir)
-                .ok()
-                .and_then(|d| crate::mountinfo::at(&d));
+            let mounted = mounted_at();
             let serves_it = mounted
                 .as_ref()
                 .is_some_and(|m| m.dev == handover.state.dev && m.fs_type.starts_with("fuse"));
@@ -1648,35 +1797,85 @@ fn start_session(
                     mounted.map(|m| (m.dev, m.fs_type))
                 )));
             }
-            crate::handover::adopt(fs, handover, config)?
+            let tree = tree_fingerprint(&shared.tree);
+            if handover.state.tree != 0 && handover.state.tree != tree {
+                return Err(std::io::Error::other(format!(
+                    "the tree built now differs from the one the connection at {} served \
+                     (fingerprint {tree:x}, not {:x}): the kernel's inode numbers would name \
+                     other files",
+                    dir.display(),
+                    handover.state.tree
+                )));
+            }
+            let path = shared.opens_path(handover.state.dev);
+            shared.load_opens(&path);
+            if let Ok(mut file) = shared.opens_file.lock() {
+                *file = Some(path);
+            }
+            let session = crate::handover::adopt(fs, handover, config)?;
+            // Before the session reads anything: a request it has read already would be sent
+            // again and served twice.
+            if let Err(e) = crate::handover::resend_unanswered(session.as_fd()) {
+                tracing::warn!(error = %e, "the kernel cannot resend unanswered FUSE requests (Linux < 6.9?); reads the previous server took may hang");
+            }
+            session
         }
         None => fuser::Session::new(fs, dir, &config)?,
     };
     let fd = session.as_fd().try_clone_to_owned()?;
-    let session = session.spawn()?;
-    if adopt.is_some()
-        && let Err(e) = crate::handover::resend_unanswered(fd.as_fd())
-    {
-        tracing::warn!(error = %e, "the kernel cannot resend unanswered FUSE requests (Linux < 6.9?); reads the previous server took may hang");
-    }
-    let state = offered
+    let state = shared
+        .offered
         .lock()
         .ok()
         .and_then(|o| *o)
-        .zip(
-            std::path::absolute(dir)
-                .ok()
-                .and_then(|d| crate::mountinfo::at(&d)),
-        )
+        .zip(mounted_at())
         .map(
             |((abi_minor, capabilities, max_readahead), m)| SessionState {
                 dev: m.dev,
                 abi_minor,
                 capabilities,
                 max_readahead,
+                created_ns: created_ns(&shared),
+                tree: tree_fingerprint(&shared.tree),
             },
         );
+    if adopt.is_none()
+        && let Some(state) = &state
+    {
+        // A new connection: whatever an earlier one with this device number saved is stale.
+        let path = shared.opens_path(state.dev);
+        let _ = std::fs::remove_file(&path);
+        if let Ok(mut file) = shared.opens_file.lock() {
+            *file = Some(path);
+        }
+    }
+    let session = session.spawn()?;
     Ok((session, state.map(|s| (fd, s))))
+}
+
+/// A fingerprint of what the kernel may cache of `tree`: each inode's number, path, kind and
+/// size, in inode order.
+fn tree_fingerprint(tree: &Tree) -> u64 {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    for (ino, node) in tree.iter() {
+        hasher.update(ino.to_le_bytes());
+        hasher.update(node.path.as_bytes());
+        hasher.update([0, node.file_type() as u8]);
+        hasher.update(node.size.to_le_bytes());
+    }
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first).max(1)
+}
+
+/// The time `fs`'s tree gives entries that record none (its root's), in nanoseconds.
+fn created_ns(fs: &ModelFs) -> u64 {
+    fs.tree
+        .get(ROOT)
+        .and_then(|root| root.mtime.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(0))
 }
 
 /// Where the tar planner reads layers from during a mount: lazily read layers through their

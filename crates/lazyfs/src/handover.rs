@@ -59,14 +59,27 @@ pub struct SessionState {
     pub capabilities: u64,
     /// The largest readahead the kernel offered.
     pub max_readahead: u32,
+    /// The time given to entries that record none (nanoseconds since the epoch; 0: unknown),
+    /// so that an adopted tree shows the same times.
+    pub created_ns: u64,
+    /// A fingerprint of the tree served (inode numbers, paths, kinds, sizes; 0: unknown): a
+    /// successor adopts the connection only with the same tree, or the kernel's inode numbers
+    /// would name other files.
+    pub tree: u64,
 }
 
 impl SessionState {
     /// The one-line form the holder keeps.
     pub fn encode(&self) -> String {
         format!(
-            "dev={}:{} abi=7.{} caps={:x} ra={}",
-            self.dev.0, self.dev.1, self.abi_minor, self.capabilities, self.max_readahead
+            "dev={}:{} abi=7.{} caps={:x} ra={} t={} tree={:x}",
+            self.dev.0,
+            self.dev.1,
+            self.abi_minor,
+            self.capabilities,
+            self.max_readahead,
+            self.created_ns,
+            self.tree
         )
     }
 
@@ -77,6 +90,8 @@ impl SessionState {
         let mut abi_minor = None;
         let mut capabilities = None;
         let mut max_readahead = None;
+        let mut created_ns = 0;
+        let mut tree = 0;
         for field in text.split_whitespace() {
             let (k, v) = field.split_once('=').ok_or_else(bad)?;
             match k {
@@ -90,6 +105,8 @@ impl SessionState {
                 }
                 "caps" => capabilities = Some(u64::from_str_radix(v, 16).map_err(|_| bad())?),
                 "ra" => max_readahead = Some(v.parse().map_err(|_| bad())?),
+                "t" => created_ns = v.parse().map_err(|_| bad())?,
+                "tree" => tree = u64::from_str_radix(v, 16).map_err(|_| bad())?,
                 _ => {}
             }
         }
@@ -98,6 +115,8 @@ impl SessionState {
             abi_minor: abi_minor.ok_or_else(bad)?,
             capabilities: capabilities.ok_or_else(bad)?,
             max_readahead: max_readahead.ok_or_else(bad)?,
+            created_ns,
+            tree,
         })
     }
 }
@@ -300,11 +319,23 @@ pub fn serve_holder(socket: &Path, idle_exit: Option<Duration>) -> std::io::Resu
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    if Holder::new(socket).is_up() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::AddrInUse,
-            format!("a FUSE holder already answers at {}", socket.display()),
-        ));
+    // One holder per socket, for its whole life: the lock is taken before the socket is
+    // touched and held until the socket is gone, so two holders started at once never unlink
+    // each other's socket (which would strand the connections one of them keeps).
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path(socket))?;
+    match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("a FUSE holder already runs at {}", socket.display()),
+            ));
+        }
+        Err(e) => return Err(e.into()),
     }
     match std::fs::remove_file(socket) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -356,6 +387,13 @@ pub fn serve_holder(socket: &Path, idle_exit: Option<Duration>) -> std::io::Resu
             tracing::warn!(error = %e, "a holder client failed");
         }
     }
+}
+
+/// The lock file of the holder at `socket`.
+fn lock_path(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
 }
 
 /// True when the FUSE connection behind `fd` is gone (unmounted or aborted): the device then
@@ -464,6 +502,11 @@ impl HolderProcess {
     /// Starts a holder unless one answers (one that runs elsewhere, e.g. in a sidecar
     /// container, is used as it is).
     pub fn ensure_up(&self) -> Result<(), HandoverError> {
+        /// One start at a time in this process (parallel Prepares or publishes).
+        static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = STARTING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.holder.is_up() {
             return Ok(());
         }
@@ -472,39 +515,61 @@ impl HolderProcess {
                 .holder
                 .error("no holder answers (it is not started here)"));
         };
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("fuse-holder.log"))
-            .map_err(|e| {
-                self.holder
-                    .error(format!("cannot open the holder's log: {e}"))
-            })?;
-        let mut child = std::process::Command::new(program);
-        child
-            .args(&self.args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(log);
-        std::os::unix::process::CommandExt::process_group(&mut child, 0);
-        let mut child = child
-            .spawn()
-            .map_err(|e| self.holder.error(format!("cannot start the holder: {e}")))?;
-        let pid = child.id();
-        let _ = std::fs::write(self.dir.join("fuse-holder.pid"), format!("{pid}\n"));
-        // Reaped when it exits while this process lives.
-        std::thread::spawn(move || child.wait());
         let deadline = std::time::Instant::now() + HOLDER_START_TIMEOUT;
-        while !self.holder.is_up() {
-            if std::time::Instant::now() > deadline {
-                return Err(self
-                    .holder
-                    .error(format!("the holder (pid {pid}) did not answer")));
+        loop {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.join("fuse-holder.log"))
+                .map_err(|e| {
+                    self.holder
+                        .error(format!("cannot open the holder's log: {e}"))
+                })?;
+            let mut child = std::process::Command::new(program);
+            child
+                .args(&self.args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(log);
+            std::os::unix::process::CommandExt::process_group(&mut child, 0);
+            let mut child = child
+                .spawn()
+                .map_err(|e| self.holder.error(format!("cannot start the holder: {e}")))?;
+            let pid = child.id();
+            // Until it answers; or it exits at once (a holder on its way out still held the
+            // socket's lock), and then another is started.
+            let exited = loop {
+                if self.holder.is_up() {
+                    break false;
+                }
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break true;
+                }
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(self
+                        .holder
+                        .error(format!("the holder (pid {pid}) did not answer")));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            if exited {
+                if std::time::Instant::now() > deadline {
+                    return Err(self.holder.error(format!(
+                        "the holder exited at once (its log: {})",
+                        self.dir.join("fuse-holder.log").display()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
             }
-            std::thread::sleep(Duration::from_millis(10));
+            let _ = std::fs::write(self.dir.join("fuse-holder.pid"), format!("{pid}\n"));
+            // Reaped when it exits while this process lives.
+            std::thread::spawn(move || child.wait());
+            tracing::info!(pid, socket = %self.holder.socket().display(), "started the FUSE holder");
+            return Ok(());
         }
-        tracing::info!(pid, socket = %self.holder.socket().display(), "started the FUSE holder");
-        Ok(())
     }
 
     /// Gives the holder `fd`, the connection mounted at `mountpoint` (started if needed); false
@@ -539,18 +604,20 @@ impl HolderProcess {
     }
 
     /// What a predecessor left with the holder, by mount point (none when no holder answers).
-    pub async fn take(&self) -> std::collections::HashMap<PathBuf, std::sync::Arc<Handover>> {
+    /// A holder that answers but cannot list is an error: the caller must not treat the mounts
+    /// it keeps as dead (detached, their readers would wait for ever), but fail and retry.
+    pub async fn take(
+        &self,
+    ) -> Result<std::collections::HashMap<PathBuf, std::sync::Arc<Handover>>, HandoverError> {
         let holder = self.holder.clone();
-        let held = tokio::task::spawn_blocking(move || holder.list())
-            .await
-            .unwrap_or_else(|e| Err(HandoverError::BadState(e.to_string())));
-        let held = match held {
-            Ok(held) => held,
-            Err(e) => {
-                tracing::debug!(error = %e, "no FUSE connections to adopt");
-                return Default::default();
+        let held = tokio::task::spawn_blocking(move || {
+            if !holder.is_up() {
+                return Ok(Vec::new());
             }
-        };
+            holder.list()
+        })
+        .await
+        .unwrap_or_else(|e| Err(HandoverError::BadState(e.to_string())))?;
         let mut out = std::collections::HashMap::new();
         for h in held {
             match SessionState::decode(&h.state) {
@@ -565,7 +632,7 @@ impl HolderProcess {
                 }
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -620,7 +687,9 @@ pub(crate) fn adopt<FS: fuser::Filesystem>(
     // (ManuallyDrop never closes it); dup2 only changes, atomically, what that number refers to.
     #[allow(unsafe_code)]
     let mut slot = std::mem::ManuallyDrop::new(unsafe { OwnedFd::from_raw_fd(raw) });
-    rustix::io::dup2(&handover.fd, &mut slot)?;
+    // dup3 with CLOEXEC: dup2 would clear the flag, and every child process spawned later (a
+    // credential helper, a holder) would inherit the connection and keep it alive.
+    rustix::io::dup3(&handover.fd, &mut slot, rustix::io::DupFlags::CLOEXEC)?;
     drop(ours);
     Ok(session)
 }
@@ -647,6 +716,8 @@ mod tests {
             abi_minor: 44,
             capabilities: (1 << 37) | 1,
             max_readahead: 131072,
+            created_ns: 0,
+            tree: 0,
         });
         assert_eq!(msg.len(), 104);
         assert_eq!(u32::from_le_bytes(msg[0..4].try_into().expect("test")), 104);
@@ -669,6 +740,8 @@ mod tests {
             abi_minor: 44,
             capabilities: 0x2_0000_1234,
             max_readahead: 131072,
+            created_ns: 1_700_000_000_123_456_789,
+            tree: 0xdead_beef_0000_0001,
         };
         assert_eq!(SessionState::decode(&s.encode()).expect("test"), s);
         assert!(SessionState::decode("dev=0:1 abi=8.1 caps=0 ra=1").is_err());
@@ -695,6 +768,8 @@ mod tests {
             abi_minor: 40,
             capabilities: 1,
             max_readahead: 4096,
+            created_ns: 0,
+            tree: 0,
         };
         // A pipe stands in for /dev/fuse: what is written into the kept write end arrives.
         let (read, write) = rustix::pipe::pipe().expect("test");

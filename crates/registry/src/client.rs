@@ -257,6 +257,24 @@ impl Client {
         })
     }
 
+    /// Replaces the credentials for the registry's own server (those of
+    /// [`ClientOptions::credential`]) on this client and every clone of it, such as the
+    /// [`Repository`](crate::Repository) values made from it; `None` falls back to the Docker
+    /// config. Tokens obtained with the old credentials are forgotten. Returns whether they
+    /// changed.
+    pub fn set_credential(&self, credential: Option<Credential>) -> bool {
+        let mut cache = self
+            .auth
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.explicit == credential {
+            return false;
+        }
+        cache.explicit = credential;
+        cache.tokens.clear();
+        true
+    }
+
     /// The hosts of `registry`, in the order they are tried (read once per client).
     pub(crate) fn endpoints(&self, registry: &str) -> Result<Arc<Endpoints>> {
         if let Some(e) = self

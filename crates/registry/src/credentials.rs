@@ -57,8 +57,9 @@ fn read_config(path: &Path) -> Result<Value> {
     }
 }
 
-/// Keys a registry may be stored under in `auths` (docker uses the index URL for Docker Hub).
-fn keys_for(registry: &str) -> Vec<String> {
+/// Keys a registry may be stored under in a Docker config's `auths`, most specific first
+/// (docker uses the index URL, `https://index.docker.io/v1/`, for Docker Hub).
+pub fn keys_for(registry: &str) -> Vec<String> {
     let mut keys = vec![
         registry.to_owned(),
         format!("https://{registry}"),

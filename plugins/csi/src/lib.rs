@@ -33,4 +33,23 @@ pub mod volume;
 #[allow(missing_docs, missing_debug_implementations, clippy::all)]
 pub mod proto {
     tonic::include_proto!("csi.v1");
+
+    /// Written by hand (the derived one is skipped in `build.rs`): the secrets' values never
+    /// show, only their keys.
+    impl std::fmt::Debug for NodePublishVolumeRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let mut secret_keys: Vec<&String> = self.secrets.keys().collect();
+            secret_keys.sort();
+            f.debug_struct("NodePublishVolumeRequest")
+                .field("volume_id", &self.volume_id)
+                .field("publish_context", &self.publish_context)
+                .field("staging_target_path", &self.staging_target_path)
+                .field("target_path", &self.target_path)
+                .field("volume_capability", &self.volume_capability)
+                .field("readonly", &self.readonly)
+                .field("secrets", &format_args!("<redacted: {secret_keys:?}>"))
+                .field("volume_context", &self.volume_context)
+                .finish()
+        }
+    }
 }

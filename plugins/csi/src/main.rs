@@ -79,7 +79,8 @@ enum Command {
     Call {
         /// The RPC, e.g. NodePublishVolume
         method: String,
-        /// The request as JSON (proto field names; absent fields default)
+        /// The request as JSON (proto field names; absent fields default); `-` reads it from
+        /// stdin, which keeps secrets off the command line
         #[arg(default_value = "{}")]
         request: String,
     },
@@ -155,6 +156,17 @@ fn socket_path(endpoint: &str) -> PathBuf {
 
 async fn call(socket: &Path, method: &str, request: &str) -> std::process::ExitCode {
     let outcome = async {
+        let stdin;
+        let request = if request == "-" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|e| {
+                modelpack_csi::client::CallError::Request(format!("cannot read stdin: {e}"))
+            })?;
+            stdin = text;
+            stdin.as_str()
+        } else {
+            request
+        };
         let request: serde_json::Value = serde_json::from_str(request).map_err(|e| {
             modelpack_csi::client::CallError::Request(format!("request is not JSON: {e}"))
         })?;
@@ -231,7 +243,33 @@ async fn serve(args: Args, socket: PathBuf) -> anyhow::Result<()> {
         prefetch_small: args.prefetch_small,
     };
     let volumes = Arc::new(Volumes::open(config)?);
-    let (restored, failed) = volumes.restore().await;
+    // Every way out from here goes through `Volumes::shutdown`: a restore may have adopted
+    // connections, and dropping them (an early return) would answer their readers with EIO.
+    let result = restore_and_serve(&args.metrics_address, &socket, &volumes).await;
+    let left = volumes.shutdown().await;
+    let _ = std::fs::remove_file(&socket);
+    if left > 0 {
+        // Nothing more is dropped (see Volumes::shutdown): readers wait for the next process.
+        info!(
+            models = left,
+            "left the FUSE connections to the holder for the next start"
+        );
+        if let Err(e) = &result {
+            eprintln!("modelpack-csi: {e:#}");
+        }
+        std::process::exit(if result.is_ok() { 0 } else { 1 });
+    }
+    result
+}
+
+/// Takes back the volumes of an earlier run, then serves CSI on `socket` until SIGTERM or
+/// SIGINT.
+async fn restore_and_serve(
+    metrics_address: &Option<String>,
+    socket: &std::path::Path,
+    volumes: &Arc<Volumes>,
+) -> anyhow::Result<()> {
+    let (restored, failed) = volumes.restore().await?;
     if restored + failed > 0 {
         info!(restored, failed, "volumes of the earlier run taken back");
     }
@@ -239,14 +277,14 @@ async fn serve(args: Args, socket: PathBuf) -> anyhow::Result<()> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    match std::fs::remove_file(&socket) {
+    match std::fs::remove_file(socket) {
         Ok(()) => info!(socket = %socket.display(), "removed a stale socket"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot remove {}", socket.display())),
     }
-    let listener = tokio::net::UnixListener::bind(&socket)
+    let listener = tokio::net::UnixListener::bind(socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    if let Some(address) = &args.metrics_address {
+    if let Some(address) = metrics_address {
         modelpack_csi::metrics::serve(address, volumes.clone())
             .await
             .with_context(|| format!("cannot serve metrics at {address}"))?;
@@ -266,23 +304,13 @@ async fn serve(args: Args, socket: PathBuf) -> anyhow::Result<()> {
         info!("stopping");
     };
     let plugin = Plugin::new(volumes.clone());
-    let served = tonic::transport::Server::builder()
+    tonic::transport::Server::builder()
         .add_service(IdentityServer::new(plugin.clone()))
         .add_service(NodeServer::new(plugin))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             shutdown,
         )
-        .await;
-    let left = volumes.shutdown().await;
-    let _ = std::fs::remove_file(&socket);
-    if left > 0 {
-        // Nothing more is dropped (see Volumes::shutdown): readers wait for the next process.
-        info!(
-            models = left,
-            "left the FUSE connections to the holder for the next start"
-        );
-        std::process::exit(if served.is_ok() { 0 } else { 1 });
-    }
-    served.context("serving gRPC")
+        .await
+        .context("serving gRPC")
 }

@@ -6,7 +6,9 @@
 //! a model is unpublished its mount goes (the kernel lets go once no container holds it); its
 //! verified chunks stay in the cache folder for the next pod, until the cache cap evicts them.
 //! The volumes are recorded in `STATE/volumes.json` (no secrets), so a restarted plugin knows
-//! what it published (see [`Volumes::restore`]).
+//! what it published (see [`Volumes::restore`]). Every publish is checked at the registry with
+//! the caller's credentials (a manifest HEAD by digest, positive answers cached briefly), and a
+//! model's mount reads with its own client, whose credentials a publish's secret replaces.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -70,6 +72,13 @@ pub struct Volume {
     pub ephemeral: bool,
     /// `namespace/name` of its pod, if known.
     pub pod: Option<String>,
+    /// The whole model was asked to be fetched in the background.
+    #[serde(default)]
+    pub prefetch: bool,
+    /// Published with a `nodePublishSecretRef` (whose content is never recorded): after a
+    /// restart the model lacks those credentials until a publish brings them again.
+    #[serde(default)]
+    pub with_secret: bool,
 }
 
 /// One model served on the node.
@@ -81,6 +90,15 @@ struct Model {
     prefetch: bool,
     /// The holder keeps its connection: it survives a restart of the plugin.
     held: bool,
+    /// The client its lazy mount reads with: its own, so that the credentials of a publish
+    /// can be swapped in for this model alone ([`Client::set_credential`]).
+    read: Client,
+    /// Fingerprint of the credentials `read` holds; `None`: the node's Docker config.
+    credential: Option<[u8; 32]>,
+    /// Mounted again by a restarted plugin for volumes published with a secret, which the
+    /// plugin does not keep: reads of uncached bytes may be refused until a publish brings
+    /// working credentials again.
+    awaiting_credentials: bool,
 }
 
 #[derive(Default)]
@@ -138,9 +156,22 @@ pub struct VolumeStats {
 struct Clients {
     /// Short retries: a publish must answer before kubelet's deadline.
     resolve: Client,
-    /// The standard policy: reads of a running pod ride out a registry hiccup.
-    read: Client,
+    /// The standard policy, for each model's own read client: reads of a running pod ride
+    /// out a registry hiccup.
+    read_options: ClientOptions,
+    /// The credentials of the publish's secret for this registry, if it has some.
+    credential: Option<Credential>,
+    /// Their fingerprint (a hash, never the secret); `None`: the node's Docker config.
+    fingerprint: Option<[u8; 32]>,
 }
+
+/// A positive access check: (credential fingerprint, `REGISTRY/REPO`, manifest digest).
+type AccessKey = (Option<[u8; 32]>, String, Digest);
+
+/// How long a positive access check is trusted.
+const ACCESS_TTL: Duration = Duration::from_secs(600);
+/// How long a `stat` of a FUSE path may take before the mount counts as dead.
+const STAT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Registry host and the hash of the secret (never the secret) the clients were made with.
 type ClientKey = (String, Option<[u8; 32]>);
@@ -151,6 +182,13 @@ pub struct Volumes {
     store: Store,
     cache: Arc<CacheBudget>,
     clients: Mutex<HashMap<ClientKey, Clients>>,
+    /// Positive answers of the registry to "may these credentials read this manifest".
+    access: Mutex<HashMap<AccessKey, Instant>>,
+    /// One lock per model digest, held while the model is checked, mounted, bound or
+    /// released: concurrent publishes of one model collapse into one mount. Taken before
+    /// `state`, never while holding it.
+    model_locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// Short bookkeeping only: no network or FUSE work is done while it is held.
     state: tokio::sync::Mutex<State>,
     next_mount: AtomicU64,
     /// Counters for the metrics.
@@ -191,6 +229,8 @@ impl Volumes {
             store,
             cache,
             clients: Mutex::new(HashMap::new()),
+            access: Mutex::new(HashMap::new()),
+            model_locks: Mutex::new(HashMap::new()),
             state: tokio::sync::Mutex::new(State::default()),
             next_mount: AtomicU64::new(0),
             stats: Stats::default(),
@@ -217,11 +257,12 @@ impl Volumes {
             Some(config) => crate::secrets::credential_for(config, host)?,
             None => None,
         };
+        let fingerprint = credential.as_ref().map(fingerprint);
         let base = ClientOptions {
             plain_http: is_loopback(host) || self.config.plain_http.iter().any(|h| h == host),
             insecure: self.config.insecure.iter().any(|h| h == host),
             hosts_dir: self.config.hosts_dir.clone(),
-            credential,
+            credential: credential.clone(),
             ..ClientOptions::new()
         };
         let timeout = self.config.resolve_timeout;
@@ -236,9 +277,12 @@ impl Volumes {
             ..base.clone()
         })
         .map_err(|e| Error::InvalidArgument(format!("registry {host}: {e}")))?;
-        let read = Client::new(base)
-            .map_err(|e| Error::InvalidArgument(format!("registry {host}: {e}")))?;
-        let clients = Clients { resolve, read };
+        let clients = Clients {
+            resolve,
+            read_options: base,
+            credential,
+            fingerprint,
+        };
         let mut all = lock(&self.clients);
         if all.len() >= CLIENTS_KEPT {
             all.clear();
@@ -247,13 +291,21 @@ impl Volumes {
         Ok(clients)
     }
 
-    /// Publishes a volume: resolves the model (a tag once, to its digest), mounts it lazily if
-    /// the node does not serve it yet, binds it read-only at the target. Returns once the tree
-    /// is there; file bytes arrive on first read. Publishing the same volume at the same target
-    /// again is a success.
+    /// Publishes a volume: resolves the model (a tag once, to its digest), checks at the
+    /// registry that the caller's credentials may read it, mounts it lazily if the node does
+    /// not serve it yet (or its mount died), binds it read-only at the target. Returns once
+    /// the tree is there; file bytes arrive on first read. Publishing the same volume at the
+    /// same target again is a success, and hands the model the credentials it brings.
     pub async fn publish(&self, p: Publish) -> Result<(), Error> {
+        self.publish_as(p, None).await
+    }
+
+    /// [`Volumes::publish`]; `restoring`: `Some(with_secret)` when a restarted plugin
+    /// publishes a recorded volume again (no access check: the secret is not known, and the
+    /// pod was let in before).
+    async fn publish_as(&self, p: Publish, restoring: Option<bool>) -> Result<(), Error> {
         let started = Instant::now();
-        let result = self.publish_inner(&p).await;
+        let result = self.publish_inner(&p, restoring).await;
         match &result {
             Ok(()) => {
                 self.stats.publishes.fetch_add(1, Ordering::Relaxed);
@@ -269,96 +321,79 @@ impl Volumes {
         result
     }
 
-    async fn publish_inner(&self, p: &Publish) -> Result<(), Error> {
-        let known_digest = {
-            let state = self.state.lock().await;
-            if let Some(v) = state.volumes.get(&p.target) {
-                if v.volume_id != p.volume_id {
-                    return Err(Error::AlreadyExists(format!(
-                        "{} already serves volume {}",
-                        p.target.display(),
-                        v.volume_id
-                    )));
-                }
-                if mounts::is_mount_point(&p.target) && mounts::is_alive(&p.target) {
-                    return Ok(());
-                }
-                // Recorded, but the bind is gone (or dead after a restart): bind again, the
-                // same digest as before.
-                Some(v.digest.clone())
-            } else {
-                p.reference.digest().cloned()
+    /// The record at `target`, if it is `volume_id`'s; another volume there is an error.
+    async fn recorded(&self, target: &Path, volume_id: &str) -> Result<Option<Volume>, Error> {
+        let state = self.state.lock().await;
+        match state.volumes.get(target) {
+            Some(v) if v.volume_id != volume_id => Err(Error::AlreadyExists(format!(
+                "{} already serves volume {}",
+                target.display(),
+                v.volume_id
+            ))),
+            other => Ok(other.cloned()),
+        }
+    }
+
+    async fn publish_inner(&self, p: &Publish, restoring: Option<bool>) -> Result<(), Error> {
+        let recorded = self.recorded(&p.target, &p.volume_id).await?;
+        let clients = self.clients(p.reference.registry(), p.docker_config.as_deref())?;
+        // A recorded volume keeps the digest it was published with.
+        let (digest, resolved) = match (&recorded, p.reference.digest()) {
+            (Some(v), _) => (v.digest.clone(), None),
+            (None, Some(d)) => (d.clone(), None),
+            (None, None) => {
+                let resolved = self.resolve(&clients, &p.reference).await?;
+                (resolved.digest.clone(), Some(resolved))
             }
         };
-        let clients = self.clients(p.reference.registry(), p.docker_config.as_deref())?;
-        let served = match &known_digest {
-            Some(d) => self.state.lock().await.models.contains_key(d),
-            None => false,
-        };
-        let resolved = if served {
-            None
-        } else {
-            let reference = match &known_digest {
-                Some(d) => p.reference.with_digest(d.clone()),
-                None => p.reference.clone(),
-            };
-            Some(self.resolve(&clients, &reference).await?)
-        };
-        let digest = match (&resolved, known_digest) {
-            (Some(r), _) => r.digest.clone(),
-            (None, Some(d)) => d,
-            (None, None) => return Err(Error::Internal("nothing resolved".into())),
-        };
-        let volume = Volume {
-            volume_id: p.volume_id.clone(),
-            target: p.target.clone(),
-            reference: p.reference.to_string(),
-            digest: digest.clone(),
-            ephemeral: p.ephemeral,
-            pod: p.pod.clone(),
-        };
-        let mut state = self.state.lock().await;
-        if let Some(v) = state.volumes.get(&p.target)
-            && v.volume_id != p.volume_id
+        if restoring.is_none() {
+            self.authorize(&clients, &p.reference, &digest).await?;
+        }
+        let model_lock = self.model_lock(&digest);
+        let _model = model_lock.lock().await;
+        let recorded = self.recorded(&p.target, &p.volume_id).await?;
+        if let Some(v) = &recorded
+            && v.digest != digest
         {
             return Err(Error::AlreadyExists(format!(
-                "{} already serves volume {}",
+                "{} already serves volume {} of another model",
                 p.target.display(),
                 v.volume_id
             )));
         }
-        let mounted_now = match (state.models.contains_key(&digest), resolved) {
-            (true, _) => false,
-            (false, Some(resolved)) => {
-                let model = self
-                    .mount_model(&p.reference, resolved, &clients, p.prefetch)
-                    .await?;
-                state.models.insert(digest.clone(), model);
-                true
+        let served = self.state.lock().await.models.contains_key(&digest);
+        if recorded.is_some()
+            && served
+            && mounts::is_mount_point(&p.target)
+            && answers(&p.target).await
+        {
+            // A republish (kubelet does so periodically with requiresRepublish): the bind
+            // serves; refresh the model's credentials.
+            if restoring.is_none() {
+                self.use_credentials(&digest, &clients).await;
             }
-            // Unmounted while we resolved nothing (the last other user went): resolve again.
-            (false, None) => {
-                drop(state);
-                let resolved = self
-                    .resolve(&clients, &p.reference.with_digest(digest.clone()))
-                    .await?;
-                state = self.state.lock().await;
-                if !state.models.contains_key(&digest) {
-                    let model = self
-                        .mount_model(&p.reference, resolved, &clients, p.prefetch)
-                        .await?;
-                    state.models.insert(digest.clone(), model);
-                }
-                true
-            }
-        };
-        let Some(model) = state.models.get(&digest) else {
-            return Err(Error::Internal("model mount vanished".into()));
-        };
-        if model.prefetch != p.prefetch && p.prefetch {
-            info!(model = %model.reference, "already mounted without prefetch; its bytes arrive on first read");
+            return Ok(());
         }
-        let bound = bind(&model.dir, &p.target);
+        let (dir, mounted_now) = self
+            .live_model(&digest, &p.reference, resolved, &clients, p.prefetch)
+            .await?;
+        match restoring {
+            None => self.use_credentials(&digest, &clients).await,
+            Some(with_secret) => {
+                if with_secret
+                    && let Some(model) = self.state.lock().await.models.get_mut(&digest)
+                    && mounted_now
+                {
+                    model.awaiting_credentials = true;
+                }
+            }
+        }
+        let (source, target, create) = (dir.clone(), p.target.clone(), restoring.is_none());
+        let bound = tokio::task::spawn_blocking(move || bind(&source, &target, create))
+            .await
+            .map_err(|e| internal("binding", e))
+            .and_then(|r| r);
+        let mut state = self.state.lock().await;
         if let Err(e) = bound {
             if mounted_now
                 && !state.volumes.values().any(|v| v.digest == digest)
@@ -368,16 +403,177 @@ impl Volumes {
             }
             return Err(e);
         }
+        let reference = state
+            .models
+            .get(&digest)
+            .map_or_else(|| digest.to_string(), |m| m.reference.clone());
+        if let Some(model) = state.models.get(&digest)
+            && model.prefetch != p.prefetch
+            && p.prefetch
+        {
+            info!(model = %reference, "already mounted without prefetch; its bytes arrive on first read");
+        }
         info!(
             volume = %p.volume_id,
-            model = %model.reference,
+            model = %reference,
             target = %p.target.display(),
             pod = p.pod.as_deref().unwrap_or("-"),
             "published"
         );
-        state.volumes.insert(p.target.clone(), volume);
+        let with_secret = p.docker_config.is_some()
+            || restoring == Some(true)
+            || recorded.as_ref().is_some_and(|v| v.with_secret);
+        state.volumes.insert(
+            p.target.clone(),
+            Volume {
+                volume_id: p.volume_id.clone(),
+                target: p.target.clone(),
+                reference: recorded
+                    .map_or_else(|| p.reference.to_string(), |v| v.reference.clone()),
+                digest: digest.clone(),
+                ephemeral: p.ephemeral,
+                pod: p.pod.clone(),
+                prefetch: p.prefetch,
+                with_secret,
+            },
+        );
         self.save(&state);
         Ok(())
+    }
+
+    /// The lock of model `digest` (see `Volumes::model_locks`).
+    fn model_lock(&self, digest: &Digest) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = lock(&self.model_locks);
+        if locks.len() >= CLIENTS_KEPT {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(digest.clone()).or_default().clone()
+    }
+
+    /// The folder of a live mount of model `digest` (mounted now when there is none, or when
+    /// the one there stopped answering), and whether it was mounted now. The caller holds the
+    /// model's lock.
+    async fn live_model(
+        &self,
+        digest: &Digest,
+        reference: &Reference,
+        resolved: Option<Resolved>,
+        clients: &Clients,
+        prefetch: bool,
+    ) -> Result<(PathBuf, bool), Error> {
+        let existing = self
+            .state
+            .lock()
+            .await
+            .models
+            .get(digest)
+            .map(|m| m.dir.clone());
+        if let Some(dir) = existing {
+            if mounts::is_mount_point(&dir) && answers(&dir).await {
+                return Ok((dir, false));
+            }
+            // Its FUSE connection was aborted (or its server hangs, or it was unmounted behind
+            // our back): replace it. The dead binds of its other volumes are bound again when
+            // kubelet republishes them.
+            warn!(dir = %dir.display(), "the model's lazy mount is gone or does not answer; mounting it again");
+            let dead = self.state.lock().await.models.remove(digest);
+            if let Some(model) = dead {
+                let _ = mounts::detach(&model.dir);
+                self.release(model);
+            }
+        }
+        let resolved = match resolved {
+            Some(r) => r,
+            None => {
+                self.resolve(clients, &reference.with_digest(digest.clone()))
+                    .await?
+            }
+        };
+        let model = self
+            .mount_model(reference, resolved, clients, prefetch)
+            .await?;
+        let dir = model.dir.clone();
+        self.state.lock().await.models.insert(digest.clone(), model);
+        Ok((dir, true))
+    }
+
+    /// Checks at the registry that `clients`' credentials (the publish's secret, else the
+    /// node's Docker config) may read manifest `digest` of `reference`'s repository: a HEAD by
+    /// digest, whatever the node has mounted or stored. Positive answers are trusted for
+    /// [`ACCESS_TTL`] per (credential fingerprint, repository, digest).
+    async fn authorize(
+        &self,
+        clients: &Clients,
+        reference: &Reference,
+        digest: &Digest,
+    ) -> Result<(), Error> {
+        let key: AccessKey = (
+            clients.fingerprint,
+            format!("{}/{}", reference.registry(), reference.repository()),
+            digest.clone(),
+        );
+        if lock(&self.access)
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < ACCESS_TTL)
+        {
+            return Ok(());
+        }
+        let by_digest = reference.with_digest(digest.clone());
+        let text = by_digest.to_string();
+        let whose = if clients.fingerprint.is_some() {
+            "the volume's nodePublishSecretRef"
+        } else {
+            "the node's Docker config (the volume has no nodePublishSecretRef)"
+        };
+        let repository = Repository::new(&clients.resolve, &by_digest);
+        let limit = self.config.resolve_timeout + Duration::from_secs(5);
+        let answer =
+            tokio::time::timeout(limit, repository.head_manifest(&digest.to_string())).await;
+        match answer {
+            Ok(Ok(Some(_))) => {
+                let mut access = lock(&self.access);
+                if access.len() >= CLIENTS_KEPT * 16 {
+                    access.retain(|_, at| at.elapsed() < ACCESS_TTL);
+                }
+                access.insert(key, Instant::now());
+                Ok(())
+            }
+            Ok(Ok(None)) => Err(Error::NotFound(format!(
+                "model {text}: the registry has no such manifest for the credentials of {whose}"
+            ))),
+            Ok(Err(e)) if e.is_not_found() => Err(Error::NotFound(format!(
+                "model {text}: the registry has no such manifest for the credentials of {whose}: {e}"
+            ))),
+            Ok(Err(e)) if e.is_unauthorized() => Err(Error::PermissionDenied(format!(
+                "model {text}: the registry refused read access with the credentials of {whose}: {e}"
+            ))),
+            Ok(Err(e)) => Err(Error::Unavailable(format!(
+                "model {text}: cannot check read access at the registry now: {e}"
+            ))),
+            Err(_) => Err(Error::Unavailable(format!(
+                "model {text}: cannot check read access: the registry did not answer within {limit:?}"
+            ))),
+        }
+    }
+
+    /// After a publish of model `digest` passed the access check with `clients`: a model that
+    /// reads with other credentials than the publish's secret gets the secret's (they were just
+    /// shown to work), and one waiting for credentials since a restart is whole again once its
+    /// client holds credentials that passed.
+    async fn use_credentials(&self, digest: &Digest, clients: &Clients) {
+        let mut state = self.state.lock().await;
+        let Some(model) = state.models.get_mut(digest) else {
+            return;
+        };
+        if clients.fingerprint.is_some() && model.credential != clients.fingerprint {
+            model.read.set_credential(clients.credential.clone());
+            model.credential = clients.fingerprint;
+            info!(model = %model.reference, "the model now reads with the credentials of this volume's secret");
+        }
+        if model.awaiting_credentials && model.credential == clients.fingerprint {
+            info!(model = %model.reference, "the model has working registry credentials again");
+            model.awaiting_credentials = false;
+        }
     }
 
     /// The manifest and chunk index of `reference`, within the resolve timeout.
@@ -434,8 +630,11 @@ impl Volumes {
         let digest = resolved.digest.clone();
         let by_digest = reference.with_digest(digest.clone());
         let adopting = adopt.is_some();
+        let read = Client::new(clients.read_options.clone()).map_err(|e| {
+            Error::InvalidArgument(format!("registry {}: {e}", reference.registry()))
+        })?;
         let mut opts = MountOptions::new(
-            Repository::new(&clients.read, &by_digest),
+            Repository::new(&read, &by_digest),
             digest.to_string(),
             self.store.clone(),
             self.config.cache_dir.clone(),
@@ -470,6 +669,9 @@ impl Volumes {
             reference: by_digest.to_string(),
             prefetch,
             held,
+            read,
+            credential: clients.fingerprint,
+            awaiting_credentials: false,
         })
     }
 
@@ -509,14 +711,28 @@ impl Volumes {
         if volume_id.is_empty() {
             return Err(Error::InvalidArgument("volume_id is required".into()));
         }
-        let mut state = self.state.lock().await;
-        mounts::detach_all_at(target).map_err(|e| internal("unmounting the target", e))?;
+        let digest = {
+            let state = self.state.lock().await;
+            state.volumes.get(target).map(|v| v.digest.clone())
+        };
+        // The model's lock: no publish of the model binds it meanwhile.
+        let model_lock = digest.as_ref().map(|d| self.model_lock(d));
+        let _model = match &model_lock {
+            Some(l) => Some(l.lock().await),
+            None => None,
+        };
+        let path = target.to_owned();
+        tokio::task::spawn_blocking(move || mounts::detach_all_at(&path))
+            .await
+            .map_err(|e| internal("unmounting the target", e))?
+            .map_err(|e| internal("unmounting the target", e))?;
         match std::fs::remove_dir(target) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => warn!(target = %target.display(), "cannot remove the target folder: {e}"),
         }
         self.stats.unpublishes.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.state.lock().await;
         let Some(volume) = state.volumes.remove(target) else {
             return Ok(());
         };
@@ -539,29 +755,40 @@ impl Volumes {
         if volume_id.is_empty() {
             return Err(Error::InvalidArgument("volume_id is required".into()));
         }
-        let state = self.state.lock().await;
-        let volume = state
-            .volumes
-            .get(path)
-            .filter(|v| v.volume_id == volume_id)
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "no volume {volume_id} is published at {}",
-                    path.display()
-                ))
-            })?;
-        let Some(model) = state.models.get(&volume.digest) else {
-            return Ok(VolumeStats {
-                total: 0,
-                local: 0,
-                abnormal: Some("the model is not mounted (the plugin restarted)".into()),
-            });
+        let (total, local, awaiting) = {
+            let state = self.state.lock().await;
+            let volume = state
+                .volumes
+                .get(path)
+                .filter(|v| v.volume_id == volume_id)
+                .ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "no volume {volume_id} is published at {}",
+                        path.display()
+                    ))
+                })?;
+            let Some(model) = state.models.get(&volume.digest) else {
+                return Ok(VolumeStats {
+                    total: 0,
+                    local: 0,
+                    abnormal: Some("the model is not mounted (the plugin restarted)".into()),
+                });
+            };
+            let (total, local) = model_bytes(&model.mounted);
+            (total, local, model.awaiting_credentials)
         };
-        let (total, local) = model_bytes(&model.mounted);
+        // FUSE paths are stat'ed without the lock, in a blocking thread, with a time limit.
         let abnormal = if !mounts::is_mount_point(path) {
             Some(format!("{} is no longer mounted", path.display()))
-        } else if !mounts::is_alive(path) {
+        } else if !answers(path).await {
             Some("the lazy file system does not answer".into())
+        } else if awaiting && local < total {
+            Some(
+                "the plugin restarted and has no registry credentials for this private model \
+                 yet: reads of bytes not cached on the node fail until kubelet publishes the \
+                 volume again with its nodePublishSecretRef (requiresRepublish)"
+                    .into(),
+            )
         } else {
             None
         };
@@ -616,8 +843,18 @@ impl Volumes {
         let volumes: Vec<&Volume> = state.volumes.values().collect();
         let written = serde_json::to_vec_pretty(&volumes)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &path));
+            .and_then(|bytes| {
+                use std::io::Write as _;
+                let mut file = std::fs::File::create(&tmp)?;
+                file.write_all(&bytes)?;
+                // On disk before it replaces the old records: a crash leaves one or the other.
+                file.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .and_then(|()| {
+                // The rename itself, durable.
+                std::fs::File::open(&self.config.state_dir)?.sync_all()
+            });
         if let Err(e) = written {
             warn!(path = %path.display(), "cannot record the volumes: {e}");
         }
@@ -631,7 +868,7 @@ impl Volumes {
     /// mounted again (by the digest recorded at publish, with the node's credentials) and
     /// bound again: new containers of those pods read again, and unpublish works. A volume
     /// that cannot be restored stays recorded (so its unpublish succeeds) and is reported.
-    pub async fn restore(&self) -> (usize, usize) {
+    pub async fn restore(&self) -> Result<(usize, usize), Error> {
         let models_dir = self.config.state_dir.join("models");
         let path = self.config.state_dir.join(VOLUMES_FILE);
         let volumes: Vec<Volume> = match std::fs::read(&path) {
@@ -644,7 +881,9 @@ impl Volumes {
         // Connections a predecessor left with the holder, for models still mounted and used.
         // No mount point is stat'ed before it is adopted: that would wait for its server.
         let mut held = match &self.config.fuse_holder {
-            Some(holder) => holder.take().await,
+            Some(holder) => holder.take().await.map_err(|e| {
+                Error::Internal(format!("cannot take the FUSE connections back: {e}"))
+            })?,
             None => HashMap::new(),
         };
         let mut stale = Vec::new();
@@ -699,6 +938,12 @@ impl Volumes {
         }
         let (mut restored, mut failed) = (0, 0);
         for volume in volumes {
+            // kubelet removed the pod's volume folder meanwhile (the pod is gone): nothing to
+            // restore, and nothing is created there again.
+            if volume.target.parent().is_none_or(|parent| !parent.is_dir()) {
+                info!(volume = %volume.volume_id, target = %volume.target.display(), "the target's folder is gone; record dropped");
+                continue;
+            }
             // A bind of an adopted model: it never died.
             if let Some(dev) = adopted.get(&volume.digest)
                 && modelpack_lazyfs::mountinfo::at(&volume.target).is_some_and(|m| m.dev == *dev)
@@ -710,7 +955,7 @@ impl Volumes {
                 restored += 1;
                 continue;
             }
-            if !mounts::is_alive(&volume.target) {
+            if !answers(&volume.target).await {
                 let _ = mounts::detach_all_at(&volume.target);
             }
             let again = volume
@@ -721,7 +966,7 @@ impl Volumes {
                     volume_id: volume.volume_id.clone(),
                     target: volume.target.clone(),
                     reference: r.with_digest(volume.digest.clone()),
-                    prefetch: false,
+                    prefetch: volume.prefetch,
                     ephemeral: volume.ephemeral,
                     pod: volume.pod.clone(),
                     docker_config: None,
@@ -729,7 +974,7 @@ impl Volumes {
             let result = match again {
                 Ok(p) => {
                     let _ = mounts::detach_all_at(&p.target);
-                    self.publish(p).await
+                    self.publish_as(p, Some(volume.with_secret)).await
                 }
                 Err(e) => Err(e),
             };
@@ -744,7 +989,7 @@ impl Volumes {
                 }
             }
         }
-        (restored, failed)
+        Ok((restored, failed))
     }
 
     /// Adopts `handover`, the connection of model `digest` mounted at `dir`, as recorded by
@@ -767,8 +1012,20 @@ impl Volumes {
             .with_digest(digest.clone());
         let clients = self.clients(reference.registry(), None)?;
         let resolved = self.resolve(&clients, &reference).await?;
-        self.mount_model_at(&reference, resolved, &clients, false, dir, Some(handover))
-            .await
+        let prefetch = volumes.iter().any(|v| &v.digest == digest && v.prefetch);
+        let mut model = self
+            .mount_model_at(
+                &reference,
+                resolved,
+                &clients,
+                prefetch,
+                dir,
+                Some(handover),
+            )
+            .await?;
+        // The secret its volumes were published with is not kept across a restart.
+        model.awaiting_credentials = volumes.iter().any(|v| &v.digest == digest && v.with_secret);
+        Ok(model)
     }
 
     /// At shutdown: abandons the models whose connection the holder keeps, for the next
@@ -795,9 +1052,18 @@ impl Volumes {
     }
 }
 
-/// Creates `target` if needed and binds `dir` at it read-only (replacing a dead bind).
-fn bind(dir: &Path, target: &Path) -> Result<(), Error> {
-    std::fs::create_dir_all(target).map_err(|e| internal("creating the target folder", e))?;
+/// Creates `target` if needed (with its parents when `create_parents`; a restore never makes
+/// folders kubelet removed) and binds `dir` at it read-only (replacing a dead bind).
+fn bind(dir: &Path, target: &Path, create_parents: bool) -> Result<(), Error> {
+    let created = if create_parents {
+        std::fs::create_dir_all(target)
+    } else {
+        match std::fs::create_dir(target) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            other => other,
+        }
+    };
+    created.map_err(|e| internal("creating the target folder", e))?;
     if mounts::is_mount_point(target) {
         mounts::detach_all_at(target).map_err(|e| internal("clearing the target", e))?;
     }
@@ -807,6 +1073,30 @@ fn bind(dir: &Path, target: &Path) -> Result<(), Error> {
             e,
         )
     })
+}
+
+/// Whether `path` answers a `stat` within [`STAT_TIMEOUT`] (in a blocking thread: a FUSE
+/// path may hang); a dead FUSE mount answers `ENOTCONN`.
+async fn answers(path: &Path) -> bool {
+    let path = path.to_owned();
+    matches!(
+        tokio::time::timeout(
+            STAT_TIMEOUT,
+            tokio::task::spawn_blocking(move || mounts::is_alive(&path))
+        )
+        .await,
+        Ok(Ok(true))
+    )
+}
+
+/// A fingerprint of `credential` (a hash: the secret itself is never kept beside it).
+fn fingerprint(credential: &Credential) -> [u8; 32] {
+    let mut hash = sha2::Sha256::new();
+    hash.update(credential.username.as_bytes());
+    hash.update([0]);
+    hash.update(credential.secret.as_bytes());
+    hash.update([u8::from(credential.identity_token)]);
+    hash.finalize().into()
 }
 
 /// Unmounts `model` (detaches it when that fails) and removes its folder.

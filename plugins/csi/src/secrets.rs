@@ -17,13 +17,8 @@ pub fn credential_for(config: &str, registry: &str) -> Result<Option<Credential>
     };
     let value: serde_json::Value = serde_json::from_str(config).map_err(|_| bad("not JSON"))?;
     let auths = &value["auths"];
-    let keys = [
-        registry.to_owned(),
-        format!("https://{registry}"),
-        format!("http://{registry}"),
-        format!("https://{registry}/v1/"),
-        format!("https://{registry}/v2/"),
-    ];
+    // The registry crate's keys: `docker.io` is stored under `https://index.docker.io/v1/`.
+    let keys = modelpack_registry::credentials::keys_for(registry);
     let Some(entry) = keys.iter().map(|k| &auths[k]).find(|e| e.is_object()) else {
         return Ok(None);
     };
@@ -93,6 +88,15 @@ mod tests {
             .expect("ok")
             .expect("found");
         assert_eq!(p.username, "bob");
+    }
+
+    #[test]
+    fn docker_hub_is_found_under_its_index_url() {
+        let config = r#"{"auths":{"https://index.docker.io/v1/":{"auth":"YWxpY2U6czNjcmV0"}}}"#;
+        let c = credential_for(config, "docker.io")
+            .expect("valid")
+            .expect("found");
+        assert_eq!(c.username, "alice");
     }
 
     #[test]

@@ -10,6 +10,16 @@ use crate::node::Volumes;
 use crate::proto::{self, identity_server::Identity, node_server::Node};
 use crate::volume::{check_publish, check_target};
 
+/// `"N of M bytes (P%) cached on the node"`.
+pub fn cache_progress(local: u64, total: u64) -> String {
+    let percent = if total == 0 {
+        100.0
+    } else {
+        local as f64 * 100.0 / total as f64
+    };
+    format!("{local} of {total} bytes ({percent:.1}%) cached on the node")
+}
+
 /// The driver name kubelet registers (the CSIDriver object's name).
 pub const DRIVER_NAME: &str = "model.csi.modelpack.io";
 
@@ -94,17 +104,22 @@ impl Node for Plugin {
             .await?;
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         // Bytes: `total` is the model, `used` what is cached on the node (verified),
-        // `available` what is still to come from the registry.
+        // `available` 0: the volume is read-only, nothing can be written to it (it must never
+        // look like it is filling up). The cache's progress is in the condition's message.
+        let progress = cache_progress(stats.local, stats.total);
         Ok(Response::new(proto::NodeGetVolumeStatsResponse {
             usage: vec![proto::VolumeUsage {
-                available: as_i64(stats.total.saturating_sub(stats.local)),
+                available: 0,
                 total: as_i64(stats.total),
                 used: as_i64(stats.local),
                 unit: proto::volume_usage::Unit::Bytes as i32,
             }],
             volume_condition: Some(proto::VolumeCondition {
                 abnormal: stats.abnormal.is_some(),
-                message: stats.abnormal.unwrap_or_else(|| "serving".to_owned()),
+                message: match stats.abnormal {
+                    Some(why) => format!("{why} ({progress})"),
+                    None => format!("serving ({progress})"),
+                },
             }),
         }))
     }

@@ -34,7 +34,7 @@ pub struct Publish {
     pub prefetch: bool,
     /// A CSI ephemeral inline volume (else a persistent one).
     pub ephemeral: bool,
-    /// `namespace/name` of the pod, when kubelet says (`podInfoOnMountMode`).
+    /// `namespace/name` of the pod, when kubelet says (the CSIDriver's `podInfoOnMount`).
     pub pod: Option<String>,
     /// The content of a `.dockerconfigjson` secret, if one was given.
     pub docker_config: Option<String>,
@@ -295,5 +295,10 @@ mod tests {
             .insert(SECRET_DOCKER_CONFIG.into(), "{\"auths\":{}}".into());
         let p = check_publish(&r).expect("valid");
         assert!(!format!("{p:?}").contains("auths"));
+        let shown = format!("{r:?}");
+        assert!(
+            !shown.contains("auths") && shown.contains(SECRET_DOCKER_CONFIG),
+            "{shown}"
+        );
     }
 }

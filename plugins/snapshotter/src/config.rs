@@ -136,6 +136,14 @@ impl Settings {
             Some(p) => Some(p),
             None => Some(root.join("fuse-holder.sock")),
         };
+        if let Some(socket) = &fuse_holder {
+            // sun_path: 108 bytes with the terminating NUL.
+            anyhow::ensure!(
+                socket.as_os_str().len() < 108,
+                "fuse_holder {}: a unix socket path has at most 107 bytes",
+                socket.display()
+            );
+        }
         Ok(Settings {
             fuse_holder,
             address: flags

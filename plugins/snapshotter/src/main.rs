@@ -140,15 +140,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
     )?;
     let service = Service::open(settings.clone())?;
-    if let Err(e) = service.restore().await {
-        if service.shutdown().await > 0 {
-            // Adopted connections are left to the holder, undropped (see Service::shutdown).
+    // Every way out from here goes through `Service::shutdown`: a restore may have adopted
+    // connections, and dropping them (an early return) would answer their readers with EIO.
+    let result = match service.restore().await {
+        Ok(()) => serve(&settings, &service).await,
+        Err(e) => Err(e),
+    };
+    let left = service.shutdown().await;
+    let _ = std::fs::remove_file(&settings.address);
+    if left > 0 {
+        // Nothing more is dropped (see Service::shutdown): readers wait for the next daemon.
+        info!(
+            mounts = left,
+            "left the FUSE connections to the holder for the next start"
+        );
+        if let Err(e) = &result {
             eprintln!("modelpack-snapshotter: {e:#}");
-            std::process::exit(1);
         }
-        return Err(e);
+        std::process::exit(if result.is_ok() { 0 } else { 1 });
     }
+    result
+}
 
+/// Serves containerd's Snapshots API and the control API on the socket until SIGTERM or
+/// SIGINT.
+async fn serve(settings: &Settings, service: &Service) -> anyhow::Result<()> {
     let socket = &settings.address;
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -178,7 +194,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         info!("stopping");
     };
-    let served = tonic::transport::Server::builder()
+    tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(snapshotter::Server::new(
             std::sync::Arc::new(service.clone()),
         )))
@@ -187,16 +203,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             shutdown,
         )
-        .await;
-    let left = service.shutdown().await;
-    let _ = std::fs::remove_file(socket);
-    if left > 0 {
-        // Nothing more is dropped (see Service::shutdown): readers wait for the next daemon.
-        info!(
-            mounts = left,
-            "left the FUSE connections to the holder for the next start"
-        );
-        std::process::exit(if served.is_ok() { 0 } else { 1 });
-    }
-    served.context("serving gRPC")
+        .await
+        .context("serving gRPC")
 }

@@ -644,7 +644,10 @@ impl Service {
         let snapshots = self.inner.settings.root.join("snapshots");
         // Connections a predecessor left with the holder, for mounts that are still there.
         let mut held = match &self.inner.holder {
-            Some(holder) => holder.take().await,
+            Some(holder) => holder
+                .take()
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot take the FUSE connections back: {e}"))?,
             None => HashMap::new(),
         };
         let known: std::collections::HashSet<PathBuf> = {
