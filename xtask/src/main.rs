@@ -15,6 +15,7 @@ mod containerd;
 mod containerd2;
 mod demo;
 mod e2e;
+mod e2e_cri;
 mod e2e_csi;
 mod e2e_restart;
 mod fuzz;
@@ -39,6 +40,8 @@ const USAGE: &str = "usage: cargo xtask <setup|test|e2e|fuzz|bench|demo> [option
                    on containerd 1.6 (Debian 12), 2.x (Debian sid, fetched into
                    target/containerd2) or both (default); --no-build: with the
                    debug binaries already built
+  e2e-cri [--containerd 1.6|2|all] [--no-build]
+                   the CRI check alone (containerd's CRI plugin on the snapshotter)
   fuzz [--time SECS]
                    every cargo-fuzz target for SECS seconds (default 60)
   bench [--size-mib N] [--runs N] [--big-mib N] [--repeat N] [--small-files N]
@@ -58,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         "setup" => setup::run(),
         "test" => test::run(rest),
         "e2e" => e2e::run(rest),
+        "e2e-cri" => e2e_cri::run(rest),
         "fuzz" => fuzz::run(rest),
         "bench" => bench::run(rest),
         "demo" => demo::run(),

@@ -17,6 +17,8 @@ use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustix::net::{
@@ -357,21 +359,28 @@ pub fn serve_holder(socket: &Path, idle_exit: Option<Duration>) -> std::io::Resu
         Some(Duration::from_secs(1)),
     )?;
     tracing::info!(socket = %socket.display(), "holding FUSE descriptors");
-    let mut held: std::collections::BTreeMap<String, (String, OwnedFd)> = Default::default();
+    let held: Arc<Mutex<HeldMap>> = Arc::default();
+    // Clients are answered on threads of their own: one that never sends delays nobody else.
+    let clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut busy_at = std::time::Instant::now();
     loop {
         let conn = match rustix::net::accept_with(&listener, SocketFlags::CLOEXEC) {
             Ok(c) => c,
             Err(rustix::io::Errno::INTR) => continue,
             Err(rustix::io::Errno::AGAIN) => {
-                held.retain(|key, (_, fd)| {
+                let mut map = held
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                map.retain(|key, (_, fd)| {
                     let alive = !connection_ended(fd.as_fd());
                     if !alive {
                         tracing::info!(key, "the FUSE connection ended; released");
                     }
                     alive
                 });
-                if !held.is_empty() {
+                let idle = map.is_empty() && clients.load(Ordering::SeqCst) == 0;
+                drop(map);
+                if !idle {
                     busy_at = std::time::Instant::now();
                 } else if idle_exit.is_some_and(|idle| busy_at.elapsed() >= idle) {
                     tracing::info!("nothing to hold; exiting");
@@ -383,11 +392,19 @@ pub fn serve_holder(socket: &Path, idle_exit: Option<Duration>) -> std::io::Resu
             Err(e) => return Err(e.into()),
         };
         busy_at = std::time::Instant::now();
-        if let Err(e) = set_timeouts(&conn).and_then(|()| answer(&conn, &mut held)) {
-            tracing::warn!(error = %e, "a holder client failed");
-        }
+        clients.fetch_add(1, Ordering::SeqCst);
+        let (held, clients) = (held.clone(), clients.clone());
+        std::thread::spawn(move || {
+            if let Err(e) = set_timeouts(&conn).and_then(|()| answer(&conn, &held)) {
+                tracing::warn!(error = %e, "a holder client failed");
+            }
+            clients.fetch_sub(1, Ordering::SeqCst);
+        });
     }
 }
+
+/// What the holder keeps: by key, the state and the descriptor.
+type HeldMap = std::collections::BTreeMap<String, (String, OwnedFd)>;
 
 /// The lock file of the holder at `socket`.
 fn lock_path(socket: &Path) -> PathBuf {
@@ -414,11 +431,12 @@ fn connection_ended(fd: BorrowedFd<'_>) -> bool {
 }
 
 /// Answers one request on `conn`.
-fn answer(
-    conn: &OwnedFd,
-    held: &mut std::collections::BTreeMap<String, (String, OwnedFd)>,
-) -> std::io::Result<()> {
+fn answer(conn: &OwnedFd, held: &Mutex<HeldMap>) -> std::io::Result<()> {
     let (text, fd) = receive(conn)?;
+    let held = || {
+        held.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
     let mut words = text.split('\n');
     if words.next() != Some(PROTOCOL) {
         return send(conn, "unknown protocol", None);
@@ -427,18 +445,23 @@ fn answer(
         (Some("ping"), ..) => send(conn, "ok", None),
         (Some("put"), Some(key), Some(state), Some(fd)) => {
             tracing::info!(key, state, "holding a FUSE descriptor");
-            held.insert(key.to_owned(), (state.to_owned(), fd));
+            held().insert(key.to_owned(), (state.to_owned(), fd));
             send(conn, "ok", None)
         }
         (Some("remove"), Some(key), ..) => {
-            if held.remove(key).is_some() {
+            if held().remove(key).is_some() {
                 tracing::info!(key, "released a FUSE descriptor");
             }
             send(conn, "ok", None)
         }
         (Some("list"), ..) => {
+            // Duplicates, so nothing is locked while the client reads.
+            let entries = held()
+                .iter()
+                .map(|(key, (state, fd))| Ok((key.clone(), state.clone(), fd.try_clone()?)))
+                .collect::<std::io::Result<Vec<_>>>()?;
             send(conn, "ok", None)?;
-            for (key, (state, fd)) in held.iter() {
+            for (key, state, fd) in entries {
                 send(conn, &format!("fd\n{key}\n{state}"), Some(fd.as_fd()))?;
             }
             send(conn, "end", None)
@@ -785,5 +808,21 @@ mod tests {
         assert_eq!(&buf, b"kept");
         holder.remove("/mnt/a").expect("test");
         assert!(holder.list().expect("test").is_empty());
+
+        // A client that connects and never sends delays nobody else.
+        let silent = holder.connect().expect("test");
+        let asked = std::time::Instant::now();
+        assert!(holder.is_up());
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            asked.elapsed()
+        );
+        drop(silent);
+
+        // One holder per socket: a second one refuses to start.
+        let second = serve_holder(&socket, None).expect_err("a second holder");
+        assert_eq!(second.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(holder.is_up());
     }
 }
