@@ -36,26 +36,39 @@ struct Plugin {
 
 impl Plugin {
     fn start(dir: &Path, extra: &[&str]) -> Plugin {
+        Plugin::start_logging(dir, extra, None)
+    }
+
+    /// [`Plugin::start`], its stderr appended to `log` when given.
+    fn start_logging(dir: &Path, extra: &[&str], log: Option<&Path>) -> Plugin {
+        let stderr = match log {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .expect("open the plugin's log"),
+            ),
+            None => Stdio::inherit(),
+        };
         let socket = dir.join("csi/csi.sock");
         let state = dir.join("state");
         let child = Command::new(csi_bin())
             .arg("--endpoint")
             .arg(format!("unix://{}", socket.display()))
-            .args([
-                "--node-id",
-                "node-a",
-                "--hosts-dir",
-                "",
-                "--log-level",
-                "info",
-            ])
+            .args(["--node-id", "node-a", "--log-level", "info"])
+            .args(if extra.contains(&"--hosts-dir") {
+                &[][..]
+            } else {
+                &["--hosts-dir", ""][..]
+            })
             .arg("--state-dir")
             .arg(&state)
             .args(extra)
             // The node's own Docker config: empty (tests give credentials by secret).
             .env("DOCKER_CONFIG", dir.join("node-docker"))
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start modelpack-csi");
         let plugin = Plugin {
@@ -1058,7 +1071,9 @@ fn csi_private_models_are_checked_per_publish_and_get_credentials_back_after_a_r
     let scratch = Scratch::new();
     let _detach = DetachOnDrop(scratch.dir.path().to_owned());
     let _holder = HolderGuard(scratch.path("state"));
-    let mut plugin = Plugin::start(scratch.dir.path(), &["--resolve-timeout", "5"]);
+    let log = scratch.path("plugin.log");
+    let mut plugin =
+        Plugin::start_logging(scratch.dir.path(), &["--resolve-timeout", "5"], Some(&log));
     let with_secret = |id: &str, t: &Path, password: Option<&str>| {
         let mut r = inline_publish(id, t, &[("reference", &by_digest)]);
         if let Some(password) = password {
@@ -1098,7 +1113,7 @@ fn csi_private_models_are_checked_per_publish_and_get_credentials_back_after_a_r
     modelpack_testkit::mounts::detach_all(&pod_gone);
     std::fs::remove_dir_all(&gone_parent).expect("kubelet removes the pod's folder");
 
-    plugin = Plugin::start(scratch.dir.path(), &["--resolve-timeout", "5"]);
+    plugin = Plugin::start_logging(scratch.dir.path(), &["--resolve-timeout", "5"], Some(&log));
     assert!(
         !gone_parent.exists(),
         "restore created a removed target folder"
@@ -1150,10 +1165,174 @@ fn csi_private_models_are_checked_per_publish_and_get_credentials_back_after_a_r
     plugin.ok("NodeUnpublishVolume", &unpublish("csi-c", &pod_c));
     let status = plugin.stop_with(modelpack_testkit::process::Signal::TERM);
     assert!(status.success(), "{status}");
+    // The plugin logged (publishes, refusals, a restart), never the secret.
+    let logged = std::fs::read_to_string(&log).expect("the plugin's log");
+    assert!(logged.contains("published"), "{logged}");
+    for secret in [
+        PASSWORD.to_owned(),
+        base64(PASSWORD.as_bytes()),
+        base64(format!("{USER}:{PASSWORD}").as_bytes()),
+    ] {
+        assert!(!logged.contains(&secret), "the log holds {secret:?}");
+    }
 }
 
-/// A model mount that died (here: unmounted behind the plugin's back) is not reused: the next
-/// publish of the model mounts it again; the first volume's republish serves.
+/// Standard base64, padded (to look for a secret's encoded form).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Two private registries serve one model (the same manifest digest), each with its own
+/// password: a publish from the second, with the second's secret, hands its credentials to
+/// nothing of the first's; the first pod's reads of bytes not yet fetched go on working with
+/// the first's credentials (the second's, sent to the first, would be refused).
+#[test]
+fn csi_credentials_of_one_registry_never_reach_another_with_the_same_digest() {
+    if !util::can_fuse() || !util::have_tool("htpasswd") {
+        return;
+    }
+    const PASSWORD_2: &str = "other-Pa55word-2";
+    let htpasswd = |password: &str| {
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", USER, password])
+            .output()
+            .expect("htpasswd");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned() + "\n"
+    };
+    let Some(first) = util::Registry::start(Some(&htpasswd(PASSWORD))) else {
+        return;
+    };
+    let Some(second) = util::Registry::start(Some(&htpasswd(PASSWORD_2))) else {
+        return;
+    };
+    let (host_1, host_2) = (first.host().to_owned(), second.host().to_owned());
+    let s = Scratch::new();
+    let dir = util::model_with_weight(&s, 4 * MIB as usize, 0x2e9, &[("config.json", b"{}")]);
+    let expected = file_hashes(&dir);
+    let push_config = s.path("push-docker");
+    std::fs::create_dir_all(&push_config).expect("mkdir");
+    std::fs::write(
+        push_config.join("config.json"),
+        json!({"auths": {
+            &host_1: {"username": USER, "password": PASSWORD},
+            &host_2: {"username": USER, "password": PASSWORD_2},
+        }})
+        .to_string(),
+    )
+    .expect("docker config");
+    let mut digests = Vec::new();
+    s.ok(&[
+        "build",
+        dir.to_str().expect("utf8"),
+        "-t",
+        &format!("{host_1}/shared/model:v1"),
+    ]);
+    s.ok(&[
+        "tag",
+        &format!("{host_1}/shared/model:v1"),
+        &format!("{host_2}/shared/model:v1"),
+    ]);
+    for host in [&host_1, &host_2] {
+        let tagged = format!("{host}/shared/model:v1");
+        let out = s.run_env(
+            &["-q", "push", &tagged, "--plain-http"],
+            &[("DOCKER_CONFIG", push_config.to_str().expect("utf8"))],
+        );
+        util::assert_success(&out, &["push"]);
+        digests.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    }
+    assert_eq!(digests[0], digests[1], "one model, one digest");
+    let digest = &digests[0];
+
+    let scratch = Scratch::new();
+    let _detach = DetachOnDrop(scratch.dir.path().to_owned());
+    let _holder = HolderGuard(scratch.path("state"));
+    let plugin = Plugin::start(scratch.dir.path(), &["--resolve-timeout", "5"]);
+    let publish = |id: &str, t: &Path, host: &str, password: &str| {
+        let mut r = inline_publish(
+            id,
+            t,
+            &[("reference", &format!("{host}/shared/model@{digest}"))],
+        );
+        r["secrets"] = docker_secret(host, password);
+        r
+    };
+    let pod_a = target(scratch.dir.path(), "uid-a", "model");
+    plugin.ok(
+        "NodePublishVolume",
+        &publish("csi-a", &pod_a, &host_1, PASSWORD),
+    );
+    // The second registry's secret is no key to the first: refused there.
+    let pod_x = target(scratch.dir.path(), "uid-x", "model");
+    let (code, message) = plugin.fails(
+        "NodePublishVolume",
+        &publish("csi-x", &pod_x, &host_1, PASSWORD_2),
+    );
+    assert_eq!(code, "PermissionDenied", "{message}");
+    // A pod of the same digest from the second registry, with the second's secret (a
+    // republish too, as kubelet's requiresRepublish does).
+    let pod_b = target(scratch.dir.path(), "uid-b", "model");
+    let request_b = publish("csi-b", &pod_b, &host_2, PASSWORD_2);
+    plugin.ok("NodePublishVolume", &request_b);
+    plugin.ok("NodePublishVolume", &request_b);
+    // Nothing of the weight was read yet: the first pod's reads fetch it from the first
+    // registry, which refuses the second's password.
+    assert_eq!(file_hashes(&pod_a), expected);
+    assert_eq!(file_hashes(&pod_b), expected);
+    plugin.ok("NodeUnpublishVolume", &unpublish("csi-a", &pod_a));
+    plugin.ok("NodeUnpublishVolume", &unpublish("csi-b", &pod_b));
+}
+
+/// The FUSE connection number (the minor of its device) of the mount at `path`, from
+/// `/proc/self/mountinfo`.
+fn fuse_connection_of(path: &Path) -> Option<u32> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let wanted = path.to_str()?;
+    mountinfo.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        (fields.get(4) == Some(&wanted))
+            .then(|| fields.get(2)?.split(':').nth(1)?.parse().ok())
+            .flatten()
+    })
+}
+
+/// Aborts the FUSE connection of the mount at `path` through the fusectl file system (mounted
+/// at `/sys/fs/fuse/connections` when it is not); false when that cannot be done here.
+fn abort_fuse_connection(path: &Path) -> bool {
+    let Some(minor) = fuse_connection_of(path) else {
+        return false;
+    };
+    let connections = Path::new("/sys/fs/fuse/connections");
+    let abort = connections.join(minor.to_string()).join("abort");
+    if !abort.exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "fusectl", "none"])
+            .arg(connections)
+            .status();
+    }
+    std::fs::write(&abort, b"1").is_ok()
+}
+
+/// A model mount that died (its FUSE connection aborted, as when the server is killed) is not
+/// reused: the next publish of the model mounts it again; the first volume's dead bind
+/// (ENOTCONN) is replaced by its republish, which then reads right.
 #[test]
 fn csi_a_dead_model_mount_is_replaced() {
     if !util::can_fuse() {
@@ -1174,7 +1353,28 @@ fn csi_a_dead_model_mount_is_replaced() {
     plugin.ok("NodePublishVolume", &publish_a);
     let before = plugin.model_mounts();
     assert_eq!(before.len(), 1);
-    modelpack_testkit::mounts::detach(&before[0]).expect("detach the model mount");
+    let aborted = abort_fuse_connection(&before[0]);
+    if aborted {
+        // statfs (`stat -f`) always asks the FUSE server (a stat may be answered from
+        // cached attributes).
+        let out = Command::new("stat")
+            .arg("-f")
+            .arg(&pod_a)
+            .output()
+            .expect("stat -f");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && text.contains("not connected"),
+            "the aborted connection's bind answers: {text}"
+        );
+    } else {
+        assert!(
+            !util::strict(),
+            "cannot abort a FUSE connection here (no fusectl)"
+        );
+        eprintln!("no fusectl: the model mount is unmounted instead of aborted");
+        modelpack_testkit::mounts::detach(&before[0]).expect("detach the model mount");
+    }
 
     let pod_b = target(scratch.dir.path(), "uid-b", "model");
     plugin.ok(
@@ -1182,11 +1382,12 @@ fn csi_a_dead_model_mount_is_replaced() {
         &inline_publish("csi-b", &pod_b, &[("reference", &m.reference)]),
     );
     let after = plugin.model_mounts();
-    assert_eq!(after.len(), 1, "{after:?}");
-    assert_ne!(after, before, "the dead mount was reused");
+    assert!(
+        !after.contains(&before[0]),
+        "the dead mount was reused: {after:?}"
+    );
     assert_eq!(file_hashes(&pod_b), expected);
-    // kubelet's republish of the first volume (its bind still reaches the old connection,
-    // or is bound again): it reads right.
+    // kubelet's republish of the first volume: its dead bind is replaced; it reads right.
     plugin.ok("NodePublishVolume", &publish_a);
     assert_eq!(file_hashes(&pod_a), expected);
     plugin.ok("NodeUnpublishVolume", &unpublish("csi-a", &pod_a));
@@ -1197,4 +1398,100 @@ fn csi_a_dead_model_mount_is_replaced() {
         || plugin.model_mounts().is_empty(),
         || "the model stayed mounted".into(),
     );
+}
+
+/// The access check of a publish asks the registry itself, never a mirror of it: a pull
+/// mirror (open, holding the same model) in the registry's `hosts.toml` cannot let a wrong
+/// secret in; the right one passes and the model reads; a secret with no entry for the
+/// registry says so.
+#[test]
+fn csi_the_access_check_is_never_answered_by_a_mirror() {
+    if !util::can_fuse() || !util::have_tool("htpasswd") {
+        return;
+    }
+    let out = Command::new("htpasswd")
+        .args(["-Bbn", USER, PASSWORD])
+        .output()
+        .expect("htpasswd");
+    let htpasswd = String::from_utf8_lossy(&out.stdout).trim().to_owned() + "\n";
+    let Some(registry) = util::Registry::start(Some(&htpasswd)) else {
+        return;
+    };
+    let Some(mirror) = util::Registry::start(None) else {
+        return;
+    };
+    let (host, mirror_host) = (registry.host().to_owned(), mirror.host().to_owned());
+    let s = Scratch::new();
+    let dir = util::model_with_weight(&s, 2 * MIB as usize, 0x3a1, &[("config.json", b"{}")]);
+    let expected = file_hashes(&dir);
+    let push_config = s.path("push-docker");
+    std::fs::create_dir_all(&push_config).expect("mkdir");
+    std::fs::write(
+        push_config.join("config.json"),
+        json!({"auths": {&host: {"username": USER, "password": PASSWORD}}}).to_string(),
+    )
+    .expect("docker config");
+    let (on_registry, on_mirror) = (
+        format!("{host}/private/model:v1"),
+        format!("{mirror_host}/private/model:v1"),
+    );
+    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &on_registry]);
+    s.ok(&["tag", &on_registry, &on_mirror]);
+    let mut digests = Vec::new();
+    for tagged in [&on_registry, &on_mirror] {
+        let out = s.run_env(
+            &["-q", "push", tagged, "--plain-http"],
+            &[("DOCKER_CONFIG", push_config.to_str().expect("utf8"))],
+        );
+        util::assert_success(&out, &["push"]);
+        digests.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    }
+    assert_eq!(digests[0], digests[1]);
+    let by_digest = format!("{host}/private/model@{}", digests[0]);
+
+    let scratch = Scratch::new();
+    let hosts = scratch.path("hosts");
+    modelpack_testkit::registry::write_hosts_toml(&hosts, &host, &host, &mirror_host, "[\"pull\"]")
+        .expect("write hosts.toml");
+    let _detach = DetachOnDrop(scratch.dir.path().to_owned());
+    let _holder = HolderGuard(scratch.path("state"));
+    let plugin = Plugin::start(
+        scratch.dir.path(),
+        &[
+            "--resolve-timeout",
+            "5",
+            "--hosts-dir",
+            hosts.to_str().expect("utf8"),
+        ],
+    );
+    let publish = |id: &str, t: &Path, secret: Value| {
+        let mut r = inline_publish(id, t, &[("reference", &by_digest)]);
+        r["secrets"] = secret;
+        r
+    };
+    let pod_a = target(scratch.dir.path(), "uid-a", "model");
+    let (code, message) = plugin.fails(
+        "NodePublishVolume",
+        &publish("csi-a", &pod_a, docker_secret(&host, "wrong")),
+    );
+    assert_eq!(code, "PermissionDenied", "{message}");
+    let (code, message) = plugin.fails(
+        "NodePublishVolume",
+        &publish("csi-a", &pod_a, docker_secret("other.example", PASSWORD)),
+    );
+    assert_eq!(code, "PermissionDenied", "{message}");
+    assert!(
+        message.contains(&format!("has no entry for registry {host}")),
+        "{message}"
+    );
+    assert!(!modelpack_testkit::mounts::is_mounted(&pod_a));
+    let request = publish("csi-a", &pod_a, docker_secret(&host, PASSWORD));
+    plugin.ok("NodePublishVolume", &request);
+    assert_eq!(file_hashes(&pod_a), expected);
+    // An unpublish naming another volume ID leaves the volume alone.
+    plugin.ok("NodeUnpublishVolume", &unpublish("csi-other", &pod_a));
+    assert!(modelpack_testkit::mounts::is_mounted(&pod_a));
+    assert_eq!(file_hashes(&pod_a), expected);
+    plugin.ok("NodeUnpublishVolume", &unpublish("csi-a", &pod_a));
+    assert!(!modelpack_testkit::mounts::is_mounted(&pod_a));
 }

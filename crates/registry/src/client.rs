@@ -115,6 +115,9 @@ struct AuthCache {
     credentials: HashMap<String, Option<Credential>>,
     /// Credentials from the options, for the registry's server.
     explicit: Option<Credential>,
+    /// Set by [`Client::set_credential`]: the one registry `explicit` is for (`None`: the
+    /// server of whichever registry a request names, as the options' credentials are).
+    explicit_for: Option<String>,
     /// When each key's credentials were last read again after a refusal.
     reloaded: HashMap<String, Instant>,
 }
@@ -257,20 +260,22 @@ impl Client {
         })
     }
 
-    /// Replaces the credentials for the registry's own server (those of
-    /// [`ClientOptions::credential`]) on this client and every clone of it, such as the
-    /// [`Repository`](crate::Repository) values made from it; `None` falls back to the Docker
-    /// config. Tokens obtained with the old credentials are forgotten. Returns whether they
-    /// changed.
-    pub fn set_credential(&self, credential: Option<Credential>) -> bool {
+    /// Replaces the credentials of the options ([`ClientOptions::credential`]) on this client
+    /// and every clone of it, such as the [`Repository`](crate::Repository) values made from
+    /// it, with `credential` for `registry`'s own host alone: they are never sent to a mirror,
+    /// to a hosts file's other `server`, nor to any other registry. `None` falls back to the
+    /// Docker config. Tokens obtained with the old credentials are forgotten. Returns whether
+    /// they changed.
+    pub fn set_credential(&self, registry: &str, credential: Option<Credential>) -> bool {
         let mut cache = self
             .auth
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if cache.explicit == credential {
+        if cache.explicit == credential && cache.explicit_for.as_deref() == Some(registry) {
             return false;
         }
         cache.explicit = credential;
+        cache.explicit_for = Some(registry.to_owned());
         cache.tokens.clear();
         true
     }
@@ -294,7 +299,7 @@ impl Client {
     }
 
     /// The registry's server (its hosts file's `server`, else the registry itself).
-    fn server(&self, registry: &str) -> Result<Arc<Endpoint>> {
+    pub(crate) fn server(&self, registry: &str) -> Result<Arc<Endpoint>> {
         self.endpoints(registry)?
             .server()
             .cloned()
@@ -330,7 +335,10 @@ impl Client {
                 .auth
                 .lock()
                 .map_err(|_| Error::Protocol("auth cache poisoned".into()))?;
-            if server && let Some(c) = &cache.explicit {
+            if server
+                && cache.explicit_for.as_deref().is_none_or(|r| r == key)
+                && let Some(c) = &cache.explicit
+            {
                 return Ok(Some(c.clone()));
             }
             if let Some(c) = cache.credentials.get(key) {
@@ -352,7 +360,10 @@ impl Client {
                 .auth
                 .lock()
                 .map_err(|_| Error::Protocol("auth cache poisoned".into()))?;
-            if server && cache.explicit.is_some() {
+            if server
+                && cache.explicit.is_some()
+                && cache.explicit_for.as_deref().is_none_or(|r| r == key)
+            {
                 return Ok(false);
             }
             if cache

@@ -601,6 +601,29 @@ impl Repository {
         }
     }
 
+    /// HEADs manifest `digest` at the registry's server alone (the hosts file's `server`, the
+    /// registry itself unless it names another), never at a mirror: an access check whose
+    /// answer must come from the registry, with its credentials. True when it has it, false
+    /// on a 404.
+    pub async fn head_manifest_at_server(&self, digest: &Digest) -> Result<bool> {
+        let ep = self.client.server(&self.registry)?;
+        let url = self.url_on(&ep, &format!("manifests/{digest}"));
+        let policy = self.client.options().retry;
+        let resp = self
+            .client
+            .send_on(
+                &ep,
+                &Access::Pull.scope(&self.name),
+                Method::HEAD,
+                &url,
+                &[404],
+                &|rb| Ok(rb.header(ACCEPT, manifest_accept())),
+                policy,
+            )
+            .await?;
+        Ok(resp.status().as_u16() != 404)
+    }
+
     /// PUTs a manifest under a tag or its digest.
     pub async fn put_manifest(
         &self,

@@ -40,11 +40,6 @@ pub fn detach_all_at(path: &Path) -> std::io::Result<()> {
 
 pub use modelpack_lazyfs::mountinfo::{is_mount_point, under};
 
-/// True when `path` answers a `stat` (a FUSE mount whose server is gone answers ENOTCONN).
-pub fn is_alive(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

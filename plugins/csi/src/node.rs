@@ -87,6 +87,9 @@ struct Model {
     dir: PathBuf,
     /// `REGISTRY/REPO@DIGEST`.
     reference: String,
+    /// `REGISTRY/REPO` it reads from: only a publish naming this same repository may hand
+    /// it credentials (another repository's, even for the same digest, never reach it).
+    repository: String,
     prefetch: bool,
     /// The holder keeps its connection: it survives a restart of the plugin.
     held: bool,
@@ -163,6 +166,8 @@ struct Clients {
     credential: Option<Credential>,
     /// Their fingerprint (a hash, never the secret); `None`: the node's Docker config.
     fingerprint: Option<[u8; 32]>,
+    /// The publish brought a secret (which may have no entry for this registry).
+    with_secret: bool,
 }
 
 /// A positive access check: (credential fingerprint, `REGISTRY/REPO`, manifest digest).
@@ -188,6 +193,9 @@ pub struct Volumes {
     /// released: concurrent publishes of one model collapse into one mount. Taken before
     /// `state`, never while holding it.
     model_locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per target path, taken first by every publish and unpublish of it (before its
+    /// model's lock): they never interleave at one target.
+    target_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     /// Short bookkeeping only: no network or FUSE work is done while it is held.
     state: tokio::sync::Mutex<State>,
     next_mount: AtomicU64,
@@ -231,6 +239,7 @@ impl Volumes {
             clients: Mutex::new(HashMap::new()),
             access: Mutex::new(HashMap::new()),
             model_locks: Mutex::new(HashMap::new()),
+            target_locks: Mutex::new(HashMap::new()),
             state: tokio::sync::Mutex::new(State::default()),
             next_mount: AtomicU64::new(0),
             stats: Stats::default(),
@@ -282,6 +291,7 @@ impl Volumes {
             read_options: base,
             credential,
             fingerprint,
+            with_secret: docker_config.is_some(),
         };
         let mut all = lock(&self.clients);
         if all.len() >= CLIENTS_KEPT {
@@ -335,6 +345,8 @@ impl Volumes {
     }
 
     async fn publish_inner(&self, p: &Publish, restoring: Option<bool>) -> Result<(), Error> {
+        let target_lock = self.target_lock(&p.target);
+        let _target = target_lock.lock().await;
         let recorded = self.recorded(&p.target, &p.volume_id).await?;
         let clients = self.clients(p.reference.registry(), p.docker_config.as_deref())?;
         // A recorded volume keeps the digest it was published with.
@@ -370,7 +382,7 @@ impl Volumes {
             // A republish (kubelet does so periodically with requiresRepublish): the bind
             // serves; refresh the model's credentials.
             if restoring.is_none() {
-                self.use_credentials(&digest, &clients).await;
+                self.use_credentials(&digest, &p.reference, &clients).await;
             }
             return Ok(());
         }
@@ -378,7 +390,7 @@ impl Volumes {
             .live_model(&digest, &p.reference, resolved, &clients, p.prefetch)
             .await?;
         match restoring {
-            None => self.use_credentials(&digest, &clients).await,
+            None => self.use_credentials(&digest, &p.reference, &clients).await,
             Some(with_secret) => {
                 if with_secret
                     && let Some(model) = self.state.lock().await.models.get_mut(&digest)
@@ -439,6 +451,15 @@ impl Volumes {
         );
         self.save(&state);
         Ok(())
+    }
+
+    /// The lock of target `target` (see `Volumes::target_locks`).
+    fn target_lock(&self, target: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = lock(&self.target_locks);
+        if locks.len() >= CLIENTS_KEPT {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(target.to_owned()).or_default().clone()
     }
 
     /// The lock of model `digest` (see `Volumes::model_locks`).
@@ -521,16 +542,22 @@ impl Volumes {
         let by_digest = reference.with_digest(digest.clone());
         let text = by_digest.to_string();
         let whose = if clients.fingerprint.is_some() {
-            "the volume's nodePublishSecretRef"
+            "the volume's nodePublishSecretRef".to_owned()
+        } else if clients.with_secret {
+            format!(
+                "the node's Docker config (the volume's nodePublishSecretRef has no entry for registry {})",
+                reference.registry()
+            )
         } else {
-            "the node's Docker config (the volume has no nodePublishSecretRef)"
+            "the node's Docker config (the volume has no nodePublishSecretRef)".to_owned()
         };
         let repository = Repository::new(&clients.resolve, &by_digest);
         let limit = self.config.resolve_timeout + Duration::from_secs(5);
-        let answer =
-            tokio::time::timeout(limit, repository.head_manifest(&digest.to_string())).await;
+        // At the registry's own server: a mirror's answer would say nothing of these
+        // credentials.
+        let answer = tokio::time::timeout(limit, repository.head_manifest_at_server(digest)).await;
         match answer {
-            Ok(Ok(Some(_))) => {
+            Ok(Ok(true)) => {
                 let mut access = lock(&self.access);
                 if access.len() >= CLIENTS_KEPT * 16 {
                     access.retain(|_, at| at.elapsed() < ACCESS_TTL);
@@ -538,7 +565,7 @@ impl Volumes {
                 access.insert(key, Instant::now());
                 Ok(())
             }
-            Ok(Ok(None)) => Err(Error::NotFound(format!(
+            Ok(Ok(false)) => Err(Error::NotFound(format!(
                 "model {text}: the registry has no such manifest for the credentials of {whose}"
             ))),
             Ok(Err(e)) if e.is_not_found() => Err(Error::NotFound(format!(
@@ -560,13 +587,20 @@ impl Volumes {
     /// reads with other credentials than the publish's secret gets the secret's (they were just
     /// shown to work), and one waiting for credentials since a restart is whole again once its
     /// client holds credentials that passed.
-    async fn use_credentials(&self, digest: &Digest, clients: &Clients) {
+    /// A publish that named another registry or repository (with the same digest) hands the
+    /// model nothing: its credentials are for that repository alone.
+    async fn use_credentials(&self, digest: &Digest, reference: &Reference, clients: &Clients) {
         let mut state = self.state.lock().await;
         let Some(model) = state.models.get_mut(digest) else {
             return;
         };
+        if model.repository != repository_of(reference) {
+            return;
+        }
         if clients.fingerprint.is_some() && model.credential != clients.fingerprint {
-            model.read.set_credential(clients.credential.clone());
+            model
+                .read
+                .set_credential(reference.registry(), clients.credential.clone());
             model.credential = clients.fingerprint;
             info!(model = %model.reference, "the model now reads with the credentials of this volume's secret");
         }
@@ -667,6 +701,7 @@ impl Volumes {
             mounted,
             dir,
             reference: by_digest.to_string(),
+            repository: repository_of(reference),
             prefetch,
             held,
             read,
@@ -711,9 +746,19 @@ impl Volumes {
         if volume_id.is_empty() {
             return Err(Error::InvalidArgument("volume_id is required".into()));
         }
+        let target_lock = self.target_lock(target);
+        let _target = target_lock.lock().await;
         let digest = {
             let state = self.state.lock().await;
-            state.volumes.get(target).map(|v| v.digest.clone())
+            match state.volumes.get(target) {
+                Some(v) if v.volume_id != volume_id => {
+                    // Not the volume recorded there: it stays as it is.
+                    warn!(recorded = %v.volume_id, asked = %volume_id, target = %target.display(), "unpublish names another volume ID than the one published there; left alone");
+                    return Ok(());
+                }
+                Some(v) => Some(v.digest.clone()),
+                None => None,
+            }
         };
         // The model's lock: no publish of the model binds it meanwhile.
         let model_lock = digest.as_ref().map(|d| self.model_lock(d));
@@ -736,9 +781,6 @@ impl Volumes {
         let Some(volume) = state.volumes.remove(target) else {
             return Ok(());
         };
-        if volume.volume_id != volume_id {
-            warn!(recorded = %volume.volume_id, asked = %volume_id, "unpublish names another volume ID than publish did");
-        }
         info!(volume = %volume.volume_id, target = %target.display(), "unpublished");
         if !state.volumes.values().any(|v| v.digest == volume.digest)
             && let Some(model) = state.models.remove(&volume.digest)
@@ -780,8 +822,14 @@ impl Volumes {
         // FUSE paths are stat'ed without the lock, in a blocking thread, with a time limit.
         let abnormal = if !mounts::is_mount_point(path) {
             Some(format!("{} is no longer mounted", path.display()))
-        } else if !answers(path).await {
-            Some("the lazy file system does not answer".into())
+        } else if let Some(why) = match probe(path).await {
+            Probe::Alive => None,
+            Probe::Dead => Some("the lazy file system's connection is gone".to_owned()),
+            Probe::Slow => Some(format!(
+                "the lazy file system does not answer within {STAT_TIMEOUT:?}"
+            )),
+        } {
+            Some(why)
         } else if awaiting && local < total {
             Some(
                 "the plugin restarted and has no registry credentials for this private model \
@@ -878,6 +926,14 @@ impl Volumes {
             }),
             Err(_) => Vec::new(),
         };
+        // kubelet removed the pod's volume folder meanwhile (the pod is gone): nothing to
+        // restore, nothing is created there again, and no model is kept or adopted for it.
+        let (volumes, gone): (Vec<Volume>, Vec<Volume>) = volumes
+            .into_iter()
+            .partition(|v| v.target.parent().is_some_and(Path::is_dir));
+        for volume in &gone {
+            info!(volume = %volume.volume_id, target = %volume.target.display(), "the target's folder is gone; record dropped");
+        }
         // Connections a predecessor left with the holder, for models still mounted and used.
         // No mount point is stat'ed before it is adopted: that would wait for its server.
         let mut held = match &self.config.fuse_holder {
@@ -938,12 +994,6 @@ impl Volumes {
         }
         let (mut restored, mut failed) = (0, 0);
         for volume in volumes {
-            // kubelet removed the pod's volume folder meanwhile (the pod is gone): nothing to
-            // restore, and nothing is created there again.
-            if volume.target.parent().is_none_or(|parent| !parent.is_dir()) {
-                info!(volume = %volume.volume_id, target = %volume.target.display(), "the target's folder is gone; record dropped");
-                continue;
-            }
             // A bind of an adopted model: it never died.
             if let Some(dev) = adopted.get(&volume.digest)
                 && modelpack_lazyfs::mountinfo::at(&volume.target).is_some_and(|m| m.dev == *dev)
@@ -989,6 +1039,21 @@ impl Volumes {
                 }
             }
         }
+        // Models no restored volume uses (an adopted one whose binds all went) are let go.
+        let mut state = self.state.lock().await;
+        let unused: Vec<Digest> = state
+            .models
+            .keys()
+            .filter(|d| !state.volumes.values().any(|v| &v.digest == *d))
+            .cloned()
+            .collect();
+        for digest in unused {
+            if let Some(model) = state.models.remove(&digest) {
+                info!(model = %model.reference, "no volume uses it after the restart; unmounting");
+                self.release(model);
+            }
+        }
+        self.save(&state);
         Ok((restored, failed))
     }
 
@@ -1055,17 +1120,16 @@ impl Volumes {
 /// Creates `target` if needed (with its parents when `create_parents`; a restore never makes
 /// folders kubelet removed) and binds `dir` at it read-only (replacing a dead bind).
 fn bind(dir: &Path, target: &Path, create_parents: bool) -> Result<(), Error> {
-    let created = if create_parents {
-        std::fs::create_dir_all(target)
-    } else {
-        match std::fs::create_dir(target) {
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-            other => other,
-        }
-    };
-    created.map_err(|e| internal("creating the target folder", e))?;
-    if mounts::is_mount_point(target) {
-        mounts::detach_all_at(target).map_err(|e| internal("clearing the target", e))?;
+    // First the old binds, from the mount table alone: a dead FUSE bind answers any stat or
+    // mkdir of the target with ENOTCONN or EEXIST.
+    mounts::detach_all_at(target).map_err(|e| internal("clearing the target", e))?;
+    if create_parents && let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| internal("creating the target's parent", e))?;
+    }
+    match std::fs::create_dir(target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(internal("creating the target folder", e)),
     }
     mounts::bind_read_only(dir, target).map_err(|e| {
         internal(
@@ -1075,18 +1139,74 @@ fn bind(dir: &Path, target: &Path, create_parents: bool) -> Result<(), Error> {
     })
 }
 
-/// Whether `path` answers a `stat` within [`STAT_TIMEOUT`] (in a blocking thread: a FUSE
-/// path may hang); a dead FUSE mount answers `ENOTCONN`.
+/// What a `stat` of a FUSE path said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// It answered (or failed with an error that does not mean a dead connection).
+    Alive,
+    /// `ENOTCONN`, `ENODEV`, `ECONNABORTED`: the FUSE connection is gone.
+    Dead,
+    /// No answer within [`STAT_TIMEOUT`]: slow or hung, but not known to be dead.
+    Slow,
+}
+
+/// The probes in flight, one per path: a later probe of the path waits for the same `stat`
+/// instead of leaving one more thread stuck on a hung mount.
+type Probes = HashMap<PathBuf, tokio::sync::watch::Receiver<Option<Probe>>>;
+
+fn probes() -> &'static Mutex<Probes> {
+    static PROBES: std::sync::OnceLock<Mutex<Probes>> = std::sync::OnceLock::new();
+    PROBES.get_or_init(Default::default)
+}
+
+/// `statfs`s `path` in a blocking thread (a FUSE path may hang), at most one at a time per
+/// path, and waits at most [`STAT_TIMEOUT`] for the answer.
+async fn probe(path: &Path) -> Probe {
+    let mut answer = {
+        let mut all = lock(probes());
+        match all.get(path) {
+            Some(rx) => rx.clone(),
+            None => {
+                let (tx, rx) = tokio::sync::watch::channel(None);
+                all.insert(path.to_owned(), rx.clone());
+                let path = path.to_owned();
+                tokio::task::spawn_blocking(move || {
+                    // statfs: always a request to the FUSE server (a stat of the root may be
+                    // answered from cached attributes of a dead connection).
+                    let probe = match rustix::fs::statfs(&path) {
+                        Ok(_) => Probe::Alive,
+                        Err(
+                            rustix::io::Errno::NOTCONN
+                            | rustix::io::Errno::NODEV
+                            | rustix::io::Errno::CONNABORTED,
+                        ) => Probe::Dead,
+                        Err(_) => Probe::Alive,
+                    };
+                    lock(probes()).remove(&path);
+                    let _ = tx.send(Some(probe));
+                });
+                rx
+            }
+        }
+    };
+    match tokio::time::timeout(STAT_TIMEOUT, answer.wait_for(Option::is_some)).await {
+        Ok(Ok(probe)) => probe.unwrap_or(Probe::Slow),
+        // The thread went without answering.
+        Ok(Err(_)) => Probe::Alive,
+        Err(_) => Probe::Slow,
+    }
+}
+
+/// Whether `path` is not known to be dead: a `stat` of it answered, or did not within
+/// [`STAT_TIMEOUT`] (a slow mount is not replaced), or failed otherwise than a dead FUSE
+/// connection (`ENOTCONN`) does.
 async fn answers(path: &Path) -> bool {
-    let path = path.to_owned();
-    matches!(
-        tokio::time::timeout(
-            STAT_TIMEOUT,
-            tokio::task::spawn_blocking(move || mounts::is_alive(&path))
-        )
-        .await,
-        Ok(Ok(true))
-    )
+    probe(path).await != Probe::Dead
+}
+
+/// `REGISTRY/REPO` of `reference`.
+fn repository_of(reference: &Reference) -> String {
+    format!("{}/{}", reference.registry(), reference.repository())
 }
 
 /// A fingerprint of `credential` (a hash: the secret itself is never kept beside it).
@@ -1189,5 +1309,17 @@ mod tests {
             assert!(is_loopback(host), "{host}");
         }
         assert!(!is_loopback("registry.example:5000"));
+    }
+
+    #[tokio::test]
+    async fn only_a_dead_connection_counts_as_dead() {
+        // A live path, and one that fails otherwise than a dead FUSE connection does.
+        assert_eq!(probe(Path::new("/")).await, Probe::Alive);
+        assert_eq!(probe(Path::new("/no/such/path")).await, Probe::Alive);
+        // Probes of one path at once share one statfs; none is left in flight after.
+        let (a, b) = tokio::join!(probe(Path::new("/")), probe(Path::new("/")));
+        assert_eq!((a, b), (Probe::Alive, Probe::Alive));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!lock(probes()).contains_key(Path::new("/")));
     }
 }
