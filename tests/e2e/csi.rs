@@ -1321,13 +1321,18 @@ fn abort_fuse_connection(path: &Path) -> bool {
     };
     let connections = Path::new("/sys/fs/fuse/connections");
     let abort = connections.join(minor.to_string()).join("abort");
-    if !abort.exists() {
-        let _ = Command::new("mount")
+    // Mounted here only for this write, and unmounted after it: the test leaves no mount.
+    let mounted_here = !abort.exists()
+        && Command::new("mount")
             .args(["-t", "fusectl", "none"])
             .arg(connections)
-            .status();
+            .status()
+            .is_ok_and(|s| s.success());
+    let aborted = std::fs::write(&abort, b"1").is_ok();
+    if mounted_here {
+        let _ = Command::new("umount").arg(connections).status();
     }
-    std::fs::write(&abort, b"1").is_ok()
+    aborted
 }
 
 /// A model mount that died (its FUSE connection aborted, as when the server is killed) is not
