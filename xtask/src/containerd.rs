@@ -50,7 +50,8 @@ fn stop_child(child: &mut Child, grace: Duration) {
     let _ = child.wait();
 }
 
-fn wait_for_socket(path: &Path, what: &str, log: &Path) -> anyhow::Result<()> {
+/// Waits until something listens on the unix socket `path` (30 s), else fails with `log`.
+pub fn wait_for_socket(path: &Path, what: &str, log: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -316,7 +317,7 @@ impl Version {
 }
 
 /// The body of the first ```toml block after the line holding `marker`.
-fn fenced_block_after(doc: &str, marker: &str) -> Option<String> {
+pub fn fenced_block_after(doc: &str, marker: &str) -> Option<String> {
     let mut lines = doc.lines().skip_while(|l| !l.contains(marker)).skip(1);
     lines
         .find(|l| !l.trim().is_empty())
@@ -330,6 +331,29 @@ fn fenced_block_after(doc: &str, marker: &str) -> Option<String> {
         body.push('\n');
     }
     None
+}
+
+/// Starts `bin_dir`'s containerd with `config`, its output to `log`. It finds
+/// `containerd-shim-runc-v2` on PATH: its own version's first (runc stays the system's, in
+/// /usr/sbin).
+pub fn spawn_containerd(bin_dir: &Path, config: &Path, log: &Path) -> anyhow::Result<Child> {
+    let out = fs::File::create(log)?;
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let mut dirs = vec![bin_dir.to_owned()];
+    dirs.extend(std::env::split_paths(&path));
+    Command::new(bin_dir.join("containerd"))
+        .arg("--config")
+        .arg(config)
+        .env("PATH", std::env::join_paths(dirs)?)
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| {
+            format!(
+                "cannot start {} (cargo xtask setup installs it)",
+                bin_dir.join("containerd").display()
+            )
+        })
 }
 
 /// A private containerd.
@@ -359,26 +383,7 @@ impl Containerd {
             version.config(dir, &socket, &snapshotter.socket, &snapshotter.root)?,
         )?;
         let log = dir.join("containerd.log");
-        let out = fs::File::create(&log)?;
-        // containerd finds `containerd-shim-runc-v2` on PATH: its own version's first (runc
-        // stays the system's, in /usr/sbin).
-        let path =
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-        let mut dirs = vec![bin_dir.clone()];
-        dirs.extend(std::env::split_paths(&path));
-        let child = Command::new(bin_dir.join("containerd"))
-            .arg("--config")
-            .arg(&config_path)
-            .env("PATH", std::env::join_paths(dirs)?)
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "cannot start {} (cargo xtask setup installs it)",
-                    bin_dir.join("containerd").display()
-                )
-            })?;
+        let child = spawn_containerd(&bin_dir, &config_path, &log)?;
         let c = Containerd {
             version,
             socket,

@@ -48,28 +48,11 @@ pub fn doc_marker(version: Version) -> &'static str {
     }
 }
 
-/// The body of the first ```toml block after the line holding `marker`.
-fn block_after(doc: &str, marker: &str) -> Option<String> {
-    let mut lines = doc.lines().skip_while(|l| !l.contains(marker)).skip(1);
-    lines
-        .find(|l| !l.trim().is_empty())
-        .filter(|l| l.trim() == "```toml")?;
-    let mut body = String::new();
-    for line in lines {
-        if line.trim() == "```" {
-            return Some(body);
-        }
-        body.push_str(line);
-        body.push('\n');
-    }
-    None
-}
-
 /// The CRI block docs/containerd.md shows for `version`, exactly.
 pub fn doc_snippet(version: Version) -> anyhow::Result<String> {
     let path = crate::root().join("docs/containerd.md");
     let doc = fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-    block_after(&doc, doc_marker(version)).with_context(|| {
+    containerd::fenced_block_after(&doc, doc_marker(version)).with_context(|| {
         format!(
             "docs/containerd.md has no ```toml block after {}",
             doc_marker(version)
@@ -205,19 +188,7 @@ impl CriContainerd {
         let config_path = paths.dir.join("config.toml");
         fs::write(&config_path, cri_config(version, paths)?)?;
         let log = paths.dir.join("containerd.log");
-        let out = fs::File::create(&log)?;
-        let path =
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-        let mut dirs = vec![bin_dir.clone()];
-        dirs.extend(std::env::split_paths(&path));
-        let child = Command::new(bin_dir.join("containerd"))
-            .arg("--config")
-            .arg(&config_path)
-            .env("PATH", std::env::join_paths(dirs)?)
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin_dir.join("containerd").display()))?;
+        let child = containerd::spawn_containerd(&bin_dir, &config_path, &log)?;
         let c = CriContainerd {
             socket: paths.socket.clone(),
             dir: paths.dir.clone(),
@@ -225,16 +196,7 @@ impl CriContainerd {
             ctr: bin_dir.join("ctr"),
             child,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&c.socket).is_err() {
-            if Instant::now() > deadline {
-                bail!(
-                    "containerd (CRI) did not listen within 30 s; its log:\n{}",
-                    c.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        containerd::wait_for_socket(&c.socket, "containerd (CRI)", &c.log)?;
         Ok(c)
     }
 

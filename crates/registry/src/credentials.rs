@@ -123,12 +123,11 @@ fn from_helper(name: &str, registry: &str) -> Result<Option<Credential>> {
     }))
 }
 
-/// Looks up credentials for `registry` in the Docker config.
-pub fn lookup(registry: &str) -> Result<Option<Credential>> {
-    let config = read_config(&docker_config_path())?;
-    if let Some(name) = config["credHelpers"][registry].as_str() {
-        return from_helper(name, registry);
-    }
+/// The credential the `auths` table of a Docker config (`config.json`, or a Kubernetes
+/// `.dockerconfigjson` secret) holds for `registry`: an identity token, a base64
+/// `user:password`, or a username and password; `None` when it holds none. Errors name the key,
+/// never a secret.
+pub fn from_auths(config: &Value, registry: &str) -> Result<Option<Credential>> {
     for key in keys_for(registry) {
         let entry = &config["auths"][&key];
         if entry.is_null() {
@@ -165,6 +164,18 @@ pub fn lookup(registry: &str) -> Result<Option<Credential>> {
                 identity_token: false,
             }));
         }
+    }
+    Ok(None)
+}
+
+/// Looks up credentials for `registry` in the Docker config.
+pub fn lookup(registry: &str) -> Result<Option<Credential>> {
+    let config = read_config(&docker_config_path())?;
+    if let Some(name) = config["credHelpers"][registry].as_str() {
+        return from_helper(name, registry);
+    }
+    if let Some(credential) = from_auths(&config, registry)? {
+        return Ok(Some(credential));
     }
     if let Some(name) = config["credsStore"].as_str() {
         return from_helper(name, registry);

@@ -2,7 +2,6 @@
 //! Docker `config.json`: `auths` by registry host, each with `auth` = base64 `user:password`,
 //! or `username`/`password`, or an `identitytoken`).
 
-use base64::Engine as _;
 use modelpack_registry::Credential;
 
 use crate::error::Error;
@@ -16,42 +15,9 @@ pub fn credential_for(config: &str, registry: &str) -> Result<Option<Credential>
         ))
     };
     let value: serde_json::Value = serde_json::from_str(config).map_err(|_| bad("not JSON"))?;
-    let auths = &value["auths"];
-    // The registry crate's keys: `docker.io` is stored under `https://index.docker.io/v1/`.
-    let keys = modelpack_registry::credentials::keys_for(registry);
-    let Some(entry) = keys.iter().map(|k| &auths[k]).find(|e| e.is_object()) else {
-        return Ok(None);
-    };
-    if let Some(token) = entry["identitytoken"].as_str().filter(|t| !t.is_empty()) {
-        return Ok(Some(Credential {
-            username: String::new(),
-            secret: token.to_owned(),
-            identity_token: true,
-        }));
-    }
-    if let Some(auth) = entry["auth"].as_str().filter(|a| !a.is_empty()) {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(auth)
-            .ok()
-            .and_then(|b| String::from_utf8(b).ok())
-            .ok_or_else(|| bad(&format!("auth of {registry} is not base64")))?;
-        let (username, secret) = decoded
-            .split_once(':')
-            .ok_or_else(|| bad(&format!("auth of {registry} is not user:password")))?;
-        return Ok(Some(Credential {
-            username: username.to_owned(),
-            secret: secret.to_owned(),
-            identity_token: false,
-        }));
-    }
-    match (entry["username"].as_str(), entry["password"].as_str()) {
-        (Some(username), Some(password)) => Ok(Some(Credential {
-            username: username.to_owned(),
-            secret: password.to_owned(),
-            identity_token: false,
-        })),
-        _ => Ok(None),
-    }
+    // The registry crate's reading, so `docker.io` is also found under
+    // `https://index.docker.io/v1/`, as `docker login` writes it.
+    modelpack_registry::credentials::from_auths(&value, registry).map_err(|e| bad(&e.to_string()))
 }
 
 #[cfg(test)]
