@@ -452,9 +452,48 @@ fn settings(path: &Path, base: &Path, table: &toml::Table, what: &str) -> Result
     Ok(s)
 }
 
+/// `localhost`, 127.0.0.0/8 and ::1, with or without a port: hosts reached over plain HTTP
+/// unless said otherwise, as Docker treats them.
+pub fn is_loopback(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else if host.matches(':').count() == 1 {
+        host.split(':').next().unwrap_or(host)
+    } else {
+        host
+    };
+    name == "localhost"
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_hosts_are_recognised_with_and_without_ports() {
+        for host in [
+            "localhost",
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "127.3.2.1",
+            "127.1.2.3",
+            "[::1]:5000",
+            "::1",
+        ] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in [
+            "registry.example",
+            "registry.example:5000",
+            "10.0.0.1:5000",
+            "localhost.example:5000",
+        ] {
+            assert!(!is_loopback(host), "{host}");
+        }
+    }
 
     fn parsed(text: &str) -> HostsFile {
         parse(Path::new("/etc/certs.d/reg/hosts.toml"), text).expect("parses")

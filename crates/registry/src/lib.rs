@@ -40,6 +40,7 @@ pub use client::{Client, ClientOptions, RetryPolicy, Scope};
 pub use credentials::Credential;
 pub use endpoint::mirror_fallbacks;
 pub use error::{Error, Result};
+pub use hosts::is_loopback;
 pub use repository::{
     FetchedManifest, MAX_MANIFEST_SIZE, Repository, fallback_tag, read_small_file,
 };

@@ -268,7 +268,8 @@ impl Volumes {
         };
         let fingerprint = credential.as_ref().map(fingerprint);
         let base = ClientOptions {
-            plain_http: is_loopback(host) || self.config.plain_http.iter().any(|h| h == host),
+            plain_http: modelpack_registry::is_loopback(host)
+                || self.config.plain_http.iter().any(|h| h == host),
             insecure: self.config.insecure.iter().any(|h| h == host),
             hosts_dir: self.config.hosts_dir.clone(),
             credential: credential.clone(),
@@ -1279,37 +1280,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// `localhost`, 127.0.0.0/8 and ::1, with or without a port (plain HTTP, as Docker treats them).
-pub fn is_loopback(host: &str) -> bool {
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        rest.split(']').next().unwrap_or(rest)
-    } else if host.matches(':').count() == 1 {
-        host.split(':').next().unwrap_or(host)
-    } else {
-        host
-    };
-    name == "localhost"
-        || name
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn loopback_hosts_are_recognised() {
-        for host in [
-            "localhost:5000",
-            "127.0.0.1:5000",
-            "[::1]:5000",
-            "127.1.2.3",
-        ] {
-            assert!(is_loopback(host), "{host}");
-        }
-        assert!(!is_loopback("registry.example:5000"));
-    }
 
     #[tokio::test]
     async fn only_a_dead_connection_counts_as_dead() {

@@ -1,7 +1,6 @@
 //! Settings: defaults, overlaid by the TOML config file, overlaid by flags.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -174,7 +173,7 @@ impl Settings {
             return entry.clone();
         }
         RegistryHost {
-            plain_http: is_loopback(host),
+            plain_http: modelpack_registry::is_loopback(host),
             ..RegistryHost::default()
         }
     }
@@ -201,42 +200,9 @@ fn read(path: &Path) -> anyhow::Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
 }
 
-/// `localhost`, 127.0.0.0/8 and ::1, with or without a port.
-pub fn is_loopback(host: &str) -> bool {
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        rest.split(']').next().unwrap_or(rest)
-    } else if host.matches(':').count() == 1 {
-        host.split(':').next().unwrap_or(host)
-    } else {
-        host
-    };
-    name == "localhost" || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn loopback_hosts_are_recognised_with_and_without_ports() {
-        for host in [
-            "localhost",
-            "localhost:5000",
-            "127.0.0.1:5000",
-            "127.3.2.1",
-            "[::1]:5000",
-            "::1",
-        ] {
-            assert!(is_loopback(host), "{host}");
-        }
-        for host in [
-            "registry.example",
-            "10.0.0.1:5000",
-            "localhost.example:5000",
-        ] {
-            assert!(!is_loopback(host), "{host}");
-        }
-    }
 
     #[test]
     fn flags_override_the_file_and_hosts_get_their_entry() {
