@@ -448,3 +448,45 @@ fn pull_into_a_folder_killed_half_way_continues_where_it_stopped() {
     );
     assert_eq!(util::tree(&target), util::tree(dir));
 }
+
+#[test]
+fn pushing_what_the_registry_has_moves_no_blob() {
+    let Some(registry) = Registry::start(None) else {
+        return;
+    };
+    let s = Scratch::new();
+    let dir = model(&s, 4 << 20);
+    let reference = format!("{}/again/model:v1", registry.host());
+    let pushed = s.build_and_push_digest(&dir, &reference);
+    // Pushed again, under the same tag and under another one, through a proxy that lists every
+    // request: the manifest is there, so no blob is looked at or uploaded (only the chunk index
+    // a build pins may be checked: the registry does not keep it with the manifest).
+    let proxy = modelpack_testkit::fault::FaultProxy::start(registry.port);
+    let host = proxy.host();
+    for tag in ["v1", "v2"] {
+        let target = format!("{host}/again/model:{tag}");
+        s.ok(&["tag", &reference, &target]);
+        s.ok(&["push", &target, "--plain-http"]);
+        assert_eq!(s.ok(&["resolve", &target, "--plain-http"]).trim(), pushed);
+    }
+    let requests = proxy.requests();
+    let uploads: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.contains("/blobs/uploads"))
+        .collect();
+    assert!(uploads.is_empty(), "blobs uploaded again: {uploads:?}");
+    let checks = requests
+        .iter()
+        .filter(|r| r.starts_with("HEAD") && r.contains("/blobs/"))
+        .count();
+    // Per push: the pinned chunk index, once by the walk and once when it is kept as a referrer.
+    assert!(checks <= 2 * 2, "blobs checked one by one: {requests:?}");
+    // A registry without the manifest still gets every blob.
+    let fresh = format!("{host}/elsewhere/model:v1");
+    s.ok(&["tag", &reference, &fresh]);
+    s.ok(&["push", &fresh, "--plain-http"]);
+    assert_eq!(
+        util::pulled_tree(&format!("{}/elsewhere/model:v1", registry.host())),
+        util::tree(Path::new(&dir))
+    );
+}

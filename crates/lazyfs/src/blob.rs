@@ -402,7 +402,7 @@ impl LazyBlob {
         let mut body = self
             .ctx
             .repo
-            .blob_stream(&self.digest, Some(start..end))
+            .blob_stream_sized(&self.digest, self.size, Some(start..end))
             .await
             .map_err(|e| Error::Read(e.to_string()))?;
         let mut chunk_index = first;

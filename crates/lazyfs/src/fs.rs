@@ -1685,6 +1685,9 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Error
     serve(fs, dir, &opts).await
 }
 
+/// Small files (one chunk each) the background prefetch fetches at once.
+const SMALL_PREFETCH_IN_FLIGHT: usize = 8;
+
 /// Mounts `fs` at `dir` and starts what runs beside it: the prefetch of small (or all) files
 /// and the page-cache invalidation of blobs that fail background verification.
 async fn serve(fs: ModelFs, dir: &Path, opts: &MountOptions) -> Result<MountedModel, Error> {
@@ -1705,7 +1708,11 @@ async fn serve(fs: ModelFs, dir: &Path, opts: &MountOptions) -> Result<MountedMo
         let fs = fs.clone();
         let dir = dir.to_owned();
         let adopt = opts.adopt.clone();
-        tokio::task::spawn_blocking(move || start_session(fs, &dir, config, adopt.as_deref())).await
+        let for_successor = opts.for_successor;
+        tokio::task::spawn_blocking(move || {
+            start_session(fs, &dir, config, adopt.as_deref(), for_successor)
+        })
+        .await
     };
     let mount_error = |source| Error::Mount {
         path: dir.to_owned(),
@@ -1720,8 +1727,10 @@ async fn serve(fs: ModelFs, dir: &Path, opts: &MountOptions) -> Result<MountedMo
         let mount_point = dir.to_owned();
         let _ = tokio::task::spawn_blocking(move || raise_readahead(&mount_point)).await;
     }
-    // Smallest first (configs and tokenizers before weights), one run of chunks at a time: one
-    // connection in the background, so on-demand reads keep the rest of the link.
+    // Smallest first (configs and tokenizers before weights). Blobs of one chunk cost a request
+    // each, not bandwidth: several go at once (a tree of thousands of small files is bound by
+    // requests in flight). Larger ones follow one run of chunks at a time, one connection in
+    // the background, so on-demand reads keep the rest of the link.
     let mut order: Vec<Arc<LazyBlob>> = fs
         .blobs
         .iter()
@@ -1730,8 +1739,16 @@ async fn serve(fs: ModelFs, dir: &Path, opts: &MountOptions) -> Result<MountedMo
         .collect();
     if !order.is_empty() {
         order.sort_by_key(|b| b.size);
+        let single_chunk = order.partition_point(|b| b.chunk_count() <= 1);
+        let larger = order.split_off(single_chunk);
         fs.tasks.spawn(async move {
-            for blob in order {
+            use futures_util::StreamExt as _;
+            futures_util::stream::iter(order)
+                .for_each_concurrent(SMALL_PREFETCH_IN_FLIGHT, |blob| async move {
+                    blob.prefetch(0, 1).await;
+                })
+                .await;
+            for blob in larger {
                 let mut i = 0;
                 while i < blob.chunk_count() {
                     blob.prefetch(i, readahead::RUN).await;
@@ -1771,12 +1788,15 @@ async fn serve(fs: ModelFs, dir: &Path, opts: &MountOptions) -> Result<MountedMo
 
 /// Starts the FUSE session of `fs` at `dir`: a new mount, or the connection `adopt` hands over
 /// (which must be the one mounted at `dir`). Returns it with a duplicate of its descriptor and
-/// state, for a holder to keep (none when the state cannot be told).
+/// state, for a holder to keep (none when the state cannot be told). With `for_successor`, a
+/// new connection's open-file state is saved for the one that adopts it (an adopted one's
+/// always is).
 fn start_session(
     fs: ModelFs,
     dir: &Path,
     config: fuser::Config,
     adopt: Option<&Handover>,
+    for_successor: bool,
 ) -> std::io::Result<(fuser::BackgroundSession, Option<(OwnedFd, SessionState)>)> {
     let shared = fs.clone();
     let mounted_at = || {
@@ -1845,7 +1865,7 @@ fn start_session(
         // A new connection: whatever an earlier one with this device number saved is stale.
         let path = shared.opens_path(state.dev);
         let _ = std::fs::remove_file(&path);
-        if let Ok(mut file) = shared.opens_file.lock() {
+        if for_successor && let Ok(mut file) = shared.opens_file.lock() {
             *file = Some(path);
         }
     }

@@ -560,7 +560,9 @@ impl HolderProcess {
                 .map_err(|e| self.holder.error(format!("cannot start the holder: {e}")))?;
             let pid = child.id();
             // Until it answers; or it exits at once (a holder on its way out still held the
-            // socket's lock), and then another is started.
+            // socket's lock), and then another is started. A new holder answers within a few
+            // milliseconds, and the mount that needs it waits: look often at first.
+            let mut pause = Duration::from_micros(500);
             let exited = loop {
                 if self.holder.is_up() {
                     break false;
@@ -575,7 +577,8 @@ impl HolderProcess {
                         .holder
                         .error(format!("the holder (pid {pid}) did not answer")));
                 }
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(10));
             };
             if exited {
                 if std::time::Instant::now() > deadline {
@@ -592,6 +595,20 @@ impl HolderProcess {
             std::thread::spawn(move || child.wait());
             tracing::info!(pid, socket = %self.holder.socket().display(), "started the FUSE holder");
             return Ok(());
+        }
+    }
+
+    /// Starts the holder, if this process starts it and none answers, off the async workers;
+    /// a failure is only logged here ([`HolderProcess::hold`] tries again and reports). Run it
+    /// beside a mount, so that the mount does not wait for the holder's start afterwards.
+    pub async fn warm_up(&self) {
+        if self.program.is_none() {
+            return;
+        }
+        let this = self.clone();
+        let started = tokio::task::spawn_blocking(move || this.ensure_up()).await;
+        if let Ok(Err(e)) = started {
+            tracing::debug!(error = %e, "the FUSE holder did not start yet");
         }
     }
 

@@ -27,7 +27,7 @@ pub async fn create_index(repo: &Repository, reference: &str) -> Result<Digest, 
             continue;
         }
         let mut body = repo
-            .blob_stream(&layer.digest, Some(0..layer.size()))
+            .blob_stream_sized(&layer.digest, layer.size(), Some(0..layer.size()))
             .await?;
         let mut whole = Sha256::new();
         let mut chunks = ChunkHasher::new(CHUNK_INDEX_CHUNK_SIZE);

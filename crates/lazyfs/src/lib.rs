@@ -100,6 +100,10 @@ pub struct MountOptions {
     /// [`Holder`]), instead of mounting anew: its open files and waiting readers carry on. The
     /// tree must be built from the same options as the predecessor's, so inode numbers agree.
     pub adopt: Option<std::sync::Arc<Handover>>,
+    /// The connection goes to a [`Holder`], for a successor to adopt: the open-file state it
+    /// needs is saved at every open and release (a file write each; a mount no successor will
+    /// adopt skips them).
+    pub for_successor: bool,
 }
 
 impl MountOptions {
@@ -124,6 +128,7 @@ impl MountOptions {
             status_file: true,
             resolved: None,
             adopt: None,
+            for_successor: false,
         }
     }
 }

@@ -20,10 +20,14 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use crate::credentials::{self, Credential};
 use crate::endpoint::{self, Endpoint, Endpoints, TlsSettings};
 use crate::error::{Error, Result};
+use crate::hosts::{self, Fingerprint, HostsFile};
 
 /// Credentials are read again after a refusal at most this often per registry (credential
 /// helpers are programs; a wrong password must not run one per request).
 const CREDENTIAL_RELOAD_EVERY: Duration = Duration::from_secs(5);
+
+/// A registry's host folder is looked at for changes at most this often (a few `stat` calls).
+const HOSTS_RECHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// How hard to retry.
 #[derive(Debug, Clone, Copy)]
@@ -128,8 +132,22 @@ pub struct Client {
     http: reqwest::Client,
     opts: Arc<ClientOptions>,
     auth: Arc<Mutex<AuthCache>>,
-    /// Each registry's hosts, read from its hosts file on first use.
-    endpoints: Arc<Mutex<HashMap<String, Arc<Endpoints>>>>,
+    /// Each registry's hosts, read from its hosts file on first use and again when it changed.
+    endpoints: Arc<Mutex<HashMap<String, HostsReading>>>,
+}
+
+/// A registry's hosts as last read, and how its host folder looked.
+#[derive(Debug)]
+struct HostsReading {
+    /// The hosts of the last good reading.
+    endpoints: Arc<Endpoints>,
+    /// The files the last good reading named (CAs, client certificates), watched too.
+    named: Vec<PathBuf>,
+    /// The folder when last looked at (a bad reading included: it is not read again until
+    /// it changes).
+    seen: Fingerprint,
+    /// When it was last looked at.
+    checked: Instant,
 }
 
 /// What a request needs access to, as a bearer-token scope.
@@ -280,22 +298,130 @@ impl Client {
         true
     }
 
-    /// The hosts of `registry`, in the order they are tried (read once per client).
+    /// The hosts of `registry`, in the order they are tried. Its host folder is read on first
+    /// use and looked at again at most every [`HOSTS_RECHECK_EVERY`]: a changed, new or removed
+    /// `hosts.toml`, folder or certificate file is read again, as containerd reads it for each
+    /// pull, so a daemon needs no restart. A first reading that fails is an error; a later one
+    /// is logged once and the last good hosts stay in use (a half-written file must not fail
+    /// every pull).
     pub(crate) fn endpoints(&self, registry: &str) -> Result<Arc<Endpoints>> {
-        if let Some(e) = self
-            .endpoints
-            .lock()
-            .ok()
-            .and_then(|m| m.get(registry).cloned())
+        let Some(dir) = self.opts.hosts_dir.as_deref() else {
+            return self.endpoints_without_folder(registry);
+        };
+        let mut before: Option<(Arc<Endpoints>, Vec<PathBuf>, Fingerprint)> = None;
+        if let Ok(mut map) = self.endpoints.lock()
+            && let Some(reading) = map.get_mut(registry)
         {
-            return Ok(e);
+            if reading.checked.elapsed() < HOSTS_RECHECK_EVERY {
+                return Ok(reading.endpoints.clone());
+            }
+            // Other callers use what is there while this one looks.
+            reading.checked = Instant::now();
+            before = Some((
+                reading.endpoints.clone(),
+                reading.named.clone(),
+                reading.seen.clone(),
+            ));
         }
-        let resolved = Arc::new(endpoint::resolve(registry, &self.opts, &self.http)?);
+        let named = before.as_ref().map_or(&[][..], |(_, named, _)| named);
+        let now = Fingerprint::take(dir, registry, named);
+        if let Some((current, _, seen)) = &before
+            && *seen == now
+        {
+            return Ok(current.clone());
+        }
+        let previous = before.as_ref().map(|(e, _, _)| &**e);
+        // The files it names are stamped before the clients read them: a change after this is
+        // seen next time.
+        let parsed = hosts::find(dir, registry);
+        // Files a reading names are watched even when it fails: creating a CA it names but
+        // lacks must bring the new reading in, with no other change to the folder.
+        let named_now = parsed
+            .as_ref()
+            .ok()
+            .and_then(Option::as_ref)
+            .map(HostsFile::named_files)
+            .unwrap_or_default();
+        let read = parsed.and_then(|file| {
+            let named = named_now.clone();
+            let seen = now.clone().with_named(&named);
+            let built = endpoint::build(registry, file.as_ref(), &self.opts, &self.http, previous)?;
+            Ok((built, named, seen))
+        });
         let mut map = self
             .endpoints
             .lock()
             .map_err(|_| Error::Protocol("hosts cache poisoned".into()))?;
-        Ok(map.entry(registry.to_owned()).or_insert(resolved).clone())
+        let first = before.is_none();
+        let (built, named, seen) = match (read, before) {
+            (Ok(read), _) => read,
+            (Err(e), None) => return Err(e),
+            (Err(e), Some((old, _, _))) => {
+                tracing::warn!(
+                    registry,
+                    error = %e,
+                    "registry hosts changed but cannot be used; keeping the last good reading (logged once until they change again)"
+                );
+                if let Some(reading) = map.get_mut(registry) {
+                    reading.seen = now.with_named(&named_now);
+                    reading.named = named_now;
+                }
+                return Ok(old);
+            }
+        };
+        let current = map.get(registry).map(|r| r.endpoints.clone());
+        let endpoints = match current {
+            // A first reading, and another caller's was first: theirs.
+            Some(current) if first => return Ok(current),
+            // Touched, or another file of the folder changed: the very same hosts.
+            Some(current) if current.same_as(&built) => current,
+            current => {
+                if let Some(old) = &current {
+                    built.carry_over(old);
+                    tracing::info!(
+                        registry,
+                        source = %built.source.as_ref().map_or_else(|| "none".into(), |p| p.display().to_string()),
+                        hosts = built.list.len(),
+                        "registry hosts changed; using the new reading"
+                    );
+                }
+                Arc::new(built)
+            }
+        };
+        map.insert(
+            registry.to_owned(),
+            HostsReading {
+                endpoints: endpoints.clone(),
+                named,
+                seen,
+                checked: Instant::now(),
+            },
+        );
+        Ok(endpoints)
+    }
+
+    /// [`Client::endpoints`] without a hosts folder: the server alone, built once.
+    fn endpoints_without_folder(&self, registry: &str) -> Result<Arc<Endpoints>> {
+        let mut map = self
+            .endpoints
+            .lock()
+            .map_err(|_| Error::Protocol("hosts cache poisoned".into()))?;
+        if let Some(reading) = map.get(registry) {
+            return Ok(reading.endpoints.clone());
+        }
+        let endpoints = Arc::new(endpoint::build(
+            registry, None, &self.opts, &self.http, None,
+        )?);
+        map.insert(
+            registry.to_owned(),
+            HostsReading {
+                endpoints: endpoints.clone(),
+                named: Vec::new(),
+                seen: Fingerprint::default(),
+                checked: Instant::now(),
+            },
+        );
+        Ok(endpoints)
     }
 
     /// The registry's server (its hosts file's `server`, else the registry itself).

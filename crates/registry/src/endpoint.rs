@@ -19,7 +19,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::client::ClientOptions;
 use crate::error::{Error, Result};
-use crate::hosts::{self, HostSettings, HostUrl, HostsFile};
+use crate::hosts::{self, HostSettings, HostUrl, HostsFile, Stamp, stamp};
 
 /// Requests a mirror lost because it failed, over the whole process.
 static MIRROR_FALLBACKS: AtomicU64 = AtomicU64::new(0);
@@ -65,6 +65,19 @@ pub(crate) struct Endpoint {
     served_wrong: AtomicBool,
     /// Skipped until then after a connection failure.
     down_until: Mutex<Option<Instant>>,
+    /// What it was built from: a re-read hosts file that describes it alike keeps it.
+    origin: Origin,
+    /// The files its HTTP client was built from, as they were then.
+    files: Vec<(PathBuf, Option<Stamp>)>,
+}
+
+/// What an [`Endpoint`] is built from.
+#[derive(Debug, Clone, PartialEq)]
+struct Origin {
+    url: HostUrl,
+    settings: HostSettings,
+    tls: TlsSettings,
+    server: bool,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -80,6 +93,12 @@ impl std::fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
+    /// True when a new reading describes this host exactly as before and the files its client
+    /// was built from are unchanged: it is kept, with its connections and its state.
+    fn unchanged(&self, origin: &Origin) -> bool {
+        self.origin == *origin && self.files.iter().all(|(path, was)| stamp(path) == *was)
+    }
+
     /// True while it is cooling down after a connection failure.
     fn cooling(&self) -> bool {
         self.down_until
@@ -91,6 +110,15 @@ impl Endpoint {
 }
 
 /// The hosts of one registry, in the order they are tried.
+///
+/// When the hosts file is read again after an edit ([`crate::Client`] looks for changes at most
+/// once a second), a host the new reading describes exactly as before (same URL, settings and
+/// unchanged certificate files) is the same [`Endpoint`]: its connections, its cool-down and
+/// its logged-once state stay. A host whose settings changed starts afresh (the edit may be the
+/// fix). What the blobs' bookkeeping says of a host (bytes it served, blobs it may not serve
+/// again because their bytes failed verification) follows the host's URL into the new reading:
+/// wrong bytes are about what the host serves, not how it is reached. The fallback count is
+/// process-wide and never reset.
 #[derive(Debug)]
 pub(crate) struct Endpoints {
     /// Mirrors in file order, the server last.
@@ -157,8 +185,58 @@ impl Endpoints {
         Ok(chosen)
     }
 
+    /// Where `ep` is in the list; a host of an earlier reading (a body opened before the file
+    /// was read again) is found by its URL.
     fn index(&self, ep: &Endpoint) -> Option<usize> {
-        self.list.iter().position(|e| std::ptr::eq(&**e, ep))
+        self.list
+            .iter()
+            .position(|e| std::ptr::eq(&**e, ep))
+            .or_else(|| self.list.iter().position(|e| e.root == ep.root))
+    }
+
+    /// True when `other` is this very list of hosts (each the same [`Endpoint`]) from the same
+    /// file.
+    pub fn same_as(&self, other: &Endpoints) -> bool {
+        self.source == other.source
+            && self.list.len() == other.list.len()
+            && self
+                .list
+                .iter()
+                .zip(&other.list)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+
+    /// Takes over the per-blob bookkeeping of `old` (an earlier reading), host by host URL.
+    pub fn carry_over(&self, old: &Endpoints) {
+        // Old bit -> new bits: the hosts of the new list with the same URL.
+        let map: Vec<u64> = old
+            .list
+            .iter()
+            .map(|o| {
+                self.list
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| n.root == o.root && !n.server)
+                    .fold(0, |m, (j, _)| m | bit(j))
+            })
+            .collect();
+        let remap = |mask: u64| {
+            map.iter()
+                .enumerate()
+                .filter(|(i, _)| mask & bit(*i) != 0)
+                .fold(0, |m, (_, new)| m | new)
+        };
+        for (from, to) in [(&old.served, &self.served), (&old.banned, &self.banned)] {
+            let (Ok(from), Ok(mut to)) = (from.lock(), to.lock()) else {
+                continue;
+            };
+            for (digest, mask) in from.iter() {
+                let mask = remap(*mask);
+                if mask != 0 {
+                    *to.entry(digest.clone()).or_default() |= mask;
+                }
+            }
+        }
     }
 
     /// Notes that `ep` served bytes of `digest` (so a failed verification can be pinned on it).
@@ -205,8 +283,9 @@ impl Endpoints {
         true
     }
 
-    /// Bans `ep` for `digest` at once (a manifest by digest that did not match).
-    pub fn ban(&self, digest: &Digest, ep: &Endpoint) {
+    /// Bans `ep` for `digest` at once (a manifest by digest that did not match, a wrong answer
+    /// to a blob GET), for `reason`.
+    pub fn ban(&self, digest: &Digest, ep: &Endpoint, reason: &str) {
         let Some(i) = self.index(ep) else { return };
         if let Ok(mut banned) = self.banned.lock() {
             if banned.len() >= TRACKED_BLOBS && !banned.contains_key(digest) {
@@ -214,11 +293,7 @@ impl Endpoints {
             }
             *banned.entry(digest.clone()).or_default() |= bit(i);
         }
-        self.failed(
-            ep,
-            Failure::WrongBytes,
-            &format!("{digest} failed verification"),
-        );
+        self.failed(ep, Failure::WrongBytes, reason);
     }
 
     /// A request left `ep` for the next host: counted, logged once per outage.
@@ -403,17 +478,17 @@ fn headers(settings: &HostSettings) -> HeaderMap {
     map
 }
 
-/// The hosts of `registry`: from its hosts file under `opts.hosts_dir` when there is one, else
-/// the server alone, reached with `default_http` (the client built from `opts`).
-pub(crate) fn resolve(
+/// The hosts of `registry`: from its hosts file `file` (as read from `opts.hosts_dir`) when
+/// there is one, else the server alone, reached with `default_http` (the client built from
+/// `opts`). `previous`: the hosts of an earlier reading, whose unchanged hosts are kept (see
+/// [`Endpoints`]).
+pub(crate) fn build(
     registry: &str,
+    file: Option<&HostsFile>,
     opts: &ClientOptions,
     default_http: &reqwest::Client,
+    previous: Option<&Endpoints>,
 ) -> Result<Endpoints> {
-    let file: Option<HostsFile> = match &opts.hosts_dir {
-        Some(dir) => hosts::find(dir, registry)?,
-        None => None,
-    };
     let own = TlsSettings::of_options(opts);
     let make = |url: &HostUrl,
                 settings: &HostSettings,
@@ -421,10 +496,30 @@ pub(crate) fn resolve(
                 tls: TlsSettings,
                 source: Option<&Path>|
      -> Result<Arc<Endpoint>> {
-        let http = if tls == own {
-            default_http.clone()
+        let origin = Origin {
+            url: url.clone(),
+            settings: settings.clone(),
+            tls: tls.clone(),
+            server,
+        };
+        if let Some(kept) = previous
+            .into_iter()
+            .flat_map(|p| p.list.iter())
+            .find(|e| e.unchanged(&origin))
+        {
+            return Ok(kept.clone());
+        }
+        let (http, files) = if tls == own {
+            (default_http.clone(), Vec::new())
         } else {
-            http_client(opts, &tls, source)?
+            // Stamped before they are read: a change after this is noticed next time.
+            let mut paths = tls.ca.clone();
+            for (cert, key) in &tls.client {
+                paths.push(cert.clone());
+                paths.extend(key.clone());
+            }
+            let files = paths.into_iter().map(|p| (p.clone(), stamp(&p))).collect();
+            (http_client(opts, &tls, source)?, files)
         };
         let base = format!("{}://{}", url.scheme, url.authority);
         let is_registry = url.authority == registry
@@ -446,11 +541,13 @@ pub(crate) fn resolve(
             failing: AtomicBool::new(false),
             served_wrong: AtomicBool::new(false),
             down_until: Mutex::new(None),
+            origin,
+            files,
         }))
     };
     let mut list = Vec::new();
-    let source = file.as_ref().map(|f| f.source.clone());
-    match &file {
+    let source = file.map(|f| f.source.clone());
+    match file {
         None => {
             let settings = HostSettings {
                 capabilities: hosts::ALL,
@@ -491,4 +588,92 @@ pub(crate) fn resolve(
         served: Mutex::new(HashMap::new()),
         banned: Mutex::new(HashMap::new()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(text: &str) -> HostsFile {
+        hosts::parse(Path::new("/etc/certs.d/reg:5000/hosts.toml"), text).expect("parses")
+    }
+
+    fn roots(e: &Endpoints) -> Vec<&str> {
+        e.list.iter().map(|h| h.root.as_str()).collect()
+    }
+
+    #[test]
+    fn a_new_reading_keeps_unchanged_hosts_and_what_blobs_say_of_them() {
+        let opts = ClientOptions::new();
+        let http = http_client(&opts, &TlsSettings::of_options(&opts), None).expect("client");
+        let build_from = |text: &str, previous: Option<&Endpoints>| {
+            build("reg:5000", Some(&reading(text)), &opts, &http, previous).expect("build")
+        };
+        let first = build_from(
+            "server = \"http://reg:5000\"\n[host.\"http://a\"]\n[host.\"http://b\"]\n",
+            None,
+        );
+        let (a, b) = (first.list[0].clone(), first.list[1].clone());
+        let bad = Digest::sha256_of(b"wrong from a");
+        let served = Digest::sha256_of(b"served by b");
+        first.ban(&bad, &a, "test");
+        first.note_served(&served, &b);
+        first.failed(&b, Failure::Unreachable, "test");
+        assert!(b.cooling());
+
+        // `c` comes first, `a` moves last, `b` gets a header; the server stays.
+        let second = build_from(
+            "server = \"http://reg:5000\"\n[host.\"http://c\"]\n\
+             [host.\"http://b\"]\n  header = { x = \"1\" }\n[host.\"http://a\"]\n",
+            Some(&first),
+        );
+        second.carry_over(&first);
+        assert_eq!(
+            roots(&second),
+            [
+                "http://c/v2",
+                "http://b/v2",
+                "http://a/v2",
+                "http://reg:5000/v2"
+            ]
+        );
+        assert!(Arc::ptr_eq(&second.list[2], &a), "unchanged: the same host");
+        assert!(Arc::ptr_eq(
+            &second.list[3],
+            first.server().expect("server")
+        ));
+        assert!(
+            !Arc::ptr_eq(&second.list[1], &b),
+            "changed settings: a new host"
+        );
+        assert!(!second.list[1].cooling(), "the edit may be the fix");
+        assert!(!second.same_as(&first));
+
+        // `a` still may not serve `bad`; `b`'s bytes of `served` can still be pinned on it.
+        let hosts_for_bad = second.candidates(hosts::PULL, Some(&bad)).expect("hosts");
+        let hosts_for_bad: Vec<_> = hosts_for_bad.iter().map(|h| h.root.as_str()).collect();
+        assert_eq!(
+            hosts_for_bad,
+            ["http://c/v2", "http://b/v2", "http://reg:5000/v2"]
+        );
+        assert!(second.distrust(&served));
+        let hosts_for_served = second
+            .candidates(hosts::PULL, Some(&served))
+            .expect("hosts");
+        assert!(!hosts_for_served.iter().any(|h| h.root == "http://b/v2"));
+
+        // A host of the earlier reading (a body still open) is found by its URL.
+        let late = Digest::sha256_of(b"late");
+        second.ban(&late, &b, "test");
+        let hosts_for_late = second.candidates(hosts::PULL, Some(&late)).expect("hosts");
+        assert!(!hosts_for_late.iter().any(|h| h.root == "http://b/v2"));
+
+        // Read again with nothing changed: the very same hosts.
+        let third = build_from(
+            "server = \"http://reg:5000\"\n[host.\"http://c\"]\n\
+             [host.\"http://b\"]\n  header = { x = \"1\" }\n[host.\"http://a\"]\n",
+            Some(&second),
+        );
+        assert!(third.same_as(&second));
+    }
 }

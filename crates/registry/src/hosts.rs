@@ -77,6 +77,11 @@ pub(crate) struct HostsFile {
 
 /// The host folder for `registry` under `dir`, as containerd looks it up, or `None`.
 pub(crate) fn find(dir: &Path, registry: &str) -> Result<Option<HostsFile>> {
+    folder(dir, registry).map(|f| read_folder(&f)).transpose()
+}
+
+/// The first of `HOST_PORT_`, `HOST[:PORT]` and `_default` under `dir` that is a folder.
+pub(crate) fn folder(dir: &Path, registry: &str) -> Option<PathBuf> {
     let mut names = Vec::new();
     if let Some((host, port)) = registry.rsplit_once(':')
         && !host.is_empty()
@@ -86,22 +91,110 @@ pub(crate) fn find(dir: &Path, registry: &str) -> Result<Option<HostsFile>> {
     }
     names.push(registry.to_owned());
     names.push("_default".to_owned());
-    for name in names {
-        let folder = dir.join(&name);
-        if !folder.is_dir() {
-            continue;
-        }
-        let file = folder.join("hosts.toml");
-        return match std::fs::read_to_string(&file) {
-            Ok(text) => parse(&file, &text).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => cert_files(&folder).map(Some),
-            Err(e) => Err(Error::Io {
-                context: format!("reading hosts file {}", file.display()),
-                source: e,
-            }),
-        };
+    names
+        .into_iter()
+        .map(|name| dir.join(name))
+        .find(|folder| folder.is_dir())
+}
+
+/// What a host folder says: its `hosts.toml`, or without one its certificate files.
+fn read_folder(folder: &Path) -> Result<HostsFile> {
+    let file = folder.join("hosts.toml");
+    match std::fs::read_to_string(&file) {
+        Ok(text) => parse(&file, &text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => cert_files(folder),
+        Err(e) => Err(Error::Io {
+            context: format!("reading hosts file {}", file.display()),
+            source: e,
+        }),
     }
-    Ok(None)
+}
+
+/// A file's identity and version as `stat` (following links) tells them: a rewrite in place,
+/// a rename over it, a `touch` or a swapped Kubernetes volume link all change it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// The stamp of `path`, `None` when it cannot be looked at (missing, no permission).
+pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    })
+}
+
+/// What a registry's host folder looked like, cheaply: which candidate folder is used, the
+/// stamp of each of its entries (the `hosts.toml`, or Docker's certificate files) and of the
+/// files a reading named elsewhere. Equal fingerprints: nothing to read again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Fingerprint {
+    folder: Option<PathBuf>,
+    entries: Vec<(std::ffi::OsString, Option<Stamp>)>,
+    named: Vec<(PathBuf, Option<Stamp>)>,
+}
+
+impl Fingerprint {
+    /// Looks at `registry`'s folder under `dir` now (a few `stat` calls and one listing);
+    /// `named`: the files the last good reading named (CAs, client certificates).
+    pub fn take(dir: &Path, registry: &str, named: &[PathBuf]) -> Fingerprint {
+        let folder = folder(dir, registry);
+        let mut entries: Vec<_> = folder
+            .as_deref()
+            .and_then(|f| std::fs::read_dir(f).ok())
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .map(|e| (e.file_name(), stamp(&e.path())))
+            .collect();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        Fingerprint {
+            folder,
+            entries,
+            named: named.iter().map(|p| (p.clone(), stamp(p))).collect(),
+        }
+    }
+
+    /// The same look with `named` stamped afresh (after a reading named other files).
+    pub fn with_named(mut self, named: &[PathBuf]) -> Fingerprint {
+        self.named = named.iter().map(|p| (p.clone(), stamp(p))).collect();
+        self
+    }
+}
+
+impl HostSettings {
+    /// The files these settings name (CAs, client certificates and keys).
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = self.ca.clone();
+        for (cert, key) in &self.client {
+            files.push(cert.clone());
+            files.extend(key.clone());
+        }
+        files
+    }
+}
+
+impl HostsFile {
+    /// Every file the hosts and the server name.
+    pub fn named_files(&self) -> Vec<PathBuf> {
+        let mut files = self.server_settings.files();
+        for host in &self.hosts {
+            files.extend(host.settings.files());
+        }
+        files.sort();
+        files.dedup();
+        files
+    }
 }
 
 /// Docker's `certs.d` pattern: `*.crt` are CAs, `NAME.cert` with `NAME.key` client pairs.
@@ -632,5 +725,97 @@ server = "https://registry-1.docker.io"
         .expect("write");
         let f = find(dir.path(), "reg:5000").expect("find").expect("file");
         assert_eq!(f.server.expect("server").scheme, "http");
+    }
+
+    fn set_mtime(path: &Path, secs: u64) {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .expect("open")
+            .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+            .expect("set mtime");
+    }
+
+    #[test]
+    fn the_fingerprint_changes_with_the_file_the_folder_and_the_files_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let take = |named: &[PathBuf]| Fingerprint::take(dir.path(), "reg:5000", named);
+        let none = take(&[]);
+        assert_eq!(none, take(&[]));
+        let folder = dir.path().join("reg:5000");
+        std::fs::create_dir_all(&folder).expect("mkdir");
+        let file = folder.join("hosts.toml");
+        std::fs::write(&file, "ca = \"ca.pem\"\n").expect("write");
+        set_mtime(&file, 1_000);
+        let first = take(&[]);
+        assert_ne!(first, none, "a new folder");
+        assert_eq!(first, take(&[]), "nothing changed");
+
+        // Rewritten in place with the same length: the modification time tells.
+        std::fs::write(&file, "ca = \"cb.pem\"\n").expect("write");
+        set_mtime(&file, 1_001);
+        let second = take(&[]);
+        assert_ne!(second, first);
+        // Replaced by a rename (as editors and config tools do): another inode.
+        let new = folder.join("hosts.toml.new");
+        std::fs::write(&new, "ca = \"cb.pem\"\n").expect("write");
+        set_mtime(&new, 1_001);
+        std::fs::rename(&new, &file).expect("rename");
+        assert_ne!(take(&[]), second);
+
+        // A file the reading named, here or elsewhere.
+        let named = [folder.join("cb.pem")];
+        let without = take(&named);
+        std::fs::write(&named[0], "pem").expect("write");
+        let with = take(&named);
+        assert_ne!(with, without, "the CA appeared");
+        set_mtime(&named[0], 5);
+        assert_ne!(take(&named), with, "the CA changed");
+
+        // A more specific folder takes over.
+        let before = take(&named);
+        std::fs::create_dir_all(dir.path().join("reg_5000_")).expect("mkdir");
+        assert_ne!(take(&named), before);
+    }
+
+    #[test]
+    fn certificate_folders_change_with_their_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let folder = dir.path().join("reg");
+        std::fs::create_dir_all(&folder).expect("mkdir");
+        std::fs::write(folder.join("ca.crt"), "").expect("write");
+        let first = Fingerprint::take(dir.path(), "reg", &[]);
+        std::fs::write(folder.join("client.cert"), "").expect("write");
+        let second = Fingerprint::take(dir.path(), "reg", &[]);
+        assert_ne!(second, first, "a new file");
+        std::fs::write(folder.join("ca.crt"), "pem").expect("write");
+        assert_ne!(
+            Fingerprint::take(dir.path(), "reg", &[]),
+            second,
+            "a CA rewritten"
+        );
+    }
+
+    #[test]
+    fn named_files_are_every_ca_and_client_file() {
+        let f = parsed(
+            r#"
+ca = "server-ca.pem"
+[host."http://a"]
+  ca = ["a.crt", "server-ca.pem"]
+  client = [["/c/a.cert", "/c/a.key"], ["b.pem", ""]]
+"#,
+        );
+        let base = Path::new("/etc/certs.d/reg");
+        assert_eq!(
+            f.named_files(),
+            [
+                PathBuf::from("/c/a.cert"),
+                PathBuf::from("/c/a.key"),
+                base.join("a.crt"),
+                base.join("b.pem"),
+                base.join("server-ca.pem"),
+            ]
+        );
     }
 }

@@ -314,6 +314,21 @@ impl Repository {
         }
     }
 
+    /// Mirror `ep` gave a wrong answer to a GET of `digest` (a range it was not asked for, a
+    /// size that is not the blob's): it is not asked for that blob again (logged once, counted
+    /// in [`crate::mirror_fallbacks`]). True when another host may be asked; false for the
+    /// registry's server, or when no other host may pull.
+    pub(crate) fn reject_blob_answer(&self, digest: &Digest, ep: &Endpoint, reason: &str) -> bool {
+        if ep.server {
+            return false;
+        }
+        let Ok(endpoints) = self.client.endpoints(&self.registry) else {
+            return false;
+        };
+        endpoints.ban(digest, ep, reason);
+        endpoints.candidates(hosts::PULL, Some(digest)).is_ok()
+    }
+
     /// Size of the blob if the repository has it, asked of the host uploads go to (a mirror's
     /// copy says nothing about what a push there needs).
     pub async fn blob_exists(&self, digest: &Digest) -> Result<Option<u64>> {
@@ -325,6 +340,24 @@ impl Repository {
             return Ok(None);
         }
         Ok(header(&resp, CONTENT_LENGTH).and_then(|s| s.parse().ok()))
+    }
+
+    /// HEADs manifest `digest` at the host blob checks and uploads go to (the first that may
+    /// push): true when it has it, false on a 404. A push that finds it there has nothing to
+    /// upload but the tag.
+    pub async fn manifest_exists(&self, digest: &Digest) -> Result<bool> {
+        let tail = format!("manifests/{digest}");
+        let (resp, _) = self
+            .send(
+                Access::Check,
+                Method::HEAD,
+                &tail,
+                &[404],
+                &|rb| Ok(rb.header(ACCEPT, manifest_accept())),
+                None,
+            )
+            .await?;
+        Ok(resp.status().as_u16() != 404)
     }
 
     /// GETs a blob from byte `start` (to `end`, exclusive, or to its end). A server that ignores
@@ -545,7 +578,11 @@ impl Repository {
                     {
                         if !ep.server {
                             // Wrong bytes from a mirror: never from there again; next host.
-                            self.client.endpoints(&self.registry)?.ban(expected, &ep);
+                            self.client.endpoints(&self.registry)?.ban(
+                                expected,
+                                &ep,
+                                &format!("{expected} failed verification"),
+                            );
                             continue;
                         }
                         return Err(Error::DigestMismatch {
@@ -560,7 +597,9 @@ impl Repository {
                     mirror_failures += 1;
                     self.mirror_broke(&ep, &e.to_string());
                     if let Some(d) = &expected {
-                        self.client.endpoints(&self.registry)?.ban(d, &ep);
+                        self.client
+                            .endpoints(&self.registry)?
+                            .ban(d, &ep, &e.to_string());
                     }
                 }
                 Err(e) => return Err(e),

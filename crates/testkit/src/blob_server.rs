@@ -1,7 +1,7 @@
 //! A small HTTP server on loopback that serves one blob for any GET and misbehaves on purpose,
-//! request by request: it ignores `Range`, cuts bodies short, or flips a byte. For unit tests of
-//! the code that reads blobs (registry streams, the transfer engine, lazy chunks) without a
-//! registry.
+//! request by request: it ignores `Range`, cuts bodies short, flips a byte, or answers a range
+//! with the wrong headers or bytes. For unit tests of the code that reads blobs (registry
+//! streams, the transfer engine, lazy chunks) without a registry.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -19,6 +19,19 @@ pub enum Answer {
     CutAfter(usize),
     /// Honour `Range`, with the byte at this offset of the blob flipped (if sent).
     FlipAt(usize),
+    /// Answer a `Range` with 206 for the range moved this many bytes (earlier when negative);
+    /// `Content-Range` and `Content-Length` describe what is sent.
+    Shift(i64),
+    /// Answer a `Range` with 206 and the range asked, but no `Content-Range` header.
+    NoContentRange,
+    /// Answer a `Range` with 206, `Content-Range` naming the range asked, but `Content-Length`
+    /// and the body running on this many bytes past it.
+    LongerBody(usize),
+    /// Answer a `Range` with 206 for the range extended this many bytes past its end, headers
+    /// saying so.
+    PastTheEnd(usize),
+    /// 200 with this many bytes whatever `Range` says: the blob cut there, or padded with zeros.
+    WholeOfLength(usize),
 }
 
 /// The server; stopped when dropped.
@@ -133,10 +146,28 @@ fn serve(
             .ok()
             .and_then(|s| s.get(n.min(s.len().saturating_sub(1))).copied())
             .unwrap_or(Answer::Honest);
-        let (partial, start, end) = match (answer, range) {
-            (Answer::IgnoreRange, _) | (_, None) => (false, 0, blob.len()),
-            (_, Some((a, b))) => (true, a, b.max(a)),
+        let len = blob.len();
+        let ignore = matches!(answer, Answer::IgnoreRange | Answer::WholeOfLength(_));
+        let (partial, mut start, mut end) = match range {
+            Some((a, b)) if !ignore => (true, a, b.max(a)),
+            _ => (false, 0, len),
         };
+        let mut content_range = partial;
+        let mut extra = 0;
+        match answer {
+            Answer::Shift(k) if partial => {
+                let moved = |at: usize| (at as i64 + k).clamp(0, len as i64) as usize;
+                (start, end) = (moved(start), moved(end));
+            }
+            Answer::NoContentRange => content_range = false,
+            Answer::LongerBody(k) if partial => extra = k.min(len - end),
+            Answer::PastTheEnd(k) if partial => end = (end + k).min(len),
+            _ => {}
+        }
+        let mut body = blob[start..end + extra].to_vec();
+        if let Answer::WholeOfLength(n) = answer {
+            body.resize(n, 0);
+        }
         let mut head = format!(
             "HTTP/1.1 {}\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n",
             if partial {
@@ -144,20 +175,18 @@ fn serve(
             } else {
                 "200 OK"
             },
-            end - start
+            body.len()
         );
-        if partial {
+        if content_range {
             head.push_str(&format!(
-                "Content-Range: bytes {start}-{}/{}\r\n",
+                "Content-Range: bytes {start}-{}/{len}\r\n",
                 end.saturating_sub(1),
-                blob.len()
             ));
         }
         head.push_str("\r\n");
         if stream.write_all(head.as_bytes()).is_err() {
             return;
         }
-        let mut body = blob[start..end].to_vec();
         match answer {
             Answer::CutAfter(k) => {
                 let k = k.min(body.len());

@@ -45,6 +45,17 @@ pub async fn fetch_blob(
         });
         return Ok(Fetched::Present);
     }
+    if blob.size <= SMALL_BLOB {
+        (opts.progress)(Event::BlobStarted {
+            digest: blob.digest.clone(),
+            size: blob.size,
+        });
+        fetch_small(repo, store, blob, opts).await?;
+        (opts.progress)(Event::BlobDone {
+            digest: blob.digest.clone(),
+        });
+        return Ok(Fetched::Downloaded);
+    }
     let partial = {
         let store = store.clone();
         let digest = blob.digest.clone();
@@ -81,6 +92,58 @@ pub async fn fetch_blob(
         digest: blob.digest.clone(),
     });
     Ok(Fetched::Downloaded)
+}
+
+/// Blobs up to this size are fetched in one request into memory, verified and written to the
+/// store as one file: no partial file, no saved progress, no hashing thread. For a model of
+/// thousands of small files that is most of the file-system work gone (creating inodes in a
+/// folder where many were just deleted is slow on ext4).
+const SMALL_BLOB: u64 = 1 << 20;
+
+/// Fetches a small blob whole (see [`SMALL_BLOB`]) into `store`; wrong bytes from a registry
+/// mirror are fetched again from the next host.
+async fn fetch_small(
+    repo: &Repository,
+    store: &Store,
+    blob: &BlobRef,
+    opts: &TransferOptions,
+) -> Result<()> {
+    loop {
+        let bytes = {
+            let _permit = opts.connections.acquire().await;
+            let mut body = repo
+                .blob_stream_sized(&blob.digest, blob.size, Some(0..blob.size))
+                .await?;
+            let mut out = Vec::with_capacity(blob.size as usize);
+            while let Some(piece) = body.next_chunk().await? {
+                out.extend_from_slice(&piece);
+            }
+            out
+        };
+        let failure = if bytes.len() as u64 != blob.size {
+            Error::SizeMismatch {
+                digest: blob.digest.to_string(),
+                expected: blob.size,
+                actual: bytes.len() as u64,
+            }
+        } else {
+            let actual = Digest::sha256_of(&bytes);
+            if actual == blob.digest {
+                let store = store.clone();
+                blocking(move || Ok(store.put_bytes(&bytes)?)).await?;
+                (opts.progress)(Event::Bytes {
+                    digest: blob.digest.clone(),
+                    bytes: blob.size,
+                });
+                return Ok(());
+            }
+            mismatch(blob, actual)
+        };
+        if !repo.distrust(&blob.digest) {
+            return Err(failure);
+        }
+        tracing::warn!(blob = %blob.digest, "a registry mirror served wrong bytes; fetching again from the next host");
+    }
 }
 
 /// One worker's byte range: `[start, end)`, written up to `pos`. A split shrinks `end` and
@@ -261,7 +324,8 @@ async fn fetch_adaptive(
         tokio::task::spawn_blocking(move || -> Option<Digest> {
             let mut hasher = Sha256::new();
             let mut hashed = 0u64;
-            let mut buf = vec![0u8; 1 << 20];
+            // Only needed when written bytes must be read back; small blobs never get here.
+            let mut buf = Vec::new();
             let mut open = true;
             while hashed < size {
                 if open {
@@ -296,6 +360,9 @@ async fn fetch_adaptive(
                         std::thread::sleep(std::time::Duration::from_millis(1));
                     }
                     continue;
+                }
+                if buf.is_empty() {
+                    buf = vec![0u8; 1 << 20];
                 }
                 while hashed < f {
                     let len = (f - hashed).min(buf.len() as u64) as usize;
@@ -397,11 +464,16 @@ async fn fetch_adaptive(
     // No more writes: the hasher finishes what was written and stops there, so a download that
     // ended short can never leave it waiting.
     failed.store(true, Ordering::SeqCst);
-    save();
     let reached = frontier(&snapshot(&spans));
     let digest = hasher
         .await
         .map_err(|e| Error::Unsupported(format!("hasher thread failed: {e}")))?;
+    // Progress is worth keeping only for a download that did not end: a complete one is
+    // committed or discarded below, and for small blobs the state file would be most of the
+    // file-system work (on ext4, creating inodes where many were just deleted is slow).
+    if first_error.is_some() || digest.is_none() {
+        save();
+    }
     if let Some(e) = first_error {
         return Err(e);
     }
@@ -442,7 +514,9 @@ async fn fetch_span(
         return Ok(());
     }
     let _permit = opts.connections.acquire().await;
-    let mut body = repo.blob_stream(&blob.digest, Some(pos..end)).await?;
+    let mut body = repo
+        .blob_stream_sized(&blob.digest, blob.size, Some(pos..end))
+        .await?;
     let mut batch = bytes::BytesMut::with_capacity(WRITE_BATCH);
     loop {
         body.set_end(span.end.load(Ordering::SeqCst));

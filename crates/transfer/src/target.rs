@@ -316,6 +316,27 @@ impl Exists for Remote<'_> {
 }
 
 impl Push for Remote<'_> {
+    /// Nothing moves when the registry has the manifest already (as `oras copy` decides): a
+    /// registry holds a manifest only with its blobs. Asked of the host uploads go to. The
+    /// chunk index a manifest pins is not one of its blobs to the registry (its garbage
+    /// collection may have taken it): it is still checked, and pushed when missing.
+    async fn begin(&self, manifest: &Manifest, blobs: Vec<BlobRef>) -> Result<Vec<BlobRef>> {
+        match self.repo.manifest_exists(&manifest.digest).await {
+            Ok(true) => {
+                let pinned = crate::referrer::pinned_chunk_index(&manifest.bytes);
+                Ok(blobs
+                    .into_iter()
+                    .filter(|b| pinned.as_ref().is_some_and(|p| p.digest == b.digest))
+                    .collect())
+            }
+            Ok(false) => Ok(blobs),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot tell whether the registry has the manifest; checking each blob");
+                Ok(blobs)
+            }
+        }
+    }
+
     fn landing(&self) -> Option<&Store> {
         self.staging
     }

@@ -117,3 +117,86 @@ async fn a_failed_download_is_continued_by_the_next_attempt() {
         data.len()
     );
 }
+
+/// Files left in the store's `ingest/` folder (partial data, saved progress, temporaries).
+fn ingest_leftovers(root: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(root.join("ingest"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_small_blob_takes_one_request_and_leaves_no_partial_file() {
+    let data = blob(2 << 10);
+    let server = BlobServer::start(data.clone(), vec![]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let b = blob_ref(&data);
+    let got = fetch_blob(&repo(&server), &store, &b, &TransferOptions::new(4))
+        .await
+        .expect("fetch");
+    assert_eq!(got, Fetched::Downloaded);
+    assert!(stored(&store, &b) == *data);
+    assert_eq!(server.requests(), 1);
+    assert_eq!(ingest_leftovers(dir.path()), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_small_blob_cut_short_or_served_whole_still_lands_right() {
+    let data = blob(512 << 10);
+    let server = BlobServer::start(
+        data.clone(),
+        vec![Answer::CutAfter(100 << 10), Answer::IgnoreRange],
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let b = blob_ref(&data);
+    fetch_blob(&repo(&server), &store, &b, &TransferOptions::new(4))
+        .await
+        .expect("fetch");
+    assert!(stored(&store, &b) == *data);
+    assert!(server.requests() >= 2);
+}
+
+#[tokio::test]
+async fn a_corrupt_small_blob_never_reaches_the_store() {
+    let data = blob(64 << 10);
+    let server = BlobServer::start(data.clone(), vec![Answer::FlipAt(1000)]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let b = blob_ref(&data);
+    let err = fetch_blob(&repo(&server), &store, &b, &TransferOptions::new(4))
+        .await
+        .expect_err("corrupt bytes accepted");
+    assert!(err.is_digest_mismatch(), "{err}");
+    assert!(err.to_string().contains(b.digest.as_str()), "{err}");
+    assert!(!store.has_blob(&b.digest));
+    assert_eq!(ingest_leftovers(dir.path()), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_small_blob_shorter_than_its_descriptor_is_refused() {
+    let data = blob(4 << 10);
+    let server = BlobServer::start(data.clone(), vec![]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    // The descriptor claims more than the blob has: the server cannot send it.
+    let b = BlobRef {
+        size: data.len() as u64 + 10,
+        ..blob_ref(&data)
+    };
+    let err = fetch_blob(&repo(&server), &store, &b, &TransferOptions::new(4))
+        .await
+        .expect_err("a size that does not match");
+    // One request: the answer says the blob ends before the bytes asked for, a protocol error
+    // from the registry itself (no retrying a server that says so).
+    assert!(err.to_string().contains(b.digest.as_str()), "{err}");
+    assert!(err.to_string().contains("answered a GET of bytes"), "{err}");
+    assert_eq!(server.requests(), 1);
+    assert!(!store.has_blob(&b.digest));
+}

@@ -682,6 +682,7 @@ impl Volumes {
         opts.prefetch_small = self.config.prefetch_small;
         opts.status_file = true;
         opts.adopt = adopt;
+        opts.for_successor = self.config.fuse_holder.is_some();
         let mounted = match modelpack_lazyfs::mount(opts, &dir).await {
             Ok(m) => m,
             Err(e) => {

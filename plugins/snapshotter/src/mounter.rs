@@ -188,6 +188,7 @@ impl LayerMounter for Lazyfs {
         opts.layers = Some(vec![layer.layer_digest.clone()]);
         opts.status_file = false;
         opts.adopt = adopt;
+        opts.for_successor = self.settings.fuse_holder.is_some();
         let model = modelpack_lazyfs::mount(opts, dir)
             .await
             .map_err(|e| e.to_string())?;

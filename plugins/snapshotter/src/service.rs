@@ -584,7 +584,20 @@ impl Service {
     ) -> Result<(), String> {
         let dir = self.snapshot_dir(id);
         let fs = dir.join("fs");
-        let state = match self.mount_layer(&layer, &fs, None).await {
+        // The holder (started on first use) comes up while the layer mounts, not after it. A
+        // mount that fails does not wait for it: the start ends by itself (within its timeout).
+        let warm_holder = self.inner.holder.clone().map(|holder| {
+            tokio::spawn(async move {
+                holder.warm_up().await;
+            })
+        });
+        let mounted = self.mount_layer(&layer, &fs, None).await;
+        if mounted.is_ok()
+            && let Some(warming) = warm_holder
+        {
+            let _ = warming.await;
+        }
+        let state = match mounted {
             Ok(state) => state,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);

@@ -45,6 +45,10 @@ pub struct MountArgs {
     /// Fetch every layer in the background after mounting
     #[arg(long)]
     pub prefetch: bool,
+    /// Fetch files of at most SIZE as soon as the model mounts, several at once (configs,
+    /// tokenizers, trees of small files: what a loader reads first); 0: none
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_or_zero, default_value = "1MiB")]
+    pub prefetch_small: u64,
     /// Let other users read the mount
     #[arg(long)]
     pub allow_other: bool,
@@ -101,11 +105,12 @@ pub fn mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<ExitCode> {
         },
         allow_other: args.allow_other,
         prefetch: args.prefetch,
-        prefetch_small: 0,
+        prefetch_small: args.prefetch_small,
         layers: None,
         status_file: true,
         resolved: None,
         adopt: None,
+        for_successor: false,
     };
     let rt = crate::remote::runtime()?;
     rt.block_on(async {
@@ -147,6 +152,14 @@ pub fn mount(global: &GlobalArgs, args: MountArgs) -> anyhow::Result<ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// [`parse_size`], also taking `0` (for "none").
+fn parse_size_or_zero(text: &str) -> Result<u64, String> {
+    if text.trim() == "0" {
+        return Ok(0);
+    }
+    parse_size(text)
 }
 
 /// A size: bytes, or a number with a unit (`KiB`, `MiB`, `GiB`, `TiB`, or `K`, `M`, `G`, `T`
@@ -320,7 +333,7 @@ pub fn index(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, parse_size_or_zero};
 
     #[test]
     fn sizes_take_binary_and_decimal_units() {
@@ -339,5 +352,8 @@ mod tests {
         for bad in ["", "MiB", "0", "12XB", "-1G", "1.2.3M"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+        assert_eq!(parse_size_or_zero("0"), Ok(0));
+        assert_eq!(parse_size_or_zero("1MiB"), Ok(1 << 20));
+        assert!(parse_size_or_zero("-0").is_err());
     }
 }
