@@ -73,6 +73,7 @@ pub struct Snapshotter {
     pub log: PathBuf,
     bin: PathBuf,
     extra: Vec<String>,
+    env: Vec<(String, std::ffi::OsString)>,
     child: Option<Child>,
 }
 
@@ -86,6 +87,7 @@ impl Snapshotter {
             log: dir.join("snapshotter.log"),
             bin: bin.to_owned(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             child: None,
         };
         s.spawn()?;
@@ -103,6 +105,7 @@ impl Snapshotter {
             .arg("--root")
             .arg(&self.root)
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("NO_COLOR", "1")
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -160,6 +163,12 @@ impl Snapshotter {
         self.spawn()
     }
 
+    /// Sets `key` in its environment from the next start on.
+    pub fn set_env(&mut self, key: &str, value: &std::ffi::OsStr) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// Starts it again with other extra flags.
     pub fn restart_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
         self.kill9();
@@ -177,6 +186,7 @@ impl Snapshotter {
             .arg("--root")
             .arg(&self.root)
             .args(extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

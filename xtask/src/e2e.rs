@@ -380,6 +380,7 @@ fn checks(rig: &mut Rig) -> anyhow::Result<()> {
     let _proxy = faults_under_the_snapshotter(rig, &image)?;
     unusable_registry(rig, &model)?;
     capped_cache_in_containerd(rig, &image)?;
+    crate::e2e_creds::rotated_credentials(rig, &image)?;
     crate::e2e_cri::cri_through_the_snapshotter(rig)?;
     crate::e2e_csi::csi_in_containerd(rig, &image)
 }

@@ -15,6 +15,7 @@ mod containerd;
 mod containerd2;
 mod demo;
 mod e2e;
+mod e2e_creds;
 mod e2e_cri;
 mod e2e_csi;
 mod e2e_restart;
