@@ -8,6 +8,11 @@
 //! fetched (and verified) again on demand. Every blob of one digest shares one [`ChunkState`], so
 //! two mounts of one layer never disagree about what is on disk.
 //!
+//! A fetched chunk is verified, kept in memory for the reads waiting for it (a bounded amount
+//! per process, see [`RECENT_LIMIT`]) and written to the data file with direct I/O, so the
+//! bytes a reader reads sit once in memory (the mounted file's page cache), not twice; bytes read
+//! back from the data file are dropped from its page cache once served.
+//!
 //! Layout: `<alg>-<hex>.data` (sparse: the verified chunks) with `<alg>-<hex>.chunks` (one byte
 //! per chunk, 1 = verified and present; the name carries `-c<size>` for a chunk size other than
 //! the default), `<alg>-<hex>.unverified.data` (chunks served unverified, never trusted by a later
@@ -16,6 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -426,6 +432,9 @@ impl CacheBudget {
             evicted: Mutex::new(HashSet::new()),
             pins: AtomicU64::new(0),
             map_lock: Mutex::new(()),
+            write_turn: Mutex::new(()),
+            direct: OnceLock::new(),
+            recent: Mutex::new(Recent::default()),
             file: OnceLock::new(),
         });
         for i in state.present_chunks() {
@@ -664,7 +673,48 @@ pub(crate) struct ChunkState {
     pins: AtomicU64,
     /// Serialises map writes, so the last one written is the latest state.
     map_lock: Mutex<()>,
+    /// Serialises writes through the page cache. Two fetches writing at once contend for the
+    /// inode's write lock in the kernel, which spins while the holder copies: on a small
+    /// machine that spinning took the CPU the registry, the hashing and the reader needed.
+    /// Waiting here sleeps instead. (Direct writes sleep in the kernel while they wait.)
+    write_turn: Mutex<()>,
     file: OnceLock<File>,
+    /// The data file opened for direct I/O (`None`: the file system has none, e.g. tmpfs).
+    direct: OnceLock<Option<File>>,
+    /// Chunks written lately, in memory until reads have served them.
+    recent: Mutex<Recent>,
+}
+
+/// Most chunks [`Recent`] holds per blob: what readahead keeps fetched ahead of one reader
+/// (its window and a run in flight).
+const RECENT_MAX: usize = (crate::readahead::MAX_WINDOW + crate::readahead::RUN) as usize;
+
+/// Chunks are kept in [`Recent`] only while every chunk buffer of the process together
+/// ([`crate::chunkbuf::live_bytes`]) stays under this; chunks that come when it is passed are
+/// read back from the data file instead (the mount's memory stays flat however many blobs are
+/// read at once).
+const RECENT_LIMIT: usize = 64 << 20;
+
+/// Chunks of one blob fetched and written lately, kept in memory until reads have served all of
+/// their bytes (or newer chunks push them out): a reader that waited for a chunk is answered
+/// from the bytes that were fetched, not by reading back what was just written.
+#[derive(Debug, Default)]
+struct Recent {
+    /// (chunk, its bytes, bytes of it served so far), oldest first.
+    chunks: std::collections::VecDeque<(u64, bytes::Bytes, u64)>,
+}
+
+impl Recent {
+    /// Keeps chunk `i` while the process's chunk memory is under [`RECENT_LIMIT`].
+    fn insert(&mut self, i: u64, bytes: bytes::Bytes) {
+        self.chunks.retain(|(c, _, _)| *c != i);
+        if crate::chunkbuf::live_bytes() <= RECENT_LIMIT {
+            self.chunks.push_back((i, bytes, 0));
+        }
+        while self.chunks.len() > RECENT_MAX {
+            self.chunks.pop_front();
+        }
+    }
 }
 
 /// Reads in progress over chunks `first..=last` of one blob: they are not evicted until the
@@ -736,6 +786,104 @@ impl ChunkState {
         self.file
             .get()
             .ok_or_else(|| Error::Read("cache file not open".into()))
+    }
+
+    /// Writes verified chunk `i` to the data file: straight to disk when the file system allows
+    /// it and the chunk is aligned ([`crate::chunkbuf::DIRECT_ALIGN`]; all but a blob's last
+    /// chunk are), so the bytes do not take a second place in memory beside the mounted file's
+    /// page cache, which holds what readers read. Otherwise through the page cache.
+    pub(crate) fn write_chunk(&self, i: u64, bytes: &bytes::Bytes) -> Result<(), Error> {
+        let start = i * self.chunk_size;
+        let align = crate::chunkbuf::DIRECT_ALIGN;
+        let aligned = start.is_multiple_of(align as u64)
+            && bytes.len().is_multiple_of(align)
+            && (bytes.as_ptr() as usize).is_multiple_of(align);
+        let direct = if aligned { self.direct_file()? } else { None };
+        let written = match direct {
+            Some(direct) => match direct.write_all_at(bytes, start) {
+                // A file system that takes O_DIRECT at open but not for this write.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None,
+                other => Some(other),
+            },
+            None => None,
+        };
+        match written {
+            Some(result) => result,
+            None => {
+                let _turn = self.write_turn.lock();
+                self.file()?.write_all_at(bytes, start)
+            }
+        }
+        .map_err(|e| Error::Read(format!("cache write: {e}")))
+    }
+
+    /// Keeps verified chunk `i` in memory until reads have served it (or newer chunks push it
+    /// out): readers need not wait for it to be written.
+    pub(crate) fn remember(&self, i: u64, bytes: bytes::Bytes) {
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.insert(i, bytes);
+        }
+    }
+
+    /// True when chunk `i` is in memory (see [`ChunkState::remember`]).
+    pub(crate) fn has_recent(&self, i: u64) -> bool {
+        self.recent
+            .lock()
+            .is_ok_and(|r| r.chunks.iter().any(|(c, _, _)| *c == i))
+    }
+
+    /// `offset..end` from a chunk written lately, when one chunk holds all of it; the chunk
+    /// leaves memory once every byte of it has been served.
+    pub(crate) fn recent(&self, offset: u64, end: u64) -> Option<bytes::Bytes> {
+        let i = offset / self.chunk_size;
+        let start = i * self.chunk_size;
+        let mut recent = self.recent.lock().ok()?;
+        let at = recent.chunks.iter().position(|(c, _, _)| *c == i)?;
+        let (_, bytes, served) = &mut recent.chunks[at];
+        let range = (offset - start) as usize..(end - start) as usize;
+        if range.end > bytes.len() {
+            return None;
+        }
+        let slice = bytes.slice(range);
+        *served += slice.len() as u64;
+        if *served >= bytes.len() as u64 {
+            recent.chunks.retain(|(c, _, _)| *c != i);
+        }
+        Some(slice)
+    }
+
+    /// The data file opened for direct writes, `None` where the file system has no direct I/O.
+    fn direct_file(&self) -> Result<Option<&File>, Error> {
+        if let Some(direct) = self.direct.get() {
+            return Ok(direct.as_ref());
+        }
+        // Created at the blob's size first.
+        self.file()?;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let direct = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&self.data_path)
+            .ok();
+        let _ = self.direct.set(direct);
+        Ok(self.direct.get().and_then(Option::as_ref))
+    }
+
+    /// Drops the data file's clean pages wholly inside `start..end` from the page cache, once a
+    /// read has served them: the kernel keeps them in the mounted file's page cache, and a second
+    /// copy here would hold every byte read twice in memory (on a virtual machine that hands
+    /// freed memory back to its host, it also makes a cold read touch twice as many fresh pages,
+    /// each costly). The data file stays a disk cache: a later read of these bytes comes from
+    /// disk, not the network.
+    pub(crate) fn drop_pages(&self, start: u64, end: u64) {
+        const PAGE: u64 = 4096;
+        let (from, to) = (start.div_ceil(PAGE) * PAGE, end / PAGE * PAGE);
+        if let (Some(file), Some(len)) = (
+            self.file.get(),
+            std::num::NonZeroU64::new(to.saturating_sub(from)),
+        ) {
+            let _ = rustix::fs::fadvise(file, from, Some(len), rustix::fs::Advice::DontNeed);
+        }
     }
 
     /// Pins chunks `first..=last` for a read (before it makes them present).

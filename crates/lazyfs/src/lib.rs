@@ -26,6 +26,7 @@
 mod background;
 mod blob;
 mod cache;
+mod chunkbuf;
 mod error;
 mod fs;
 mod handover;
