@@ -46,7 +46,7 @@ const WRITES_AHEAD: usize = 16;
 
 /// Chunk bytes of the process waiting to be written, at most, in KiB: past it, fetches wait for
 /// the disk (the network waits with them).
-const WRITE_BUDGET_KIB: usize = 32 << 10;
+const WRITE_BUDGET_KIB: usize = 24 << 10;
 
 /// The permits of [`WRITE_BUDGET_KIB`].
 static WRITE_BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(WRITE_BUDGET_KIB);
@@ -320,13 +320,18 @@ impl LazyBlob {
             .unwrap_or(false)
     }
 
+    /// Chunk `i` is present (`in_memory`: or verified and still in memory).
+    fn available(&self, i: u64, in_memory: bool) -> bool {
+        self.is_present(i) || (in_memory && self.state.has_recent(i))
+    }
+
     /// Makes chunk `i` present (`in_memory`: or fetched, verified and still in memory, possibly
     /// not written yet); true when it already was. Readers of a chunk another task is fetching
     /// wait for that fetch instead of starting their own.
     pub(crate) async fn ensure_chunk(&self, i: u64, in_memory: bool) -> Result<bool, Error> {
         let mut waited = false;
         loop {
-            if self.is_present(i) || (in_memory && self.state.has_recent(i)) {
+            if self.available(i, in_memory) {
                 return Ok(!waited);
             }
             let waiting = {
@@ -349,7 +354,9 @@ impl LazyBlob {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !self.is_present(i)
+            // Checked again once registered: a wake (the chunk in memory) or a release between
+            // the first look and now is not missed.
+            if !self.available(i, in_memory)
                 && self
                     .state
                     .inflight
@@ -747,6 +754,33 @@ mod tests {
         // A read across a chunk boundary, up to the last byte.
         let tail = f.blob.read((8 << 20) - 5000, 5000).await.expect("tail");
         assert_eq!(&tail[..], &f.data[(8 << 20) - 5000..]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunks_fetched_ahead_are_served_from_memory_once_and_are_on_disk() {
+        let f = fixture(8 << 20, vec![]);
+        // Readahead's shape: one run of every chunk, one request.
+        f.blob.prefetch(0, 8).await;
+        assert_eq!(f.server.requests(), 1);
+        let on_disk = std::fs::read(&f.blob.state.data_path).expect("data file");
+        assert!(
+            on_disk == f.data[..],
+            "the data file holds the verified bytes"
+        );
+        // A read across two chunks comes from the data file; whole chunks from memory, which
+        // they leave once served.
+        let across = f.blob.read(CHUNK * 2 - 10, 20).await.expect("across");
+        assert_eq!(
+            &across[..],
+            &f.data[(CHUNK * 2 - 10) as usize..(CHUNK * 2 + 10) as usize]
+        );
+        for i in 0..8u64 {
+            let got = f.blob.read(i * CHUNK, CHUNK).await.expect("read");
+            let at = (i * CHUNK) as usize;
+            assert!(got[..] == f.data[at..at + CHUNK as usize], "chunk {i}");
+            assert!(!f.blob.state.has_recent(i), "chunk {i} stayed in memory");
+        }
+        assert_eq!(f.server.requests(), 1, "nothing was fetched again");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

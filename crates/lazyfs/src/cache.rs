@@ -693,7 +693,7 @@ const RECENT_MAX: usize = (crate::readahead::MAX_WINDOW + crate::readahead::RUN)
 /// ([`crate::chunkbuf::live_bytes`]) stays under this; chunks that come when it is passed are
 /// read back from the data file instead (the mount's memory stays flat however many blobs are
 /// read at once).
-const RECENT_LIMIT: usize = 64 << 20;
+const RECENT_LIMIT: usize = 48 << 20;
 
 /// Chunks of one blob fetched and written lately, kept in memory until reads have served all of
 /// their bytes (or newer chunks push them out): a reader that waited for a chunk is answered

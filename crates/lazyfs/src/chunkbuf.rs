@@ -15,8 +15,8 @@ pub(crate) const DIRECT_ALIGN: usize = 4096;
 /// Bytes of every chunk buffer in use.
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
-/// The process's pool: at most 16 MiB of free buffers.
-static POOL: Pool = Pool::new(16 << 20);
+/// The process's pool: at most 8 MiB of free buffers.
+static POOL: Pool = Pool::new(8 << 20);
 
 /// Free buffers (empty, with their capacity), up to a number of bytes.
 pub(crate) struct Pool {
