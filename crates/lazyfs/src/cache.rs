@@ -847,7 +847,7 @@ impl ChunkState {
         let slice = bytes.slice(range);
         *served += slice.len() as u64;
         if *served >= bytes.len() as u64 {
-            recent.chunks.retain(|(c, _, _)| *c != i);
+            recent.chunks.remove(at);
         }
         Some(slice)
     }
