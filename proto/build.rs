@@ -3,49 +3,33 @@
 
 use tonic_build::manual::{Builder, Method, Service};
 
-/// containerd's Snapshots RPCs: (Rust method, route, request, response, server streaming).
-const SNAPSHOT_RPCS: &[(&str, &str, &str, &str, bool)] = &[
-    (
-        "prepare",
-        "Prepare",
-        "PrepareSnapshotRequest",
-        "PrepareSnapshotResponse",
-        false,
-    ),
-    (
-        "view",
-        "View",
-        "ViewSnapshotRequest",
-        "ViewSnapshotResponse",
-        false,
-    ),
-    ("mounts", "Mounts", "MountsRequest", "MountsResponse", false),
-    ("commit", "Commit", "CommitSnapshotRequest", "()", false),
-    ("remove", "Remove", "RemoveSnapshotRequest", "()", false),
-    (
-        "stat",
-        "Stat",
-        "StatSnapshotRequest",
-        "StatSnapshotResponse",
-        false,
-    ),
-    (
-        "update",
-        "Update",
-        "UpdateSnapshotRequest",
-        "UpdateSnapshotResponse",
-        false,
-    ),
-    (
-        "list",
-        "List",
-        "ListSnapshotsRequest",
-        "ListSnapshotsResponse",
-        true,
-    ),
-    ("usage", "Usage", "UsageRequest", "UsageResponse", false),
-    ("cleanup", "Cleanup", "CleanupRequest", "()", false),
+/// containerd's Snapshots RPCs: (route, request, response, server streaming); the Rust method is
+/// the route in snake case.
+#[rustfmt::skip]
+const SNAPSHOT_RPCS: &[(&str, &str, &str, bool)] = &[
+    ("Prepare", "PrepareSnapshotRequest", "PrepareSnapshotResponse", false),
+    ("View", "ViewSnapshotRequest", "ViewSnapshotResponse", false),
+    ("Mounts", "MountsRequest", "MountsResponse", false),
+    ("Commit", "CommitSnapshotRequest", "()", false),
+    ("Remove", "RemoveSnapshotRequest", "()", false),
+    ("Stat", "StatSnapshotRequest", "StatSnapshotResponse", false),
+    ("Update", "UpdateSnapshotRequest", "UpdateSnapshotResponse", false),
+    ("List", "ListSnapshotsRequest", "ListSnapshotsResponse", true),
+    ("Usage", "UsageRequest", "UsageResponse", false),
+    ("Cleanup", "CleanupRequest", "()", false),
 ];
+
+/// `CamelCase` as `camel_case`.
+fn snake_case(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.extend(c.to_lowercase());
+    }
+    out
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=modelpack/snapshotter/v1/control.proto");
@@ -57,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut service = Service::builder()
         .name("Snapshots")
         .package("containerd.services.snapshots.v1");
-    for &(name, route, input, output, streaming) in SNAPSHOT_RPCS {
+    for &(route, input, output, streaming) in SNAPSHOT_RPCS {
         let path = |t: &str| {
             if t == "()" {
                 "crate::Empty".to_owned()
@@ -66,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         };
         let mut method = Method::builder()
-            .name(name)
+            .name(snake_case(route))
             .route_name(route)
             .input_type(path(input))
             .output_type(path(output))

@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use crate::util::{self, Registry, Scratch};
 
@@ -13,15 +13,7 @@ const PASSWORD: &str = "s3cret-Pa55word";
 /// A registry that requires basic auth for [`USER`] with [`PASSWORD`]; `None` when `htpasswd`
 /// or `docker-registry` is not installed.
 fn registry_requiring_login() -> Option<Registry> {
-    if !util::have_tool("htpasswd") {
-        return None;
-    }
-    let out = Command::new("htpasswd")
-        .args(["-Bbn", USER, PASSWORD])
-        .output()
-        .expect("htpasswd");
-    let htpasswd = String::from_utf8_lossy(&out.stdout).trim().to_owned() + "\n";
-    Registry::start(Some(&htpasswd))
+    Registry::start_with_login(USER, PASSWORD)
 }
 
 /// Runs modelpack with `DOCKER_CONFIG` in the scratch folder, `stdin` on standard input.

@@ -4,7 +4,7 @@
 
 use modelpack_testkit::disk::{PeakUsage, usage};
 
-use crate::util::{self, Mount};
+use crate::util;
 
 const WEIGHT: usize = 1 << 30;
 const CAP: u64 = 256 << 20;
@@ -13,17 +13,14 @@ const WINDOW: u64 = 32 * (2 << 20);
 
 #[test]
 fn a_capped_cache_stays_under_its_cap_while_a_large_model_is_read_twice() {
-    if !util::can_fuse() {
-        return;
-    }
-    let Some(m) = util::registry_with_pushed_model("cache/capped:v1", |s| {
-        util::model_with_weight(s, WEIGHT, 31, &[("config.json", br#"{"model_type":"c"}"#)])
-    }) else {
+    let Some((m, proxy, mount)) = util::mounted_through_proxy(
+        "cache/capped:v1",
+        |s| util::model_with_weight(s, WEIGHT, 31, &[("config.json", br#"{"model_type":"c"}"#)]),
+        &["--cache-max", "256MiB"],
+    ) else {
         return;
     };
     let source = util::sha256_file(&m.dir.join("model.safetensors"));
-    let (proxy, via) = m.through_proxy(None);
-    let mount = Mount::in_fresh_store(&via, &["--cache-max", "256MiB"]);
     let cache = mount.store().join("cache");
     let sampler = PeakUsage::start(cache.clone());
     let weight = mount.dir.join("model.safetensors");

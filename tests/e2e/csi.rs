@@ -4,6 +4,7 @@
 //! fast and fetches no model bytes, two pods of one model fetch it once, every file reads
 //! byte-identical, and the CSI error and idempotence rules hold.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -159,17 +160,66 @@ impl Plugin {
         }
     }
 
+    /// NodeGetVolumeStats of volume `volume_id` at `path`.
+    fn stats(&self, volume_id: &str, path: &Path) -> Value {
+        self.ok(
+            "NodeGetVolumeStats",
+            &json!({"volume_id": volume_id, "volume_path": path}),
+        )
+    }
+
+    /// Waits (up to 10 s) until the plugin holds no model mount; panics with `why` after that.
+    fn wait_for_no_model_mounts(&self, why: &str) {
+        util::wait_until(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || self.model_mounts().is_empty(),
+            || why.into(),
+        );
+    }
+
     /// The lazy mounts of models the plugin holds now.
     fn model_mounts(&self) -> Vec<PathBuf> {
         modelpack_testkit::mounts::mounts_under(&self.state.join("models"))
     }
 }
 
-/// A kubelet-shaped target path for pod `uid`'s volume `name` (kubelet makes the parent).
-fn target(root: &Path, uid: &str, name: &str) -> PathBuf {
-    let dir = root.join(format!("pods/{uid}/volumes/kubernetes.io~csi/{name}"));
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    dir.join("mount")
+/// A node's folder for one plugin (its state, kubelet's pod folders). Declared before the
+/// plugin, so that the plugin stops first; then on drop the FUSE holder the plugin started is
+/// killed, the mounts under the folder are detached, and the folder is removed.
+struct Node {
+    holder: HolderGuard,
+    _detach: DetachOnDrop,
+    scratch: Scratch,
+}
+
+impl Node {
+    fn new() -> Node {
+        let scratch = Scratch::new();
+        Node {
+            holder: HolderGuard(scratch.path("state")),
+            _detach: DetachOnDrop(scratch.dir.path().to_owned()),
+            scratch,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.scratch.dir.path()
+    }
+
+    /// [`Plugin::start`] on this node.
+    fn start(&self, extra: &[&str]) -> Plugin {
+        Plugin::start(self.dir(), extra)
+    }
+
+    /// A kubelet-shaped target path for pod `uid`'s volume `name` (kubelet makes the parent).
+    fn target(&self, uid: &str, name: &str) -> PathBuf {
+        let dir = self
+            .dir()
+            .join(format!("pods/{uid}/volumes/kubernetes.io~csi/{name}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        dir.join("mount")
+    }
 }
 
 /// NodePublishVolume as kubelet sends it for a CSI ephemeral inline volume.
@@ -199,7 +249,7 @@ fn unpublish(volume_id: &str, target: &Path) -> Value {
 }
 
 /// Every regular file under `dir` (the hidden status file left out): relative path -> sha256.
-fn file_hashes(dir: &Path) -> std::collections::BTreeMap<String, String> {
+fn file_hashes(dir: &Path) -> BTreeMap<String, String> {
     walkdir::WalkDir::new(dir)
         .into_iter()
         .map(|e| e.expect("walk"))
@@ -217,6 +267,20 @@ fn file_hashes(dir: &Path) -> std::collections::BTreeMap<String, String> {
 }
 
 const MIB: u64 = 1 << 20;
+
+/// When this machine can mount FUSE and a registry runs: a model of a 3 MiB weight
+/// (pseudo-random from `seed`) and a `config.json`, pushed as `HOST/REPO:TAG`; and its
+/// [`file_hashes`].
+fn small_model_to_publish(
+    repo_and_tag: &str,
+    seed: u64,
+) -> Option<(util::ModelOnRegistry<PathBuf>, BTreeMap<String, String>)> {
+    let m = util::pushed_model_to_mount(repo_and_tag, |s: &Scratch| {
+        util::model_with_weight(s, 3 * MIB as usize, seed, &[("config.json", b"{}")])
+    })?;
+    let expected = file_hashes(&m.dir);
+    Some((m, expected))
+}
 
 /// A 1 GiB model: publish returns in under a second having fetched under 1 MiB; two pods of
 /// the model on the node fetch it once; both read every file byte-identical; stats say when
@@ -242,10 +306,8 @@ fn csi_publish_is_lazy_shared_and_byte_identical() {
     };
     let (proxy, via): (Proxy, String) = m.through_proxy(None);
     let expected = file_hashes(&m.dir);
-    let scratch = Scratch::new();
-    let _detach = DetachOnDrop(scratch.dir.path().to_owned());
-    let _holder = HolderGuard(scratch.path("state"));
-    let plugin = Plugin::start(scratch.dir.path(), &[]);
+    let node = Node::new();
+    let plugin = node.start(&[]);
 
     let info = plugin.ok("GetPluginInfo", &json!({}));
     assert_eq!(info["name"], "model.csi.modelpack.io");
@@ -257,7 +319,7 @@ fn csi_publish_is_lazy_shared_and_byte_identical() {
         "{caps}"
     );
 
-    let pod_a = target(scratch.dir.path(), "uid-a", "model");
+    let pod_a = node.target("uid-a", "model");
     let before = proxy.served();
     let started = Instant::now();
     plugin.ok(
@@ -288,7 +350,7 @@ fn csi_publish_is_lazy_shared_and_byte_identical() {
     assert_eq!(write.raw_os_error(), Some(libc::EROFS), "{write}");
 
     // A second pod of the same model on the node: its own target, the same lazy mount.
-    let pod_b = target(scratch.dir.path(), "uid-b", "weights");
+    let pod_b = node.target("uid-b", "weights");
     plugin.ok(
         "NodePublishVolume",
         &inline_publish("csi-bbbb", &pod_b, &[("reference", &via)]),
@@ -331,10 +393,7 @@ fn csi_publish_is_lazy_shared_and_byte_identical() {
     );
 
     // Stats: everything read is local now.
-    let stats = plugin.ok(
-        "NodeGetVolumeStats",
-        &json!({"volume_id": "csi-aaaa", "volume_path": pod_a}),
-    );
+    let stats = plugin.stats("csi-aaaa", &pod_a);
     let usage = &stats["usage"][0];
     assert_eq!(usage["unit"], 1, "{stats}");
     assert_eq!(usage["total"], usage["used"], "fully local: {stats}");
@@ -356,15 +415,10 @@ fn csi_publish_is_lazy_shared_and_byte_identical() {
     assert_eq!(plugin.model_mounts().len(), 1);
     assert_eq!(file_hashes(&pod_b), expected);
     plugin.ok("NodeUnpublishVolume", &unpublish("csi-bbbb", &pod_b));
-    util::wait_until(
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        || plugin.model_mounts().is_empty(),
-        || "the model's mount outlived its last volume".into(),
-    );
+    plugin.wait_for_no_model_mounts("the model's mount outlived its last volume");
 
     // The next pod: mounted again, served from the node cache, nothing fetched but metadata.
-    let pod_c = target(scratch.dir.path(), "uid-c", "model");
+    let pod_c = node.target("uid-c", "model");
     let before = proxy.served();
     plugin.ok(
         "NodePublishVolume",
@@ -380,7 +434,7 @@ fn csi_publish_is_lazy_shared_and_byte_identical() {
     // An unknown target is a success too.
     plugin.ok(
         "NodeUnpublishVolume",
-        &unpublish("csi-eeee", &scratch.path("nowhere/mount")),
+        &unpublish("csi-eeee", &node.scratch.path("nowhere/mount")),
     );
 }
 
@@ -388,20 +442,12 @@ fn csi_publish_is_lazy_shared_and_byte_identical() {
 /// naming the model by its volumeHandle; a registry that is down answers UNAVAILABLE.
 #[test]
 fn csi_errors_and_static_volumes() {
-    if !util::can_fuse() {
-        return;
-    }
-    let Some(m) = util::registry_with_pushed_model("models/small:v1", |s: &Scratch| {
-        util::model_with_weight(s, 3 * MIB as usize, 7, &[("config.json", b"{}")])
-    }) else {
+    let Some((m, expected)) = small_model_to_publish("models/small:v1", 7) else {
         return;
     };
-    let expected = file_hashes(&m.dir);
-    let scratch = Scratch::new();
-    let _detach = DetachOnDrop(scratch.dir.path().to_owned());
-    let _holder = HolderGuard(scratch.path("state"));
-    let plugin = Plugin::start(scratch.dir.path(), &["--resolve-timeout", "3"]);
-    let t = target(scratch.dir.path(), "uid-x", "model");
+    let node = Node::new();
+    let plugin = node.start(&["--resolve-timeout", "3"]);
+    let t = node.target("uid-x", "model");
     let check = |request: Value, want_code: &str, want_text: &str| {
         let (code, message) = plugin.fails("NodePublishVolume", &request);
         assert_eq!(code, want_code, "{message}");
@@ -938,11 +984,9 @@ fn csi_restart_while_a_pod_reads_loses_no_read() {
     let expected = file_hashes(&m.dir);
     // Per connection: a 256 MiB file takes several seconds.
     let (proxy, via) = m.through_proxy(Some(24 * MIB));
-    let scratch = Scratch::new();
-    let _detach = DetachOnDrop(scratch.dir.path().to_owned());
-    let holder = HolderGuard(scratch.path("state"));
-    let mut plugin = Plugin::start(scratch.dir.path(), &[]);
-    let pod = target(scratch.dir.path(), "uid-r", "model");
+    let node = Node::new();
+    let mut plugin = node.start(&[]);
+    let pod = node.target("uid-r", "model");
     plugin.ok(
         "NodePublishVolume",
         &inline_publish("csi-rrrr", &pod, &[("reference", &via)]),
@@ -973,7 +1017,7 @@ fn csi_restart_while_a_pod_reads_loses_no_read() {
         let status = plugin.stop_with(signal);
         let stopped = Instant::now();
         let fetched_before = proxy.served() - before;
-        assert!(holder.pid().is_some(), "no FUSE holder was started");
+        assert!(node.holder.pid().is_some(), "no FUSE holder was started");
         assert!(reader.running(), "{round}: the read ended with the plugin");
         std::thread::sleep(Duration::from_secs(2));
         assert!(
@@ -983,7 +1027,7 @@ fn csi_restart_while_a_pod_reads_loses_no_read() {
         // A killed plugin leaves its socket file; the next start waits for a fresh one.
         let _ = std::fs::remove_file(&plugin.socket);
         drop(plugin);
-        plugin = Plugin::start(scratch.dir.path(), &[]);
+        plugin = node.start(&[]);
         let back = stopped.elapsed();
         let hash = reader
             .finish(Duration::from_secs(120))
@@ -1000,10 +1044,7 @@ fn csi_restart_while_a_pod_reads_loses_no_read() {
             model_dirs,
             "{round}: the model's mount was replaced, not adopted"
         );
-        let stats = plugin.ok(
-            "NodeGetVolumeStats",
-            &json!({"volume_id": "csi-rrrr", "volume_path": pod}),
-        );
+        let stats = plugin.stats("csi-rrrr", &pod);
         assert_eq!(stats["volume_condition"]["abnormal"], false, "{stats}");
     }
     assert_eq!(
@@ -1012,16 +1053,59 @@ fn csi_restart_while_a_pod_reads_loses_no_read() {
         "the volume reads whole after both restarts"
     );
     plugin.ok("NodeUnpublishVolume", &unpublish("csi-rrrr", &pod));
-    util::wait_until(
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        || plugin.model_mounts().is_empty(),
-        || "the model's mount outlived its last volume".into(),
-    );
+    plugin.wait_for_no_model_mounts("the model's mount outlived its last volume");
 }
 
 const USER: &str = "modeluser";
 const PASSWORD: &str = "s3cret-Pa55word";
+
+/// Writes a model of a `weight`-byte weight (pseudo-random from `seed`) and a `config.json`,
+/// builds it as the first of `references`, tags it as the others, and pushes each with a
+/// Docker config logging [`USER`] in to each `(host, password)` of `logins`. The model's
+/// [`file_hashes`], and the one digest every push printed.
+fn push_model_logged_in(
+    weight: usize,
+    seed: u64,
+    references: &[&str],
+    logins: &[(&str, &str)],
+) -> (BTreeMap<String, String>, String) {
+    let s = Scratch::new();
+    let dir = util::model_with_weight(&s, weight, seed, &[("config.json", b"{}")]);
+    s.ok(&["build", dir.to_str().expect("utf8"), "-t", references[0]]);
+    for other in &references[1..] {
+        s.ok(&["tag", references[0], other]);
+    }
+    let config = s.path("push-docker");
+    std::fs::create_dir_all(&config).expect("mkdir");
+    let auths: serde_json::Map<String, Value> = logins
+        .iter()
+        .map(|(host, password)| {
+            let login = json!({"username": USER, "password": password});
+            ((*host).to_owned(), login)
+        })
+        .collect();
+    std::fs::write(
+        config.join("config.json"),
+        json!({ "auths": auths }).to_string(),
+    )
+    .expect("docker config");
+    let digests: Vec<String> = references
+        .iter()
+        .map(|reference| {
+            let out = s.run_env(
+                &["-q", "push", reference, "--plain-http"],
+                &[("DOCKER_CONFIG", config.to_str().expect("utf8"))],
+            );
+            util::assert_success(&out, &["push"]);
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        })
+        .collect();
+    assert!(
+        digests.iter().all(|d| *d == digests[0]),
+        "one model, one digest: {digests:?}"
+    );
+    (file_hashes(&dir), digests[0].clone())
+}
 
 /// A `.dockerconfigjson` secret for `host` (the `username`/`password` form).
 fn docker_secret(host: &str, password: &str) -> Value {
@@ -1038,42 +1122,22 @@ fn csi_private_models_are_checked_per_publish_and_get_credentials_back_after_a_r
     if !util::can_fuse() || !util::have_tool("htpasswd") {
         return;
     }
-    let out = Command::new("htpasswd")
-        .args(["-Bbn", USER, PASSWORD])
-        .output()
-        .expect("htpasswd");
-    let htpasswd = String::from_utf8_lossy(&out.stdout).trim().to_owned() + "\n";
-    let Some(registry) = util::Registry::start(Some(&htpasswd)) else {
+    let Some(registry) = util::Registry::start_with_login(USER, PASSWORD) else {
         return;
     };
     let host = registry.host().to_owned();
-    let s = Scratch::new();
     // 4 MiB: above the plugin's small-file prefetch, so it stays uncached until read.
-    let dir = util::model_with_weight(&s, 4 * MIB as usize, 0xa11, &[("config.json", b"{}")]);
-    let expected = file_hashes(&dir);
-    let tagged = format!("{host}/private/model:v1");
-    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &tagged]);
-    let push_config = s.path("push-docker");
-    std::fs::create_dir_all(&push_config).expect("mkdir");
-    std::fs::write(
-        push_config.join("config.json"),
-        json!({"auths": {&host: {"username": USER, "password": PASSWORD}}}).to_string(),
-    )
-    .expect("docker config");
-    let out = s.run_env(
-        &["-q", "push", &tagged, "--plain-http"],
-        &[("DOCKER_CONFIG", push_config.to_str().expect("utf8"))],
+    let (expected, digest) = push_model_logged_in(
+        4 * MIB as usize,
+        0xa11,
+        &[&format!("{host}/private/model:v1")],
+        &[(&host, PASSWORD)],
     );
-    util::assert_success(&out, &["push"]);
-    let digest = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let by_digest = format!("{host}/private/model@{digest}");
 
-    let scratch = Scratch::new();
-    let _detach = DetachOnDrop(scratch.dir.path().to_owned());
-    let _holder = HolderGuard(scratch.path("state"));
-    let log = scratch.path("plugin.log");
-    let mut plugin =
-        Plugin::start_logging(scratch.dir.path(), &["--resolve-timeout", "5"], Some(&log));
+    let node = Node::new();
+    let log = node.scratch.path("plugin.log");
+    let mut plugin = Plugin::start_logging(node.dir(), &["--resolve-timeout", "5"], Some(&log));
     let with_secret = |id: &str, t: &Path, password: Option<&str>| {
         let mut r = inline_publish(id, t, &[("reference", &by_digest)]);
         if let Some(password) = password {
@@ -1081,13 +1145,13 @@ fn csi_private_models_are_checked_per_publish_and_get_credentials_back_after_a_r
         }
         r
     };
-    let pod_a = target(scratch.dir.path(), "uid-a", "model");
+    let pod_a = node.target("uid-a", "model");
     plugin.ok(
         "NodePublishVolume",
         &with_secret("csi-a", &pod_a, Some(PASSWORD)),
     );
     // The model is served: another pod's wrong secret, or none, still gets nothing.
-    let pod_b = target(scratch.dir.path(), "uid-b", "model");
+    let pod_b = node.target("uid-b", "model");
     let (code, message) = plugin.fails(
         "NodePublishVolume",
         &with_secret("csi-b", &pod_b, Some("wrong")),
@@ -1102,7 +1166,7 @@ fn csi_private_models_are_checked_per_publish_and_get_credentials_back_after_a_r
     assert!(!modelpack_testkit::mounts::is_mounted(&pod_b));
 
     // A second volume, whose pod folder kubelet removes while the plugin is away.
-    let pod_gone = target(scratch.dir.path(), "uid-gone", "model");
+    let pod_gone = node.target("uid-gone", "model");
     plugin.ok(
         "NodePublishVolume",
         &with_secret("csi-g", &pod_gone, Some(PASSWORD)),
@@ -1113,7 +1177,7 @@ fn csi_private_models_are_checked_per_publish_and_get_credentials_back_after_a_r
     modelpack_testkit::mounts::detach_all(&pod_gone);
     std::fs::remove_dir_all(&gone_parent).expect("kubelet removes the pod's folder");
 
-    plugin = Plugin::start_logging(scratch.dir.path(), &["--resolve-timeout", "5"], Some(&log));
+    plugin = Plugin::start_logging(node.dir(), &["--resolve-timeout", "5"], Some(&log));
     assert!(
         !gone_parent.exists(),
         "restore created a removed target folder"
@@ -1125,12 +1189,7 @@ fn csi_private_models_are_checked_per_publish_and_get_credentials_back_after_a_r
         "{records}"
     );
     // No secret yet: abnormal, and the stats say why.
-    let stats_of_a = || {
-        plugin.ok(
-            "NodeGetVolumeStats",
-            &json!({"volume_id": "csi-a", "volume_path": pod_a}),
-        )
-    };
+    let stats_of_a = || plugin.stats("csi-a", &pod_a);
     let stats = stats_of_a();
     assert_eq!(stats["volume_condition"]["abnormal"], true, "{stats}");
     assert!(
@@ -1151,7 +1210,7 @@ fn csi_private_models_are_checked_per_publish_and_get_credentials_back_after_a_r
 
     // Unpublished (the mount goes, the manifest stays stored): a wrong secret is refused still.
     plugin.ok("NodeUnpublishVolume", &unpublish("csi-a", &pod_a));
-    let pod_c = target(scratch.dir.path(), "uid-c", "model");
+    let pod_c = node.target("uid-c", "model");
     let (code, message) = plugin.fails(
         "NodePublishVolume",
         &with_secret("csi-c", &pod_c, Some("wrong")),
@@ -1209,62 +1268,25 @@ fn csi_credentials_of_one_registry_never_reach_another_with_the_same_digest() {
         return;
     }
     const PASSWORD_2: &str = "other-Pa55word-2";
-    let htpasswd = |password: &str| {
-        let out = Command::new("htpasswd")
-            .args(["-Bbn", USER, password])
-            .output()
-            .expect("htpasswd");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned() + "\n"
-    };
-    let Some(first) = util::Registry::start(Some(&htpasswd(PASSWORD))) else {
+    let Some(first) = util::Registry::start_with_login(USER, PASSWORD) else {
         return;
     };
-    let Some(second) = util::Registry::start(Some(&htpasswd(PASSWORD_2))) else {
+    let Some(second) = util::Registry::start_with_login(USER, PASSWORD_2) else {
         return;
     };
     let (host_1, host_2) = (first.host().to_owned(), second.host().to_owned());
-    let s = Scratch::new();
-    let dir = util::model_with_weight(&s, 4 * MIB as usize, 0x2e9, &[("config.json", b"{}")]);
-    let expected = file_hashes(&dir);
-    let push_config = s.path("push-docker");
-    std::fs::create_dir_all(&push_config).expect("mkdir");
-    std::fs::write(
-        push_config.join("config.json"),
-        json!({"auths": {
-            &host_1: {"username": USER, "password": PASSWORD},
-            &host_2: {"username": USER, "password": PASSWORD_2},
-        }})
-        .to_string(),
-    )
-    .expect("docker config");
-    let mut digests = Vec::new();
-    s.ok(&[
-        "build",
-        dir.to_str().expect("utf8"),
-        "-t",
-        &format!("{host_1}/shared/model:v1"),
-    ]);
-    s.ok(&[
-        "tag",
-        &format!("{host_1}/shared/model:v1"),
-        &format!("{host_2}/shared/model:v1"),
-    ]);
-    for host in [&host_1, &host_2] {
-        let tagged = format!("{host}/shared/model:v1");
-        let out = s.run_env(
-            &["-q", "push", &tagged, "--plain-http"],
-            &[("DOCKER_CONFIG", push_config.to_str().expect("utf8"))],
-        );
-        util::assert_success(&out, &["push"]);
-        digests.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
-    }
-    assert_eq!(digests[0], digests[1], "one model, one digest");
-    let digest = &digests[0];
+    let (expected, digest) = push_model_logged_in(
+        4 * MIB as usize,
+        0x2e9,
+        &[
+            &format!("{host_1}/shared/model:v1"),
+            &format!("{host_2}/shared/model:v1"),
+        ],
+        &[(&host_1, PASSWORD), (&host_2, PASSWORD_2)],
+    );
 
-    let scratch = Scratch::new();
-    let _detach = DetachOnDrop(scratch.dir.path().to_owned());
-    let _holder = HolderGuard(scratch.path("state"));
-    let plugin = Plugin::start(scratch.dir.path(), &["--resolve-timeout", "5"]);
+    let node = Node::new();
+    let plugin = node.start(&["--resolve-timeout", "5"]);
     let publish = |id: &str, t: &Path, host: &str, password: &str| {
         let mut r = inline_publish(
             id,
@@ -1274,13 +1296,13 @@ fn csi_credentials_of_one_registry_never_reach_another_with_the_same_digest() {
         r["secrets"] = docker_secret(host, password);
         r
     };
-    let pod_a = target(scratch.dir.path(), "uid-a", "model");
+    let pod_a = node.target("uid-a", "model");
     plugin.ok(
         "NodePublishVolume",
         &publish("csi-a", &pod_a, &host_1, PASSWORD),
     );
     // The second registry's secret is no key to the first: refused there.
-    let pod_x = target(scratch.dir.path(), "uid-x", "model");
+    let pod_x = node.target("uid-x", "model");
     let (code, message) = plugin.fails(
         "NodePublishVolume",
         &publish("csi-x", &pod_x, &host_1, PASSWORD_2),
@@ -1288,7 +1310,7 @@ fn csi_credentials_of_one_registry_never_reach_another_with_the_same_digest() {
     assert_eq!(code, "PermissionDenied", "{message}");
     // A pod of the same digest from the second registry, with the second's secret (a
     // republish too, as kubelet's requiresRepublish does).
-    let pod_b = target(scratch.dir.path(), "uid-b", "model");
+    let pod_b = node.target("uid-b", "model");
     let request_b = publish("csi-b", &pod_b, &host_2, PASSWORD_2);
     plugin.ok("NodePublishVolume", &request_b);
     plugin.ok("NodePublishVolume", &request_b);
@@ -1340,20 +1362,12 @@ fn abort_fuse_connection(path: &Path) -> bool {
 /// (ENOTCONN) is replaced by its republish, which then reads right.
 #[test]
 fn csi_a_dead_model_mount_is_replaced() {
-    if !util::can_fuse() {
-        return;
-    }
-    let Some(m) = util::registry_with_pushed_model("models/dead:v1", |s: &Scratch| {
-        util::model_with_weight(s, 3 * MIB as usize, 9, &[("config.json", b"{}")])
-    }) else {
+    let Some((m, expected)) = small_model_to_publish("models/dead:v1", 9) else {
         return;
     };
-    let expected = file_hashes(&m.dir);
-    let scratch = Scratch::new();
-    let _detach = DetachOnDrop(scratch.dir.path().to_owned());
-    let _holder = HolderGuard(scratch.path("state"));
-    let plugin = Plugin::start(scratch.dir.path(), &[]);
-    let pod_a = target(scratch.dir.path(), "uid-a", "model");
+    let node = Node::new();
+    let plugin = node.start(&[]);
+    let pod_a = node.target("uid-a", "model");
     let publish_a = inline_publish("csi-a", &pod_a, &[("reference", &m.reference)]);
     plugin.ok("NodePublishVolume", &publish_a);
     let before = plugin.model_mounts();
@@ -1381,7 +1395,7 @@ fn csi_a_dead_model_mount_is_replaced() {
         modelpack_testkit::mounts::detach(&before[0]).expect("detach the model mount");
     }
 
-    let pod_b = target(scratch.dir.path(), "uid-b", "model");
+    let pod_b = node.target("uid-b", "model");
     plugin.ok(
         "NodePublishVolume",
         &inline_publish("csi-b", &pod_b, &[("reference", &m.reference)]),
@@ -1397,12 +1411,7 @@ fn csi_a_dead_model_mount_is_replaced() {
     assert_eq!(file_hashes(&pod_a), expected);
     plugin.ok("NodeUnpublishVolume", &unpublish("csi-a", &pod_a));
     plugin.ok("NodeUnpublishVolume", &unpublish("csi-b", &pod_b));
-    util::wait_until(
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        || plugin.model_mounts().is_empty(),
-        || "the model stayed mounted".into(),
-    );
+    plugin.wait_for_no_model_mounts("the model stayed mounted");
 }
 
 /// The access check of a publish asks the registry itself, never a mirror of it: a pull
@@ -1414,67 +1423,40 @@ fn csi_the_access_check_is_never_answered_by_a_mirror() {
     if !util::can_fuse() || !util::have_tool("htpasswd") {
         return;
     }
-    let out = Command::new("htpasswd")
-        .args(["-Bbn", USER, PASSWORD])
-        .output()
-        .expect("htpasswd");
-    let htpasswd = String::from_utf8_lossy(&out.stdout).trim().to_owned() + "\n";
-    let Some(registry) = util::Registry::start(Some(&htpasswd)) else {
+    let Some(registry) = util::Registry::start_with_login(USER, PASSWORD) else {
         return;
     };
     let Some(mirror) = util::Registry::start(None) else {
         return;
     };
     let (host, mirror_host) = (registry.host().to_owned(), mirror.host().to_owned());
-    let s = Scratch::new();
-    let dir = util::model_with_weight(&s, 2 * MIB as usize, 0x3a1, &[("config.json", b"{}")]);
-    let expected = file_hashes(&dir);
-    let push_config = s.path("push-docker");
-    std::fs::create_dir_all(&push_config).expect("mkdir");
-    std::fs::write(
-        push_config.join("config.json"),
-        json!({"auths": {&host: {"username": USER, "password": PASSWORD}}}).to_string(),
-    )
-    .expect("docker config");
-    let (on_registry, on_mirror) = (
-        format!("{host}/private/model:v1"),
-        format!("{mirror_host}/private/model:v1"),
+    let (expected, digest) = push_model_logged_in(
+        2 * MIB as usize,
+        0x3a1,
+        &[
+            &format!("{host}/private/model:v1"),
+            &format!("{mirror_host}/private/model:v1"),
+        ],
+        &[(&host, PASSWORD)],
     );
-    s.ok(&["build", dir.to_str().expect("utf8"), "-t", &on_registry]);
-    s.ok(&["tag", &on_registry, &on_mirror]);
-    let mut digests = Vec::new();
-    for tagged in [&on_registry, &on_mirror] {
-        let out = s.run_env(
-            &["-q", "push", tagged, "--plain-http"],
-            &[("DOCKER_CONFIG", push_config.to_str().expect("utf8"))],
-        );
-        util::assert_success(&out, &["push"]);
-        digests.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
-    }
-    assert_eq!(digests[0], digests[1]);
-    let by_digest = format!("{host}/private/model@{}", digests[0]);
+    let by_digest = format!("{host}/private/model@{digest}");
 
-    let scratch = Scratch::new();
-    let hosts = scratch.path("hosts");
+    let node = Node::new();
+    let hosts = node.scratch.path("hosts");
     modelpack_testkit::registry::write_hosts_toml(&hosts, &host, &host, &mirror_host, "[\"pull\"]")
         .expect("write hosts.toml");
-    let _detach = DetachOnDrop(scratch.dir.path().to_owned());
-    let _holder = HolderGuard(scratch.path("state"));
-    let plugin = Plugin::start(
-        scratch.dir.path(),
-        &[
-            "--resolve-timeout",
-            "5",
-            "--hosts-dir",
-            hosts.to_str().expect("utf8"),
-        ],
-    );
+    let plugin = node.start(&[
+        "--resolve-timeout",
+        "5",
+        "--hosts-dir",
+        hosts.to_str().expect("utf8"),
+    ]);
     let publish = |id: &str, t: &Path, secret: Value| {
         let mut r = inline_publish(id, t, &[("reference", &by_digest)]);
         r["secrets"] = secret;
         r
     };
-    let pod_a = target(scratch.dir.path(), "uid-a", "model");
+    let pod_a = node.target("uid-a", "model");
     let (code, message) = plugin.fails(
         "NodePublishVolume",
         &publish("csi-a", &pod_a, docker_secret(&host, "wrong")),

@@ -35,10 +35,7 @@ fn pushed_model_to_mount(
     repo_and_tag: &str,
     weight: usize,
 ) -> Option<util::ModelOnRegistry<PathBuf>> {
-    if !util::can_fuse() {
-        return None;
-    }
-    util::registry_with_pushed_model(repo_and_tag, |s| model(s, weight))
+    util::pushed_model_to_mount(repo_and_tag, |s| model(s, weight))
 }
 
 /// When this machine can mount FUSE and a registry runs: [`model`] pushed as `HOST/REPO:TAG`, a
@@ -47,10 +44,7 @@ fn mounted_through_proxy(
     repo_and_tag: &str,
     weight: usize,
 ) -> Option<(util::ModelOnRegistry<PathBuf>, Proxy, Mount)> {
-    let m = pushed_model_to_mount(repo_and_tag, weight)?;
-    let (proxy, via) = m.through_proxy(None);
-    let mount = Mount::in_fresh_store(&via, &[]);
-    Some((m, proxy, mount))
+    util::mounted_through_proxy(repo_and_tag, |s| model(s, weight), &[])
 }
 
 /// Asserts that `bytes` read through a mount are the bytes of the source file `file`.

@@ -5,7 +5,7 @@ use std::fs;
 use std::io::Read as _;
 use std::time::{Duration, Instant};
 
-use crate::util::{self, Mount, Proxy};
+use crate::util::{self, Proxy};
 
 /// Waits until `proxy` has served nothing new for a while (readahead started by a read runs
 /// after its reply); returns what it served by then.
@@ -26,16 +26,13 @@ fn settled(proxy: &Proxy) -> u64 {
 #[test]
 fn a_header_read_fetches_little_and_a_sequential_reader_earns_readahead() {
     const WEIGHT: usize = 256 << 20;
-    if !util::can_fuse() {
-        return;
-    }
-    let Some(m) = util::registry_with_pushed_model("ra/header:v1", |s| {
-        util::model_with_weight(s, WEIGHT, 7, &[("config.json", br#"{"model_type":"ra"}"#)])
-    }) else {
+    let Some((m, proxy, mount)) = util::mounted_through_proxy(
+        "ra/header:v1",
+        |s| util::model_with_weight(s, WEIGHT, 7, &[("config.json", br#"{"model_type":"ra"}"#)]),
+        &[],
+    ) else {
         return;
     };
-    let (proxy, via) = m.through_proxy(None);
-    let mount = Mount::in_fresh_store(&via, &[]);
     let weight = mount.dir.join("model.safetensors");
     let at_mount = settled(&proxy);
 

@@ -531,6 +531,20 @@ impl Registry {
         })
     }
 
+    /// Starts one requiring basic auth for `user` with `password`; `None` when `htpasswd` is
+    /// not installed either.
+    pub fn start_with_login(user: &str, password: &str) -> Option<Registry> {
+        if !have_tool("htpasswd") {
+            return None;
+        }
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", user, password])
+            .output()
+            .expect("htpasswd");
+        let htpasswd = String::from_utf8_lossy(&out.stdout).trim().to_owned() + "\n";
+        Registry::start(Some(&htpasswd))
+    }
+
     /// Starts one serving HTTPS with `tls` = (certificate PEM, key PEM).
     pub fn start_tls(cert: &Path, key: &Path) -> Option<Registry> {
         Registry::start_with(modelpack_testkit::registry::RegistryOptions {
@@ -614,6 +628,30 @@ pub fn registry_with_pushed_model<D: AsRef<Path>>(
     let m = registry_and_model(repo_and_tag, write_model)?;
     m.s.build_and_push(&m.dir, &m.reference);
     Some(m)
+}
+
+/// When this machine can mount FUSE and a registry runs: [`registry_with_pushed_model`].
+pub fn pushed_model_to_mount<D: AsRef<Path>>(
+    repo_and_tag: &str,
+    write_model: impl FnOnce(&Scratch) -> D,
+) -> Option<ModelOnRegistry<D>> {
+    if !can_fuse() {
+        return None;
+    }
+    registry_with_pushed_model(repo_and_tag, write_model)
+}
+
+/// [`pushed_model_to_mount`], a counting [`Proxy`] in front of the registry, and the model
+/// mounted through that proxy from a fresh store (`extra`: more `mount` flags).
+pub fn mounted_through_proxy<D: AsRef<Path>>(
+    repo_and_tag: &str,
+    write_model: impl FnOnce(&Scratch) -> D,
+    extra: &[&str],
+) -> Option<(ModelOnRegistry<D>, Proxy, Mount)> {
+    let m = pushed_model_to_mount(repo_and_tag, write_model)?;
+    let (proxy, via) = m.through_proxy(None);
+    let mount = Mount::in_fresh_store(&via, extra);
+    Some((m, proxy, mount))
 }
 
 /// The manifest `skopeo inspect --raw IMAGE` prints, and its digest (`sha256:...`).

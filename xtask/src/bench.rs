@@ -21,8 +21,78 @@ pub(crate) struct Row {
     pub(crate) pass: bool,
 }
 
-fn secs(s: &Sample) -> String {
-    format!("{:.2} s", s.wall.as_secs_f64())
+impl Row {
+    /// A row with no target: its ratio is for information.
+    fn info(what: String, ours: String, theirs: String, ratio: f64) -> Row {
+        Row {
+            what,
+            ours,
+            theirs,
+            ratio,
+            target: "-".into(),
+            pass: true,
+        }
+    }
+
+    /// An amount of ours with no comparison: `ours` shows `mib` MiB, which must stay within
+    /// `limit_mib` MiB (the ratio is of the two).
+    fn within_mib(what: String, ours: String, mib: f64, limit_mib: u64) -> Row {
+        let limit = limit_mib as f64;
+        Row {
+            target: format!("<= {limit_mib} MiB"),
+            pass: mib <= limit,
+            ..Row::info(what, ours, "-".into(), mib / limit)
+        }
+    }
+
+    /// This row with `target` on its ratio.
+    fn meeting(self, target: Target) -> Row {
+        let (text, max) = match target {
+            Target::AtMost(max) => (format!("<= {max}"), max),
+            Target::Faster(times) => (
+                format!("<= {:.2} (>= {:.0}x faster)", 1.0 / times, times),
+                1.0 / times,
+            ),
+        };
+        Row {
+            target: text,
+            pass: self.ratio <= max,
+            ..self
+        }
+    }
+
+    /// This row with the target that its ratio be at most `max`.
+    pub(crate) fn at_most(self, max: f64) -> Row {
+        self.meeting(Target::AtMost(max))
+    }
+}
+
+/// What a row's ratio must meet.
+#[derive(Clone, Copy)]
+pub(crate) enum Target {
+    /// At most this ratio.
+    AtMost(f64),
+    /// Ours at least this many times faster than the comparison.
+    Faster(f64),
+}
+
+fn secs(d: std::time::Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// The row of two times, in seconds, the comparison labelled `theirs_label`; no target yet.
+fn seconds_row(
+    what: String,
+    ours: std::time::Duration,
+    theirs: std::time::Duration,
+    theirs_label: &str,
+) -> Row {
+    Row::info(
+        what,
+        secs(ours),
+        format!("{} ({theirs_label})", secs(theirs)),
+        ours.as_secs_f64() / theirs.as_secs_f64(),
+    )
 }
 
 /// Generates the benchmark model: one large weight plus small configs.
@@ -84,39 +154,31 @@ fn bench_build(bin: &Path, work: &Path, size_mib: u64, runs: usize) -> anyhow::R
         );
     }
     let (o, t) = (measure::median(&ours), measure::median(&theirs));
-    let ratio = o.wall.as_secs_f64() / t.wall.as_secs_f64();
     let rss_mib = o.max_rss_kib as f64 / 1024.0;
+    let parts = format!(
+        "`cp -r` {} then `sha256sum` {}",
+        secs(measure::median(&cps).wall),
+        secs(measure::median(&sums).wall)
+    );
     Ok(vec![
-        Row {
-            what: format!("build {size_mib} MiB model (hash + store)"),
-            ours: secs(&o),
-            theirs: format!(
-                "{} (`cp -r` {} then `sha256sum` {})",
-                secs(&t),
-                secs(&measure::median(&cps)),
-                secs(&measure::median(&sums))
-            ),
-            ratio,
-            target: "<= 0.8".into(),
-            pass: ratio <= 0.8,
-        },
-        Row {
-            what: format!("build peak memory, {size_mib} MiB model"),
-            ours: format!("{rss_mib:.1} MiB"),
-            theirs: "-".into(),
-            ratio: rss_mib / 128.0,
-            target: "<= 128 MiB".into(),
-            pass: rss_mib <= 128.0,
-        },
+        seconds_row(
+            format!("build {size_mib} MiB model (hash + store)"),
+            o.wall,
+            t.wall,
+            &parts,
+        )
+        .at_most(0.8),
+        Row::within_mib(
+            format!("build peak memory, {size_mib} MiB model"),
+            format!("{rss_mib:.1} MiB"),
+            rss_mib,
+            128,
+        ),
     ])
 }
 
 fn digest_of_layer0(bin: &Path, store: &Path, name: &str) -> anyhow::Result<String> {
-    let out = Command::new(bin)
-        .arg("--store")
-        .arg(store)
-        .args(["inspect", name, "--format", "json"])
-        .output()?;
+    let out = store_command(bin, store, &["inspect", name, "--format", "json"]).output()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("inspect JSON")?;
     v["layers"][0]["digest"]
         .as_str()
@@ -173,12 +235,23 @@ fn make_multi_model(dir: &Path, shard_mib: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `sh -c SCRIPT` with `args` as `$1`, `$2`...
+fn sh(script: &str, args: &[&std::ffi::OsStr]) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(script).arg("sh").args(args);
+    c
+}
+
+/// `modelpack --store STORE ARGS`.
+fn store_command(bin: &Path, store: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin);
+    c.arg("--store").arg(store).args(args);
+    c
+}
+
 /// Runs `modelpack --store STORE ARGS`, quietly; fails when it does.
 pub(crate) fn modelpack(bin: &Path, store: &Path, args: &[&str]) -> anyhow::Result<()> {
-    let st = Command::new(bin)
-        .arg("--store")
-        .arg(store)
-        .args(args)
+    let st = store_command(bin, store, args)
         .stdout(std::process::Stdio::null())
         .status()?;
     anyhow::ensure!(st.success(), "modelpack {args:?} failed");
@@ -187,29 +260,39 @@ pub(crate) fn modelpack(bin: &Path, store: &Path, args: &[&str]) -> anyhow::Resu
 
 /// `modelpack pull` of `reference` into `store`.
 pub(crate) fn pull_command(bin: &Path, store: &Path, reference: &str) -> Command {
-    let mut c = Command::new(bin);
-    c.arg("--store")
-        .arg(store)
-        .args(["pull", "--plain-http", reference]);
+    store_command(bin, store, &["pull", "--plain-http", reference])
+}
+
+/// `modelpack pull -o OUT` of `reference`, with `store` (a scratch store goes inside it).
+pub(crate) fn pull_o_command(bin: &Path, store: &Path, reference: &str, out: &Path) -> Command {
+    let mut c = store_command(bin, store, &["pull", "--plain-http", reference, "-o"]);
+    c.arg(out);
     c
 }
 
-/// Writes the single-weight model (one `size_mib` MiB weight) into `dir`, builds it into
-/// `store` as `HOST/bench/single:v1` and pushes it; returns that reference.
+/// `modelpack push --from FROM TO`: a copy of `from` from the registry to `to`.
+pub(crate) fn push_from_command(bin: &Path, store: &Path, from: &str, to: &str) -> Command {
+    store_command(bin, store, &["push", "--plain-http", "--from", from, to])
+}
+
+/// Starts a registry in `work/registry`, writes the single-weight model (one `size_mib` MiB
+/// weight) into `work/single`, builds it into the store `work/store` as `HOST/bench/single:v1`
+/// and pushes it; returns the registry and that reference.
 fn push_single(
     bin: &Path,
-    store: &Path,
-    dir: &Path,
-    host: &str,
+    work: &Path,
     size_mib: u64,
-) -> anyhow::Result<String> {
-    fs::create_dir_all(dir)?;
+) -> anyhow::Result<(modelpack_testkit::registry::Registry, String)> {
+    let registry = crate::services::registry(&work.join("registry"))?;
+    let dir = work.join("single");
+    fs::create_dir_all(&dir)?;
     measure::write_random(&dir.join("model.safetensors"), size_mib << 20, 11)?;
-    let reference = format!("{host}/bench/single:v1");
+    let reference = format!("{}/bench/single:v1", registry.host());
+    let store = work.join("store");
     let dir = dir.to_str().unwrap_or_default();
-    modelpack(bin, store, &["build", dir, "-t", &reference])?;
-    modelpack(bin, store, &["push", &reference, "--plain-http"])?;
-    Ok(reference)
+    modelpack(bin, &store, &["build", dir, "-t", &reference])?;
+    modelpack(bin, &store, &["push", &reference, "--plain-http"])?;
+    Ok((registry, reference))
 }
 
 pub(crate) const ORAS_PULL: &str = "import sys, oras.client\nc = oras.client.OrasClient(hostname=sys.argv[1], insecure=True)\nc.pull(target=sys.argv[2], outdir=sys.argv[3])\n";
@@ -257,60 +340,57 @@ pub(crate) fn timed_pair(
     Ok((measure::median(&a), measure::median(&b)))
 }
 
-pub(crate) fn row(
-    what: String,
-    ours: &Sample,
-    theirs: &Sample,
-    theirs_label: &str,
-    target: f64,
-    ours_over_theirs: bool,
-) -> Row {
-    let ratio = ours.wall.as_secs_f64() / theirs.wall.as_secs_f64();
-    let (target_text, pass) = if ours_over_theirs {
-        (format!("<= {target}"), ratio <= target)
-    } else {
-        (
-            format!("<= {:.2} (>= {:.0}x faster)", 1.0 / target, target),
-            ratio <= 1.0 / target,
-        )
-    };
+/// One command of a comparison: the outputs to remove before each run, and the command of a run.
+pub(crate) type Side<'a> = (&'a [&'a Path], &'a dyn Fn(usize) -> Command);
+
+/// One row comparing our command with another, timed alternately.
+pub(crate) struct Case<'a> {
+    pub(crate) what: String,
+    /// What the comparison is, in the row, and the target of the ratio.
+    pub(crate) against: (&'a str, Target),
+    pub(crate) ours: Side<'a>,
+    pub(crate) theirs: Side<'a>,
+}
+
+/// The rows of `cases`, in turn, each of [`timed_pair`] over `runs`.
+pub(crate) fn compare<'a>(
+    runs: usize,
+    cases: impl IntoIterator<Item = Case<'a>>,
+) -> anyhow::Result<Vec<Row>> {
+    cases
+        .into_iter()
+        .map(|c| {
+            let (ours, theirs) = timed_pair(runs, c.ours, c.theirs)?;
+            let (label, target) = c.against;
+            Ok(row(c.what, &ours, &theirs, label).meeting(target))
+        })
+        .collect()
+}
+
+/// The row of two timed commands, ours with its peak memory; no target yet.
+pub(crate) fn row(what: String, ours: &Sample, theirs: &Sample, theirs_label: &str) -> Row {
     Row {
-        what,
         ours: format!(
             "{} ({:.0} MiB RSS)",
-            secs(ours),
+            secs(ours.wall),
             ours.max_rss_kib as f64 / 1024.0
         ),
-        theirs: format!("{} ({theirs_label})", secs(theirs)),
-        ratio,
-        target: target_text,
-        pass,
+        ..seconds_row(what, ours.wall, theirs.wall, theirs_label)
     }
 }
 
-pub(crate) fn info_row(what: String, ours: &Sample, theirs: &Sample, theirs_label: &str) -> Row {
-    Row {
-        what,
-        ours: secs(ours),
-        theirs: format!("{} ({theirs_label})", secs(theirs)),
-        ratio: ours.wall.as_secs_f64() / theirs.wall.as_secs_f64(),
-        target: "-".into(),
-        pass: true,
-    }
-}
-
-fn bench_transfer(
-    bin: &Path,
-    work: &Path,
-    size_mib: u64,
-    runs: usize,
-    big_mib: u64,
-) -> anyhow::Result<Vec<Row>> {
-    let registry = crate::services::registry(&work.join("registry"))?;
+fn bench_transfer(s: &Suite, work: &Path) -> anyhow::Result<Vec<Row>> {
+    let Suite {
+        bin,
+        size_mib,
+        runs,
+        big_mib,
+        ..
+    } = *s;
+    let (registry, single_ref) = push_single(bin, work, size_mib)?;
     let host = registry.host();
     let python = crate::setup::oras_venv().join("bin/python");
     let store = work.join("store");
-    let single_ref = push_single(bin, &store, &work.join("single"), &host, size_mib)?;
     let multi = work.join("multi");
     make_multi_model(&multi, (size_mib / 8).max(1))?;
     let mp = |args: &[&str]| modelpack(bin, &store, args);
@@ -330,15 +410,12 @@ fn bench_transfer(
 
     println!("bench: push {size_mib} MiB");
     let push_ours = timed(runs, &[], |run| {
-        let mut c = Command::new(bin);
-        c.arg("--store").arg(&store).args([
-            "push",
-            "--plain-http",
-            "--from",
+        push_from_command(
+            bin,
+            &store,
             &single_ref,
             &format!("{host}/push-ours-{run}/m:v1"),
-        ]);
-        c
+        )
     })?;
     let push_curl = {
         let mut samples = Vec::new();
@@ -379,14 +456,15 @@ fn bench_transfer(
         }
         measure::median(&samples)
     };
-    rows.push(row(
-        format!("push {size_mib} MiB single-blob model"),
-        &push_ours,
-        &push_curl,
-        "monolithic `curl -T`",
-        1.15,
-        true,
-    ));
+    rows.push(
+        row(
+            format!("push {size_mib} MiB single-blob model"),
+            &push_ours,
+            &push_curl,
+            "monolithic `curl -T`",
+        )
+        .at_most(1.15),
+    );
 
     println!("bench: pull {size_mib} MiB");
     let pull_store = work.join("pull-store");
@@ -399,117 +477,61 @@ fn bench_transfer(
         c.args(["-c", ORAS_PULL, host, reference]).arg(&oras_out);
         c
     };
+    let blob_url = format!("http://{host}/v2/bench/single/blobs/{blob}");
+    let curl_o = |_| {
+        let mut c = Command::new("curl");
+        c.args(["-s", "-f", "-o"]).arg(&pulled_file).arg(&blob_url);
+        c
+    };
     let (pull_ours, pull_curl) = timed_pair(
         runs,
         (&[&pull_store], |_| our_pull(&single_ref)),
-        (&[&pulled_file], |_| {
-            let mut c = Command::new("curl");
-            c.args(["-s", "-f", "-o"])
-                .arg(&pulled_file)
-                .arg(format!("http://{host}/v2/bench/single/blobs/{blob}"));
-            c
-        }),
+        (&[&pulled_file], curl_o),
     )?;
-    rows.push(row(
-        format!("pull {size_mib} MiB single-blob model (verified, into the store)"),
-        &pull_ours,
-        &pull_curl,
-        "`curl -o file`",
-        1.3,
-        true,
-    ));
-    // The same bytes written and verified by the shell's tools: the floor of a verified pull.
-    let blob_url = format!("http://{host}/v2/bench/single/blobs/{blob}");
-    let (pull_ours_v, pull_pipe) = timed_pair(
-        runs,
-        (&[&pull_store], |_| our_pull(&single_ref)),
-        (&[&pulled_file], |_| {
-            let mut c = Command::new("sh");
-            c.arg("-c")
-                .arg(r#"curl -s -f "$1" | tee "$2" | sha256sum"#)
-                .args(["sh", &blob_url])
-                .arg(&pulled_file);
-            c
-        }),
-    )?;
-    rows.push(row(
-        format!("pull {size_mib} MiB single-blob model (verified, into the store)"),
-        &pull_ours_v,
-        &pull_pipe,
-        "`curl | tee FILE | sha256sum`",
-        0.6,
-        true,
-    ));
+    rows.push(
+        row(
+            format!("pull {size_mib} MiB single-blob model (verified, into the store)"),
+            &pull_ours,
+            &pull_curl,
+            "`curl -o file`",
+        )
+        .at_most(1.3),
+    );
     // `pull -o`: the same engine into a folder (a scratch store inside a fresh store).
     let folder_store = work.join("folder-store");
     let folder = work.join("folder-out");
-    let our_pull_o = |reference: &str| {
-        let mut c = Command::new(bin);
-        c.arg("--store")
-            .arg(&folder_store)
-            .args(["pull", "--plain-http", reference, "-o"])
-            .arg(&folder);
-        c
-    };
-    let (pull_o_ours, pull_o_curl) = timed_pair(
+    let our_pull_o = |reference: &str| pull_o_command(bin, &folder_store, reference, &folder);
+    rows.extend(compare(
         runs,
-        (&[&folder_store, &folder], |_| our_pull_o(&single_ref)),
-        (&[&pulled_file], |_| {
-            let mut c = Command::new("curl");
-            c.args(["-s", "-f", "-o"]).arg(&pulled_file).arg(&blob_url);
-            c
-        }),
-    )?;
-    rows.push(row(
-        format!("pull -o {size_mib} MiB single-blob model (verified, into a folder)"),
-        &pull_o_ours,
-        &pull_o_curl,
-        "`curl -o file`",
-        1.3,
-        true,
-    ));
+        [
+            // The same bytes written and verified by the shell's tools: the floor of a
+            // verified pull.
+            Case {
+                what: format!("pull {size_mib} MiB single-blob model (verified, into the store)"),
+                against: ("`curl | tee FILE | sha256sum`", Target::AtMost(0.6)),
+                ours: (&[&pull_store], &|_| our_pull(&single_ref)),
+                theirs: (&[&pulled_file], &|_| {
+                    let pipe = r#"curl -s -f "$1" | tee "$2" | sha256sum"#;
+                    sh(pipe, &[blob_url.as_ref(), pulled_file.as_ref()])
+                }),
+            },
+            Case {
+                what: format!("pull -o {size_mib} MiB single-blob model (verified, into a folder)"),
+                against: ("`curl -o file`", Target::AtMost(1.3)),
+                ours: (&[&folder_store, &folder], &|_| our_pull_o(&single_ref)),
+                theirs: (&[&pulled_file], &curl_o),
+            },
+        ],
+    )?);
     let pull_oras = timed(runs, &[&oras_out], |_| oras_pull(&host, &single_ref))?;
-    rows.push(info_row(
+    rows.push(seconds_row(
         format!("pull {size_mib} MiB single-blob model"),
-        &pull_ours,
-        &pull_oras,
+        pull_ours.wall,
+        pull_oras.wall,
         "oras-py",
     ));
 
     println!("bench: pull multi-file");
-    let (multi_ours, multi_oras) = timed_pair(
-        runs,
-        (&[&pull_store], |_| our_pull(&multi_ref)),
-        (&[&oras_out], |_| oras_pull(&host, &multi_ref)),
-    )?;
-    rows.push(row(
-        format!(
-            "pull multi-file model (8 x {} MiB + 21 small files)",
-            size_mib / 8
-        ),
-        &multi_ours,
-        &multi_oras,
-        "oras-py",
-        0.5,
-        true,
-    ));
-    let (multi_o_ours, multi_o_oras) = timed_pair(
-        runs,
-        (&[&folder_store, &folder], |_| our_pull_o(&multi_ref)),
-        (&[&oras_out], |_| oras_pull(&host, &multi_ref)),
-    )?;
-    rows.push(row(
-        format!(
-            "pull -o multi-file model (8 x {} MiB + 21 small files)",
-            size_mib / 8
-        ),
-        &multi_o_ours,
-        &multi_o_oras,
-        "oras-py",
-        0.5,
-        true,
-    ));
-
     // The machine's limit for the same bytes: 8 `curl -o` at a time, one per blob, no checks.
     let curl_dir = work.join("curl-multi");
     let list = work.join("curl-multi.list");
@@ -523,31 +545,56 @@ fn bench_transfer(
         })
         .collect();
     fs::write(&list, lines)?;
-    let (multi_ours_c, multi_curl) = timed_pair(
+    // `pull` into the store and `pull -o` into a folder, each against oras-py's pull, of
+    // `reference` through `host`; `name` makes a row's name of the command's.
+    let against_oras = |runs: usize,
+                        host: &str,
+                        reference: &str,
+                        name: &dyn Fn(&str) -> String,
+                        target: Target| {
+        let oras: Side = (&[&oras_out], &|_| oras_pull(host, reference));
+        compare(
+            runs,
+            [
+                Case {
+                    what: name("pull"),
+                    against: ("oras-py", target),
+                    ours: (&[&pull_store], &|_| our_pull(reference)),
+                    theirs: oras,
+                },
+                Case {
+                    what: name("pull -o"),
+                    against: ("oras-py", target),
+                    ours: (&[&folder_store, &folder], &|_| our_pull_o(reference)),
+                    theirs: oras,
+                },
+            ],
+        )
+    };
+    let multi = format!(
+        "multi-file model (8 x {} MiB + 21 small files)",
+        size_mib / 8
+    );
+    rows.extend(against_oras(
         runs,
-        (&[&pull_store], |_| our_pull(&multi_ref)),
-        (&[&curl_dir], |_| {
-            let mut c = Command::new("sh");
-            c.arg("-c")
-                .arg(r#"mkdir -p "$1" && cd "$1" && xargs -P 8 -n 2 curl -s -f -o < "$2""#)
-                .arg("sh")
-                .arg(&curl_dir)
-                .arg(&list);
-            c
-        }),
-    )?;
+        &host,
+        &multi_ref,
+        &|pull| format!("{pull} {multi}"),
+        Target::AtMost(0.5),
+    )?);
+    rows.extend(compare(
+        runs,
+        [Case {
+            what: format!("pull {multi}, against the machine's limit"),
+            against: ("8 parallel `curl -o`, one per blob", Target::AtMost(2.0)),
+            ours: (&[&pull_store], &|_| our_pull(&multi_ref)),
+            theirs: (&[&curl_dir], &|_| {
+                let script = r#"mkdir -p "$1" && cd "$1" && xargs -P 8 -n 2 curl -s -f -o < "$2""#;
+                sh(script, &[curl_dir.as_ref(), list.as_ref()])
+            }),
+        }],
+    )?);
     let _ = fs::remove_dir_all(&curl_dir);
-    rows.push(row(
-        format!(
-            "pull multi-file model (8 x {} MiB + 21 small files), against the machine's limit",
-            size_mib / 8
-        ),
-        &multi_ours_c,
-        &multi_curl,
-        "8 parallel `curl -o`, one per blob",
-        2.0,
-        true,
-    ));
 
     println!("bench: slow link (10 ms each way, 50 MB/s per connection)");
     let slow = modelpack_testkit::link::Link::slow(
@@ -555,35 +602,15 @@ fn bench_transfer(
         std::time::Duration::from_millis(10),
         Some(50_000_000),
     );
-    let slow_runs = runs.min(3);
     for (label, reference) in [("single-blob", &single_ref), ("multi-file", &multi_ref)] {
         let via = reference.replacen(&host, &slow.host(), 1);
-        let (ours, theirs) = timed_pair(
-            slow_runs,
-            (&[&pull_store], |_| our_pull(&via)),
-            (&[&oras_out], |_| oras_pull(&slow.host(), &via)),
-        )?;
-        rows.push(row(
-            format!("slow-link pull, {label} {size_mib} MiB model"),
-            &ours,
-            &theirs,
-            "oras-py",
-            3.0,
-            false,
-        ));
-        let (ours_o, theirs_o) = timed_pair(
-            slow_runs,
-            (&[&folder_store, &folder], |_| our_pull_o(&via)),
-            (&[&oras_out], |_| oras_pull(&slow.host(), &via)),
-        )?;
-        rows.push(row(
-            format!("slow-link pull -o, {label} {size_mib} MiB model"),
-            &ours_o,
-            &theirs_o,
-            "oras-py",
-            3.0,
-            false,
-        ));
+        rows.extend(against_oras(
+            runs.min(3),
+            &slow.host(),
+            &via,
+            &|pull| format!("slow-link {pull}, {label} {size_mib} MiB model"),
+            Target::Faster(3.0),
+        )?);
     }
     drop(slow);
 
@@ -595,11 +622,7 @@ fn bench_transfer(
     mp(&["build", big.to_str().unwrap_or_default(), "-t", &big_ref])?;
     let _ = fs::remove_file(big.join("model.safetensors"));
     let push_big = timed(1, &[], |_| {
-        let mut c = Command::new(bin);
-        c.arg("--store")
-            .arg(&store)
-            .args(["push", "--plain-http", &big_ref]);
-        c
+        store_command(bin, &store, &["push", "--plain-http", &big_ref])
     })?;
     let pull_big = timed(1, &[&pull_store], |_| our_pull(&big_ref))?;
     let _ = fs::remove_dir_all(&pull_store);
@@ -609,12 +632,14 @@ fn bench_transfer(
             large.max_rss_kib as f64 / 1024.0,
         );
         Row {
-            what,
-            ours: format!("{a:.0} MiB ({size_mib} MiB) / {b:.0} MiB ({big_mib} MiB)"),
-            theirs: "-".into(),
-            ratio: b / 128.0,
             target: "<= 128 MiB, flat".into(),
             pass: b <= 128.0 && a <= 128.0 && b <= a * 1.5 + 8.0,
+            ..Row::within_mib(
+                what,
+                format!("{a:.0} MiB ({size_mib} MiB) / {b:.0} MiB ({big_mib} MiB)"),
+                b,
+                128,
+            )
         }
     };
     rows.push(mem_row("push peak memory".into(), &push_ours, &push_big));
@@ -684,10 +709,7 @@ impl MountProcess {
         dir: &Path,
     ) -> anyhow::Result<MountProcess> {
         fs::create_dir_all(dir)?;
-        let child = Command::new(bin)
-            .arg("--store")
-            .arg(store)
-            .args(["-q", "mount", reference])
+        let child = store_command(bin, store, &["-q", "mount", reference])
             .arg(dir)
             .arg("--plain-http")
             .stdout(std::process::Stdio::null())
@@ -846,62 +868,57 @@ fn bench_lazy(
     let fetched = one_mib.get(one_mib.len() / 2).copied().unwrap_or(0);
     let _ = fs::remove_file(&curl_file);
     let curl = measure::median(&curl).wall;
-    let pull = full_pull.wall.as_secs_f64();
+    let full_pull_label = "full `modelpack pull`";
     Ok(vec![
         Row {
-            what: format!("mount: first 4 KiB of a {size_mib} MiB weight (from starting `mount`)"),
             ours: format!("{:.3} s", first.as_secs_f64()),
-            theirs: format!("{pull:.2} s (full `modelpack pull`)"),
-            ratio: first.as_secs_f64() / pull,
-            target: "<= 0.05".into(),
-            pass: first.as_secs_f64() / pull <= 0.05,
+            ..seconds_row(
+                format!("mount: first 4 KiB of a {size_mib} MiB weight (from starting `mount`)"),
+                first,
+                full_pull.wall,
+                full_pull_label,
+            )
+            .at_most(0.05)
         },
-        Row {
-            what: format!(
+        fetched_row(
+            format!(
                 "mount: bytes fetched to read 1 MiB at offset {} MiB",
                 size_mib / 2
             ),
-            ours: format!("{:.2} MiB", fetched as f64 / (1 << 20) as f64),
-            theirs: "-".into(),
-            ratio: fetched as f64 / (4 << 20) as f64,
-            target: "<= 4 MiB".into(),
-            pass: fetched <= 4 << 20,
-        },
-        Row {
-            what: format!("mount: cold sequential read of the {size_mib} MiB weight"),
-            ours: format!("{:.2} s", cold.as_secs_f64()),
-            theirs: format!("{pull:.2} s (full `modelpack pull`)"),
-            ratio: cold.as_secs_f64() / pull,
-            target: "<= 1.3".into(),
-            pass: cold.as_secs_f64() / pull <= 1.3,
-        },
-        Row {
-            what: format!(
+            fetched,
+            4,
+        ),
+        seconds_row(
+            format!("mount: cold sequential read of the {size_mib} MiB weight"),
+            cold,
+            full_pull.wall,
+            full_pull_label,
+        )
+        .at_most(1.3),
+        seconds_row(
+            format!(
                 "mount: cold sequential read of the {size_mib} MiB weight, against the machine's limit"
             ),
-            ours: format!("{:.2} s", cold.as_secs_f64()),
-            theirs: format!(
-                "{:.2} s (ranged `curl -o file` of the blob, `Range: bytes=0-`)",
-                curl.as_secs_f64()
-            ),
-            ratio: cold.as_secs_f64() / curl.as_secs_f64(),
-            target: "-".into(),
-            pass: true,
-        },
+            cold,
+            curl,
+            "ranged `curl -o file` of the blob, `Range: bytes=0-`",
+        ),
         Row {
-            what: format!(
-                "mount: warm re-read of the {size_mib} MiB weight, once fully cached (after one untimed re-read)"
-            ),
-            ours: format!("{:.2} s", warm.as_secs_f64()),
-            theirs: format!(
-                "{:.2} s (local disk, page cache warm); kernel passthrough in {} of {} runs",
-                local.as_secs_f64(),
-                passthrough.iter().filter(|&&p| p).count(),
-                passthrough.len()
-            ),
-            ratio: warm.as_secs_f64() / local.as_secs_f64(),
             target: "<= 1.25 (>= 0.8x local speed)".into(),
-            pass: warm.as_secs_f64() / local.as_secs_f64() <= 1.25,
+            ..Row::info(
+                format!(
+                    "mount: warm re-read of the {size_mib} MiB weight, once fully cached (after one untimed re-read)"
+                ),
+                secs(warm),
+                format!(
+                    "{} (local disk, page cache warm); kernel passthrough in {} of {} runs",
+                    secs(local),
+                    passthrough.iter().filter(|&&p| p).count(),
+                    passthrough.len()
+                ),
+                warm.as_secs_f64() / local.as_secs_f64(),
+            )
+            .at_most(1.25)
         },
     ])
 }
@@ -930,14 +947,12 @@ fn bench_mount_memory(bin: &Path, work: &Path, big_ref: &str, big_mib: u64) -> a
     drop(mount);
     let _ = fs::remove_dir_all(&store);
     let mib = peak as f64 / 1024.0;
-    Ok(Row {
-        what: format!("mount peak memory while reading a {big_mib} MiB model"),
-        ours: format!("{mib:.0} MiB"),
-        theirs: "-".into(),
-        ratio: mib / 128.0,
-        target: "<= 128 MiB".into(),
-        pass: mib <= 128.0,
-    })
+    Ok(Row::within_mib(
+        format!("mount peak memory while reading a {big_mib} MiB model"),
+        format!("{mib:.0} MiB"),
+        mib,
+        128,
+    ))
 }
 
 /// Shards of the header-read model, and the size of each (MiB).
@@ -1042,14 +1057,8 @@ fn fetched_by(
 
 /// A row of bytes fetched against a limit in MiB.
 fn fetched_row(what: String, fetched: u64, limit_mib: u64) -> Row {
-    Row {
-        what,
-        ours: format!("{:.2} MiB", fetched as f64 / (1 << 20) as f64),
-        theirs: "-".into(),
-        ratio: fetched as f64 / (limit_mib << 20) as f64,
-        target: format!("<= {limit_mib} MiB"),
-        pass: fetched <= limit_mib << 20,
-    }
+    let mib = fetched as f64 / (1 << 20) as f64;
+    Row::within_mib(what, format!("{mib:.2} MiB"), mib, limit_mib)
 }
 
 /// What a loader's first look costs through a cold mount: a 4 KiB read at offset 0 of the
@@ -1104,22 +1113,14 @@ fn bench_headers(
 /// `--only mount` and `--only headers`: a registry with the single-weight model pushed, then
 /// the mount rows with the full pull they are compared with (`mount`), or only the header-read
 /// rows (`headers`). The big-model memory row is left to the full run.
-fn bench_mount_only(
-    bin: &Path,
-    work: &Path,
-    size_mib: u64,
-    runs: usize,
-    mount_rows: bool,
-) -> anyhow::Result<Vec<Row>> {
-    let registry = crate::services::registry(&work.join("registry"))?;
-    let store = work.join("store");
-    let single_ref = push_single(
+fn bench_mount_only(s: &Suite, work: &Path, mount_rows: bool) -> anyhow::Result<Vec<Row>> {
+    let Suite {
         bin,
-        &store,
-        &work.join("single"),
-        &registry.host(),
         size_mib,
-    )?;
+        runs,
+        ..
+    } = *s;
+    let (registry, single_ref) = push_single(bin, work, size_mib)?;
     let pull = if mount_rows {
         println!("bench: pull {size_mib} MiB");
         let pull_store = work.join("pull-store");
@@ -1179,44 +1180,31 @@ fn bench_containerd(size_mib: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
             size_mib,
             runs,
         )?;
-        let lazy = t.lazy.as_secs_f64();
-        let ratio = lazy / t.full.as_secs_f64();
-        rows.push(Row {
-            what: format!(
-                "{name}: pull to a container reading config.json, {size_mib} MiB model (lazy vs `modelpack pull -o` + bind)"
-            ),
-            ours: format!("{lazy:.2} s"),
-            theirs: format!("{:.2} s (full pull + bind)", t.full.as_secs_f64()),
-            ratio,
-            target: "<= 0.1".into(),
-            pass: ratio <= 0.1,
-        });
-        rows.push(Row {
-            what: format!(
-                "{name}: same, against `ctr content fetch` of the artifact ({size_mib} MiB)"
-            ),
-            ours: format!("{lazy:.2} s"),
-            theirs: format!(
-                "{:.2} s (ctr content fetch, no container)",
-                t.content_fetch.as_secs_f64()
-            ),
-            ratio: lazy / t.content_fetch.as_secs_f64(),
-            target: "-".into(),
-            pass: true,
-        });
-        rows.push(Row {
-            what: format!(
+        rows.push(
+            seconds_row(
+                format!(
+                    "{name}: pull to a container reading config.json, {size_mib} MiB model (lazy vs `modelpack pull -o` + bind)"
+                ),
+                t.lazy,
+                t.full,
+                "full pull + bind",
+            )
+            .at_most(0.1),
+        );
+        rows.push(seconds_row(
+            format!("{name}: same, against `ctr content fetch` of the artifact ({size_mib} MiB)"),
+            t.lazy,
+            t.content_fetch,
+            "ctr content fetch, no container",
+        ));
+        rows.push(seconds_row(
+            format!(
                 "{name}: container reading config.json lazily vs the same container reading a local folder ({size_mib} MiB)"
             ),
-            ours: format!("{lazy:.2} s"),
-            theirs: format!(
-                "{:.2} s (a local copy of the model, bind-mounted)",
-                t.local.as_secs_f64()
-            ),
-            ratio: lazy / t.local.as_secs_f64(),
-            target: "-".into(),
-            pass: true,
-        });
+            t.lazy,
+            t.local,
+            "a local copy of the model, bind-mounted",
+        ));
     }
     Ok(rows)
 }
@@ -1235,51 +1223,41 @@ struct Suite<'a> {
     only: Option<&'a str>,
 }
 
+/// The rows of `part` working in `dir`, which is removed after.
+fn in_scratch(
+    dir: &Path,
+    part: impl FnOnce(&Path) -> anyhow::Result<Vec<Row>>,
+) -> anyhow::Result<Vec<Row>> {
+    let rows = part(dir)?;
+    let _ = fs::remove_dir_all(dir);
+    Ok(rows)
+}
+
 /// Every row of one run of the suite (or of its `--only` part), working in `work`.
 fn run_suite(s: &Suite, work: &Path) -> anyhow::Result<Vec<Row>> {
-    let Suite {
-        bin,
-        size_mib,
-        runs,
-        big_mib,
-        ..
-    } = *s;
     let mut rows = Vec::new();
     if s.only.is_none() {
-        println!("bench: build ({size_mib} MiB, {runs} runs)");
-        rows.extend(bench_build(bin, &work.join("build"), size_mib, runs)?);
-        let _ = fs::remove_dir_all(work.join("build"));
+        println!("bench: build ({} MiB, {} runs)", s.size_mib, s.runs);
+        rows.extend(in_scratch(&work.join("build"), |dir| {
+            bench_build(s.bin, dir, s.size_mib, s.runs)
+        })?);
     }
     if matches!(s.only, None | Some("transfer")) {
-        rows.extend(bench_transfer(
-            bin,
-            &work.join("transfer"),
-            size_mib,
-            runs,
-            big_mib,
-        )?);
-        let _ = fs::remove_dir_all(work.join("transfer"));
+        rows.extend(in_scratch(&work.join("transfer"), |dir| {
+            bench_transfer(s, dir)
+        })?);
     }
     if matches!(s.only, None | Some("small")) {
         let (model, files) = s.small;
-        rows.extend(crate::bench_small::bench(
-            bin,
-            &work.join("small"),
-            model,
-            files,
-            runs,
-        )?);
-        let _ = fs::remove_dir_all(work.join("small"));
+        rows.extend(in_scratch(&work.join("small"), |dir| {
+            crate::bench_small::bench(s.bin, dir, model, files, s.runs)
+        })?);
     }
     match s.only {
-        None | Some("containerd") => rows.extend(bench_containerd(size_mib, runs)?),
-        Some(which @ ("mount" | "headers")) => rows.extend(bench_mount_only(
-            bin,
-            &work.join("mount"),
-            size_mib,
-            runs,
-            which == "mount",
-        )?),
+        None | Some("containerd") => rows.extend(bench_containerd(s.size_mib, s.runs)?),
+        Some(which @ ("mount" | "headers")) => {
+            rows.extend(bench_mount_only(s, &work.join("mount"), which == "mount")?);
+        }
         Some(_) => {}
     }
     Ok(rows)

@@ -60,6 +60,24 @@ fn read_config_in_container(
     read_at.ok_or_else(|| anyhow::anyhow!("the container did not print config.json"))
 }
 
+/// One timed run of `kind`: from a synced start, `prepare` (its steps' times, as the start of
+/// the log line), then a container reading `/models/config.json` from `dir`; the time to that
+/// read, logged.
+fn timed_read(
+    rig: &mut Rig,
+    image: &str,
+    (kind, run): (&str, usize),
+    dir: &Path,
+    prepare: impl FnOnce(&mut Rig, Instant) -> anyhow::Result<String>,
+) -> anyhow::Result<Duration> {
+    crate::measure::sync();
+    let started = Instant::now();
+    let steps = prepare(rig, started)?;
+    let read = read_config_in_container(rig, image, &format!("bench-{kind}-{run}"), dir, started)?;
+    println!("   {kind} run {run}: {steps}config.json read in a container {read:.2?}");
+    Ok(read)
+}
+
 /// Runs the comparison on containerd `version` with a model whose weight is `size_mib`.
 pub fn run(bins: &Bins, version: Version, size_mib: u64, runs: usize) -> anyhow::Result<Times> {
     let mut rig = Rig::start_on(bins, version)?;
@@ -91,18 +109,19 @@ pub fn run(bins: &Bins, version: Version, size_mib: u64, runs: usize) -> anyhow:
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
         // Lazy: pull into containerd, mount the view, a container reads config.json.
-        crate::measure::sync();
-        let started = Instant::now();
-        rig.modelpack_containerd("pull", &["--plain-http", &reference])?;
-        let pulled = started.elapsed();
-        rig.mount_model(&reference, &view)?;
-        let mounted = started.elapsed();
-        let read =
-            read_config_in_container(&rig, &image, &format!("bench-lazy-{run}"), &view, started)?;
-        lazy_t.push(read);
-        println!(
-            "   lazy run {run}: pulled {pulled:.2?}, view mounted {mounted:.2?}, config.json read in a container {read:.2?}"
-        );
+        lazy_t.push(timed_read(
+            &mut rig,
+            &image,
+            ("lazy", run),
+            &view,
+            |rig, started| {
+                rig.modelpack_containerd("pull", &["--plain-http", &reference])?;
+                let pulled = started.elapsed();
+                rig.mount_model(&reference, &view)?;
+                let mounted = started.elapsed();
+                Ok(format!("pulled {pulled:.2?}, view mounted {mounted:.2?}, "))
+            },
+        )?);
         rig.modelpack_containerd("umount", &[&view.display().to_string()])?;
         rig.mounted.retain(|d| d != &view);
         rig.containerd
@@ -115,32 +134,27 @@ pub fn run(bins: &Bins, version: Version, size_mib: u64, runs: usize) -> anyhow:
 
         // Full: download the whole model, bind it, a container reads config.json.
         let _ = fs::remove_dir_all(&full);
-        crate::measure::sync();
-        let started = Instant::now();
-        rig.modelpack(&[
-            "pull",
-            "-q",
-            "--plain-http",
-            &reference,
-            "-o",
-            &full.display().to_string(),
-        ])?;
-        let pulled = started.elapsed();
-        let read =
-            read_config_in_container(&rig, &image, &format!("bench-full-{run}"), &full, started)?;
-        full_t.push(read);
-        println!(
-            "   full run {run}: pulled {pulled:.2?}, config.json read in a container {read:.2?}"
-        );
+        full_t.push(timed_read(
+            &mut rig,
+            &image,
+            ("full", run),
+            &full,
+            |rig, started| {
+                let out = full.display().to_string();
+                rig.modelpack(&["pull", "-q", "--plain-http", &reference, "-o", &out])?;
+                Ok(format!("pulled {:.2?}, ", started.elapsed()))
+            },
+        )?);
         fs::remove_dir_all(&full)?;
 
         // The same container reading the local copy of the model: no registry, no pull.
-        crate::measure::sync();
-        let started = Instant::now();
-        let read =
-            read_config_in_container(&rig, &image, &format!("bench-local-{run}"), &model, started)?;
-        local_t.push(read);
-        println!("   local run {run}: config.json read in a container {read:.2?}");
+        local_t.push(timed_read(
+            &mut rig,
+            &image,
+            ("local", run),
+            &model,
+            |_, _| Ok(String::new()),
+        )?);
 
         // containerd's own fetch of the artifact's blobs (no container).
         crate::measure::sync();

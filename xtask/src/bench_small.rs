@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use crate::bench::{MountProcess, ORAS_PULL, Row, modelpack, row, timed_once, timed_pair};
+use crate::bench::{
+    Case, MountProcess, ORAS_PULL, Row, Side, Target, compare, modelpack, row, timed_once,
+};
 use crate::measure::{self, Sample};
 
 /// Files of the small-file model (2,000 in subfolders, plus `config.json`).
@@ -90,80 +92,47 @@ pub fn bench(
     };
     let folder_store = work.join("folder-store");
     let folder = work.join("folder-out");
-    let pull_o = || {
-        let mut c = Command::new(bin);
-        c.arg("--store")
-            .arg(&folder_store)
-            .args(["pull", "--plain-http", &reference, "-o"])
-            .arg(&folder);
-        c
-    };
-    let mut rows = Vec::new();
-
-    let (ours, theirs) = timed_pair(
-        runs,
-        (&[&folder_store, &folder], |_| pull_o()),
-        (&[&oras_out], |_| oras_pull()),
-    )?;
-    rows.push(row(
-        format!("pull -o {label} (into a folder)"),
-        &ours,
-        &theirs,
-        "oras-py",
-        0.4,
-        true,
-    ));
-
+    let pull_o = || crate::bench::pull_o_command(bin, &folder_store, &reference, &folder);
     let pull_store = work.join("pull-store");
-    let (ours, theirs) = timed_pair(
+    let oras: Side = (&[&oras_out], &|_| oras_pull());
+    let mut rows = compare(
         runs,
-        (&[&pull_store], |_| {
-            crate::bench::pull_command(bin, &pull_store, &reference)
-        }),
-        (&[&oras_out], |_| oras_pull()),
+        [
+            Case {
+                what: format!("pull -o {label} (into a folder)"),
+                against: ("oras-py", Target::AtMost(0.4)),
+                ours: (&[&folder_store, &folder], &|_| pull_o()),
+                theirs: oras,
+            },
+            Case {
+                what: format!("pull {label} (into the store)"),
+                against: ("oras-py", Target::AtMost(0.4)),
+                ours: (&[&pull_store], &|_| {
+                    crate::bench::pull_command(bin, &pull_store, &reference)
+                }),
+                theirs: oras,
+            },
+            Case {
+                what: format!("push {label}"),
+                against: ("oras-py", Target::AtMost(0.4)),
+                ours: (&[], &|run| {
+                    let to = format!("{host}/small-ours-{run}/m:v1");
+                    crate::bench::push_from_command(bin, &store, &reference, &to)
+                }),
+                theirs: (&[], &|run| {
+                    let mut c = Command::new(&python);
+                    c.args([
+                        "-c",
+                        ORAS_PUSH,
+                        &host,
+                        &format!("{host}/small-oras-{run}/m:v1"),
+                    ])
+                    .arg(model);
+                    c
+                }),
+            },
+        ],
     )?;
-    rows.push(row(
-        format!("pull {label} (into the store)"),
-        &ours,
-        &theirs,
-        "oras-py",
-        0.4,
-        true,
-    ));
-
-    let (ours, theirs) = timed_pair(
-        runs,
-        (&[], |run| {
-            let mut c = Command::new(bin);
-            c.arg("--store").arg(&store).args([
-                "push",
-                "--plain-http",
-                "--from",
-                &reference,
-                &format!("{host}/small-ours-{run}/m:v1"),
-            ]);
-            c
-        }),
-        (&[], |run| {
-            let mut c = Command::new(&python);
-            c.args([
-                "-c",
-                ORAS_PUSH,
-                &host,
-                &format!("{host}/small-oras-{run}/m:v1"),
-            ])
-            .arg(model);
-            c
-        }),
-    )?;
-    rows.push(row(
-        format!("push {label}"),
-        &ours,
-        &theirs,
-        "oras-py",
-        0.4,
-        true,
-    ));
 
     // Every file read once through a fresh mount (fresh store, from starting `mount`), against
     // `pull -o` of the same model; alternating.
@@ -189,14 +158,17 @@ pub fn bench(
         }
     }
     let _ = fs::remove_dir_all(&mount_store);
-    rows.push(row(
-        format!("mount: read each of {label} once through a fresh mount (from starting `mount`)"),
-        &measure::median(&mounted),
-        &measure::median(&pulled),
-        "`modelpack pull -o`",
-        2.0,
-        true,
-    ));
+    rows.push(
+        row(
+            format!(
+                "mount: read each of {label} once through a fresh mount (from starting `mount`)"
+            ),
+            &measure::median(&mounted),
+            &measure::median(&pulled),
+            "`modelpack pull -o`",
+        )
+        .at_most(2.0),
+    );
     for d in [&oras_out, &folder, &folder_store, &pull_store] {
         let _ = fs::remove_dir_all(d);
     }

@@ -21,15 +21,16 @@ pub const NAMESPACE: &str = "modelpack-e2e";
 
 pub use modelpack_testkit::mounts::detach_all;
 
-/// Runs `cmd` (a `ctr` call) to the end: its stdout, or an error naming `what` with its output.
-fn output_ok(mut cmd: Command, what: &str) -> anyhow::Result<String> {
+/// Runs `cmd` (a call of `program`, no stdin) to the end: its stdout, or an error naming
+/// `program` and `what` with its output.
+pub fn output_ok(mut cmd: Command, program: &str, what: &str) -> anyhow::Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .context("cannot run ctr")?;
+        .with_context(|| format!("cannot run {program}"))?;
     if !out.status.success() {
         bail!(
-            "ctr {what} failed: {}{}",
+            "{program} {what} failed: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
@@ -282,14 +283,7 @@ impl Version {
 
     /// The config snippet docs/containerd.md shows for this version, exactly.
     pub fn doc_snippet(self) -> anyhow::Result<String> {
-        let path = crate::root().join("docs/containerd.md");
-        let doc = fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-        fenced_block_after(&doc, self.doc_marker()).with_context(|| {
-            format!(
-                "docs/containerd.md has no ```toml block after {}",
-                self.doc_marker()
-            )
-        })
+        doc_block(self.doc_marker())
     }
 
     /// The config of a private containerd: the doc's snippet with our snapshotter's socket and
@@ -324,6 +318,14 @@ impl Version {
             socket = socket.display(),
         ))
     }
+}
+
+/// The ```toml block docs/containerd.md shows after `marker`, exactly.
+pub fn doc_block(marker: &str) -> anyhow::Result<String> {
+    let path = crate::root().join("docs/containerd.md");
+    let doc = fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    fenced_block_after(&doc, marker)
+        .with_context(|| format!("docs/containerd.md has no ```toml block after {marker}"))
 }
 
 /// The body of the first ```toml block after the line holding `marker`.
@@ -433,7 +435,7 @@ impl Containerd {
     pub fn ctr_ok(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut cmd = self.ctr();
         cmd.args(args);
-        output_ok(cmd, &args.join(" "))
+        output_ok(cmd, "ctr", &args.join(" "))
     }
 
     /// `ctr run --rm IMAGE ID COMMAND...` on the modelpack snapshotter, with `models` bind-mounted
@@ -467,7 +469,11 @@ impl Containerd {
         command: &[&str],
     ) -> anyhow::Result<String> {
         let cmd = self.run_with_models(image, id, models, command);
-        output_ok(cmd, &format!("run {image} {id} {}", command.join(" ")))
+        output_ok(
+            cmd,
+            "ctr",
+            &format!("run {image} {id} {}", command.join(" ")),
+        )
     }
 
     /// Waits until containerd reaches the snapshotter (its dialer backs off after a restart):

@@ -121,21 +121,12 @@ fn apt(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
         "-o".to_owned(),
         "APT::Sandbox::User=root".to_owned(),
     ];
-    let out = Command::new("apt-get")
-        .args(options)
+    let mut cmd = Command::new("apt-get");
+    cmd.args(options)
         .args(args)
         .current_dir(dir)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .output()
-        .context("cannot run apt-get")?;
-    if !out.status.success() {
-        bail!(
-            "apt-get {} failed: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    crate::containerd::output_ok(cmd, "apt-get", &args.join(" "))?;
     Ok(())
 }
 

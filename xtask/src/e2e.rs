@@ -143,6 +143,24 @@ pub fn make_model(dir: &Path, weight_mib: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes a model of one random weight, `weight` of `size` bytes from `seed`, and a
+/// `config.json` of `model_type` into `dir`: the weight's digest.
+pub fn one_weight_model(
+    dir: &Path,
+    (weight, size, seed): (&str, u64, u64),
+    model_type: &str,
+) -> anyhow::Result<String> {
+    fs::create_dir_all(dir)?;
+    crate::measure::write_random(&dir.join(weight), size, seed)?;
+    fs::write(
+        dir.join("config.json"),
+        format!(r#"{{"model_type":"{model_type}"}}"#),
+    )?;
+    tree_digests(dir)?
+        .remove(weight)
+        .context("the weight's digest")
+}
+
 /// Digests a container computes over /models, by relative path.
 fn container_digests(
     ctd: &Containerd,
@@ -297,6 +315,12 @@ impl Rig {
             &socket,
         ])?;
         Ok(serde_json::from_str(&out)?)
+    }
+
+    /// `modelpack containerd pull` of `reference` (plain HTTP), then its view mounted at `dir`.
+    pub fn pull_and_mount(&mut self, reference: &str, dir: &Path) -> anyhow::Result<()> {
+        self.modelpack_containerd("pull", &["--plain-http", reference])?;
+        self.mount_model(reference, dir)
     }
 
     /// Mounts a pulled model at `dir` (remembered for the cleanup).
@@ -639,9 +663,8 @@ fn capped_cache_in_containerd(rig: &mut Rig, image: &str) -> anyhow::Result<()> 
     let source = tree_digests(&model)?;
     let reference = format!("{}/e2e/large:v1", rig.registry.host());
     rig.build_and_push(&model, &reference)?;
-    rig.modelpack_containerd("pull", &["--plain-http", &reference])?;
     let view = rig.path("view-large");
-    rig.mount_model(&reference, &view)?;
+    rig.pull_and_mount(&reference, &view)?;
     let cache = rig.snapshotter.root.join("cache");
     let sampler = modelpack_testkit::disk::PeakUsage::start(cache.clone());
     let mut reads = Vec::new();
@@ -802,9 +825,8 @@ fn other_writers_in_containerd(rig: &mut Rig, image: &str) -> anyhow::Result<()>
         layer.remove("annotations");
     })?;
     for (i, reference) in [cnai, modctl, unnamed].iter().enumerate() {
-        rig.modelpack_containerd("pull", &["--plain-http", reference])?;
         let view = rig.path(&format!("view-foreign-{i}"));
-        rig.mount_model(reference, &view)?;
+        rig.pull_and_mount(reference, &view)?;
         let read = container_digests(&rig.containerd, image, &format!("e2e-foreign-{i}"), &view)?;
         ensure!(
             read == source,
@@ -864,9 +886,8 @@ fn faults_under_the_snapshotter(rig: &mut Rig, image: &str) -> anyhow::Result<Fa
         1,
         Fault::Stall(Duration::from_secs(1)),
     ));
-    rig.modelpack_containerd("pull", &["--plain-http", &reference])?;
     let view = rig.path("view-faults");
-    rig.mount_model(&reference, &view)?;
+    rig.pull_and_mount(&reference, &view)?;
     let read = container_digests(&rig.containerd, image, "e2e-faults", &view)?;
     ensure!(
         read == source,
@@ -885,19 +906,11 @@ fn faults_under_the_snapshotter(rig: &mut Rig, image: &str) -> anyhow::Result<Fa
     // A registry that corrupts a weight: the read fails, the bytes never reach the container.
     proxy.clear();
     let other = rig.path("model-corrupt");
-    fs::create_dir_all(&other)?;
-    crate::measure::write_random(&other.join("w.safetensors"), 8 << 20, 12)?;
-    fs::write(other.join("config.json"), br#"{"model_type":"corrupt"}"#)?;
-    let digests = tree_digests(&other)?;
-    let weight = digests
-        .get("w.safetensors")
-        .context("the weight's digest")?
-        .clone();
+    let weight = one_weight_model(&other, ("w.safetensors", 8 << 20, 12), "corrupt")?;
     let corrupt_ref = format!("{}/e2e/corrupt:v1", proxy.host());
     rig.build_and_push(&other, &corrupt_ref)?;
-    rig.modelpack_containerd("pull", &["--plain-http", &corrupt_ref])?;
     let corrupt_view = rig.path("view-corrupt");
-    rig.mount_model(&corrupt_ref, &corrupt_view)?;
+    rig.pull_and_mount(&corrupt_ref, &corrupt_view)?;
     let applied_before = proxy.applied();
     proxy.add(Rule::new(
         Some("GET"),

@@ -50,14 +50,7 @@ pub fn doc_marker(version: Version) -> &'static str {
 
 /// The CRI block docs/containerd.md shows for `version`, exactly.
 pub fn doc_snippet(version: Version) -> anyhow::Result<String> {
-    let path = crate::root().join("docs/containerd.md");
-    let doc = fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-    containerd::fenced_block_after(&doc, doc_marker(version)).with_context(|| {
-        format!(
-            "docs/containerd.md has no ```toml block after {}",
-            doc_marker(version)
-        )
-    })
+    containerd::doc_block(doc_marker(version))
 }
 
 /// `keys` (lines) added to the table `header`: right after its header line when `config` has
@@ -128,39 +121,30 @@ pub fn cri_config(version: Version, p: &CriPaths) -> anyhow::Result<String> {
         root = p.dir.join("root").display(),
         state = p.dir.join("state").display(),
     );
-    match version {
-        Version::V1_6 => {
-            config = with_keys(
-                &config,
-                "[plugins.\"io.containerd.grpc.v1.cri\"]",
-                &["restrict_oom_score_adj = true"],
-            );
-            config = with_keys(
-                &config,
-                "[plugins.\"io.containerd.grpc.v1.cri\".cni]",
-                &[&format!("bin_dir = {bin}"), &format!("conf_dir = {conf}")],
-            );
-        }
-        Version::V2 => {
-            config = with_keys(
-                &config,
-                "[plugins.'io.containerd.cri.v1.runtime']",
-                &["restrict_oom_score_adj = true"],
-            );
-            config = with_keys(
-                &config,
-                "[plugins.'io.containerd.cri.v1.runtime'.cni]",
-                &[
-                    &format!("bin_dirs = [{bin}]"),
-                    &format!("conf_dir = {conf}"),
-                ],
-            );
-            config = with_keys(
-                &config,
-                "[plugins.'io.containerd.nri.v1.nri']",
-                &["disable = true"],
-            );
-        }
+    let (plugin, bin_dirs) = match version {
+        Version::V1_6 => (
+            "plugins.\"io.containerd.grpc.v1.cri\"",
+            format!("bin_dir = {bin}"),
+        ),
+        Version::V2 => (
+            "plugins.'io.containerd.cri.v1.runtime'",
+            format!("bin_dirs = [{bin}]"),
+        ),
+    };
+    let (cri_table, cni_table) = (format!("[{plugin}]"), format!("[{plugin}.cni]"));
+    let conf_dir = format!("conf_dir = {conf}");
+    let mut tables: Vec<(&str, Vec<&str>)> = vec![
+        (&cri_table, vec!["restrict_oom_score_adj = true"]),
+        (&cni_table, vec![&bin_dirs, &conf_dir]),
+    ];
+    if version == Version::V2 {
+        tables.push((
+            "[plugins.'io.containerd.nri.v1.nri']",
+            vec!["disable = true"],
+        ));
+    }
+    for (header, keys) in tables {
+        config = with_keys(&config, header, &keys);
     }
     config.push_str(&format!(
         "[grpc]\n  address = \"{socket}\"\n[ttrpc]\n  address = \"{socket}.ttrpc\"\n",
@@ -211,20 +195,9 @@ impl CriContainerd {
     }
 
     fn ctr_ok(&self, namespace: &str, args: &[&str]) -> anyhow::Result<String> {
-        let out = self
-            .ctr(namespace)
-            .args(args)
-            .output()
-            .context("cannot run ctr")?;
-        if !out.status.success() {
-            bail!(
-                "ctr {} failed: {}{}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let mut cmd = self.ctr(namespace);
+        cmd.args(args);
+        containerd::output_ok(cmd, "ctr", &args.join(" "))
     }
 
     /// A Prepare and Remove of a probe snapshot: containerd must pass both to the snapshotter.
@@ -284,11 +257,27 @@ impl Drop for CriContainerd {
     }
 }
 
+type RuntimeClient = pb::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>;
+type ImageClient = pb::image_service_client::ImageServiceClient<tonic::transport::Channel>;
+
+/// `Cri` methods of runtime calls that take only an id and answer nothing the checks use:
+/// `method: "Rpc", Request { id_field };` each.
+macro_rules! by_id {
+    ($($method:ident: $rpc:literal, $request:ident { $field:ident };)*) => {
+        $(
+            pub fn $method(&self, id: &str) -> anyhow::Result<()> {
+                let request = pb::$request { $field: id.into() };
+                self.block(&self.runtime, $rpc, async |c| c.$method(request).await).map(drop)
+            }
+        )*
+    };
+}
+
 /// A CRI client over containerd's socket, blocking.
 pub struct Cri {
     rt: tokio::runtime::Runtime,
-    runtime: pb::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
-    images: pb::image_service_client::ImageServiceClient<tonic::transport::Channel>,
+    runtime: RuntimeClient,
+    images: ImageClient,
 }
 
 impl std::fmt::Debug for Cri {
@@ -320,19 +309,22 @@ impl Cri {
             .with_context(|| format!("cannot connect to {}", socket.display()))?;
         Ok(Cri {
             rt,
-            runtime: pb::runtime_service_client::RuntimeServiceClient::new(channel.clone()),
-            images: pb::image_service_client::ImageServiceClient::new(channel),
+            runtime: RuntimeClient::new(channel.clone()),
+            images: ImageClient::new(channel),
         })
     }
 
-    fn block<T>(
+    /// `call` on a clone of `client`, blocking: its reply, or an error naming the call `what`.
+    fn block<C: Clone, T>(
         &self,
+        client: &C,
         what: &str,
-        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        call: impl AsyncFnOnce(&mut C) -> Result<tonic::Response<T>, tonic::Status>,
     ) -> anyhow::Result<T> {
+        let mut c = client.clone();
         match self
             .rt
-            .block_on(async { tokio::time::timeout(CALL_TIMEOUT, call).await })
+            .block_on(async { tokio::time::timeout(CALL_TIMEOUT, call(&mut c)).await })
         {
             Ok(Ok(reply)) => Ok(reply.into_inner()),
             Ok(Err(status)) => bail!("CRI {what}: {:?}: {}", status.code(), status.message()),
@@ -340,75 +332,57 @@ impl Cri {
         }
     }
 
+    by_id! {
+        stop_pod_sandbox: "StopPodSandbox", StopPodSandboxRequest { pod_sandbox_id };
+        remove_pod_sandbox: "RemovePodSandbox", RemovePodSandboxRequest { pod_sandbox_id };
+        start_container: "StartContainer", StartContainerRequest { container_id };
+        remove_container: "RemoveContainer", RemoveContainerRequest { container_id };
+    }
+
     pub fn version(&self) -> anyhow::Result<pb::VersionResponse> {
-        let mut c = self.runtime.clone();
-        self.block("Version", async move {
-            c.version(pb::VersionRequest {
-                version: "v1".into(),
-            })
-            .await
-        })
+        let request = pb::VersionRequest {
+            version: "v1".into(),
+        };
+        self.block(&self.runtime, "Version", async |c| c.version(request).await)
     }
 
     pub fn pull_image(&self, image: &str) -> anyhow::Result<String> {
-        let mut c = self.images.clone();
         let request = pb::PullImageRequest {
             image: Some(image_spec(image)),
             sandbox_config: None,
         };
-        let reply = self.block("PullImage", async move { c.pull_image(request).await })?;
-        Ok(reply.image_ref)
+        self.block(&self.images, "PullImage", async |c| {
+            c.pull_image(request).await
+        })
+        .map(|reply| reply.image_ref)
     }
 
     pub fn remove_image(&self, image: &str) -> anyhow::Result<()> {
-        let mut c = self.images.clone();
         let request = pb::RemoveImageRequest {
             image: Some(image_spec(image)),
         };
-        self.block("RemoveImage", async move { c.remove_image(request).await })?;
-        Ok(())
+        self.block(&self.images, "RemoveImage", async |c| {
+            c.remove_image(request).await
+        })
+        .map(drop)
     }
 
     pub fn image_fs_info(&self) -> anyhow::Result<pb::ImageFsInfoResponse> {
-        let mut c = self.images.clone();
-        self.block("ImageFsInfo", async move {
-            c.image_fs_info(pb::ImageFsInfoRequest {}).await
+        let request = pb::ImageFsInfoRequest {};
+        self.block(&self.images, "ImageFsInfo", async |c| {
+            c.image_fs_info(request).await
         })
     }
 
     pub fn run_pod_sandbox(&self, config: &pb::PodSandboxConfig) -> anyhow::Result<String> {
-        let mut c = self.runtime.clone();
         let request = pb::RunPodSandboxRequest {
             config: Some(config.clone()),
             runtime_handler: String::new(),
         };
-        let reply = self.block(
-            "RunPodSandbox",
-            async move { c.run_pod_sandbox(request).await },
-        )?;
-        Ok(reply.pod_sandbox_id)
-    }
-
-    pub fn stop_pod_sandbox(&self, id: &str) -> anyhow::Result<()> {
-        let mut c = self.runtime.clone();
-        let request = pb::StopPodSandboxRequest {
-            pod_sandbox_id: id.into(),
-        };
-        self.block("StopPodSandbox", async move {
-            c.stop_pod_sandbox(request).await
-        })?;
-        Ok(())
-    }
-
-    pub fn remove_pod_sandbox(&self, id: &str) -> anyhow::Result<()> {
-        let mut c = self.runtime.clone();
-        let request = pb::RemovePodSandboxRequest {
-            pod_sandbox_id: id.into(),
-        };
-        self.block("RemovePodSandbox", async move {
-            c.remove_pod_sandbox(request).await
-        })?;
-        Ok(())
+        self.block(&self.runtime, "RunPodSandbox", async |c| {
+            c.run_pod_sandbox(request).await
+        })
+        .map(|reply| reply.pod_sandbox_id)
     }
 
     pub fn create_container(
@@ -417,64 +391,38 @@ impl Cri {
         config: pb::ContainerConfig,
         sandbox: &pb::PodSandboxConfig,
     ) -> anyhow::Result<String> {
-        let mut c = self.runtime.clone();
         let request = pb::CreateContainerRequest {
             pod_sandbox_id: sandbox_id.into(),
             config: Some(config),
             sandbox_config: Some(sandbox.clone()),
         };
-        let reply = self.block("CreateContainer", async move {
+        self.block(&self.runtime, "CreateContainer", async |c| {
             c.create_container(request).await
-        })?;
-        Ok(reply.container_id)
-    }
-
-    pub fn start_container(&self, id: &str) -> anyhow::Result<()> {
-        let mut c = self.runtime.clone();
-        let request = pb::StartContainerRequest {
-            container_id: id.into(),
-        };
-        self.block(
-            "StartContainer",
-            async move { c.start_container(request).await },
-        )?;
-        Ok(())
+        })
+        .map(|reply| reply.container_id)
     }
 
     pub fn container_status(&self, id: &str) -> anyhow::Result<pb::ContainerStatus> {
-        let mut c = self.runtime.clone();
         let request = pb::ContainerStatusRequest {
             container_id: id.into(),
             verbose: false,
         };
-        let reply = self.block("ContainerStatus", async move {
+        self.block(&self.runtime, "ContainerStatus", async |c| {
             c.container_status(request).await
-        })?;
-        reply.status.context("ContainerStatus answered no status")
+        })?
+        .status
+        .context("ContainerStatus answered no status")
     }
 
     pub fn stop_container(&self, id: &str, timeout_secs: i64) -> anyhow::Result<()> {
-        let mut c = self.runtime.clone();
         let request = pb::StopContainerRequest {
             container_id: id.into(),
             timeout: timeout_secs,
         };
-        self.block(
-            "StopContainer",
-            async move { c.stop_container(request).await },
-        )?;
-        Ok(())
-    }
-
-    pub fn remove_container(&self, id: &str) -> anyhow::Result<()> {
-        let mut c = self.runtime.clone();
-        let request = pb::RemoveContainerRequest {
-            container_id: id.into(),
-        };
-        self.block("RemoveContainer", async move {
-            c.remove_container(request).await
-        })?;
-        Ok(())
+        self.block(&self.runtime, "StopContainer", async |c| {
+            c.stop_container(request).await
+        })
+        .map(drop)
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 
-use crate::e2e::{Rig, tree_digests};
+use crate::e2e::{Rig, one_weight_model};
 use modelpack_testkit::link::Link;
 
 /// Each connection's rate through the link: the read takes several seconds.
@@ -86,19 +86,12 @@ pub fn reads_survive_restarts(rig: &mut Rig, image: &str) -> anyhow::Result<(Lin
 
 fn one(rig: &mut Rig, image: &str, link: &Link, n: usize, stop: Stop) -> anyhow::Result<Stall> {
     let model = rig.path(&format!("model-restart-{n}"));
-    fs::create_dir_all(&model)?;
-    crate::measure::write_random(&model.join("model.safetensors"), WEIGHT, 100 + n as u64)?;
-    fs::write(model.join("config.json"), br#"{"model_type":"restart"}"#)?;
-    let source = tree_digests(&model)?;
-    let want = source
-        .get("model.safetensors")
-        .context("the weight's digest")?
-        .clone();
+    let weight = ("model.safetensors", WEIGHT, 100 + n as u64);
+    let want = one_weight_model(&model, weight, "restart")?;
     let reference = format!("{}/e2e/restart-{n}:v1", link.host());
     rig.build_and_push(&model, &reference)?;
-    rig.modelpack_containerd("pull", &["--plain-http", &reference])?;
     let view = rig.path(&format!("view-restart-{n}"));
-    rig.mount_model(&reference, &view)?;
+    rig.pull_and_mount(&reference, &view)?;
 
     let before = link.served();
     let started = Instant::now();

@@ -67,6 +67,13 @@ impl ConnectionArgs {
 
     /// The hosts folder to read: `--hosts-dir` (which must exist; empty: none), else
     /// [`DEFAULT_HOSTS_DIR`] when it exists.
+    /// Parses `text` as a reference and opens its repository with these flags.
+    pub fn open(&self, text: &str) -> anyhow::Result<(Reference, Repository)> {
+        let reference = crate::cmd::parse_reference(text)?;
+        let repository = Repository::new(&self.client()?, &reference);
+        Ok((reference, repository))
+    }
+
     pub fn hosts_dir(&self) -> anyhow::Result<Option<PathBuf>> {
         match self.hosts_dir.as_deref() {
             Some("") => Ok(None),
@@ -108,6 +115,11 @@ pub struct RegistryArgs {
 impl RegistryArgs {
     pub fn client(&self) -> anyhow::Result<Client> {
         self.connection.client()
+    }
+
+    /// Parses `text` as a reference and opens its repository with these flags.
+    pub fn open(&self, text: &str) -> anyhow::Result<(Reference, Repository)> {
+        self.connection.open(text)
     }
 
     pub fn transfer_options(&self, progress: modelpack_transfer::Progress) -> TransferOptions {
@@ -235,4 +247,21 @@ pub fn open_layout(dir: &std::path::Path) -> anyhow::Result<Store> {
 /// A repository for `reference`.
 pub fn repository(client: &Client, reference: &Reference) -> Repository {
     Repository::new(client, reference)
+}
+
+/// Hashes the file at `path` and uploads it to `repo` unless the registry has that blob already;
+/// returns its digest and size.
+pub fn push_file(
+    rt: &tokio::runtime::Runtime,
+    repo: &Repository,
+    path: &std::path::Path,
+) -> anyhow::Result<(modelpack_spec::Digest, u64)> {
+    let (digest, size) = modelpack_store::sha256_file(path)?;
+    rt.block_on(async {
+        if repo.blob_exists(&digest).await?.is_none() {
+            repo.push_blob_file(&digest, path, size).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    Ok((digest, size))
 }

@@ -529,7 +529,13 @@ impl ModelFs {
         }
     }
 
-    fn dir_entries(&self, ino: u64) -> Result<Vec<(OsString, u64, FileType)>, Error> {
+    /// The entries of folder `ino` after the first `offset`, each with the offset of the entry
+    /// after it (what the kernel hands back to go on listing).
+    fn dir_entries(
+        &self,
+        ino: u64,
+        offset: u64,
+    ) -> Result<impl Iterator<Item = (u64, OsString, u64, FileType)>, Error> {
         let node = self.tree.get(ino).ok_or(Error::NotFound)?;
         let Kind::Dir(children) = &node.kind else {
             return Err(Error::NotDir);
@@ -548,7 +554,11 @@ impl ModelFs {
                 .map_or(FileType::RegularFile, |n| n.file_type());
             out.push((name.clone(), child, kind));
         }
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, (name, child, kind))| (i as u64 + 1, name, child, kind)))
     }
 }
 
@@ -562,6 +572,33 @@ fn keep_ahead(blob: &Arc<LazyBlob>, ahead: Ahead) {
         let task = blob.clone();
         blob.tasks()
             .spawn(async move { task.prefetch(first, count).await });
+    }
+}
+
+/// Answers a read with `data`, counted as served.
+fn reply_served(reply: ReplyData, counters: &Counters, data: &[u8]) {
+    counters
+        .served_bytes
+        .fetch_add(data.len() as u64, Ordering::Relaxed);
+    reply.data(data);
+}
+
+/// Answers a read of `size` bytes at `offset` of the file at `path`: its bytes, counted as
+/// served, or its error, logged.
+fn answer_read(
+    reply: ReplyData,
+    counters: &Counters,
+    read: Result<impl AsRef<[u8]>, Error>,
+    path: &str,
+    offset: u64,
+    size: u64,
+) {
+    match read {
+        Ok(data) => reply_served(reply, counters, data.as_ref()),
+        Err(e) => {
+            tracing::warn!(%path, offset, size, error = %e, "read failed");
+            reply.error(e.errno());
+        }
     }
 }
 
@@ -781,12 +818,7 @@ impl Filesystem for ModelFs {
                 let counters = self.counters.clone();
                 self.runtime.spawn_blocking(move || {
                     match read_local(&path, offset, end - offset) {
-                        Ok(buf) => {
-                            counters
-                                .served_bytes
-                                .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                            reply.data(&buf);
-                        }
+                        Ok(buf) => reply_served(reply, &counters, &buf),
                         Err(e) => reply.error(Error::Read(e.to_string()).errno()),
                     }
                 });
@@ -804,18 +836,7 @@ impl Filesystem for ModelFs {
                             .map_err(|e| Error::Read(e.to_string())),
                         Err(e) => Err(e),
                     };
-                    match read {
-                        Ok(buf) => {
-                            counters
-                                .served_bytes
-                                .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                            reply.data(&buf);
-                        }
-                        Err(e) => {
-                            tracing::warn!(%path, offset, size = len, error = %e, "read failed");
-                            reply.error(e.errno());
-                        }
-                    }
+                    answer_read(reply, &counters, read, &path, offset, len);
                 });
             }
             Kind::File(Content::Lazy(file)) => {
@@ -830,25 +851,17 @@ impl Filesystem for ModelFs {
                         return reply.error(Error::WrongKind.errno());
                     };
                     // Only a blob that can still fail its check needs its replies counted.
-                    let _serving = file.blob.verifies_in_background().then(|| file.blob.serving());
+                    let _serving = file
+                        .blob
+                        .verifies_in_background()
+                        .then(|| file.blob.serving());
                     let read = file.read(offset, len, node.size).await;
                     // Readahead starts once this read's own chunks are in, so the first bytes
                     // do not share the link and the CPU with it.
                     if let Some(ahead) = ahead {
                         keep_ahead(&file.blob, ahead);
                     }
-                    match read {
-                        Ok(data) => {
-                            counters
-                                .served_bytes
-                                .fetch_add(data.len() as u64, Ordering::Relaxed);
-                            reply.data(&data);
-                        }
-                        Err(e) => {
-                            tracing::warn!(path = %node.path, offset, size, error = %e, "read failed");
-                            reply.error(e.errno());
-                        }
-                    }
+                    answer_read(reply, &counters, read, &node.path, offset, len);
                 });
             }
             Kind::Dir(_) => reply.error(Error::IsDir.errno()),
@@ -1019,12 +1032,12 @@ impl Filesystem for ModelFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.dir_entries(ino.0) {
+        let entries = match self.dir_entries(ino.0, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(e.errno()),
         };
-        for (i, (name, child, kind)) in entries.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
+        for (next, name, child, kind) in entries {
+            if reply.add(INodeNo(child), next, kind, name) {
                 break;
             }
         }
@@ -1039,23 +1052,16 @@ impl Filesystem for ModelFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match self.dir_entries(ino.0) {
+        let entries = match self.dir_entries(ino.0, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(e.errno()),
         };
-        for (i, (name, child, _)) in entries.into_iter().enumerate().skip(offset as usize) {
+        for (next, name, child, _) in entries {
             let attr = match self.attr(child) {
                 Ok(a) => a,
                 Err(e) => return reply.error(e.errno()),
             };
-            if reply.add(
-                INodeNo(child),
-                i as u64 + 1,
-                name,
-                &TTL,
-                &attr,
-                Generation(0),
-            ) {
+            if reply.add(INodeNo(child), next, name, &TTL, &attr, Generation(0)) {
                 break;
             }
         }

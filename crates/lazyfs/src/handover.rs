@@ -631,6 +631,26 @@ impl HolderProcess {
         held.is_ok()
     }
 
+    /// Gives the holder a copy of `connection` (a mount's, see
+    /// [`crate::MountedModel::connection`]), mounted at `mountpoint`, as [`HolderProcess::hold`]
+    /// does; false when the mount has none to give or it cannot be kept.
+    pub async fn hold_connection(
+        &self,
+        mountpoint: &Path,
+        connection: Option<(BorrowedFd<'_>, SessionState)>,
+    ) -> bool {
+        let Some((fd, state)) = connection else {
+            return false;
+        };
+        match fd.try_clone_to_owned() {
+            Ok(fd) => self.hold(mountpoint, fd, state).await,
+            Err(e) => {
+                tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "this mount will not survive a restart");
+                false
+            }
+        }
+    }
+
     /// Tells the holder to let go of the connection at `mountpoint` (before it is unmounted).
     pub async fn release(&self, mountpoint: &Path) {
         let holder = self.holder.clone();
@@ -749,16 +769,21 @@ pub(crate) fn resend_unanswered(fd: BorrowedFd<'_>) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_recorded_init_is_a_well_formed_request() {
-        let msg = init_request(&SessionState {
+    /// The state of a connection on device `0:1` whose time and tree are unknown.
+    fn session_state(abi_minor: u32, capabilities: u64, max_readahead: u32) -> SessionState {
+        SessionState {
             dev: (0, 1),
-            abi_minor: 44,
-            capabilities: (1 << 37) | 1,
-            max_readahead: 131072,
+            abi_minor,
+            capabilities,
+            max_readahead,
             created_ns: 0,
             tree: 0,
-        });
+        }
+    }
+
+    #[test]
+    fn the_recorded_init_is_a_well_formed_request() {
+        let msg = init_request(&session_state(44, (1 << 37) | 1, 131072));
         assert_eq!(msg.len(), 104);
         assert_eq!(u32::from_le_bytes(msg[0..4].try_into().expect("test")), 104);
         assert_eq!(
@@ -803,14 +828,7 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        let state = SessionState {
-            dev: (0, 1),
-            abi_minor: 40,
-            capabilities: 1,
-            max_readahead: 4096,
-            created_ns: 0,
-            tree: 0,
-        };
+        let state = session_state(40, 1, 4096);
         // A pipe stands in for /dev/fuse: what is written into the kept write end arrives.
         let (read, write) = rustix::pipe::pipe().expect("test");
         holder.put("/mnt/a", &state, write.as_fd()).expect("test");

@@ -32,7 +32,6 @@ mod fs;
 mod handover;
 mod index;
 mod layer;
-pub mod mountinfo;
 mod readahead;
 mod tree;
 
@@ -51,6 +50,8 @@ pub use handover::{
     serve_holder,
 };
 pub use index::create_index;
+/// The mount table, as this crate reads it.
+pub use modelpack_mountinfo as mountinfo;
 
 /// What to do when an artifact has no chunk-digest index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -40,6 +40,11 @@ fn manifest_accept() -> String {
     .join(", ")
 }
 
+/// Asks for a manifest of any type ([`manifest_accept`]).
+fn accept_manifests(rb: RequestBuilder) -> Result<RequestBuilder> {
+    Ok(rb.header(ACCEPT, manifest_accept()))
+}
+
 /// A manifest as fetched: its bytes, media type and verified digest.
 #[derive(Debug, Clone)]
 pub struct FetchedManifest {
@@ -257,7 +262,8 @@ impl Repository {
         )))
     }
 
-    /// Sends a request to `url` (an upload session's location) on the push host `ep`.
+    /// Sends a request to `url` (an upload session's location, say) on the host `ep`, with the
+    /// client's retries.
     async fn send_url(
         &self,
         ep: &Endpoint,
@@ -278,6 +284,21 @@ impl Repository {
                 build,
                 policy,
             )
+            .await
+    }
+
+    /// Sends a request for manifest `reference` (accepting any manifest type) as
+    /// [`Repository::send`] does.
+    async fn send_manifest(
+        &self,
+        access: Access,
+        method: Method,
+        reference: &str,
+        accept: &[u16],
+        digest: Option<&Digest>,
+    ) -> Result<(Response, Arc<Endpoint>)> {
+        let tail = format!("manifests/{reference}");
+        self.send(access, method, &tail, accept, &accept_manifests, digest)
             .await
     }
 
@@ -346,16 +367,8 @@ impl Repository {
     /// push): true when it has it, false on a 404. A push that finds it there has nothing to
     /// upload but the tag.
     pub async fn manifest_exists(&self, digest: &Digest) -> Result<bool> {
-        let tail = format!("manifests/{digest}");
         let (resp, _) = self
-            .send(
-                Access::Check,
-                Method::HEAD,
-                &tail,
-                &[404],
-                &|rb| Ok(rb.header(ACCEPT, manifest_accept())),
-                None,
-            )
+            .send_manifest(Access::Check, Method::HEAD, digest.as_str(), &[404], None)
             .await?;
         Ok(resp.status().as_u16() != 404)
     }
@@ -557,19 +570,12 @@ impl Repository {
     /// pull: a mirror whose bytes do not match is left for the next host), verifying a digest
     /// reference and capping the size.
     pub async fn get_manifest(&self, reference: &str) -> Result<FetchedManifest> {
-        let tail = format!("manifests/{reference}");
+        let access = Access::of_reference(reference);
         let expected = reference.parse::<Digest>().ok();
         let mut mirror_failures = 0;
         loop {
             let (resp, ep) = self
-                .send(
-                    Access::of_reference(reference),
-                    Method::GET,
-                    &tail,
-                    &[],
-                    &|rb| Ok(rb.header(ACCEPT, manifest_accept())),
-                    expected.as_ref(),
-                )
+                .send_manifest(access, Method::GET, reference, &[], expected.as_ref())
                 .await?;
             match read_manifest(reference, resp).await {
                 Ok(m) => {
@@ -609,16 +615,9 @@ impl Repository {
 
     /// HEADs a manifest: its digest and size, or `None`.
     pub async fn head_manifest(&self, reference: &str) -> Result<Option<(Digest, u64)>> {
-        let tail = format!("manifests/{reference}");
+        let access = Access::of_reference(reference);
         let (resp, _) = self
-            .send(
-                Access::of_reference(reference),
-                Method::HEAD,
-                &tail,
-                &[404],
-                &|rb| Ok(rb.header(ACCEPT, manifest_accept())),
-                None,
-            )
+            .send_manifest(access, Method::HEAD, reference, &[404], None)
             .await?;
         if resp.status().as_u16() == 404 {
             return Ok(None);
@@ -647,17 +646,14 @@ impl Repository {
     pub async fn head_manifest_at_server(&self, digest: &Digest) -> Result<bool> {
         let ep = self.client.server(&self.registry)?;
         let url = self.url_on(&ep, &format!("manifests/{digest}"));
-        let policy = self.client.options().retry;
         let resp = self
-            .client
-            .send_on(
+            .send_url(
                 &ep,
-                &Access::Pull.scope(&self.name),
+                Access::Pull,
                 Method::HEAD,
                 &url,
                 &[404],
-                &|rb| Ok(rb.header(ACCEPT, manifest_accept())),
-                policy,
+                &accept_manifests,
             )
             .await?;
         Ok(resp.status().as_u16() != 404)

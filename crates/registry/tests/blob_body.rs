@@ -7,6 +7,8 @@ use modelpack_registry::{Client, ClientOptions, Error, Repository, mirror_fallba
 use modelpack_spec::Digest;
 use modelpack_testkit::blob_server::{Answer, BlobServer};
 
+mod common;
+
 fn serve(blob: Arc<Vec<u8>>, script: Vec<Answer>) -> BlobServer {
     BlobServer::start(blob, script)
 }
@@ -155,25 +157,14 @@ struct Fronted {
 fn fronted(data: &Arc<Vec<u8>>, script: Vec<Answer>) -> Fronted {
     let upstream = serve(data.clone(), Vec::new());
     let mirror = serve(data.clone(), script);
-    let hosts = tempfile::tempdir().expect("tempdir");
-    modelpack_testkit::registry::write_hosts_toml(
-        hosts.path(),
-        &upstream.host(),
+    let (hosts, repo) = common::repo_through_mirror(
         &upstream.host(),
         &mirror.host(),
         "[\"pull\"]",
-    )
-    .expect("write hosts.toml");
-    let client = Client::new(ClientOptions {
-        hosts_dir: Some(hosts.path().to_owned()),
-        ..ClientOptions::new()
-    })
-    .expect("client");
-    let reference = format!("{}/test/blob:v1", upstream.host())
-        .parse()
-        .expect("reference");
+        "test/blob:v1",
+    );
     Fronted {
-        repo: Repository::new(&client, &reference),
+        repo,
         upstream,
         mirror,
         _hosts: hosts,

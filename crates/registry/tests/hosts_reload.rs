@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use modelpack_registry::{Client, ClientOptions, Repository};
 use modelpack_spec::Digest;
@@ -92,8 +92,18 @@ fn asked(h: &Hosts) -> (usize, usize, usize) {
     (h.upstream.requests(), h.a.requests(), h.b.requests())
 }
 
-#[tokio::test]
-async fn an_edited_hosts_file_is_read_again_without_a_new_client() {
+/// A client whose registry's `hosts.toml` names mirror `a`, and which has read through it once.
+struct Scene {
+    h: Hosts,
+    dir: tempfile::TempDir,
+    registry: String,
+    repo: Repository,
+    /// Taken just before the first read.
+    started: Instant,
+}
+
+/// The three servers, a `hosts.toml` naming mirror `a`, and a client that has read through it.
+async fn reading_through_mirror_a() -> Scene {
     let h = hosts();
     let dir = tempfile::tempdir().expect("tempdir");
     let registry = h.upstream.host();
@@ -104,110 +114,109 @@ async fn an_edited_hosts_file_is_read_again_without_a_new_client() {
         0,
     );
     let repo = repo(dir.path(), &registry);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     read(&repo, &h).await;
     assert_eq!(asked(&h), (0, 1, 0));
+    Scene {
+        h,
+        dir,
+        registry,
+        repo,
+        started,
+    }
+}
+
+impl Scene {
+    /// [`write_hosts`] for this scene's registry.
+    fn write(&self, text: &str, age_secs: u64) {
+        write_hosts(self.dir.path(), &self.registry, text, age_secs);
+    }
+
+    /// [`mirror_file`] sending this scene's registry to `mirror`.
+    fn mirror_file(&self, mirror: &BlobServer) -> String {
+        mirror_file(&self.registry, &mirror.host())
+    }
+
+    async fn read(&self) {
+        read(&self.repo, &self.h).await;
+    }
+
+    /// Waits out the client's re-check interval, then reads.
+    async fn read_after_recheck(&self) {
+        tokio::time::sleep(RECHECK).await;
+        self.read().await;
+    }
+
+    fn asked(&self) -> (usize, usize, usize) {
+        asked(&self.h)
+    }
+}
+
+#[tokio::test]
+async fn an_edited_hosts_file_is_read_again_without_a_new_client() {
+    let s = reading_through_mirror_a().await;
 
     // Same length (the ports have as many digits, most likely), another mirror.
-    write_hosts(
-        dir.path(),
-        &registry,
-        &mirror_file(&registry, &h.b.host()),
-        10,
-    );
+    s.write(&s.mirror_file(&s.h.b), 10);
     // Within the re-check interval the reading stands (checked when this machine was quick
     // enough to still be within it).
-    read(&repo, &h).await;
-    let from_a = asked(&h).1;
-    if started.elapsed() < Duration::from_millis(900) {
-        assert_eq!(asked(&h), (0, 2, 0));
+    s.read().await;
+    let from_a = s.asked().1;
+    if s.started.elapsed() < Duration::from_millis(900) {
+        assert_eq!(s.asked(), (0, 2, 0));
     }
-    tokio::time::sleep(RECHECK).await;
-    read(&repo, &h).await;
+    s.read_after_recheck().await;
     assert_eq!(
-        asked(&h),
+        s.asked(),
         (0, from_a, 3 - from_a),
         "the next request goes to the new mirror"
     );
-    read(&repo, &h).await;
-    assert_eq!(asked(&h), (0, from_a, 4 - from_a));
+    s.read().await;
+    assert_eq!(s.asked(), (0, from_a, 4 - from_a));
 }
 
 #[tokio::test]
 async fn a_broken_edit_keeps_the_last_good_hosts_until_it_is_fixed() {
-    let h = hosts();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let registry = h.upstream.host();
-    write_hosts(
-        dir.path(),
-        &registry,
-        &mirror_file(&registry, &h.a.host()),
-        0,
-    );
-    let repo = repo(dir.path(), &registry);
-    read(&repo, &h).await;
-    assert_eq!(asked(&h), (0, 1, 0));
+    let s = reading_through_mirror_a().await;
 
     // Half written: not TOML any more.
-    let half = mirror_file(&registry, &h.b.host());
-    write_hosts(dir.path(), &registry, &half[..half.len() - 30], 10);
-    tokio::time::sleep(RECHECK).await;
-    read(&repo, &h).await;
-    assert_eq!(asked(&h), (0, 2, 0), "the last good reading serves");
-    tokio::time::sleep(RECHECK).await;
-    read(&repo, &h).await;
-    assert_eq!(asked(&h), (0, 3, 0));
+    let half = s.mirror_file(&s.h.b);
+    s.write(&half[..half.len() - 30], 10);
+    s.read_after_recheck().await;
+    assert_eq!(s.asked(), (0, 2, 0), "the last good reading serves");
+    s.read_after_recheck().await;
+    assert_eq!(s.asked(), (0, 3, 0));
 
     // A valid file naming what cannot be used (a CA that is not there): the same.
-    write_hosts(
-        dir.path(),
-        &registry,
-        &format!("{half}  ca = \"missing-ca.crt\"\n"),
-        20,
-    );
-    tokio::time::sleep(RECHECK).await;
-    read(&repo, &h).await;
-    assert_eq!(asked(&h), (0, 4, 0));
+    s.write(&format!("{half}  ca = \"missing-ca.crt\"\n"), 20);
+    s.read_after_recheck().await;
+    assert_eq!(s.asked(), (0, 4, 0));
 
-    write_hosts(dir.path(), &registry, &half, 30);
-    tokio::time::sleep(RECHECK).await;
-    read(&repo, &h).await;
-    assert_eq!(asked(&h), (0, 4, 1), "the fixed file is read");
+    s.write(&half, 30);
+    s.read_after_recheck().await;
+    assert_eq!(s.asked(), (0, 4, 1), "the fixed file is read");
 }
 
 #[tokio::test]
 async fn a_removed_folder_returns_to_the_upstream_and_a_new_one_is_found() {
-    let h = hosts();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let registry = h.upstream.host();
-    write_hosts(
-        dir.path(),
-        &registry,
-        &mirror_file(&registry, &h.a.host()),
-        0,
-    );
-    let repo = repo(dir.path(), &registry);
-    read(&repo, &h).await;
-    assert_eq!(asked(&h), (0, 1, 0));
+    let s = reading_through_mirror_a().await;
 
-    std::fs::remove_dir_all(dir.path().join(&registry)).expect("remove the folder");
-    tokio::time::sleep(RECHECK).await;
-    read(&repo, &h).await;
-    assert_eq!(asked(&h), (1, 1, 0), "the plain upstream");
+    std::fs::remove_dir_all(s.dir.path().join(&s.registry)).expect("remove the folder");
+    s.read_after_recheck().await;
+    assert_eq!(s.asked(), (1, 1, 0), "the plain upstream");
 
     // A `_default` folder appears: it applies to every registry without its own.
     write_hosts(
-        dir.path(),
+        s.dir.path(),
         "_default",
         &format!(
             "[host.\"http://{}\"]\n  capabilities = [\"pull\"]\n",
-            h.b.host()
+            s.h.b.host()
         ),
         0,
     );
-    tokio::time::sleep(RECHECK).await;
-    read(&repo, &h).await;
-    assert_eq!(asked(&h), (1, 1, 1));
+    s.read_after_recheck().await;
+    assert_eq!(s.asked(), (1, 1, 1));
 }
 
 #[tokio::test]
@@ -260,37 +269,20 @@ fn make_ca(path: &Path) -> bool {
 
 #[tokio::test]
 async fn a_ca_named_outside_the_folder_is_watched_even_while_it_is_missing() {
-    let h = hosts();
-    let dir = tempfile::tempdir().expect("tempdir");
+    let s = reading_through_mirror_a().await;
     let elsewhere = tempfile::tempdir().expect("tempdir");
-    let registry = h.upstream.host();
-    write_hosts(
-        dir.path(),
-        &registry,
-        &mirror_file(&registry, &h.a.host()),
-        0,
-    );
-    let repo = repo(dir.path(), &registry);
-    read(&repo, &h).await;
-    assert_eq!(asked(&h), (0, 1, 0));
 
     // The edit names a CA in another folder that is not there yet: the last good reading stays.
     let ca = elsewhere.path().join("mirror-ca.crt");
-    let edited = format!(
-        "{}  ca = \"{}\"\n",
-        mirror_file(&registry, &h.b.host()),
-        ca.display()
-    );
-    write_hosts(dir.path(), &registry, &edited, 10);
-    tokio::time::sleep(RECHECK).await;
-    read(&repo, &h).await;
-    assert_eq!(asked(&h), (0, 2, 0), "the last good reading serves");
+    let edited = format!("{}  ca = \"{}\"\n", s.mirror_file(&s.h.b), ca.display());
+    s.write(&edited, 10);
+    s.read_after_recheck().await;
+    assert_eq!(s.asked(), (0, 2, 0), "the last good reading serves");
 
     // The CA appears, and nothing else in the hosts folder changes: the edit now applies.
     if !make_ca(&ca) {
         return;
     }
-    tokio::time::sleep(RECHECK).await;
-    read(&repo, &h).await;
-    assert_eq!(asked(&h), (0, 2, 1), "the new mirror, once its CA exists");
+    s.read_after_recheck().await;
+    assert_eq!(s.asked(), (0, 2, 1), "the new mirror, once its CA exists");
 }

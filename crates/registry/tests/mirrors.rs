@@ -11,7 +11,9 @@ use modelpack_spec::Digest;
 use modelpack_spec::media_type::{MEDIA_TYPE_OCI_EMPTY, MEDIA_TYPE_OCI_MANIFEST};
 use modelpack_testkit::fault::{Fault, FaultProxy, Rule};
 use modelpack_testkit::link::Link;
-use modelpack_testkit::registry::{Registry, RegistryOptions, write_hosts_toml};
+use modelpack_testkit::registry::{Registry, RegistryOptions};
+
+mod common;
 
 /// An upstream registry with a model-like artifact, a pull-through mirror of it, and a counting
 /// link in front of each.
@@ -97,25 +99,7 @@ fn through_mirror(
     mirror_host: &str,
     capabilities: &str,
 ) -> (tempfile::TempDir, Repository) {
-    let hosts = tempfile::tempdir().expect("tempdir");
-    let upstream = m.up_link.host();
-    write_hosts_toml(
-        hosts.path(),
-        &upstream,
-        &upstream,
-        mirror_host,
-        capabilities,
-    )
-    .expect("write hosts.toml");
-    let client = Client::new(ClientOptions {
-        hosts_dir: Some(hosts.path().to_owned()),
-        ..ClientOptions::new()
-    })
-    .expect("client");
-    let reference = format!("{}/models/m:v1", m.up_link.host())
-        .parse()
-        .expect("reference");
-    (hosts, Repository::new(&client, &reference))
+    common::repo_through_mirror(&m.up_link.host(), mirror_host, capabilities, "models/m:v1")
 }
 
 /// What `link` served, once the bytes in flight are counted (it counts as it forwards).
@@ -297,15 +281,7 @@ fn a_malformed_hosts_file_is_one_line_naming_it() {
         "[host.\"http://m\"]\ncapabilities = [\"pul\"]\n",
     )
     .expect("write");
-    let client = Client::new(ClientOptions {
-        hosts_dir: Some(hosts.path().to_owned()),
-        ..ClientOptions::new()
-    })
-    .expect("client");
-    let repo = Repository::new(
-        &client,
-        &"reg.example:5000/a/b:v1".parse().expect("reference"),
-    );
+    let repo = common::repo_with_hosts(hosts.path(), "reg.example:5000/a/b:v1");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

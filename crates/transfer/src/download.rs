@@ -31,6 +31,15 @@ fn mismatch(blob: &BlobRef, actual: Digest) -> Error {
     }
 }
 
+/// Hashes `bytes`, written at `offset`, when they continue the `hashed` prefix (bytes written
+/// elsewhere are read back from the file once the prefix reaches them).
+fn hash_written(hasher: &mut Sha256, hashed: &mut u64, offset: u64, bytes: &[u8]) {
+    if offset == *hashed {
+        hasher.update(bytes);
+        *hashed += bytes.len() as u64;
+    }
+}
+
 /// Ensures `blob` is in `store`, fetching what is missing from `repo`.
 pub async fn fetch_blob(
     repo: &Repository,
@@ -336,10 +345,7 @@ async fn fetch_adaptive(
                 if open {
                     match written_rx.try_recv() {
                         Ok((offset, bytes)) => {
-                            if offset == hashed {
-                                hasher.update(&bytes);
-                                hashed += bytes.len() as u64;
-                            }
+                            hash_written(&mut hasher, &mut hashed, offset, &bytes);
                             continue;
                         }
                         Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => open = false,
@@ -354,10 +360,7 @@ async fn fetch_adaptive(
                     if open {
                         match written_rx.blocking_recv() {
                             Some((offset, bytes)) => {
-                                if offset == hashed {
-                                    hasher.update(&bytes);
-                                    hashed += bytes.len() as u64;
-                                }
+                                hash_written(&mut hasher, &mut hashed, offset, &bytes);
                             }
                             None => open = false,
                         }

@@ -35,69 +35,97 @@ fn stored(store: &Store, blob: &BlobRef) -> Vec<u8> {
     std::fs::read(store.blob_path(&blob.digest)).expect("stored blob")
 }
 
-#[tokio::test]
-async fn a_blob_lands_verified_and_a_second_fetch_asks_nothing() {
-    let data = blob(20 << 20);
-    let server = BlobServer::start(data.clone(), vec![]);
+/// A blob of `len` pseudo-random bytes on a server answering as `script` says, and an empty
+/// store to fetch it into.
+struct Setup {
+    data: Arc<Vec<u8>>,
+    server: BlobServer,
+    dir: tempfile::TempDir,
+    store: Store,
+    b: BlobRef,
+}
+
+fn setup(len: usize, script: Vec<Answer>) -> Setup {
+    let data = blob(len);
+    let server = BlobServer::start(data.clone(), script);
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("store");
     let b = blob_ref(&data);
-    let opts = TransferOptions::new(4);
-    let got = fetch_blob(&repo(&server), &store, &b, &opts)
+    Setup {
+        data,
+        server,
+        dir,
+        store,
+        b,
+    }
+}
+
+impl Setup {
+    /// Fetches `b` into the store with four connections.
+    async fn fetch(&self) -> modelpack_transfer::Result<Fetched> {
+        fetch_blob(
+            &repo(&self.server),
+            &self.store,
+            &self.b,
+            &TransferOptions::new(4),
+        )
         .await
-        .expect("fetch");
-    assert_eq!(got, Fetched::Downloaded);
-    assert!(stored(&store, &b) == *data);
-    let requests = server.requests();
-    let again = fetch_blob(&repo(&server), &store, &b, &opts)
-        .await
-        .expect("fetch again");
-    assert_eq!(again, Fetched::Present);
-    assert_eq!(server.requests(), requests);
+    }
+
+    fn assert_stored(&self) {
+        assert!(stored(&self.store, &self.b) == *self.data);
+    }
+}
+
+/// A server that cuts its first answer after `cut` bytes and ignores the next range asked: the
+/// blob lands right all the same, after more than one request.
+async fn lands_despite_a_cut_and_an_ignored_range(len: usize, cut: usize) {
+    let t = setup(len, vec![Answer::CutAfter(cut), Answer::IgnoreRange]);
+    t.fetch().await.expect("fetch");
+    t.assert_stored();
+    assert!(t.server.requests() >= 2);
+}
+
+/// A server that flips the byte at `at`: the fetch fails as a digest mismatch naming the blob,
+/// which the store does not have. The setup, for the caller's further checks.
+async fn refused_as_corrupt(len: usize, at: usize) -> Setup {
+    let t = setup(len, vec![Answer::FlipAt(at)]);
+    let err = t.fetch().await.expect_err("corrupt bytes accepted");
+    assert!(err.is_digest_mismatch(), "{err}");
+    assert!(err.to_string().contains(t.b.digest.as_str()), "{err}");
+    assert!(!t.store.has_blob(&t.b.digest));
+    t
+}
+
+#[tokio::test]
+async fn a_blob_lands_verified_and_a_second_fetch_asks_nothing() {
+    let t = setup(20 << 20, vec![]);
+    assert_eq!(t.fetch().await.expect("fetch"), Fetched::Downloaded);
+    t.assert_stored();
+    let requests = t.server.requests();
+    assert_eq!(t.fetch().await.expect("fetch again"), Fetched::Present);
+    assert_eq!(t.server.requests(), requests);
 }
 
 #[tokio::test]
 async fn cut_connections_and_an_ignored_range_still_give_the_right_bytes() {
-    let data = blob(12 << 20);
-    let server = BlobServer::start(
-        data.clone(),
-        vec![Answer::CutAfter(3 << 20), Answer::IgnoreRange],
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("store");
-    let b = blob_ref(&data);
-    fetch_blob(&repo(&server), &store, &b, &TransferOptions::new(4))
-        .await
-        .expect("fetch");
-    assert!(stored(&store, &b) == *data);
-    assert!(server.requests() >= 2);
+    lands_despite_a_cut_and_an_ignored_range(12 << 20, 3 << 20).await;
 }
 
 #[tokio::test]
 async fn corrupt_bytes_never_reach_the_store() {
-    let data = blob(6 << 20);
-    let server = BlobServer::start(data.clone(), vec![Answer::FlipAt(4 << 20)]);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("store");
-    let b = blob_ref(&data);
-    let err = fetch_blob(&repo(&server), &store, &b, &TransferOptions::new(4))
-        .await
-        .expect_err("corrupt bytes accepted");
-    assert!(err.is_digest_mismatch(), "{err}");
-    assert!(err.to_string().contains(b.digest.as_str()), "{err}");
-    assert!(!store.has_blob(&b.digest));
-    assert!(store.check().expect("check").problems.is_empty());
+    let t = refused_as_corrupt(6 << 20, 4 << 20).await;
+    assert!(t.store.check().expect("check").problems.is_empty());
 }
 
 #[tokio::test]
 async fn a_failed_download_is_continued_by_the_next_attempt() {
-    let data = blob(40 << 20);
-    let b = blob_ref(&data);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("store");
+    // The setup's honest server is asked second.
+    let t = setup(40 << 20, vec![]);
+    let (data, b, store) = (&t.data, &t.b, &t.store);
     // Every connection breaks after 6 MiB: the attempts run out part of the way in.
     let breaking = BlobServer::start(data.clone(), vec![Answer::CutAfter(6 << 20)]);
-    let err = fetch_blob(&repo(&breaking), &store, &b, &TransferOptions::new(1))
+    let err = fetch_blob(&repo(&breaking), store, b, &TransferOptions::new(1))
         .await
         .expect_err("a server that always breaks");
     assert!(err.to_string().contains(b.digest.as_str()), "{err}");
@@ -105,11 +133,11 @@ async fn a_failed_download_is_continued_by_the_next_attempt() {
     let moved_before = breaking.served();
     assert!(moved_before >= 16 << 20, "only {moved_before} bytes moved");
     // The next attempt fetches only what the first did not save.
-    let honest = BlobServer::start(data.clone(), vec![]);
-    fetch_blob(&repo(&honest), &store, &b, &TransferOptions::new(1))
+    let honest = &t.server;
+    fetch_blob(&repo(honest), store, b, &TransferOptions::new(1))
         .await
         .expect("continue");
-    assert!(stored(&store, &b) == *data);
+    t.assert_stored();
     assert!(
         honest.served() <= data.len() - (8 << 20),
         "the second attempt moved {} of {} bytes: it started over",
@@ -132,71 +160,34 @@ fn ingest_leftovers(root: &std::path::Path) -> Vec<String> {
 
 #[tokio::test]
 async fn a_small_blob_takes_one_request_and_leaves_no_partial_file() {
-    let data = blob(2 << 10);
-    let server = BlobServer::start(data.clone(), vec![]);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("store");
-    let b = blob_ref(&data);
-    let got = fetch_blob(&repo(&server), &store, &b, &TransferOptions::new(4))
-        .await
-        .expect("fetch");
-    assert_eq!(got, Fetched::Downloaded);
-    assert!(stored(&store, &b) == *data);
-    assert_eq!(server.requests(), 1);
-    assert_eq!(ingest_leftovers(dir.path()), Vec::<String>::new());
+    let t = setup(2 << 10, vec![]);
+    assert_eq!(t.fetch().await.expect("fetch"), Fetched::Downloaded);
+    t.assert_stored();
+    assert_eq!(t.server.requests(), 1);
+    assert_eq!(ingest_leftovers(t.dir.path()), Vec::<String>::new());
 }
 
 #[tokio::test]
 async fn a_small_blob_cut_short_or_served_whole_still_lands_right() {
-    let data = blob(512 << 10);
-    let server = BlobServer::start(
-        data.clone(),
-        vec![Answer::CutAfter(100 << 10), Answer::IgnoreRange],
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("store");
-    let b = blob_ref(&data);
-    fetch_blob(&repo(&server), &store, &b, &TransferOptions::new(4))
-        .await
-        .expect("fetch");
-    assert!(stored(&store, &b) == *data);
-    assert!(server.requests() >= 2);
+    lands_despite_a_cut_and_an_ignored_range(512 << 10, 100 << 10).await;
 }
 
 #[tokio::test]
 async fn a_corrupt_small_blob_never_reaches_the_store() {
-    let data = blob(64 << 10);
-    let server = BlobServer::start(data.clone(), vec![Answer::FlipAt(1000)]);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("store");
-    let b = blob_ref(&data);
-    let err = fetch_blob(&repo(&server), &store, &b, &TransferOptions::new(4))
-        .await
-        .expect_err("corrupt bytes accepted");
-    assert!(err.is_digest_mismatch(), "{err}");
-    assert!(err.to_string().contains(b.digest.as_str()), "{err}");
-    assert!(!store.has_blob(&b.digest));
-    assert_eq!(ingest_leftovers(dir.path()), Vec::<String>::new());
+    let t = refused_as_corrupt(64 << 10, 1000).await;
+    assert_eq!(ingest_leftovers(t.dir.path()), Vec::<String>::new());
 }
 
 #[tokio::test]
 async fn a_small_blob_shorter_than_its_descriptor_is_refused() {
-    let data = blob(4 << 10);
-    let server = BlobServer::start(data.clone(), vec![]);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("store");
+    let mut t = setup(4 << 10, vec![]);
     // The descriptor claims more than the blob has: the server cannot send it.
-    let b = BlobRef {
-        size: data.len() as u64 + 10,
-        ..blob_ref(&data)
-    };
-    let err = fetch_blob(&repo(&server), &store, &b, &TransferOptions::new(4))
-        .await
-        .expect_err("a size that does not match");
+    t.b.size += 10;
+    let err = t.fetch().await.expect_err("a size that does not match");
     // One request: the answer says the blob ends before the bytes asked for, a protocol error
     // from the registry itself (no retrying a server that says so).
-    assert!(err.to_string().contains(b.digest.as_str()), "{err}");
+    assert!(err.to_string().contains(t.b.digest.as_str()), "{err}");
     assert!(err.to_string().contains("answered a GET of bytes"), "{err}");
-    assert_eq!(server.requests(), 1);
-    assert!(!store.has_blob(&b.digest));
+    assert_eq!(t.server.requests(), 1);
+    assert!(!t.store.has_blob(&t.b.digest));
 }

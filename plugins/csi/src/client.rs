@@ -63,8 +63,11 @@ pub async fn connect(path: &Path) -> Result<Channel, CallError> {
         })
 }
 
-fn parse<T: DeserializeOwned>(request: &serde_json::Value) -> Result<T, CallError> {
-    serde_json::from_value(request.clone()).map_err(|e| CallError::Request(e.to_string()))
+/// `request` as the RPC's request message (its type follows from the client method it goes to).
+fn parse<T: DeserializeOwned>(request: &serde_json::Value) -> Result<tonic::Request<T>, CallError> {
+    serde_json::from_value(request.clone())
+        .map(tonic::Request::new)
+        .map_err(|e| CallError::Request(e.to_string()))
 }
 
 fn answer<T: Serialize>(
@@ -84,43 +87,14 @@ pub async fn call(
     let mut identity = IdentityClient::new(channel.clone());
     let mut node = NodeClient::new(channel);
     match method {
-        "GetPluginInfo" => answer(
-            identity
-                .get_plugin_info(parse::<crate::proto::GetPluginInfoRequest>(request)?)
-                .await,
-        ),
-        "GetPluginCapabilities" => answer(
-            identity
-                .get_plugin_capabilities(parse::<crate::proto::GetPluginCapabilitiesRequest>(
-                    request,
-                )?)
-                .await,
-        ),
-        "Probe" => answer(
-            identity
-                .probe(parse::<crate::proto::ProbeRequest>(request)?)
-                .await,
-        ),
-        "NodeGetInfo" => answer(
-            node.node_get_info(parse::<crate::proto::NodeGetInfoRequest>(request)?)
-                .await,
-        ),
-        "NodeGetCapabilities" => answer(
-            node.node_get_capabilities(parse::<crate::proto::NodeGetCapabilitiesRequest>(request)?)
-                .await,
-        ),
-        "NodePublishVolume" => answer(
-            node.node_publish_volume(parse::<crate::proto::NodePublishVolumeRequest>(request)?)
-                .await,
-        ),
-        "NodeUnpublishVolume" => answer(
-            node.node_unpublish_volume(parse::<crate::proto::NodeUnpublishVolumeRequest>(request)?)
-                .await,
-        ),
-        "NodeGetVolumeStats" => answer(
-            node.node_get_volume_stats(parse::<crate::proto::NodeGetVolumeStatsRequest>(request)?)
-                .await,
-        ),
+        "GetPluginInfo" => answer(identity.get_plugin_info(parse(request)?).await),
+        "GetPluginCapabilities" => answer(identity.get_plugin_capabilities(parse(request)?).await),
+        "Probe" => answer(identity.probe(parse(request)?).await),
+        "NodeGetInfo" => answer(node.node_get_info(parse(request)?).await),
+        "NodeGetCapabilities" => answer(node.node_get_capabilities(parse(request)?).await),
+        "NodePublishVolume" => answer(node.node_publish_volume(parse(request)?).await),
+        "NodeUnpublishVolume" => answer(node.node_unpublish_volume(parse(request)?).await),
+        "NodeGetVolumeStats" => answer(node.node_get_volume_stats(parse(request)?).await),
         other => Err(CallError::Request(format!(
             "unknown method {other:?} (known: {})",
             METHODS.join(", ")

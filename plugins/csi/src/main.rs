@@ -2,6 +2,7 @@
 //! CSI client for its socket.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use modelpack_csi::node::{NodeConfig, Volumes};
 use modelpack_csi::proto::identity_server::IdentityServer;
 use modelpack_csi::proto::node_server::NodeServer;
 use modelpack_csi::server::Plugin;
+use modelpack_daemon as daemon;
 use tracing::info;
 
 /// CSI node plugin serving ModelPack models as lazy, verified, read-only volumes.
@@ -86,61 +88,24 @@ enum Command {
     },
     /// Keep the models' FUSE connections across the plugin's restarts (the plugin starts it
     /// when none answers; a sidecar container may run it instead)
-    FuseHolder {
-        /// Socket to listen on
-        #[arg(long, value_name = "SOCKET")]
-        socket: PathBuf,
-        /// Exit once nothing was held for SECONDS (0: never, for a sidecar)
-        #[arg(long, value_name = "SECONDS", default_value_t = modelpack_lazyfs::HOLDER_IDLE_EXIT.as_secs())]
-        idle_exit: u64,
-    },
+    FuseHolder(daemon::FuseHolderArgs),
 }
 
-fn main() -> std::process::ExitCode {
+/// The name errors are printed under.
+const PROGRAM: &str = "modelpack-csi";
+
+fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| args.log_level.clone());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
-        )
-        .init();
-    if let Some(Command::FuseHolder { socket, idle_exit }) = &args.command {
-        let idle_exit = Some(Duration::from_secs(*idle_exit)).filter(|d| !d.is_zero());
-        return match modelpack_lazyfs::serve_holder(socket, idle_exit) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("modelpack-csi fuse-holder: {e}");
-                std::process::ExitCode::FAILURE
-            }
-        };
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("modelpack-csi: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let socket = socket_path(&args.endpoint);
-    let result = match &args.command {
+    daemon::init_logging(&args.log_level);
+    let endpoint = socket_path(&args.endpoint);
+    match &args.command {
+        Some(Command::FuseHolder(holder)) => daemon::run_fuse_holder(PROGRAM, holder),
         Some(Command::Call { method, request }) => {
-            return runtime.block_on(call(&socket, method, request));
+            daemon::block_on(PROGRAM, call(&endpoint, method, request))
         }
-        Some(Command::FuseHolder { .. }) => return std::process::ExitCode::SUCCESS,
-        None => runtime.block_on(serve(args, socket)),
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("modelpack-csi: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+        None => daemon::block_on(PROGRAM, async {
+            daemon::exit_code(PROGRAM, serve(args, endpoint).await)
+        }),
     }
 }
 
@@ -154,7 +119,7 @@ fn socket_path(endpoint: &str) -> PathBuf {
     )
 }
 
-async fn call(socket: &Path, method: &str, request: &str) -> std::process::ExitCode {
+async fn call(socket: &Path, method: &str, request: &str) -> ExitCode {
     let outcome = async {
         let stdin;
         let request = if request == "-" {
@@ -177,18 +142,18 @@ async fn call(socket: &Path, method: &str, request: &str) -> std::process::ExitC
     match outcome {
         Ok(answer) => {
             println!("{answer}");
-            std::process::ExitCode::SUCCESS
+            ExitCode::SUCCESS
         }
         Err(modelpack_csi::client::CallError::Status(status)) => {
             println!(
                 "{}",
                 serde_json::json!({"code": format!("{:?}", status.code()), "message": status.message()})
             );
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
         Err(e) => {
             eprintln!("modelpack-csi call: {e}");
-            std::process::ExitCode::from(2)
+            ExitCode::from(2)
         }
     }
 }
@@ -197,35 +162,14 @@ async fn serve(args: Args, socket: PathBuf) -> anyhow::Result<()> {
     let node_id = args
         .node_id
         .context("give --node-id (or NODE_NAME, from the pod's spec.nodeName)")?;
-    let hosts_dir = match args.hosts_dir {
-        Some(dir) if dir.is_empty() => None,
-        Some(dir) => {
-            let dir = PathBuf::from(dir);
-            anyhow::ensure!(dir.is_dir(), "hosts_dir {}: no such folder", dir.display());
-            Some(dir)
-        }
-        None => Some(PathBuf::from("/etc/containerd/certs.d")).filter(|d| d.is_dir()),
-    };
-    let fuse_holder = match args.fuse_holder {
-        Some(socket) if socket.is_empty() => None,
-        Some(socket) => Some(PathBuf::from(socket)),
-        None => Some(args.state_dir.join("fuse-holder.sock")),
-    }
-    .map(|socket| {
-        if args.fuse_holder_external {
-            return modelpack_lazyfs::HolderProcess::external(&socket);
-        }
-        modelpack_lazyfs::HolderProcess::new(
-            &socket,
-            &args.state_dir,
-            "/proc/self/exe",
-            [
-                std::ffi::OsString::from("fuse-holder"),
-                "--socket".into(),
-                socket.clone().into(),
-            ],
-        )
-    });
+    let hosts_dir = daemon::hosts_dir(args.hosts_dir.map(PathBuf::from))?;
+    let fuse_holder = daemon::holder_socket(args.fuse_holder.map(PathBuf::from), &args.state_dir)
+        .map(|socket| {
+            if args.fuse_holder_external {
+                return modelpack_lazyfs::HolderProcess::external(&socket);
+            }
+            daemon::holder_process(&socket, &args.state_dir)
+        });
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
     let config = NodeConfig {
@@ -246,20 +190,15 @@ async fn serve(args: Args, socket: PathBuf) -> anyhow::Result<()> {
     // Every way out from here goes through `Volumes::shutdown`: a restore may have adopted
     // connections, and dropping them (an early return) would answer their readers with EIO.
     let result = restore_and_serve(&args.metrics_address, &socket, &volumes).await;
+    // Nothing more is dropped once connections were left (see Volumes::shutdown): readers
+    // wait for the next process.
     let left = volumes.shutdown().await;
-    let _ = std::fs::remove_file(&socket);
-    if left > 0 {
-        // Nothing more is dropped (see Volumes::shutdown): readers wait for the next process.
+    daemon::finish(PROGRAM, &socket, result, left, |left| {
         info!(
             models = left,
             "left the FUSE connections to the holder for the next start"
-        );
-        if let Err(e) = &result {
-            eprintln!("modelpack-csi: {e:#}");
-        }
-        std::process::exit(if result.is_ok() { 0 } else { 1 });
-    }
-    result
+        )
+    })
 }
 
 /// Takes back the volumes of an earlier run, then serves CSI on `socket` until SIGTERM or
@@ -274,16 +213,10 @@ async fn restore_and_serve(
         info!(restored, failed, "volumes of the earlier run taken back");
     }
 
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    match std::fs::remove_file(socket) {
-        Ok(()) => info!(socket = %socket.display(), "removed a stale socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", socket.display())),
-    }
-    let listener = tokio::net::UnixListener::bind(socket)
-        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    let listener = daemon::bind_socket(
+        socket,
+        || info!(socket = %socket.display(), "removed a stale socket"),
+    )?;
     if let Some(address) = metrics_address {
         modelpack_csi::metrics::serve(address, volumes.clone())
             .await
@@ -292,15 +225,7 @@ async fn restore_and_serve(
     }
     info!(socket = %socket.display(), driver = modelpack_csi::server::DRIVER_NAME, "serving");
     let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        daemon::terminated().await;
         info!("stopping");
     };
     let plugin = Plugin::new(volumes.clone());

@@ -168,30 +168,25 @@ fn escape(label: &str) -> String {
 /// Serves the metrics at `address` in the background.
 pub async fn serve(address: &str, volumes: Arc<Volumes>) -> std::io::Result<()> {
     let listener = TcpListener::bind(address).await?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
+    modelpack_daemon::serve_connections(listener, move |mut stream| {
+        let volumes = volumes.clone();
+        async move {
+            let mut buf = [0u8; 1024];
+            let n = stream.read(&mut buf).await.unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let response = if request.starts_with("GET /metrics") {
+                let body = render(&volumes).await;
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_owned()
             };
-            let volumes = volumes.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let n = stream.read(&mut buf).await.unwrap_or(0);
-                let request = String::from_utf8_lossy(&buf[..n]);
-                let response = if request.starts_with("GET /metrics") {
-                    let body = render(&volumes).await;
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                } else {
-                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                        .to_owned()
-                };
-                if let Err(e) = stream.write_all(response.as_bytes()).await {
-                    warn!("metrics: {e}");
-                }
-            });
+            if let Err(e) = stream.write_all(response.as_bytes()).await {
+                warn!("metrics: {e}");
+            }
         }
     });
     Ok(())

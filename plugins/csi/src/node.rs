@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use modelpack_daemon as daemon;
 use modelpack_lazyfs::{
     CacheBudget, CacheStats, Handover, HolderProcess, MountOptions, MountedModel, Resolved, Verify,
 };
@@ -715,16 +716,9 @@ impl Volumes {
     /// Gives the holder (if any) the connection of the model mounted at `dir`; true when it
     /// keeps it.
     async fn hold(&self, dir: &Path, mounted: &MountedModel) -> bool {
-        let (Some(holder), Some((fd, session))) = (&self.config.fuse_holder, mounted.connection())
-        else {
-            return false;
-        };
-        match fd.try_clone_to_owned() {
-            Ok(fd) => holder.hold(dir, fd, session).await,
-            Err(e) => {
-                warn!(dir = %dir.display(), error = %e, "this mount will not survive a restart");
-                false
-            }
+        match &self.config.fuse_holder {
+            Some(holder) => holder.hold_connection(dir, mounted.connection()).await,
+            None => false,
         }
     }
 
@@ -938,30 +932,17 @@ impl Volumes {
         }
         // Connections a predecessor left with the holder, for models still mounted and used.
         // No mount point is stat'ed before it is adopted: that would wait for its server.
-        let mut held = match &self.config.fuse_holder {
-            Some(holder) => holder.take().await.map_err(|e| {
-                Error::Internal(format!("cannot take the FUSE connections back: {e}"))
-            })?,
-            None => HashMap::new(),
-        };
-        let mut stale = Vec::new();
         let mut digests = std::collections::HashSet::new();
-        held.retain(|dir, handover| {
-            let keep = dir.parent() == Some(models_dir.as_path())
-                && modelpack_lazyfs::mountinfo::at(dir)
-                    .is_some_and(|m| m.dev == handover.state.dev)
+        let held = daemon::take_held(self.config.fuse_holder.as_ref(), |dir, handover| {
+            dir.parent() == Some(models_dir.as_path())
+                && modelpack_lazyfs::mountinfo::at(dir).is_some_and(|m| m.dev == handover.state.dev)
                 && parse_model_dir(dir).is_some_and(|(d, _)| {
                     volumes.iter().any(|v| v.digest == d) && digests.insert(d)
-                });
-            if !keep {
-                stale.push(dir.clone());
-            }
-            keep
-        });
-        if let Some(holder) = &self.config.fuse_holder {
-            for dir in &stale {
-                holder.release(dir).await;
-            }
+                })
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("cannot take the FUSE connections back: {e}")))?;
+        if self.config.fuse_holder.is_some() {
             detach_stale(&models_dir, &held);
         }
         // Mount numbers go on past the adopted folders'.

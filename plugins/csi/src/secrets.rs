@@ -24,13 +24,18 @@ pub fn credential_for(config: &str, registry: &str) -> Result<Option<Credential>
 mod tests {
     use super::*;
 
+    /// The credential `config` holds for `registry`; it must hold one.
+    fn found(config: &str, registry: &str) -> Credential {
+        credential_for(config, registry)
+            .expect("valid")
+            .expect("found")
+    }
+
     #[test]
     fn auth_entries_decode_to_user_and_password() {
         // base64("alice:s3cret")
         let config = r#"{"auths":{"reg.example:5000":{"auth":"YWxpY2U6czNjcmV0"}}}"#;
-        let c = credential_for(config, "reg.example:5000")
-            .expect("valid")
-            .expect("found");
+        let c = found(config, "reg.example:5000");
         assert_eq!(
             (c.username.as_str(), c.secret.as_str()),
             ("alice", "s3cret")
@@ -46,22 +51,16 @@ mod tests {
     fn url_keys_tokens_and_plain_fields_are_read() {
         let config = r#"{"auths":{"https://reg.example":{"identitytoken":"tok"},
             "plain.example":{"username":"bob","password":"pw"}}}"#;
-        let t = credential_for(config, "reg.example")
-            .expect("ok")
-            .expect("found");
+        let t = found(config, "reg.example");
         assert!(t.identity_token && t.secret == "tok");
-        let p = credential_for(config, "plain.example")
-            .expect("ok")
-            .expect("found");
+        let p = found(config, "plain.example");
         assert_eq!(p.username, "bob");
     }
 
     #[test]
     fn docker_hub_is_found_under_its_index_url() {
         let config = r#"{"auths":{"https://index.docker.io/v1/":{"auth":"YWxpY2U6czNjcmV0"}}}"#;
-        let c = credential_for(config, "docker.io")
-            .expect("valid")
-            .expect("found");
+        let c = found(config, "docker.io");
         assert_eq!(c.username, "alice");
     }
 

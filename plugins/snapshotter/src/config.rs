@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
+use modelpack_daemon as daemon;
 use serde::Deserialize;
 
 /// Default root folder (metadata, snapshots, cache).
@@ -42,7 +43,7 @@ pub struct FileConfig {
     /// `HOST:PORT` for Prometheus metrics (off when absent).
     pub metrics_address: Option<String>,
     /// containerd's registry hosts folder (`REGISTRY/hosts.toml`: mirrors, TLS); default
-    /// [`DEFAULT_HOSTS_DIR`] when it exists, `""` for none.
+    /// [`daemon::DEFAULT_HOSTS_DIR`] when it exists, `""` for none.
     pub hosts_dir: Option<PathBuf>,
     /// Per-registry settings, keyed by host (`registry.example:5000`).
     #[serde(default)]
@@ -130,11 +131,7 @@ impl Settings {
             .root
             .or(file.root)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
-        let fuse_holder = match flags.fuse_holder.or(file.fuse_holder) {
-            Some(p) if p.as_os_str().is_empty() => None,
-            Some(p) => Some(p),
-            None => Some(root.join("fuse-holder.sock")),
-        };
+        let fuse_holder = daemon::holder_socket(flags.fuse_holder.or(file.fuse_holder), &root);
         if let Some(socket) = &fuse_holder {
             // sun_path: 108 bytes with the terminating NUL.
             anyhow::ensure!(
@@ -161,7 +158,7 @@ impl Settings {
             allow_invalid_mounts_on_restart: flags.allow_invalid_mounts_on_restart
                 || file.allow_invalid_mounts_on_restart.unwrap_or(false),
             metrics_address: flags.metrics_address.or(file.metrics_address),
-            hosts_dir: hosts_dir(flags.hosts_dir.or(file.hosts_dir))?,
+            hosts_dir: daemon::hosts_dir(flags.hosts_dir.or(file.hosts_dir))?,
             registries: file.registry,
         })
     }
@@ -176,21 +173,6 @@ impl Settings {
             plain_http: modelpack_registry::is_loopback(host),
             ..RegistryHost::default()
         }
-    }
-}
-
-/// The folder containerd reads registry hosts from (`config_path`), used when it exists.
-pub const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
-
-/// `hosts_dir` as given (must exist; empty: none), else [`DEFAULT_HOSTS_DIR`] if it exists.
-fn hosts_dir(given: Option<PathBuf>) -> anyhow::Result<Option<PathBuf>> {
-    match given {
-        Some(dir) if dir.as_os_str().is_empty() => Ok(None),
-        Some(dir) => {
-            anyhow::ensure!(dir.is_dir(), "hosts_dir {}: no such folder", dir.display());
-            Ok(Some(dir))
-        }
-        None => Ok(Some(PathBuf::from(DEFAULT_HOSTS_DIR)).filter(|d| d.is_dir())),
     }
 }
 

@@ -14,9 +14,11 @@ mod service;
 mod snapshotter;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
+use modelpack_daemon as daemon;
 use modelpack_proto::control::control_server::ControlServer;
 use modelpack_proto::snapshots::snapshots_server::SnapshotsServer;
 use tracing::info;
@@ -73,55 +75,20 @@ struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     /// Keep FUSE connections for the daemon across its restarts (the daemon starts it)
-    FuseHolder {
-        /// Socket to listen on
-        #[arg(long, value_name = "SOCKET")]
-        socket: PathBuf,
-        /// Exit once nothing was held for SECONDS (0: never)
-        #[arg(long, value_name = "SECONDS", default_value_t = modelpack_lazyfs::HOLDER_IDLE_EXIT.as_secs())]
-        idle_exit: u64,
-    },
+    FuseHolder(daemon::FuseHolderArgs),
 }
 
-fn main() -> std::process::ExitCode {
+/// The name errors are printed under.
+const PROGRAM: &str = "modelpack-snapshotter";
+
+fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| args.log_level.clone());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal (journald and log files get plain text), and never with
-        // NO_COLOR set to a non-empty value (https://no-color.org).
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
-        )
-        .init();
-    if let Some(Command::FuseHolder { socket, idle_exit }) = &args.command {
-        let idle_exit = Some(std::time::Duration::from_secs(*idle_exit)).filter(|d| !d.is_zero());
-        return match modelpack_lazyfs::serve_holder(socket, idle_exit) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("modelpack-snapshotter fuse-holder: {e}");
-                std::process::ExitCode::FAILURE
-            }
-        };
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("modelpack-snapshotter: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("modelpack-snapshotter: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+    daemon::init_logging(&args.log_level);
+    match &args.command {
+        Some(Command::FuseHolder(holder)) => daemon::run_fuse_holder(PROGRAM, holder),
+        None => daemon::block_on(PROGRAM, async {
+            daemon::exit_code(PROGRAM, run(args).await)
+        }),
     }
 }
 
@@ -146,36 +113,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Ok(()) => serve(&settings, &service).await,
         Err(e) => Err(e),
     };
+    // Nothing more is dropped once connections were left (see Service::shutdown): readers
+    // wait for the next daemon.
     let left = service.shutdown().await;
-    let _ = std::fs::remove_file(&settings.address);
-    if left > 0 {
-        // Nothing more is dropped (see Service::shutdown): readers wait for the next daemon.
+    daemon::finish(PROGRAM, &settings.address, result, left, |left| {
         info!(
             mounts = left,
             "left the FUSE connections to the holder for the next start"
-        );
-        if let Err(e) = &result {
-            eprintln!("modelpack-snapshotter: {e:#}");
-        }
-        std::process::exit(if result.is_ok() { 0 } else { 1 });
-    }
-    result
+        )
+    })
 }
 
 /// Serves containerd's Snapshots API and the control API on the socket until SIGTERM or
 /// SIGINT.
 async fn serve(settings: &Settings, service: &Service) -> anyhow::Result<()> {
     let socket = &settings.address;
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    match std::fs::remove_file(socket) {
-        Ok(()) => info!(socket = %socket.display(), "removed a stale socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", socket.display())),
-    }
-    let listener = tokio::net::UnixListener::bind(socket)
-        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    let listener = daemon::bind_socket(
+        socket,
+        || info!(socket = %socket.display(), "removed a stale socket"),
+    )?;
     if let Some(address) = &settings.metrics_address {
         metrics::serve(address.clone(), service.clone()).await?;
         info!(address = %address, "serving metrics");
@@ -183,15 +139,7 @@ async fn serve(settings: &Settings, service: &Service) -> anyhow::Result<()> {
     info!(socket = %socket.display(), root = %settings.root.display(), "serving");
 
     let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        daemon::terminated().await;
         info!("stopping");
     };
     tonic::transport::Server::builder()

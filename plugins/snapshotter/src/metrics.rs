@@ -143,34 +143,29 @@ pub async fn serve(address: String, service: Service) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&address)
         .await
         .with_context(|| format!("cannot listen for metrics on {address}"))?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
+    modelpack_daemon::serve_connections(listener, move |mut stream| {
+        let service = service.clone();
+        async move {
+            let mut buf = [0u8; 2048];
+            let n = match stream.read(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!(error = %e, "metrics request");
+                    return;
+                }
             };
-            let service = service.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 2048];
-                let n = match stream.read(&mut buf).await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        warn!(error = %e, "metrics request");
-                        return;
-                    }
-                };
-                let request = String::from_utf8_lossy(&buf[..n]);
-                let (status, body) = if request.starts_with("GET /metrics") {
-                    ("200 OK", render(&service))
-                } else {
-                    ("404 Not Found", "not found\n".to_owned())
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n\
-                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(response.as_bytes()).await;
-            });
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if request.starts_with("GET /metrics") {
+                ("200 OK", render(&service))
+            } else {
+                ("404 Not Found", "not found\n".to_owned())
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
         }
     });
     Ok(())

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use modelpack_daemon as daemon;
 use modelpack_lazyfs::{CacheBudget, CacheStats, Counters, GcReport};
 use modelpack_proto::containerd_client::types::Mount;
 use modelpack_proto::snapshots as pb;
@@ -226,7 +227,7 @@ impl Service {
         let holder = settings
             .fuse_holder
             .as_deref()
-            .map(|socket| crate::holding::fuse_holder(socket, &settings.root));
+            .map(|socket| daemon::holder_process(socket, &settings.root));
         Service::build(settings, mounter, Some(cache), holder)
     }
 
@@ -499,18 +500,11 @@ impl Service {
     /// Gives the holder (if any) the connection of the layer mounted at `dir`; true when it
     /// keeps it.
     async fn hold(&self, dir: &Path, state: &MountState) -> bool {
-        let (Some(holder), MountState::Mounted { model, .. }) = (&self.inner.holder, state) else {
-            return false;
-        };
-        let Some((fd, session)) = model.connection() else {
-            return false;
-        };
-        match fd.try_clone_to_owned() {
-            Ok(fd) => holder.hold(dir, fd, session).await,
-            Err(e) => {
-                warn!(mountpoint = %dir.display(), error = %e, "this mount will not survive a restart");
-                false
+        match (&self.inner.holder, state) {
+            (Some(holder), MountState::Mounted { model, .. }) => {
+                holder.hold_connection(dir, model.connection()).await
             }
+            _ => false,
         }
     }
 
@@ -655,14 +649,6 @@ impl Service {
     /// set; then it reports them and goes on.
     pub async fn restore(&self) -> anyhow::Result<()> {
         let snapshots = self.inner.settings.root.join("snapshots");
-        // Connections a predecessor left with the holder, for mounts that are still there.
-        let mut held = match &self.inner.holder {
-            Some(holder) => holder
-                .take()
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot take the FUSE connections back: {e}"))?,
-            None => HashMap::new(),
-        };
         let known: std::collections::HashSet<PathBuf> = {
             let meta = self.inner.meta.lock().await;
             meta.iter()
@@ -670,20 +656,13 @@ impl Service {
                 .map(|(_, r)| self.fs_dir(r.id))
                 .collect()
         };
-        let mut stale_held = Vec::new();
-        held.retain(|dir, handover| {
+        // Connections a predecessor left with the holder, for mounts that are still there.
+        let mut held = daemon::take_held(self.inner.holder.as_ref(), |dir, handover| {
             let mounted = modelpack_lazyfs::mountinfo::at(dir);
-            let keep = known.contains(dir) && mounted.is_some_and(|m| m.dev == handover.state.dev);
-            if !keep {
-                stale_held.push(dir.clone());
-            }
-            keep
-        });
-        if let Some(holder) = &self.inner.holder {
-            for dir in &stale_held {
-                holder.release(dir).await;
-            }
-        }
+            known.contains(dir) && mounted.is_some_and(|m| m.dev == handover.state.dev)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot take the FUSE connections back: {e}"))?;
         for stale in mounts::under(&snapshots) {
             if held.contains_key(&stale) {
                 continue;

@@ -2,7 +2,6 @@
 //! `modelpack discover` (list what refers to a manifest).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -50,35 +49,21 @@ pub struct DiscoverArgs {
 }
 
 pub fn attach(global: &GlobalArgs, args: AttachArgs) -> anyhow::Result<ExitCode> {
-    let subject_ref = super::parse_reference(&args.subject)?;
-    let client = args.registry.client()?;
-    let repo = crate::remote::repository(&client, &subject_ref);
+    let (subject_ref, repo) = args.registry.open(&args.subject)?;
     let rt = crate::remote::runtime()?;
     let subject = rt.block_on(repo.get_manifest(&subject_ref.tag_or_digest()))?;
     let mut layers = Vec::new();
     for spec in &args.files {
-        let (path, media_type) = match spec.rsplit_once(':') {
-            Some((p, m)) if m.contains('/') => (p, m),
-            _ => (spec.as_str(), DEFAULT_ATTACH_MEDIA_TYPE),
-        };
-        let path = PathBuf::from(path);
-        let title = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .with_context(|| format!("{}: not a file name", path.display()))?
-            .to_owned();
-        let (digest, size) = modelpack_store::sha256_file(&path)?;
-        rt.block_on(async {
-            if repo.blob_exists(&digest).await?.is_none() {
-                repo.push_blob_file(&digest, &path, size).await?;
-            }
-            anyhow::Ok(())
-        })?;
+        let (path, media_type, title) = super::file_spec(spec, DEFAULT_ATTACH_MEDIA_TYPE)?;
+        let (digest, size) = crate::remote::push_file(&rt, &repo, path)?;
         layers.push(modelpack_spec::descriptor(
             media_type,
             &digest,
             size,
-            Some(HashMap::from([(ANNOTATION_TITLE.to_owned(), title)])),
+            Some(HashMap::from([(
+                ANNOTATION_TITLE.to_owned(),
+                title.to_owned(),
+            )])),
         )?);
     }
     let digest = rt.block_on(modelpack_transfer::attach(
@@ -99,9 +84,7 @@ pub fn attach(global: &GlobalArgs, args: AttachArgs) -> anyhow::Result<ExitCode>
 }
 
 pub fn discover(_global: &GlobalArgs, args: DiscoverArgs) -> anyhow::Result<ExitCode> {
-    let reference = super::parse_reference(&args.reference)?;
-    let client = args.registry.client()?;
-    let repo = crate::remote::repository(&client, &reference);
+    let (reference, repo) = args.registry.open(&args.reference)?;
     let rt = crate::remote::runtime()?;
     let referrers = rt.block_on(async {
         let (digest, _) = repo

@@ -41,14 +41,29 @@ pub fn parse_reference(text: &str) -> anyhow::Result<Reference> {
     text.parse::<Reference>().map_err(anyhow::Error::from)
 }
 
+/// Splits a `PATH[:MEDIATYPE]` argument (oras's form) into the path, its media type (`default`
+/// when none is given) and its file name, the layer's title.
+pub fn file_spec<'a>(
+    spec: &'a str,
+    default: &'a str,
+) -> anyhow::Result<(&'a std::path::Path, &'a str, &'a str)> {
+    let (path, media_type) = match spec.rsplit_once(':') {
+        Some((p, m)) if m.contains('/') => (p, m),
+        _ => (spec, default),
+    };
+    let title = std::path::Path::new(path)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{path}: not a file name"))?;
+    Ok((std::path::Path::new(path), media_type, title))
+}
+
 /// A stored or remote artifact, loaded and validated.
 pub type Loaded = modelpack_transfer::Artifact;
 
 /// Fetches `text`'s manifest and config from its registry.
 pub fn load_remote(registry: &crate::remote::RegistryArgs, text: &str) -> anyhow::Result<Loaded> {
-    let reference = parse_reference(text)?;
-    let client = registry.client()?;
-    let repo = crate::remote::repository(&client, &reference);
+    let (reference, repo) = registry.open(text)?;
     let rt = crate::remote::runtime()?;
     Ok(rt.block_on(Loaded::from_registry(&repo, &reference))?)
 }

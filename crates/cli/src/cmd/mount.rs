@@ -310,9 +310,7 @@ pub struct IndexArgs {
 /// `modelpack index REF`: a chunk-digest index for an artifact built elsewhere, attached as a
 /// referrer so `mount` can verify it chunk by chunk.
 pub fn index(global: &GlobalArgs, args: IndexArgs) -> anyhow::Result<ExitCode> {
-    let reference = super::parse_reference(&args.reference)?;
-    let client = args.connection.client()?;
-    let repo = crate::remote::repository(&client, &reference);
+    let (reference, repo) = args.connection.open(&args.reference)?;
     let rt = crate::remote::runtime()?;
     let digest = rt
         .block_on(modelpack_lazyfs::create_index(

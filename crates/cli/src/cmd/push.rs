@@ -1,7 +1,6 @@
 //! `modelpack push`: a stored artifact to a registry, or (as `oras push`) plain files.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
@@ -47,21 +46,13 @@ fn store_plain_files(
 ) -> anyhow::Result<Digest> {
     let mut layers = Vec::new();
     for spec in files {
-        let (path, media_type) = match spec.rsplit_once(':') {
-            Some((p, m)) if m.contains('/') => (p, m),
-            _ => (spec.as_str(), DEFAULT_FILE_MEDIA_TYPE),
-        };
-        let path_buf = PathBuf::from(path);
-        let title = path_buf
-            .file_name()
-            .and_then(|n| n.to_str())
-            .context(format!("{path}: not a file name"))?;
+        let (path, media_type, title) = super::file_spec(spec, DEFAULT_FILE_MEDIA_TYPE)?;
         LayerPath::new(title)?;
         let mut src =
-            std::fs::File::open(&path_buf).with_context(|| format!("cannot open {path}"))?;
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let mut ingest = store.ingest()?;
         let (digest, size) = modelpack_build::copy_and_hash(&mut src, ingest.file(), &|_| {})
-            .with_context(|| format!("cannot read {path}"))?;
+            .with_context(|| format!("cannot read {}", path.display()))?;
         ingest.commit(&digest)?;
         let annotations = HashMap::from([(ANNOTATION_TITLE.to_owned(), title.to_owned())]);
         layers.push(modelpack_spec::descriptor(

@@ -124,9 +124,7 @@ fn digest_of(reference: &modelpack_spec::Reference, text: &str) -> anyhow::Resul
 }
 
 pub fn resolve(_global: &GlobalArgs, args: ResolveArgs) -> anyhow::Result<ExitCode> {
-    let reference = super::parse_reference(&args.reference)?;
-    let client = args.registry.client()?;
-    let repo = crate::remote::repository(&client, &reference);
+    let (reference, repo) = args.registry.open(&args.reference)?;
     let rt = crate::remote::runtime()?;
     let found = rt
         .block_on(repo.head_manifest(&reference.tag_or_digest()))?
@@ -137,9 +135,7 @@ pub fn resolve(_global: &GlobalArgs, args: ResolveArgs) -> anyhow::Result<ExitCo
 
 pub fn repo(_global: &GlobalArgs, command: RepoCommand) -> anyhow::Result<ExitCode> {
     let RepoCommand::Tags(args) = command;
-    let reference = super::parse_reference(&args.repository)?;
-    let client = args.registry.client()?;
-    let repo = crate::remote::repository(&client, &reference);
+    let (_, repo) = args.registry.open(&args.repository)?;
     let rt = crate::remote::runtime()?;
     let tags = rt.block_on(repo.tags())?;
     match args.format {
@@ -153,9 +149,7 @@ pub fn manifest(global: &GlobalArgs, command: ManifestCommand) -> anyhow::Result
     let rt = crate::remote::runtime()?;
     match command {
         ManifestCommand::Fetch(args) => {
-            let reference = super::parse_reference(&args.reference)?;
-            let client = args.registry.client()?;
-            let repo = crate::remote::repository(&client, &reference);
+            let (reference, repo) = args.registry.open(&args.reference)?;
             let m = rt.block_on(repo.get_manifest(&reference.tag_or_digest()))?;
             if args.descriptor {
                 display::print_json(&json!({
@@ -178,8 +172,7 @@ pub fn manifest(global: &GlobalArgs, command: ManifestCommand) -> anyhow::Result
                 .media_type
                 .or_else(|| doc["mediaType"].as_str().map(str::to_owned))
                 .unwrap_or_else(|| modelpack_spec::media_type::MEDIA_TYPE_OCI_MANIFEST.to_owned());
-            let client = args.registry.client()?;
-            let repo = crate::remote::repository(&client, &reference);
+            let repo = crate::remote::repository(&args.registry.client()?, &reference);
             let digest = rt.block_on(repo.put_manifest(
                 &reference.tag_or_digest(),
                 &media_type,
@@ -192,9 +185,7 @@ pub fn manifest(global: &GlobalArgs, command: ManifestCommand) -> anyhow::Result
             }
         }
         ManifestCommand::Delete(args) => {
-            let reference = super::parse_reference(&args.reference)?;
-            let client = args.registry.client()?;
-            let repo = crate::remote::repository(&client, &reference);
+            let (reference, repo) = args.registry.open(&args.reference)?;
             let digest = match reference.digest() {
                 Some(d) => d.clone(),
                 None => {
@@ -216,10 +207,8 @@ pub fn blob(global: &GlobalArgs, command: BlobCommand) -> anyhow::Result<ExitCod
     let rt = crate::remote::runtime()?;
     match command {
         BlobCommand::Fetch(args) => {
-            let reference = super::parse_reference(&args.reference)?;
+            let (reference, repo) = args.registry.open(&args.reference)?;
             let digest = digest_of(&reference, &args.reference)?;
-            let client = args.registry.client()?;
-            let repo = crate::remote::repository(&client, &reference);
             let to_stdout = args.output.as_os_str() == "-";
             // Write to a temporary file beside the target; rename only after the digest matched.
             let tmp = if to_stdout {
@@ -262,23 +251,13 @@ pub fn blob(global: &GlobalArgs, command: BlobCommand) -> anyhow::Result<ExitCod
             }
         }
         BlobCommand::Push(args) => {
-            let reference = super::parse_reference(&args.repository)?;
-            let (digest, size) = modelpack_store::sha256_file(&args.file)?;
-            let client = args.registry.client()?;
-            let repo = crate::remote::repository(&client, &reference);
-            rt.block_on(async {
-                if repo.blob_exists(&digest).await?.is_none() {
-                    repo.push_blob_file(&digest, &args.file, size).await?;
-                }
-                anyhow::Ok(())
-            })?;
+            let (_, repo) = args.registry.open(&args.repository)?;
+            let (digest, _) = crate::remote::push_file(&rt, &repo, &args.file)?;
             println!("{digest}");
         }
         BlobCommand::Delete(args) => {
-            let reference = super::parse_reference(&args.reference)?;
+            let (reference, repo) = args.registry.open(&args.reference)?;
             let digest = digest_of(&reference, &args.reference)?;
-            let client = args.registry.client()?;
-            let repo = crate::remote::repository(&client, &reference);
             rt.block_on(repo.delete_blob(&digest))?;
             if !global.quiet {
                 println!("Deleted {digest}");
@@ -295,9 +274,7 @@ pub fn tag_remote(
     tags: &[String],
     registry: &RegistryArgs,
 ) -> anyhow::Result<ExitCode> {
-    let reference = super::parse_reference(source)?;
-    let client = registry.client()?;
-    let repo = crate::remote::repository(&client, &reference);
+    let (reference, repo) = registry.open(source)?;
     let rt = crate::remote::runtime()?;
     let m = rt.block_on(repo.get_manifest(&reference.tag_or_digest()))?;
     for tag in tags {

@@ -1,5 +1,8 @@
 //! The host's mount table (`/proc/self/mountinfo`), read without touching any mount: a stat of a
 //! FUSE mount point would wait for its server, which may be the caller.
+//!
+//! A crate of its own, on `std` alone, so that the lazy file system, the daemons and the test kit
+//! read the table with one parser.
 
 use std::path::{Path, PathBuf};
 
@@ -96,6 +99,14 @@ mod tests {
         assert_eq!(e.fs_type, "fuse.modelpack");
         assert_eq!(unescape("/end\\04"), "/end\\04");
         assert!(parse("garbage").is_none());
+    }
+
+    #[test]
+    fn unescapes_every_octal_escape_and_nothing_else() {
+        assert_eq!(unescape(r"/a\040b\011c\012d\134e"), "/a b\tc\nd\\e");
+        assert_eq!(unescape(r"/plain/path"), "/plain/path");
+        assert_eq!(unescape(r"/short\04"), r"/short\04");
+        assert_eq!(unescape(r"/not\999octal"), r"/not\999octal");
     }
 
     #[test]
