@@ -65,8 +65,6 @@ impl ConnectionArgs {
         })?)
     }
 
-    /// The hosts folder to read: `--hosts-dir` (which must exist; empty: none), else
-    /// [`DEFAULT_HOSTS_DIR`] when it exists.
     /// Parses `text` as a reference and opens its repository with these flags.
     pub fn open(&self, text: &str) -> anyhow::Result<(Reference, Repository)> {
         let reference = crate::cmd::parse_reference(text)?;
@@ -74,6 +72,8 @@ impl ConnectionArgs {
         Ok((reference, repository))
     }
 
+    /// The hosts folder to read: `--hosts-dir` (which must exist; empty: none), else
+    /// [`DEFAULT_HOSTS_DIR`] when it exists.
     pub fn hosts_dir(&self) -> anyhow::Result<Option<PathBuf>> {
         match self.hosts_dir.as_deref() {
             Some("") => Ok(None),

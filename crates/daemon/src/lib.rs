@@ -61,7 +61,7 @@ pub struct FuseHolderArgs {
     /// Socket to listen on
     #[arg(long, value_name = "SOCKET")]
     pub socket: PathBuf,
-    /// Exit once nothing was held for SECONDS (0: never, for a sidecar)
+    /// Exit once nothing was held for SECONDS (0: never)
     #[arg(long, value_name = "SECONDS", default_value_t = modelpack_lazyfs::HOLDER_IDLE_EXIT.as_secs())]
     pub idle_exit: u64,
 }

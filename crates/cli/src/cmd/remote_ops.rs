@@ -116,11 +116,14 @@ pub struct BlobPushArgs {
     pub registry: RegistryArgs,
 }
 
-fn digest_of(reference: &modelpack_spec::Reference, text: &str) -> anyhow::Result<Digest> {
-    reference
+/// `text` as `REPO@DIGEST`: the reference and its digest.
+fn blob_reference(text: &str) -> anyhow::Result<(modelpack_spec::Reference, Digest)> {
+    let reference = super::parse_reference(text)?;
+    let digest = reference
         .digest()
         .cloned()
-        .with_context(|| format!("{text}: name the blob by digest (REPO@sha256:...)"))
+        .with_context(|| format!("{text}: name the blob by digest (REPO@sha256:...)"))?;
+    Ok((reference, digest))
 }
 
 pub fn resolve(_global: &GlobalArgs, args: ResolveArgs) -> anyhow::Result<ExitCode> {
@@ -207,8 +210,8 @@ pub fn blob(global: &GlobalArgs, command: BlobCommand) -> anyhow::Result<ExitCod
     let rt = crate::remote::runtime()?;
     match command {
         BlobCommand::Fetch(args) => {
-            let (reference, repo) = args.registry.open(&args.reference)?;
-            let digest = digest_of(&reference, &args.reference)?;
+            let (reference, digest) = blob_reference(&args.reference)?;
+            let repo = crate::remote::repository(&args.registry.client()?, &reference);
             let to_stdout = args.output.as_os_str() == "-";
             // Write to a temporary file beside the target; rename only after the digest matched.
             let tmp = if to_stdout {
@@ -256,8 +259,8 @@ pub fn blob(global: &GlobalArgs, command: BlobCommand) -> anyhow::Result<ExitCod
             println!("{digest}");
         }
         BlobCommand::Delete(args) => {
-            let (reference, repo) = args.registry.open(&args.reference)?;
-            let digest = digest_of(&reference, &args.reference)?;
+            let (reference, digest) = blob_reference(&args.reference)?;
+            let repo = crate::remote::repository(&args.registry.client()?, &reference);
             rt.block_on(repo.delete_blob(&digest))?;
             if !global.quiet {
                 println!("Deleted {digest}");
