@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use rustix::mount::{UnmountFlags, unmount};
 
-pub use modelpack_mountinfo as mountinfo;
+use modelpack_mountinfo as mountinfo;
 
 /// Every mount point, in table order.
 pub fn mount_points() -> Vec<PathBuf> {

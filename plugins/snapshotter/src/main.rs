@@ -5,7 +5,6 @@
 mod config;
 mod control;
 mod filter;
-mod holding;
 mod metadata;
 mod metrics;
 mod mounter;

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use modelpack_daemon as daemon;
-use modelpack_lazyfs::{CacheBudget, CacheStats, Counters, GcReport};
+use modelpack_lazyfs::{CacheBudget, CacheStats, Counters, GcReport, HolderProcess};
 use modelpack_proto::containerd_client::types::Mount;
 use modelpack_proto::snapshots as pb;
 use modelpack_spec::{Digest, labels};
@@ -21,7 +21,6 @@ use tracing::{info, warn};
 
 use crate::config::Settings;
 use crate::filter;
-use crate::holding::FuseHolder;
 use crate::metadata::{Kind, Metadata, Record, RemoteLayer, now_ns};
 use crate::mounter::{LayerMounter, Lazyfs, ServedLayer};
 use crate::mounts;
@@ -90,7 +89,7 @@ struct Inner {
     /// The chunk cache's accountant (none with a stand-in mounter).
     cache: Option<Arc<CacheBudget>>,
     /// Keeps the FUSE connections across restarts (none when configured off).
-    holder: Option<FuseHolder>,
+    holder: Option<HolderProcess>,
     /// Folder numbers of remote snapshots being mounted (no record names them yet).
     reserved: Mutex<std::collections::HashSet<u64>>,
     remote: Mutex<BTreeMap<String, RemoteMount>>,
@@ -247,7 +246,7 @@ impl Service {
         settings: Settings,
         mounter: Arc<dyn LayerMounter>,
         cache: Option<Arc<CacheBudget>>,
-        holder: Option<FuseHolder>,
+        holder: Option<HolderProcess>,
     ) -> anyhow::Result<Service> {
         use anyhow::Context as _;
         use std::os::unix::fs::DirBuilderExt as _;
