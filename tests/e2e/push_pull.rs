@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use modelpack_testkit::fault::FaultProxy;
 use modelpack_testkit::process::{Signal, signal_pid};
 
 use crate::util::{self, Proxy, Registry, Scratch};
@@ -449,19 +450,26 @@ fn pull_into_a_folder_killed_half_way_continues_where_it_stopped() {
     assert_eq!(util::tree(&target), util::tree(dir));
 }
 
-#[test]
-fn pushing_what_the_registry_has_moves_no_blob() {
-    let Some(registry) = Registry::start(None) else {
-        return;
-    };
+/// A registry, a proxy in front of it that lists every request, and [`model`] (a 4 MiB weight
+/// and small files) written in a scratch store's folder.
+fn registry_behind_a_proxy() -> Option<(Registry, FaultProxy, Scratch, String)> {
+    let registry = Registry::start(None)?;
+    let proxy = FaultProxy::start(registry.port);
     let s = Scratch::new();
     let dir = model(&s, 4 << 20);
+    Some((registry, proxy, s, dir))
+}
+
+#[test]
+fn pushing_what_the_registry_has_moves_no_blob() {
+    let Some((registry, proxy, s, dir)) = registry_behind_a_proxy() else {
+        return;
+    };
     let reference = format!("{}/again/model:v1", registry.host());
     let pushed = s.build_and_push_digest(&dir, &reference);
-    // Pushed again, under the same tag and under another one, through a proxy that lists every
-    // request: the manifest is there, so no blob is looked at or uploaded (only the chunk index
-    // a build pins may be checked: the registry does not keep it with the manifest).
-    let proxy = modelpack_testkit::fault::FaultProxy::start(registry.port);
+    // Pushed again, under the same tag and under another one, through the proxy: the manifest
+    // is there, so no blob is looked at or uploaded (only the chunk index a build pins may be
+    // checked: the registry does not keep it with the manifest).
     let host = proxy.host();
     for tag in ["v1", "v2"] {
         let target = format!("{host}/again/model:{tag}");
@@ -487,6 +495,92 @@ fn pushing_what_the_registry_has_moves_no_blob() {
     s.ok(&["push", &fresh, "--plain-http"]);
     assert_eq!(
         util::pulled_tree(&format!("{}/elsewhere/model:v1", registry.host())),
+        util::tree(Path::new(&dir))
+    );
+}
+
+/// Hex digests of the manifest's layers and config of at most `max` bytes (as request paths
+/// carry them, escaped or not).
+fn small_blobs(s: &Scratch, reference: &str, max: u64) -> Vec<String> {
+    let file = s.path("manifest.json");
+    s.fetch_manifest_to(reference, &file);
+    let manifest: Value =
+        serde_json::from_slice(&fs::read(&file).expect("manifest")).expect("json");
+    let layers = manifest["layers"].as_array().expect("layers").iter();
+    layers
+        .chain([&manifest["config"]])
+        .filter(|d| d["size"].as_u64().expect("size") <= max)
+        .map(|d| {
+            let digest = d["digest"].as_str().expect("digest");
+            digest.trim_start_matches("sha256:").to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn a_repository_without_tags_is_not_asked_about_small_blobs() {
+    let Some((registry, proxy, s, dir)) = registry_behind_a_proxy() else {
+        return;
+    };
+    let host = proxy.host();
+    let blob_heads = |from: usize| -> Vec<String> {
+        proxy.requests()[from..]
+            .iter()
+            .filter(|r| r.starts_with("HEAD") && r.contains("/blobs/"))
+            .cloned()
+            .collect()
+    };
+    // A first push into a new repository: the small blobs go up without a HEAD each; the
+    // 4 MiB weight is still asked about (an interrupted push of a big blob resumes by it).
+    let first = format!("{host}/fresh/model:v1");
+    s.build_and_push_digest(&dir, &first);
+    let small = small_blobs(&s, &first, 1 << 20);
+    assert!(small.len() >= 4, "small blobs: {small:?}");
+    let asked = blob_heads(0);
+    for digest in &small {
+        assert!(
+            !asked.iter().any(|r| r.contains(digest.as_str())),
+            "{digest} was asked about in a repository without tags: {asked:?}"
+        );
+    }
+    assert_eq!(
+        util::pulled_tree(&format!("{}/fresh/model:v1", registry.host())),
+        util::tree(Path::new(&dir))
+    );
+    // A second version into the same repository (it has a tag now): every blob is asked
+    // about, and the unchanged small files are not uploaded again.
+    fs::write(
+        Path::new(&dir).join("docs/README.md"),
+        b"# model, second edition\n",
+    )
+    .expect("write");
+    let before = proxy.requests().len();
+    let second = format!("{host}/fresh/model:v2");
+    s.build_and_push_digest(&dir, &second);
+    let asked = blob_heads(before);
+    let unchanged: Vec<String> = small_blobs(&s, &second, 1 << 20)
+        .into_iter()
+        .filter(|d| small.contains(d))
+        .collect();
+    assert!(
+        !unchanged.is_empty(),
+        "the second version shares no small blob"
+    );
+    let requests = proxy.requests();
+    for digest in &unchanged {
+        assert!(
+            asked.iter().any(|r| r.contains(digest.as_str())),
+            "{digest} was not asked about in a repository with tags: {asked:?}"
+        );
+        assert!(
+            !requests[before..]
+                .iter()
+                .any(|r| r.starts_with("PUT") && r.contains(digest.as_str())),
+            "{digest}, unchanged, was uploaded again"
+        );
+    }
+    assert_eq!(
+        util::pulled_tree(&format!("{}/fresh/model:v2", registry.host())),
         util::tree(Path::new(&dir))
     );
 }

@@ -78,6 +78,7 @@ pub fn bench(
     let host = registry.host();
     let python = crate::setup::oras_venv().join("bin/python");
     let store = work.join("store");
+    let _aside = crate::bench::SetAside::new(work.join("set-aside"))?;
     let reference = format!("{host}/bench/small:v1");
     let model_arg = model.to_str().unwrap_or_default();
     modelpack(bin, &store, &["build", "-q", model_arg, "-t", &reference])?;
@@ -134,6 +135,46 @@ pub fn bench(
         ],
     )?;
 
+    // The machine's limit for the same requests: one `curl` with 8 transfers in flight over
+    // kept-alive connections, every layer blob into a file of a folder (no verification, no
+    // manifest), against `pull -o`.
+    let curl_dir = work.join("curl-out");
+    let curl_config = work.join("curl-small.cfg");
+    let lines: String = crate::bench::layer_digests(bin, &reference)?
+        .iter()
+        .map(|d| {
+            let url = crate::bench::blob_url(&reference, d);
+            let file = curl_dir.join(d.trim_start_matches("sha256:"));
+            format!("url = \"{url}\"\noutput = \"{}\"\n", file.display())
+        })
+        .collect();
+    fs::write(&curl_config, lines)?;
+    let (ours, curl) = crate::bench::timed_pair(
+        runs,
+        (&[&folder_store, &folder], |_| pull_o()),
+        (&[&curl_dir], |_| {
+            let mut c = Command::new("curl");
+            c.args([
+                "-s",
+                "-f",
+                "-Z",
+                "--parallel-max",
+                "8",
+                "--create-dirs",
+                "-K",
+            ])
+            .arg(&curl_config);
+            c
+        }),
+    )?;
+    let _ = fs::remove_dir_all(&curl_dir);
+    rows.push(row(
+        format!("pull -o {label}, against the machine's limit"),
+        &ours,
+        &curl,
+        "one `curl -Z --parallel-max 8` of every layer blob into files",
+    ));
+
     // Every file read once through a fresh mount (fresh store, from starting `mount`), against
     // `pull -o` of the same model; alternating.
     let mount_store = work.join("mount-store");
@@ -145,7 +186,7 @@ pub fn bench(
                 pulled.push(timed_once(&[&folder_store, &folder], pull_o())?);
                 continue;
             }
-            let _ = fs::remove_dir_all(&mount_store);
+            crate::bench::clear(&mount_store);
             measure::sync();
             let started = Instant::now();
             let mount = MountProcess::start(bin, &mount_store, &reference, &mnt)?;

@@ -107,7 +107,7 @@ impl ConnectionArgs {
 pub struct RegistryArgs {
     #[command(flatten)]
     pub connection: ConnectionArgs,
-    /// Blobs and connections in flight at once
+    /// Blobs and connections in flight at once (blobs of at most 1 MiB: 8 times as many, at most 64)
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
 }

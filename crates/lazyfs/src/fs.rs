@@ -1691,8 +1691,10 @@ pub async fn mount(opts: MountOptions, dir: &Path) -> Result<MountedModel, Error
     serve(fs, dir, &opts).await
 }
 
-/// Small files (one chunk each) the background prefetch fetches at once.
-const SMALL_PREFETCH_IN_FLIGHT: usize = 8;
+/// Small files (one chunk each) the background prefetch fetches at once: the window `pull`
+/// keeps for small blobs at its default 8 connections
+/// ([`modelpack_transfer::SMALL_PER_CONNECTION`] per connection).
+const SMALL_PREFETCH_IN_FLIGHT: usize = 8 * modelpack_transfer::SMALL_PER_CONNECTION;
 
 /// Mounts `fs` at `dir` and starts what runs beside it: the prefetch of small (or all) files
 /// and the page-cache invalidation of blobs that fail background verification.

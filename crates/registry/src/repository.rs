@@ -363,6 +363,29 @@ impl Repository {
         Ok(header(&resp, CONTENT_LENGTH).and_then(|s| s.parse().ok()))
     }
 
+    /// Whether the repository holds any tag, asked of the host uploads go to (a 404, the
+    /// registry's "name unknown", is no). A push into a repository without tags finds
+    /// almost no blob there, so it need not ask about each small one.
+    pub async fn holds_tags(&self) -> Result<bool> {
+        let (resp, _) = self
+            .send(
+                Access::Check,
+                Method::GET,
+                "tags/list?n=1",
+                &[404],
+                &Ok,
+                None,
+            )
+            .await?;
+        if resp.status().as_u16() == 404 {
+            return Ok(false);
+        }
+        let body = read_capped(resp, MAX_MANIFEST_SIZE).await?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| Error::Protocol(format!("tag list: {e}")))?;
+        Ok(v["tags"].as_array().is_some_and(|t| !t.is_empty()))
+    }
+
     /// HEADs manifest `digest` at the host blob checks and uploads go to (the first that may
     /// push): true when it has it, false on a 404. A push that finds it there has nothing to
     /// upload but the tag.

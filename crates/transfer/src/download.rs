@@ -13,7 +13,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result, io};
 use crate::target::blocking;
-use crate::{BlobRef, Event, TransferOptions};
+use crate::{BlobRef, Event, SMALL_BLOB, TransferOptions};
 
 /// How a blob got into the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,12 +103,6 @@ pub async fn fetch_blob(
     Ok(Fetched::Downloaded)
 }
 
-/// Blobs up to this size are fetched in one request into memory, verified and written to the
-/// store as one file: no partial file, no saved progress, no hashing thread. For a model of
-/// thousands of small files that is most of the file-system work gone (creating inodes in a
-/// folder where many were just deleted is slow on ext4).
-const SMALL_BLOB: u64 = 1 << 20;
-
 /// Fetches a small blob whole (see [`SMALL_BLOB`]) into `store`; wrong bytes from a registry
 /// mirror are fetched again from the next host.
 async fn fetch_small(
@@ -119,7 +113,7 @@ async fn fetch_small(
 ) -> Result<()> {
     loop {
         let bytes = {
-            let _permit = opts.connections.acquire().await;
+            let _permit = opts.small_requests.acquire().await;
             let mut body = repo
                 .blob_stream_sized(&blob.digest, blob.size, Some(0..blob.size))
                 .await?;

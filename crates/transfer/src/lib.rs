@@ -84,6 +84,16 @@ pub enum Event {
     },
 }
 
+/// Blobs up to this size are small: fetched whole in one request into memory, verified and
+/// written to the store as one file (no partial file, no saved progress, no hashing thread),
+/// and [`SMALL_PER_CONNECTION`] times as many of them are in flight as of larger blobs. A
+/// model of thousands of small files is bound by requests, not bytes: by the round trip on a
+/// remote registry, by the registry's per-request work on a near one.
+pub const SMALL_BLOB: u64 = 1 << 20;
+
+/// Requests for small blobs in flight per connection given to larger ones (at most 64 in all).
+pub const SMALL_PER_CONNECTION: usize = 8;
+
 /// Receives progress events.
 pub type Progress = Arc<dyn Fn(Event) + Send + Sync>;
 
@@ -92,8 +102,13 @@ pub type Progress = Arc<dyn Fn(Event) + Send + Sync>;
 pub struct TransferOptions {
     /// Blobs (and Range requests) in flight at once.
     pub concurrency: usize,
-    /// Connections in flight at once, across blobs.
+    /// Connections in flight at once, across blobs larger than [`SMALL_BLOB`].
     pub connections: Arc<Semaphore>,
+    /// Small blobs ([`SMALL_BLOB`]) in flight at once: [`SMALL_PER_CONNECTION`] per connection,
+    /// at most 64.
+    pub small_concurrency: usize,
+    /// Requests for small blobs in flight at once, across blobs (`small_concurrency` permits).
+    pub small_requests: Arc<Semaphore>,
     /// Upload in PATCH chunks of this size instead of one PUT.
     pub chunk_size: Option<u64>,
     /// Progress callback.
@@ -112,12 +127,16 @@ impl std::fmt::Debug for TransferOptions {
 }
 
 impl TransferOptions {
-    /// `concurrency` blobs and connections, no progress.
+    /// `concurrency` blobs and connections (and [`SMALL_PER_CONNECTION`] times as many small
+    /// blobs), no progress.
     pub fn new(concurrency: usize) -> TransferOptions {
         let concurrency = concurrency.clamp(1, 64);
+        let small_concurrency = (concurrency * SMALL_PER_CONNECTION).min(64);
         TransferOptions {
             concurrency,
             connections: Arc::new(Semaphore::new(concurrency)),
+            small_concurrency,
+            small_requests: Arc::new(Semaphore::new(small_concurrency)),
             chunk_size: None,
             progress: Arc::new(|_| {}),
             cancel: None,

@@ -31,7 +31,7 @@ use modelpack_spec::{Digest, MAX_DOCUMENT_SIZE};
 use modelpack_store::Store;
 
 use crate::error::{self, Error, Result};
-use crate::{BlobRef, Event, TransferOptions, manifest_blobs, manifest_descriptor};
+use crate::{BlobRef, Event, SMALL_BLOB, TransferOptions, manifest_blobs, manifest_descriptor};
 
 /// A manifest found by a reference: its exact bytes, digest and media type.
 #[derive(Debug, Clone)]
@@ -164,15 +164,24 @@ pub async fn copy<S: Source, D: Destination>(
         .await?;
     let total_bytes = blobs.iter().map(|b| b.size).sum();
     (opts.progress)(Event::Total { bytes: total_bytes });
-    let moves = futures_util::stream::iter(blobs.iter().map(|b| copy_blob(src, dst, b, opts)))
-        .buffer_unordered(opts.concurrency)
-        .try_collect::<Vec<()>>();
+    // Small blobs run in a wider window of their own (see [`SMALL_BLOB`]).
+    let (small, large): (Vec<&BlobRef>, Vec<&BlobRef>) =
+        blobs.iter().partition(|b| b.size <= SMALL_BLOB);
+    let moving = |list: Vec<_>, width| {
+        futures_util::stream::iter(list.into_iter().map(|b| copy_blob(src, dst, b, opts)))
+            .buffer_unordered(width)
+            .try_collect::<Vec<()>>()
+    };
+    let moves = futures_util::future::try_join(
+        moving(large, opts.concurrency),
+        moving(small, opts.small_concurrency),
+    );
     match opts.cancel {
         Some(flag) => tokio::select! {
-            moved = moves => moved?,
+            moved = moves => drop(moved?),
             () = raised(flag) => return Err(Error::Cancelled),
         },
-        None => moves.await?,
+        None => drop(moves.await?),
     };
     let digest = dst.tag(&manifest, tag).await?;
     Ok(Copied {
@@ -260,10 +269,16 @@ pub(crate) async fn blocking<T: Send + 'static>(
 
 /// A registry repository as a content target. Blobs bound for it from another registry pass
 /// through `staging`, a store the caller provides.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Remote<'a> {
     repo: &'a Repository,
     staging: Option<&'a Store>,
+    /// Set by [`Push::begin`] when the repository holds no tag: small blobs
+    /// ([`SMALL_BLOB`]) then go up without a HEAD first. Such a repository almost never has
+    /// them (blobs are linked per repository), and the question would be a third of the
+    /// requests of a model of many small files. Larger blobs are always asked about: an
+    /// interrupted push of a big weight is resumed by the answer.
+    fresh: AtomicBool,
 }
 
 impl<'a> Remote<'a> {
@@ -272,6 +287,7 @@ impl<'a> Remote<'a> {
         Remote {
             repo,
             staging: None,
+            fresh: AtomicBool::new(false),
         }
     }
 
@@ -311,6 +327,9 @@ impl Fetch for Remote<'_> {
 
 impl Exists for Remote<'_> {
     async fn exists(&self, blob: &BlobRef) -> Result<bool> {
+        if blob.size <= SMALL_BLOB && self.fresh.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
         Ok(self.repo.blob_exists(&blob.digest).await?.is_some())
     }
 }
@@ -319,7 +338,8 @@ impl Push for Remote<'_> {
     /// Nothing moves when the registry has the manifest already (as `oras copy` decides): a
     /// registry holds a manifest only with its blobs. Asked of the host uploads go to. The
     /// chunk index a manifest pins is not one of its blobs to the registry (its garbage
-    /// collection may have taken it): it is still checked, and pushed when missing.
+    /// collection may have taken it): it is still checked, and pushed when missing. A
+    /// repository without tags is marked fresh: its small blobs go up without a HEAD first.
     async fn begin(&self, manifest: &Manifest, blobs: Vec<BlobRef>) -> Result<Vec<BlobRef>> {
         match self.repo.manifest_exists(&manifest.digest).await {
             Ok(true) => {
@@ -329,7 +349,15 @@ impl Push for Remote<'_> {
                     .filter(|b| pinned.as_ref().is_some_and(|p| p.digest == b.digest))
                     .collect())
             }
-            Ok(false) => Ok(blobs),
+            Ok(false) => {
+                match self.repo.holds_tags().await {
+                    Ok(held) => self.fresh.store(!held, Ordering::Relaxed),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot list the repository's tags; checking each blob");
+                    }
+                }
+                Ok(blobs)
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot tell whether the registry has the manifest; checking each blob");
                 Ok(blobs)
