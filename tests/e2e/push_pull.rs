@@ -499,9 +499,9 @@ fn pushing_what_the_registry_has_moves_no_blob() {
     );
 }
 
-/// Hex digests of the manifest's layers and config of at most `max` bytes (as request paths
+/// Hex digests of the manifest's layers and config whose size `keep` takes (as request paths
 /// carry them, escaped or not).
-fn small_blobs(s: &Scratch, reference: &str, max: u64) -> Vec<String> {
+fn blobs_where(s: &Scratch, reference: &str, keep: impl Fn(u64) -> bool) -> Vec<String> {
     let file = s.path("manifest.json");
     s.fetch_manifest_to(reference, &file);
     let manifest: Value =
@@ -509,7 +509,7 @@ fn small_blobs(s: &Scratch, reference: &str, max: u64) -> Vec<String> {
     let layers = manifest["layers"].as_array().expect("layers").iter();
     layers
         .chain([&manifest["config"]])
-        .filter(|d| d["size"].as_u64().expect("size") <= max)
+        .filter(|d| keep(d["size"].as_u64().expect("size")))
         .map(|d| {
             let digest = d["digest"].as_str().expect("digest");
             digest.trim_start_matches("sha256:").to_owned()
@@ -534,13 +534,19 @@ fn a_repository_without_tags_is_not_asked_about_small_blobs() {
     // 4 MiB weight is still asked about (an interrupted push of a big blob resumes by it).
     let first = format!("{host}/fresh/model:v1");
     s.build_and_push_digest(&dir, &first);
-    let small = small_blobs(&s, &first, 1 << 20);
+    let small = blobs_where(&s, &first, |size| size <= 1 << 20);
     assert!(small.len() >= 4, "small blobs: {small:?}");
     let asked = blob_heads(0);
     for digest in &small {
         assert!(
             !asked.iter().any(|r| r.contains(digest.as_str())),
             "{digest} was asked about in a repository without tags: {asked:?}"
+        );
+    }
+    for digest in blobs_where(&s, &first, |size| size > 1 << 20) {
+        assert!(
+            asked.iter().any(|r| r.contains(digest.as_str())),
+            "the weight {digest} was not asked about: {asked:?}"
         );
     }
     assert_eq!(
@@ -558,7 +564,7 @@ fn a_repository_without_tags_is_not_asked_about_small_blobs() {
     let second = format!("{host}/fresh/model:v2");
     s.build_and_push_digest(&dir, &second);
     let asked = blob_heads(before);
-    let unchanged: Vec<String> = small_blobs(&s, &second, 1 << 20)
+    let unchanged: Vec<String> = blobs_where(&s, &second, |size| size <= 1 << 20)
         .into_iter()
         .filter(|d| small.contains(d))
         .collect();

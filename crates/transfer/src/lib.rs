@@ -102,7 +102,8 @@ pub type Progress = Arc<dyn Fn(Event) + Send + Sync>;
 pub struct TransferOptions {
     /// Blobs (and Range requests) in flight at once.
     pub concurrency: usize,
-    /// Connections in flight at once, across blobs larger than [`SMALL_BLOB`].
+    /// Connections in flight at once, across blobs (downloads of small blobs take
+    /// `small_requests` instead).
     pub connections: Arc<Semaphore>,
     /// Small blobs ([`SMALL_BLOB`]) in flight at once: [`SMALL_PER_CONNECTION`] per connection,
     /// at most 64.
