@@ -380,10 +380,7 @@ impl Repository {
         if resp.status().as_u16() == 404 {
             return Ok(false);
         }
-        let body = read_capped(resp, MAX_MANIFEST_SIZE).await?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|e| Error::Protocol(format!("tag list: {e}")))?;
-        Ok(v["tags"].as_array().is_some_and(|t| !t.is_empty()))
+        Ok(!tag_page(resp).await?.is_empty())
     }
 
     /// HEADs manifest `digest` at the host blob checks and uploads go to (the first that may
@@ -734,14 +731,7 @@ impl Repository {
                         .trim_end_matches('>')
                         .to_owned()
                 });
-            let body = read_capped(resp, MAX_MANIFEST_SIZE).await?;
-            let v: serde_json::Value = serde_json::from_slice(&body)
-                .map_err(|e| Error::Protocol(format!("tag list: {e}")))?;
-            for t in v["tags"].as_array().into_iter().flatten() {
-                if let Some(t) = t.as_str() {
-                    tags.push(t.to_owned());
-                }
-            }
+            tags.extend(tag_page(resp).await?);
             let url = match next {
                 Some(n) if n.starts_with('/') => format!("{}{n}", ep.base),
                 Some(n) if n.starts_with("http") => n,
@@ -866,6 +856,19 @@ async fn read_manifest(reference: &str, resp: Response) -> Result<FetchedManifes
         media_type,
         digest,
     })
+}
+
+/// The tag names of one page of a tag list (`{"tags": [...]}`).
+async fn tag_page(resp: Response) -> Result<Vec<String>> {
+    let body = read_capped(resp, MAX_MANIFEST_SIZE).await?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| Error::Protocol(format!("tag list: {e}")))?;
+    Ok(v["tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.as_str().map(str::to_owned))
+        .collect())
 }
 
 /// The tag that holds referrers for `digest` when the registry lacks the API.

@@ -341,6 +341,8 @@ impl Push for Remote<'_> {
     /// collection may have taken it): it is still checked, and pushed when missing. A
     /// repository without tags is marked fresh: its small blobs go up without a HEAD first.
     async fn begin(&self, manifest: &Manifest, blobs: Vec<BlobRef>) -> Result<Vec<BlobRef>> {
+        // Decided afresh for each artifact this destination takes.
+        self.fresh.store(false, Ordering::Relaxed);
         match self.repo.manifest_exists(&manifest.digest).await {
             Ok(true) => {
                 let pinned = crate::referrer::pinned_chunk_index(&manifest.bytes);
