@@ -1,9 +1,12 @@
 //! Readahead of `modelpack mount` grows with evidence: a header read of a cold weight fetches
-//! little, a sequential reader still gets chunks fetched well ahead of it.
+//! little, a sequential reader still gets chunks fetched well ahead of it, from a few long
+//! requests rather than one per run of readahead, over a fast link and a slow one.
 
 use std::fs;
 use std::io::Read as _;
 use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
 
 use crate::util::{self, Proxy};
 
@@ -61,5 +64,65 @@ fn a_header_read_fetches_little_and_a_sequential_reader_earns_readahead() {
     assert_eq!(
         util::sha256_file(&weight),
         util::sha256_file(&m.dir.join("model.safetensors"))
+    );
+}
+
+#[test]
+fn a_cold_sequential_read_costs_the_registry_few_requests() {
+    const WEIGHT: usize = 256 << 20;
+    let Some(m) = util::pushed_model_to_mount("ra/stream:v1", |s| {
+        util::model_with_weight(s, WEIGHT, 13, &[("config.json", br#"{"model_type":"ra"}"#)])
+    }) else {
+        return;
+    };
+    // Straight from the registry: a proxy in the way would be the slow link of the next test.
+    let mount = util::Mount::in_fresh_store(&m.reference, &[]);
+    let fetches = || mount.status()["fetches"].as_u64().expect("fetches");
+    let mut file = fs::File::open(mount.dir.join("model.safetensors")).expect("open");
+    let mut hasher = Sha256::new();
+    // The first 32 MiB: readahead grows (a few chunks on their own, then runs).
+    let mut piece = vec![0u8; 1 << 20];
+    for _ in 0..32 {
+        file.read_exact(&mut piece).expect("read");
+        hasher.update(&piece);
+    }
+    let growing = fetches();
+    // The other 224 MiB: in runs of readahead (32 MiB each) that was 8 ranged GETs; one stream
+    // serves the reader now.
+    std::io::copy(&mut file, &mut hasher).expect("read on");
+    assert_eq!(
+        hex::encode(hasher.finalize()),
+        util::sha256_file(&m.dir.join("model.safetensors")),
+        "wrong bytes"
+    );
+    let streaming = fetches() - growing;
+    eprintln!("a cold 256 MiB read: {growing} GETs in its first 32 MiB, {streaming} after");
+    assert!(
+        streaming <= 3,
+        "the last 224 MiB of a cold read took {streaming} GETs: {}",
+        mount.status()
+    );
+}
+
+#[test]
+fn over_a_slow_link_a_sequential_reader_gets_every_byte_once() {
+    const WEIGHT: usize = 64 << 20;
+    let Some(m) = util::pushed_model_to_mount("ra/slow:v1", |s| {
+        util::model_with_weight(s, WEIGHT, 17, &[("config.json", br#"{"model_type":"ra"}"#)])
+    }) else {
+        return;
+    };
+    // 16 MiB/s per connection: the stream is slow, so runs go beside it; every byte still
+    // comes once.
+    let (proxy, via) = m.through_proxy(Some(16 << 20));
+    let mount = util::Mount::in_fresh_store(&via, &[]);
+    assert_eq!(
+        util::sha256_file(&mount.dir.join("model.safetensors")),
+        util::sha256_file(&m.dir.join("model.safetensors"))
+    );
+    let served = proxy.served();
+    assert!(
+        served <= WEIGHT as u64 + (4 << 20),
+        "the registry sent {served} bytes for a {WEIGHT}-byte weight read once"
     );
 }

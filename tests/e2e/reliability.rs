@@ -193,6 +193,8 @@ fn a_full_disk_fails_cleanly_and_leaves_the_store_consistent() {
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
     assert!(errors[0].contains("space"), "{}", errors[0]);
+    // Said before the download, when its blocks are reserved, not somewhere in the middle.
+    assert!(errors[0].contains("reserving"), "{}", errors[0]);
     let check = Command::new(util::bin())
         .args(["--store", store_text, "store", "check"])
         .output()

@@ -563,12 +563,28 @@ impl ModelFs {
 }
 
 /// Keeps `ahead` filled for a sequential reader of `blob`: the runs of [`Ahead::runs`], each
-/// one ranged GET in the background.
+/// one ranged GET in the background, and at the full window a stream
+/// ([`LazyBlob::stream_ahead`]).
 fn keep_ahead(blob: &Arc<LazyBlob>, ahead: Ahead) {
+    // A reader at the full window: one stream. Beside a slow one (a slow or distant link), runs
+    // over the rest of the window, past what the stream holds: a second connection where one
+    // is slow, and no more fetched ahead than without a stream.
+    let ahead = if ahead.window >= readahead::MAX_WINDOW {
+        if blob.stream_ahead(ahead.from, ahead.from + readahead::STREAM_AHEAD) {
+            return;
+        }
+        Ahead {
+            from: ahead.from + readahead::STREAM_AHEAD,
+            window: ahead.window - readahead::STREAM_AHEAD,
+        }
+    } else {
+        ahead
+    };
     let runs = ahead.runs(blob.chunk_count(), |from, to| {
         blob.first_uncovered(from, to)
     });
     for (first, count) in runs {
+        tracing::debug!(first, count, window = ahead.window, "readahead run");
         let task = blob.clone();
         blob.tasks()
             .spawn(async move { task.prefetch(first, count).await });

@@ -2,12 +2,16 @@
 //! starts with no chunks fetched ahead; each sequential read that reaches a new chunk doubles the
 //! window (1, 2, 4, ... up to [`MAX_WINDOW`] chunks). A header read (a few KiB at offset 0) or a
 //! random read fetches only its own chunks; a streaming reader has the full window after a few
-//! chunks.
+//! chunks. A reader at the full window is then served by one long ranged GET instead, paced
+//! to stay [`STREAM_AHEAD`] chunks ahead of it (see `LazyBlob::stream_ahead`).
 
 /// Most chunks kept fetched ahead of a sequential reader.
 pub(crate) const MAX_WINDOW: u64 = 32;
 /// Chunks per readahead request (one ranged GET each, in parallel).
 pub(crate) const RUN: u64 = 16;
+/// Most chunks a reader's stream runs ahead of it: what waits for the reader stays within
+/// what the mount keeps in memory for reads (48 MiB of 2 MiB chunks), not read back from disk.
+pub(crate) const STREAM_AHEAD: u64 = 16;
 
 /// One inode's sequential reader: where it stands and how far ahead it has earned.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
