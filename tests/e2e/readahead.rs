@@ -26,14 +26,17 @@ fn settled(proxy: &Proxy) -> u64 {
     last
 }
 
+/// A model of one `size`-byte weight (seeded with `seed`) and a config.json, in `s`.
+fn weight_model(s: &util::Scratch, size: usize, seed: u64) -> std::path::PathBuf {
+    util::model_with_weight(s, size, seed, &[("config.json", br#"{"model_type":"ra"}"#)])
+}
+
 #[test]
 fn a_header_read_fetches_little_and_a_sequential_reader_earns_readahead() {
     const WEIGHT: usize = 256 << 20;
-    let Some((m, proxy, mount)) = util::mounted_through_proxy(
-        "ra/header:v1",
-        |s| util::model_with_weight(s, WEIGHT, 7, &[("config.json", br#"{"model_type":"ra"}"#)]),
-        &[],
-    ) else {
+    let Some((m, proxy, mount)) =
+        util::mounted_through_proxy("ra/header:v1", |s| weight_model(s, WEIGHT, 7), &[])
+    else {
         return;
     };
     let weight = mount.dir.join("model.safetensors");
@@ -70,9 +73,8 @@ fn a_header_read_fetches_little_and_a_sequential_reader_earns_readahead() {
 #[test]
 fn a_cold_sequential_read_costs_the_registry_few_requests() {
     const WEIGHT: usize = 256 << 20;
-    let Some(m) = util::pushed_model_to_mount("ra/stream:v1", |s| {
-        util::model_with_weight(s, WEIGHT, 13, &[("config.json", br#"{"model_type":"ra"}"#)])
-    }) else {
+    let Some(m) = util::pushed_model_to_mount("ra/stream:v1", |s| weight_model(s, WEIGHT, 13))
+    else {
         return;
     };
     // Straight from the registry: a proxy in the way would be the slow link of the next test.
@@ -107,9 +109,7 @@ fn a_cold_sequential_read_costs_the_registry_few_requests() {
 #[test]
 fn over_a_slow_link_a_sequential_reader_gets_every_byte_once() {
     const WEIGHT: usize = 64 << 20;
-    let Some(m) = util::pushed_model_to_mount("ra/slow:v1", |s| {
-        util::model_with_weight(s, WEIGHT, 17, &[("config.json", br#"{"model_type":"ra"}"#)])
-    }) else {
+    let Some(m) = util::pushed_model_to_mount("ra/slow:v1", |s| weight_model(s, WEIGHT, 17)) else {
         return;
     };
     // 16 MiB/s per connection: the stream is slow, so runs go beside it; every byte still

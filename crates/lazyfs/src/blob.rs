@@ -60,6 +60,11 @@ fn write_permits(len: usize) -> u32 {
 /// How a chunk that failed verification is reported (and recognised for a retry elsewhere).
 const MISMATCH: &str = "digest mismatch";
 
+/// True for the error of a chunk that failed verification (see [`MISMATCH`]).
+fn is_mismatch(e: &Error) -> bool {
+    matches!(e, Error::Read(m) if m.ends_with(MISMATCH))
+}
+
 /// A blob served lazily.
 pub(crate) struct LazyBlob {
     pub digest: Digest,
@@ -451,12 +456,7 @@ impl LazyBlob {
                 let Ok(mut inflight) = self.state.inflight.lock() else {
                     return;
                 };
-                let mut n = 0;
-                while i + n < last && !self.is_present(i + n) && !inflight.contains_key(&(i + n)) {
-                    inflight.insert(i + n, Arc::new(tokio::sync::Notify::new()));
-                    n += 1;
-                }
-                n
+                self.claim(&mut inflight, i, last)
             };
             if claimed == 0 {
                 i += 1;
@@ -465,6 +465,22 @@ impl LazyBlob {
             let _ = self.fetch_run(i, claimed).await;
             i += claimed;
         }
+    }
+
+    /// Claims chunks `from..to` for one fetch (held `inflight`, locked before `present` as
+    /// everywhere), up to the first that is here or being fetched; returns how many it claimed.
+    fn claim(
+        &self,
+        inflight: &mut std::collections::HashMap<u64, Arc<tokio::sync::Notify>>,
+        from: u64,
+        to: u64,
+    ) -> u64 {
+        let mut i = from;
+        while i < to && !self.is_present(i) && !inflight.contains_key(&i) {
+            inflight.insert(i, Arc::new(tokio::sync::Notify::new()));
+            i += 1;
+        }
+        i - from
     }
 
     /// Serves a steady sequential reader from one stream (see [`StreamAhead`]): starts it at
@@ -487,16 +503,12 @@ impl LazyBlob {
                 started = Some(first);
             }
             let (before, was_blocked) = (c.next, c.blocked);
-            // Same lock order as `prefetch`: inflight, then present.
-            if let Ok(mut inflight) = self.state.inflight.lock() {
-                while !c.blocked && c.next < until {
-                    if self.is_present(c.next) || inflight.contains_key(&c.next) {
-                        c.blocked = true;
-                    } else {
-                        inflight.insert(c.next, Arc::new(tokio::sync::Notify::new()));
-                        c.next += 1;
-                    }
-                }
+            if !c.blocked
+                && c.next < until
+                && let Ok(mut inflight) = self.state.inflight.lock()
+            {
+                c.next += self.claim(&mut inflight, c.next, until);
+                c.blocked = c.next < until;
             }
             // A stream waiting for claims learns that they grew, or that they end here.
             started.is_some() || c.next != before || c.blocked != was_blocked
@@ -534,7 +546,7 @@ impl LazyBlob {
             }
             Err(e) => {
                 // Wrong bytes from a registry mirror: it is not asked for this blob again.
-                if e.to_string().ends_with(MISMATCH) {
+                if is_mismatch(&e) {
                     self.ctx.repo.distrust(&self.digest);
                 }
                 tracing::debug!(blob = %self.digest, first, done, rate_mib_s = rate, error = %e, "readahead stream failed");
@@ -557,7 +569,7 @@ impl LazyBlob {
         let mut result = self.fetch_run_inner(first, count).await;
         // Wrong bytes from a registry mirror: that mirror is not asked for this blob again, and
         // the rest of the run comes once more from the next host (the upstream last).
-        if matches!(&result, Err(Error::Read(m)) if m.ends_with(MISMATCH))
+        if result.as_ref().is_err_and(is_mismatch)
             && self.ctx.repo.distrust(&self.digest)
             && let Some(retry) = (first..first + count).find(|&i| !self.is_present(i))
         {
