@@ -237,15 +237,36 @@ fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_
     // Without an index the safe default fetches and verifies the whole layer first.
     let mount = Mount::in_fresh_store(&foreign, &[]);
     let mut head = [0u8; 4096];
-    fs::File::open(mount.dir.join("model.safetensors"))
-        .and_then(|mut f| f.read_exact(&mut head))
-        .expect("read");
+    let mut weight = fs::File::open(mount.dir.join("model.safetensors")).expect("open");
+    weight.read_exact(&mut head).expect("read");
     let fetched = mount.status()["fetchedBytes"].as_u64().expect("fetched");
     assert!(
         fetched >= weight_size,
         "only {fetched} bytes fetched before serving unindexed bytes"
     );
+    // The same handle reads on in order, as a loader does.
+    let mut rest = Vec::new();
+    weight.read_to_end(&mut rest).expect("read on");
+    assert_bytes_of(
+        &[&head[..], &rest[..]].concat(),
+        &dir.join("model.safetensors"),
+    );
+    drop(weight);
     assert_eq!(util::tree(&mount.dir), util::tree(dir));
+    // No byte fetched twice: readahead and the small-file prefetch have nothing to add to
+    // layers fetched whole.
+    let layers: u64 = manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["size"].as_u64().expect("size"))
+        .sum();
+    let fetched = mount.status()["fetchedBytes"].as_u64().expect("fetched");
+    assert!(
+        fetched <= layers,
+        "{fetched} bytes fetched for {layers} bytes of layers: {}",
+        mount.status()
+    );
     drop(mount);
 
     // --verify background: served at once; the whole layer is fetched and verified behind the

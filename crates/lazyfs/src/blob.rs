@@ -278,7 +278,7 @@ impl LazyBlob {
                     self.ctx.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
                 }
                 self.ctx.cache.touch(&self.state, first, last);
-                // Served from the bytes just fetched when one chunk in memory holds them all;
+                // Served from the bytes just fetched while every chunk it touches is in memory;
                 // else from the data file, once every chunk is written there.
                 if let Some(bytes) = self.state.recent(offset, end) {
                     return Ok(bytes);
@@ -295,24 +295,7 @@ impl LazyBlob {
                 Ok(Bytes::from(buf))
             }
             (None, Verify::Full) => {
-                self.whole
-                    .get_or_try_init(|| async {
-                        let blob = BlobRef {
-                            digest: self.digest.clone(),
-                            size: self.size,
-                            media_type: String::new(),
-                        };
-                        modelpack_transfer::fetch_blob(
-                            &self.ctx.repo,
-                            &self.ctx.store,
-                            &blob,
-                            &self.ctx.transfer,
-                        )
-                        .await
-                        .map(drop)
-                        .map_err(|e| Error::Read(e.to_string()))
-                    })
-                    .await?;
+                self.fetch_whole().await?;
                 pread(
                     &self.ctx.store.blob_path(&self.digest),
                     offset,
@@ -320,6 +303,30 @@ impl LazyBlob {
                 )
             }
         }
+    }
+
+    /// `Verify::Full` without a chunk index: fetches the whole blob into the store once,
+    /// verified by the transfer engine (reads then come from there).
+    async fn fetch_whole(&self) -> Result<(), Error> {
+        self.whole
+            .get_or_try_init(|| async {
+                let blob = BlobRef {
+                    digest: self.digest.clone(),
+                    size: self.size,
+                    media_type: String::new(),
+                };
+                modelpack_transfer::fetch_blob(
+                    &self.ctx.repo,
+                    &self.ctx.store,
+                    &blob,
+                    &self.ctx.transfer,
+                )
+                .await
+                .map(drop)
+                .map_err(|e| Error::Read(e.to_string()))
+            })
+            .await
+            .copied()
     }
 
     /// `Verify::Background`: fetches the whole blob into the store once, verified by the
@@ -449,6 +456,14 @@ impl LazyBlob {
     /// Starts fetching up to `count` chunks from `first` that are neither present nor being
     /// fetched, as one ranged GET per contiguous run (readahead).
     pub(crate) async fn prefetch(&self, first: u64, count: u64) {
+        // A blob read only once fetched whole: prefetching it is fetching it whole (chunks
+        // fetched apart would be fetched twice, and could not be verified on their own).
+        if self.reads_whole_blob() {
+            if let Err(e) = self.fetch_whole().await {
+                tracing::debug!(blob = %self.digest, error = %e, "prefetch of the whole blob failed");
+            }
+            return;
+        }
         let last = (first + count).min(self.chunk_count());
         let mut i = first;
         while i < last {
@@ -864,6 +879,12 @@ impl LazyBlob {
     /// no chunk index), so the blob may be poisoned later.
     pub(crate) fn verifies_in_background(&self) -> bool {
         self.chunks.is_none() && self.ctx.verify == Verify::Background
+    }
+
+    /// True when reads wait for the whole blob, fetched and verified at once (`Verify::Full`
+    /// and no chunk index): readahead would fetch its bytes a second time.
+    pub(crate) fn reads_whole_blob(&self) -> bool {
+        self.chunks.is_none() && self.ctx.verify == Verify::Full
     }
 
     /// Counts a read as in progress until the guard is dropped (after its reply).

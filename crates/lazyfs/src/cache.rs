@@ -832,24 +832,45 @@ impl ChunkState {
             .is_ok_and(|r| r.chunks.iter().any(|(c, _, _)| *c == i))
     }
 
-    /// `offset..end` from a chunk written lately, when one chunk holds all of it; the chunk
-    /// leaves memory once every byte of it has been served.
+    /// `offset..end` from chunks written lately, when every chunk it touches is still in memory
+    /// (a range across two chunks is copied into one buffer: cheaper than waiting for both to
+    /// reach the disk and reading them back); a chunk leaves memory once every byte of it has
+    /// been served.
     pub(crate) fn recent(&self, offset: u64, end: u64) -> Option<bytes::Bytes> {
-        let i = offset / self.chunk_size;
-        let start = i * self.chunk_size;
-        let mut recent = self.recent.lock().ok()?;
-        let at = recent.chunks.iter().position(|(c, _, _)| *c == i)?;
-        let (_, bytes, served) = &mut recent.chunks[at];
-        let range = (offset - start) as usize..(end - start) as usize;
-        if range.end > bytes.len() {
+        if offset >= end {
             return None;
         }
-        let slice = bytes.slice(range);
-        *served += slice.len() as u64;
-        if *served >= bytes.len() as u64 {
-            recent.chunks.remove(at);
+        let (first, last) = (offset / self.chunk_size, (end - 1) / self.chunk_size);
+        let mut recent = self.recent.lock().ok()?;
+        // Where each touched chunk sits in `recent`, and which of its bytes the range takes.
+        let mut parts = Vec::with_capacity((last - first + 1) as usize);
+        for i in first..=last {
+            let at = recent.chunks.iter().position(|(c, _, _)| *c == i)?;
+            let start = i * self.chunk_size;
+            let range = (offset.max(start) - start) as usize
+                ..(end.min(start + self.chunk_size) - start) as usize;
+            if range.end > recent.chunks[at].1.len() {
+                return None;
+            }
+            parts.push((at, range));
         }
-        Some(slice)
+        let out = match parts.as_slice() {
+            [(at, range)] => recent.chunks[*at].1.slice(range.clone()),
+            _ => {
+                let mut out = bytes::BytesMut::with_capacity((end - offset) as usize);
+                for (at, range) in &parts {
+                    out.extend_from_slice(&recent.chunks[*at].1[range.clone()]);
+                }
+                out.freeze()
+            }
+        };
+        for (at, range) in &parts {
+            recent.chunks[*at].2 += range.len() as u64;
+        }
+        recent
+            .chunks
+            .retain(|(_, bytes, served)| *served < bytes.len() as u64);
+        Some(out)
     }
 
     /// The data file opened for direct writes, `None` where the file system has no direct I/O.
@@ -1209,6 +1230,41 @@ mod tests {
         // An evicted chunk stored again counts as a refetch.
         let (refetch, _) = a.mark_present(1).expect("mark");
         assert!(refetch);
+    }
+
+    #[test]
+    fn a_range_across_chunks_in_memory_is_served_from_memory_and_each_chunk_goes_once_served() {
+        const CHUNK: u64 = 64 << 10;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let budget = CacheBudget::open(dir.path(), None).expect("budget");
+        // Three chunks, the last one short; each byte says where it is.
+        let size = 3 * CHUNK - 100;
+        let blob: Vec<u8> = (0..size).map(|b| (b % 251) as u8).collect();
+        let state = budget.state(&Digest::sha256_of(&blob), size, CHUNK, None);
+        for i in 0..2 {
+            let (from, to) = ((i * CHUNK) as usize, ((i + 1) * CHUNK) as usize);
+            state.remember(i, bytes::Bytes::copy_from_slice(&blob[from..to]));
+        }
+        // A range into a chunk not in memory: not served (its reader waits for the disk).
+        assert!(state.recent(CHUNK, 2 * CHUNK + 10).is_none());
+        // The kernel's readahead need not follow chunk boundaries.
+        let across = state.recent(CHUNK / 2, CHUNK + 4096).expect("in memory");
+        assert_eq!(
+            &across[..],
+            &blob[(CHUNK / 2) as usize..(CHUNK + 4096) as usize]
+        );
+        // The rest of chunk 0: all of it served, it leaves memory; chunk 1 stays.
+        let rest = state.recent(0, CHUNK / 2).expect("in memory");
+        assert_eq!(&rest[..], &blob[..(CHUNK / 2) as usize]);
+        assert!(!state.has_recent(0));
+        assert!(state.has_recent(1));
+        // The last, short chunk: served to the blob's end, and then gone with chunk 1.
+        let last = (2 * CHUNK) as usize;
+        state.remember(2, bytes::Bytes::copy_from_slice(&blob[last..]));
+        assert!(state.recent(size - 10, size + 10).is_none(), "past the end");
+        let tail = state.recent(CHUNK + 4096, size).expect("in memory");
+        assert_eq!(&tail[..], &blob[(CHUNK + 4096) as usize..]);
+        assert!(!state.has_recent(1) && !state.has_recent(2));
     }
 
     #[test]

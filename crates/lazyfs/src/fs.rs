@@ -874,7 +874,9 @@ impl Filesystem for ModelFs {
                     let read = file.read(offset, len, node.size).await;
                     // Readahead starts once this read's own chunks are in, so the first bytes
                     // do not share the link and the CPU with it.
-                    if let Some(ahead) = ahead {
+                    if let Some(ahead) = ahead
+                        && !file.blob.reads_whole_blob()
+                    {
                         keep_ahead(&file.blob, ahead);
                     }
                     answer_read(reply, &counters, read, &node.path, offset, len);
