@@ -255,12 +255,7 @@ fn foreign_artifact_without_index_is_verified_whole_then_lazily_after_modelpack_
     assert_eq!(util::tree(&mount.dir), util::tree(dir));
     // No byte fetched twice: readahead and the small-file prefetch have nothing to add to
     // layers fetched whole.
-    let layers: u64 = manifest["layers"]
-        .as_array()
-        .expect("layers")
-        .iter()
-        .map(|l| l["size"].as_u64().expect("size"))
-        .sum();
+    let layers = util::layer_bytes(&manifest);
     let fetched = mount.status()["fetchedBytes"].as_u64().expect("fetched");
     assert!(
         fetched <= layers,

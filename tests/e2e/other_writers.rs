@@ -510,12 +510,7 @@ fn pull_into_a_folder_fetches_each_tar_layer_once() {
     let inspected: Value =
         serde_json::from_str(&m.s.ok(&["inspect", &m.reference, "--format", "json"]))
             .expect("inspect JSON");
-    let layer_bytes: u64 = inspected["layers"]
-        .as_array()
-        .expect("layers")
-        .iter()
-        .map(|l| l["size"].as_u64().expect("size"))
-        .sum();
+    let layer_bytes = util::layer_bytes(&inspected);
     let (proxy, via) = m.through_proxy(None);
     let reader = Scratch::new();
     let out = reader.path("out");

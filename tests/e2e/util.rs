@@ -298,6 +298,16 @@ pub fn sha256_file(path: &Path) -> String {
     hex::encode(hasher.finalize())
 }
 
+/// The bytes of every layer a manifest (or `inspect --format json`) lists, summed.
+pub fn layer_bytes(manifest: &serde_json::Value) -> u64 {
+    manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["size"].as_u64().expect("size"))
+        .sum()
+}
+
 /// What a tree holds: for each path, its content hash (or link target) and permission bits.
 pub fn tree(dir: &Path) -> BTreeMap<String, (String, u32)> {
     let mut out = BTreeMap::new();
