@@ -1775,10 +1775,17 @@ async fn serve(fs: ModelFs, dir: &Path, opts: &MountOptions) -> Result<MountedMo
                 })
                 .await;
             for blob in larger {
+                // A blob read only once fetched whole is prefetched whole, in one call (a failed
+                // fetch is not asked again per run of chunks).
+                let run = if blob.reads_whole_blob() {
+                    blob.chunk_count().max(1)
+                } else {
+                    readahead::RUN
+                };
                 let mut i = 0;
                 while i < blob.chunk_count() {
-                    blob.prefetch(i, readahead::RUN).await;
-                    i += readahead::RUN;
+                    blob.prefetch(i, run).await;
+                    i += run;
                 }
             }
         });
